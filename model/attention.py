@@ -1,0 +1,47 @@
+"""Attention: one signature, implementations chosen by name (`ModelConfig.attention_impl`).
+
+All take q [B, T, H, D], k and v [B, S, K, D] with H a multiple of K (grouped-query attention), and return
+[B, T, H, D] in q's dtype. Causal masking aligns the last query with the last key (T <= S).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def reference_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, *,
+                        causal: bool = True) -> jax.Array:
+    """Plain jnp attention with float32 scores and softmax; the ground truth for every other implementation."""
+    B, T, H, D = q_BxTxHxD.shape
+    S, K = k_BxSxKxD.shape[1], k_BxSxKxD.shape[2]
+    G = H // K
+    q_BxTxKxGxD = q_BxTxHxD.reshape(B, T, K, G, D)
+    scores_BxKxGxTxS = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxSxKxD,
+                                  preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(D))
+    if causal:
+        mask_TxS = jnp.arange(T)[:, None] + (S - T) >= jnp.arange(S)[None, :]
+        scores_BxKxGxTxS = jnp.where(mask_TxS, scores_BxKxGxTxS, -jnp.inf)
+    probs = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(v_BxSxKxD.dtype)
+    out_BxTxKxGxD = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxD, preferred_element_type=jnp.float32)
+    return out_BxTxKxGxD.reshape(B, T, H, D).astype(q_BxTxHxD.dtype)
+
+
+def xla_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, *,
+                  causal: bool = True) -> jax.Array:
+    """`jax.nn.dot_product_attention` with the XLA implementation (GQA handled natively)."""
+    T, S = q_BxTxHxD.shape[1], k_BxSxKxD.shape[1]
+    if causal and T != S:
+        return reference_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, causal=True)
+    return jax.nn.dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, is_causal=causal, implementation="xla")
+
+
+IMPLEMENTATIONS = {"reference": reference_attention, "xla": xla_attention}
+
+
+def attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, *, impl: str = "xla",
+              causal: bool = True) -> jax.Array:
+    """Dispatch to the implementation named `impl`."""
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {impl!r}; choose one of {sorted(IMPLEMENTATIONS)}")
+    return IMPLEMENTATIONS[impl](q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, causal=causal)

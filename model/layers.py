@@ -1,0 +1,72 @@
+"""The small building blocks: parameter creation with logical axes, RMSNorm, rotary embeddings, SwiGLU MLP."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model import axes
+from model.config import ModelConfig
+
+
+def param(rngs: nnx.Rngs, init: Callable, shape: tuple[int, ...], names: axes.AxisNames,
+          dtype: jnp.dtype) -> nnx.Param:
+    """A parameter initialised by `init` and tagged with its logical axis `names`."""
+    # Sharding is applied by parallel/ (jit out_shardings), not eagerly at creation.
+    return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names, eager_sharding=False)
+
+
+def normal(std: float) -> Callable:
+    return jax.nn.initializers.normal(stddev=std)
+
+
+class RMSNorm(nnx.Module):
+    """y = x / rms(x) * scale, computed in float32."""
+
+    def __init__(self, dim: int, eps: float, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.scale = param(rngs, jax.nn.initializers.ones, (dim,), (axes.EMBED,), dtype)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_tables(positions_BxT: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos and sin of shape [B, T, head_dim/2] for integer positions (float32)."""
+    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x_BxTxNxD: jax.Array, cos_BxTxF: jax.Array, sin_BxTxF: jax.Array) -> jax.Array:
+    """Rotate pairs (i, i + D/2): the "rotate half" convention of HF Llama, so its weights load unpermuted."""
+    x = x_BxTxNxD.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    cos, sin = cos_BxTxF[:, :, None, :], sin_BxTxF[:, :, None, :]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxTxNxD.dtype)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(x @ gate) * (x @ up))."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, f, pd = cfg.d_model, cfg.d_ff, cfg.weight_dtype
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        self.w_gate = param(rngs, normal(cfg.init_std), (d, f), (axes.EMBED, axes.MLP), pd)
+        self.w_up = param(rngs, normal(cfg.init_std), (d, f), (axes.EMBED, axes.MLP), pd)
+        self.w_down = param(rngs, normal(out_std), (f, d), (axes.MLP, axes.EMBED), pd)
+        self.dtype = cfg.compute_dtype
+
+    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+        dt = self.dtype
+        gate_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, self.w_gate[...].astype(dt))
+        up_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, self.w_up[...].astype(dt))
+        h_BxTxF = axes.constrain(jax.nn.silu(gate_BxTxF) * up_BxTxF, (axes.BATCH, axes.LENGTH, axes.MLP))
+        return jnp.einsum("btf,fd->btd", h_BxTxF, self.w_down[...].astype(dt))

@@ -1,0 +1,118 @@
+"""The decoder-only transformer: embedding, a scanned stack of pre-norm blocks, final norm, LM head."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model import axes
+from model.attention import attention
+from model.config import ModelConfig
+from model.layers import MLP, RMSNorm, apply_rope, normal, param, rope_tables
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with rotary position embeddings."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, h, k, hd, pd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.weight_dtype
+        init = normal(cfg.init_std)
+        self.wq = param(rngs, init, (d, h, hd), (axes.EMBED, axes.HEADS, axes.HEAD_DIM), pd)
+        self.wk = param(rngs, init, (d, k, hd), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM), pd)
+        self.wv = param(rngs, init, (d, k, hd), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM), pd)
+        self.wo = param(rngs, normal(cfg.init_std / math.sqrt(2 * cfg.n_layers)), (h, hd, d),
+                        (axes.HEADS, axes.HEAD_DIM, axes.EMBED), pd)
+        if cfg.qkv_bias:
+            zeros = jax.nn.initializers.zeros
+            self.bq = param(rngs, zeros, (h, hd), (axes.HEADS, axes.HEAD_DIM), pd)
+            self.bk = param(rngs, zeros, (k, hd), (axes.KV_HEADS, axes.HEAD_DIM), pd)
+            self.bv = param(rngs, zeros, (k, hd), (axes.KV_HEADS, axes.HEAD_DIM), pd)
+        self.qkv_bias = cfg.qkv_bias
+        self.impl = cfg.attention_impl
+        self.dtype = cfg.compute_dtype
+
+    def __call__(self, x_BxTxD: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        dt = self.dtype
+        q_BxTxHxK = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wq[...].astype(dt))
+        k_BxTxGxK = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wk[...].astype(dt))
+        v_BxTxGxK = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wv[...].astype(dt))
+        if self.qkv_bias:
+            q_BxTxHxK = q_BxTxHxK + self.bq[...].astype(dt)
+            k_BxTxGxK = k_BxTxGxK + self.bk[...].astype(dt)
+            v_BxTxGxK = v_BxTxGxK + self.bv[...].astype(dt)
+        q_BxTxHxK = axes.constrain(apply_rope(q_BxTxHxK, cos, sin), (axes.BATCH, axes.LENGTH, axes.HEADS, None))
+        k_BxTxGxK = axes.constrain(apply_rope(k_BxTxGxK, cos, sin), (axes.BATCH, axes.LENGTH, axes.KV_HEADS, None))
+        v_BxTxGxK = axes.constrain(v_BxTxGxK, (axes.BATCH, axes.LENGTH, axes.KV_HEADS, None))
+        out_BxTxHxK = attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, impl=self.impl, causal=True)
+        return jnp.einsum("bthk,hkd->btd", out_BxTxHxK, self.wo[...].astype(dt))
+
+
+class Block(nnx.Module):
+    """x + attn(norm(x)), then + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.weight_dtype, rngs)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.weight_dtype, rngs)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x_BxTxD: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), cos, sin)
+        x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
+        return axes.constrain(x_BxTxD, (axes.BATCH, axes.LENGTH, axes.EMBED))
+
+
+class Transformer(nnx.Module):
+    """Token ids [B, T] -> float32 logits [B, T, vocab]. Layers are stacked on a leading `layers` axis and run
+    with `jax.lax.scan`, so compile time does not grow with depth."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pd = cfg.weight_dtype
+        self.embed = param(rngs, normal(cfg.init_std), (cfg.vocab_size, cfg.d_model), (axes.VOCAB, axes.EMBED), pd)
+
+        @nnx.split_rngs(splits=cfg.n_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: axes.LAYERS})
+        def make_blocks(rngs: nnx.Rngs) -> Block:
+            return Block(cfg, rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd, rngs)
+        if not cfg.tie_embeddings:
+            self.lm_head = param(rngs, normal(cfg.init_std), (cfg.d_model, cfg.vocab_size),
+                                 (axes.EMBED, axes.VOCAB), pd)
+
+    def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None) -> jax.Array:
+        cfg, dt = self.cfg, self.cfg.compute_dtype
+        if positions_BxT is None:
+            positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
+        x_BxTxD = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(dt)
+        x_BxTxD = axes.constrain(x_BxTxD, (axes.BATCH, axes.LENGTH, axes.EMBED))
+        cos, sin = rope_tables(positions_BxT, cfg.head_dim, cfg.rope_theta)
+
+        graphdef, stacked = nnx.split(self.blocks)
+
+        def layer(x_BxTxD: jax.Array, layer_state: nnx.State) -> tuple[jax.Array, None]:
+            return nnx.merge(graphdef, layer_state)(x_BxTxD, cos, sin), None
+
+        if cfg.remat != "none":
+            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        x_BxTxD, _ = jax.lax.scan(layer, x_BxTxD, stacked)
+
+        x_BxTxD = self.final_norm(x_BxTxD)
+        head_DxV = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
+        logits_BxTxV = jnp.einsum("btd,dv->btv", x_BxTxD, head_DxV.astype(dt), preferred_element_type=jnp.float32)
+        return axes.constrain(logits_BxTxV, (axes.BATCH, axes.LENGTH, axes.VOCAB))
+
+
+def create_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
+    """A freshly initialised model."""
+    return Transformer(cfg, rngs=nnx.Rngs(params=seed))

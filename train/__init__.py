@@ -1,0 +1,1 @@
+"""How a model LEARNS: tokenizer, data, optimizer, train step, evaluation, checkpoints, metrics."""
