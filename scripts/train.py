@@ -1,0 +1,86 @@
+"""Train a model: `python -m scripts.train --preset small --steps 500 --out runs/demo [--data PATH]
+[--set train.lr=3e-4 --set model.n_layers=4 ...]`. Resumes automatically from `--out`'s newest checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tqdm import tqdm
+
+from scripts.common import fail, setup_logging
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="small", help="model preset (tiny, small, 125m, 350m, 1b, 7b)")
+    p.add_argument("--steps", type=int, help="optimizer steps (= --set train.steps=N)")
+    p.add_argument("--out", required=True, help="run directory: config.json, metrics.jsonl, checkpoints/")
+    p.add_argument("--data", help="a text file, a folder or a glob (default: the Python standard library)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config field, e.g. train.lr=3e-4 or model.n_layers=4 (repeatable)")
+    p.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: from the device kind)")
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace):
+    """The RunConfig named by the arguments; a bad preset, key or value exits with code 2."""
+    from model.presets import get_preset
+    from train.config import RunConfig, TrainConfig, apply_overrides
+
+    overrides = list(args.overrides)
+    if args.steps is not None:
+        overrides.insert(0, f"train.steps={args.steps}")
+    if args.data is not None:
+        overrides.insert(0, f"train.data={args.data}")
+    try:
+        model = get_preset(args.preset)
+        base = RunConfig(model=model, train=TrainConfig(seq_len=min(TrainConfig.seq_len, model.max_seq_len)))
+        return apply_overrides(base, overrides)
+    except (ValueError, TypeError) as e:
+        fail(str(e))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.log_level)
+    cfg = build_config(args)
+    print(cfg.to_json())
+
+    from scaling.accounting import flops_per_token, param_count
+    from scaling.hardware import peak_flops
+    from train.loop import NonFiniteError, train
+
+    print(f"parameters: {param_count(cfg.model)['total']:,}  tokens per step: "
+          f"{cfg.train.batch_size * cfg.train.seq_len:,}  out: {args.out}")
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(str(cfg.model.compute_dtype))
+    bar = tqdm(total=cfg.train.steps, desc="train", unit="step", dynamic_ncols=True)
+    shown: dict = {}
+
+    def on_record(record: dict) -> None:
+        bar.n = record["step"]
+        for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "val_loss", "val_bpb"):
+            if record.get(key) is not None:
+                shown[key] = record[key]
+        fmt = {"loss": ".4f", "lr": ".2e", "grad_norm": ".3f", "tokens_per_s": ".0f", "mfu": ".1%",
+               "val_loss": ".4f", "val_bpb": ".3f"}
+        bar.set_postfix_str("  ".join(f"{k} {format(v, fmt[k])}" for k, v in shown.items()), refresh=True)
+
+    try:
+        last = train(cfg, args.out, flops_per_token=flops_per_token(cfg.model, cfg.train.seq_len),
+                     peak_flops=peak, on_record=on_record)
+    except NonFiniteError as e:
+        bar.close()
+        fail(str(e), code=1)
+    except (ValueError, FileNotFoundError) as e:
+        bar.close()
+        fail(str(e))
+    bar.close()
+    print(f"done: step {last.get('step')}  " + "  ".join(f"{k} {v:.4f}" for k, v in last.items()
+                                                       if k.startswith("val") and v is not None))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""`TrainConfig` and `RunConfig` (model + train), with `--set section.field=value` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from typing import Any
+
+from model.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How a run trains. `batch_size` is the global batch in sequences per optimizer step, split into
+    `grad_accum` micro-batches; the cosine schedule decays from `lr` to `lr * min_lr_ratio` over `steps`."""
+
+    steps: int = 500
+    batch_size: int = 32
+    seq_len: int = 256
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float = 1.0
+    seed: int = 0
+    data_seed: int = 1
+    data: str | None = None
+    val_fraction: float = 0.01
+    eval_every: int = 100
+    eval_batches: int = 8
+    ckpt_every: int = 100
+    keep_checkpoints: int = 3
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "keep_checkpoints",
+                     "log_every", "eval_every", "ckpt_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"train.{name} must be a positive integer, got {value!r}")
+        for name in ("warmup_steps", "seed", "data_seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"train.{name} must be a non-negative integer, got {value!r}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"train.batch_size ({self.batch_size}) must be a multiple of train.grad_accum "
+                             f"({self.grad_accum})")
+        for name in ("lr", "eps", "clip_norm"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"train.{name} must be positive, got {getattr(self, name)!r}")
+        for name in ("min_lr_ratio", "beta1", "beta2"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"train.{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"train.weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"train.val_fraction must be in (0, 1), got {self.val_fraction!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a training run; written to `config.json` in the run directory."""
+
+    model: ModelConfig
+    train: TrainConfig
+
+    def __post_init__(self) -> None:
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ValueError(f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len "
+                             f"({self.model.max_seq_len})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": dataclasses.asdict(self.model), "train": dataclasses.asdict(self.train)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        unknown = sorted(set(values) - {"model", "train"})
+        if unknown:
+            raise ValueError(f"unknown config sections {unknown}; known sections are ['model', 'train']")
+        train_names = {f.name for f in dataclasses.fields(TrainConfig)}
+        bad = sorted(set(values.get("train", {})) - train_names)
+        if bad:
+            raise ValueError(f"unknown train config keys {bad}")
+        return cls(model=ModelConfig.from_dict(values.get("model", {})), train=TrainConfig(**values.get("train", {})))
+
+
+def _parse_value(text: str, annotation: Any, key: str) -> Any:
+    """Parse `text` as the field's declared type (int, float, bool, str, or optional of those)."""
+    hint = annotation
+    optional = False
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional, hint = len(args) < len(typing.get_args(hint)), args[0]
+    if optional and text.lower() in ("none", "null", ""):
+        return None
+    try:
+        if hint is bool:
+            if text.lower() in ("true", "1", "yes", "on"):
+                return True
+            if text.lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if hint is int:
+            return int(text)
+        if hint is float:
+            return float(text)
+        return text
+    except ValueError:
+        raise ValueError(f"--set {key}={text}: expected a value of type {hint.__name__}") from None
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """Apply `section.field=value` strings, e.g. `train.lr=3e-4` or `model.n_layers=4`; values are parsed as
+    the field's type and the result is validated. Raises ValueError naming the bad key or value."""
+    sections = {"model": cfg.model, "train": cfg.train}
+    changes: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        section, dot, field = key.strip().partition(".")
+        if not sep or not dot:
+            raise ValueError(f"--set {item!r}: expected section.field=value, e.g. train.lr=3e-4")
+        if section not in sections:
+            raise ValueError(f"--set {item!r}: unknown section {section!r}; use 'model' or 'train'")
+        hints = typing.get_type_hints(type(sections[section]))
+        if field not in hints:
+            raise ValueError(f"--set {item!r}: unknown key {key!r}; {section} keys are {sorted(hints)}")
+        changes[section][field] = _parse_value(text.strip(), hints[field], key)
+    model = dataclasses.replace(cfg.model, **changes["model"])
+    train = dataclasses.replace(cfg.train, **changes["train"])
+    return RunConfig(model=model, train=train)

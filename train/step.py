@@ -1,0 +1,64 @@
+"""The loss and the jitted training step: micro-batches scanned for gradient accumulation, one optax update."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+TrainState = dict[str, Any]  # {"params": pure dict, "opt_state": optax state, "step": int32 scalar}
+
+
+def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy in nats, in float32."""
+    logits = logits_BxTxV.astype(jnp.float32)
+    logz_BxT = jax.nn.logsumexp(logits, axis=-1)
+    target_logit_BxT = jnp.take_along_axis(logits, targets_BxT[..., None], axis=-1)[..., 0]
+    return jnp.mean(logz_BxT - target_logit_BxT)
+
+
+def loss_fn(params: dict, graphdef: nnx.GraphDef, tokens_BxL1: jax.Array) -> jax.Array:
+    """Loss of the model (`graphdef` + `params`) predicting tokens[:, 1:] from tokens[:, :-1]."""
+    model = nnx.merge(graphdef, params)
+    return cross_entropy(model(tokens_BxL1[:, :-1]), tokens_BxL1[:, 1:])
+
+
+def init_train_state(params: dict, optimizer: optax.GradientTransformation) -> TrainState:
+    return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
+
+
+def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
+                    schedule: optax.Schedule) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict]]:
+    """A jitted `step(state, tokens_AxBxL1) -> (state, metrics)` over A accumulated micro-batches of B rows.
+
+    Gradients are averaged over micro-batches in float32; the state's buffers are donated."""
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def step(state: TrainState, tokens_AxBxL1: jax.Array) -> tuple[TrainState, dict]:
+        params = state["params"]
+
+        def micro(acc: tuple, tokens_BxL1: jax.Array) -> tuple[tuple, None]:
+            loss_sum, grad_sum = acc
+            loss, grads = grad_fn(params, graphdef, tokens_BxL1)
+            return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        (loss_sum, grad_sum), _ = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), zeros), tokens_AxBxL1)
+        n = tokens_AxBxL1.shape[0]
+        grads = jax.tree.map(lambda g, p: (g / n).astype(p.dtype), grad_sum, params)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+        new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
+                     "step": state["step"] + 1}
+        metrics = {"loss": loss_sum / n, "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"])}
+        return new_state, metrics
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[dict, jax.Array], jax.Array]:
+    """A jitted `eval(params, tokens_BxL1) -> mean loss in nats`."""
+    return jax.jit(lambda params, tokens_BxL1: loss_fn(params, graphdef, tokens_BxL1))
