@@ -53,7 +53,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
                      "step": state["step"] + 1}
-        metrics = {"loss": loss_sum / n, "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"])}
+        metrics = {"loss": loss_sum / n, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
         return new_state, metrics
 
     return jax.jit(step, donate_argnums=0)

@@ -1,0 +1,318 @@
+"""Hugging Face interop for the Llama family (Llama, Mistral without sliding windows, Qwen2): config.json and
+safetensors weights in, and out again in the layout `transformers.LlamaForCausalLM` / `Qwen2ForCausalLM` load.
+
+Safetensors files are read and written here directly (an 8-byte header length, a JSON header, raw little-endian
+data), so loading needs neither torch nor the `safetensors` package, and bfloat16 checkpoints read through
+`ml_dtypes` (a JAX dependency).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from model.config import ModelConfig
+from model.transformer import Transformer
+
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_DTYPES = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+           "BF16": np.dtype(ml_dtypes.bfloat16)}
+_CODES = {dtype: code for code, dtype in _DTYPES.items()}
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some older Llama exports carry; recomputed, not loaded
+
+
+# --- config.json <-> ModelConfig -----------------------------------------------------------------------------
+
+def _require(hf_config: dict, key: str) -> Any:
+    if hf_config.get(key) is None:
+        raise ValueError(f"HF config has no {key!r}; it is required for model_type {hf_config.get('model_type')!r}")
+    return hf_config[key]
+
+
+def _rope_theta(hf_config: dict) -> float:
+    """rope_theta from either the transformers 5 `rope_parameters` dict or the legacy top-level key; only
+    unscaled ("default") RoPE is supported."""
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = hf_config.get(key)
+        if rope is None:
+            continue
+        if not isinstance(rope, dict):
+            raise ValueError(f"HF config {key} must be a dict or null, got {rope!r}")
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind != "default":
+            raise ValueError(f"HF config {key} has rope_type {kind!r}; only unscaled 'default' RoPE is supported")
+        if rope.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError(f"HF config {key} has partial_rotary_factor {rope['partial_rotary_factor']!r}; "
+                             "only full rotary embeddings (1.0) are supported")
+    if hf_config.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"HF config partial_rotary_factor {hf_config['partial_rotary_factor']!r} is not supported")
+    params = hf_config.get("rope_parameters") or {}
+    theta = params.get("rope_theta", hf_config.get("rope_theta"))
+    return float(theta) if theta is not None else 10000.0
+
+
+def config_from_hf(hf_config: dict) -> ModelConfig:
+    """A `ModelConfig` for a Llama / Mistral / Qwen2 `config.json` dict; raises ValueError, naming the field, for
+    anything this model cannot reproduce exactly (sliding windows, scaled RoPE, o_proj/MLP biases, other
+    activations)."""
+    model_type = hf_config.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"unsupported HF model_type {model_type!r}; supported: {list(MODEL_TYPES)}")
+    if model_type == "mistral" and hf_config.get("sliding_window") is not None:
+        raise ValueError(f"mistral sliding_window={hf_config['sliding_window']!r} is not supported "
+                         "(no sliding-window attention); only checkpoints with sliding_window null load")
+    if model_type == "qwen2" and hf_config.get("use_sliding_window"):
+        raise ValueError("qwen2 use_sliding_window=true is not supported (no sliding-window attention)")
+    layer_types = set(hf_config.get("layer_types") or ())
+    if layer_types - {"full_attention"}:
+        raise ValueError(f"HF config layer_types {sorted(layer_types)} are not supported; only 'full_attention'")
+    act = hf_config.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"HF config hidden_act {act!r} is not supported; the MLP is SwiGLU ('silu')")
+    if hf_config.get("attention_bias"):
+        raise ValueError(f"{model_type} attention_bias=true is not supported (it adds an o_proj bias)")
+    if hf_config.get("mlp_bias"):
+        raise ValueError(f"{model_type} mlp_bias=true is not supported")
+    d_model, n_heads = _require(hf_config, "hidden_size"), _require(hf_config, "num_attention_heads")
+    return ModelConfig(
+        vocab_size=_require(hf_config, "vocab_size"),
+        d_model=d_model,
+        n_layers=_require(hf_config, "num_hidden_layers"),
+        n_heads=n_heads,
+        n_kv_heads=hf_config.get("num_key_value_heads") or n_heads,
+        head_dim=hf_config.get("head_dim") or d_model // n_heads,
+        d_ff=_require(hf_config, "intermediate_size"),
+        max_seq_len=_require(hf_config, "max_position_embeddings"),
+        rope_theta=_rope_theta(hf_config),
+        norm_eps=float(_require(hf_config, "rms_norm_eps")),
+        tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
+        qkv_bias=model_type == "qwen2",
+        init_std=float(hf_config.get("initializer_range", 0.02)),
+        dtype="auto",
+        param_dtype="float32",
+    )
+
+
+def hf_config_from(cfg: ModelConfig) -> dict:
+    """The `config.json` dict for `cfg`: model_type "qwen2" when it has q/k/v biases, else "llama"."""
+    qwen = cfg.qkv_bias
+    out = {
+        "architectures": ["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
+        "model_type": "qwen2" if qwen else "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.d_ff,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "initializer_range": cfg.init_std,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        # Both spellings: transformers 5 reads rope_parameters, 4.x reads rope_theta.
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "dtype": cfg.param_dtype,
+        "torch_dtype": cfg.param_dtype,
+    }
+    if qwen:
+        out.update(use_sliding_window=False, sliding_window=None)
+    else:
+        out.update(attention_bias=False, mlp_bias=False)
+    return out
+
+
+# --- the weight mapping --------------------------------------------------------------------------------------
+
+class _Tensor(NamedTuple):
+    """One meshlm parameter and its HF tensor. `n_in` is how many leading meshlm axes are the input of an HF
+    Linear (stored [out, in]): HF = ours.reshape(prod(in), -1).T; 0 means the same layout, None a flattened bias.
+    Per-layer tensors have "{i}" in `hf_name` and a leading layers axis on our side."""
+
+    path: tuple[str, ...]
+    hf_name: str
+    n_in: int | None
+
+
+def _tensors(cfg: ModelConfig) -> list[_Tensor]:
+    layer = [
+        (("attn_norm", "scale"), "input_layernorm.weight", 0),
+        (("attn", "wq"), "self_attn.q_proj.weight", 1),
+        (("attn", "wk"), "self_attn.k_proj.weight", 1),
+        (("attn", "wv"), "self_attn.v_proj.weight", 1),
+        (("attn", "wo"), "self_attn.o_proj.weight", 2),
+        (("mlp_norm", "scale"), "post_attention_layernorm.weight", 0),
+        (("mlp", "w_gate"), "mlp.gate_proj.weight", 1),
+        (("mlp", "w_up"), "mlp.up_proj.weight", 1),
+        (("mlp", "w_down"), "mlp.down_proj.weight", 1),
+    ]
+    if cfg.qkv_bias:
+        layer += [(("attn", f"b{x}"), f"self_attn.{x}_proj.bias", None) for x in "qkv"]
+    out = [_Tensor(("embed",), "model.embed_tokens.weight", 0)]
+    out += [_Tensor(("blocks", *path), "model.layers.{i}." + name, n_in) for path, name, n_in in layer]
+    out.append(_Tensor(("final_norm", "scale"), "model.norm.weight", 0))
+    if not cfg.tie_embeddings:
+        out.append(_Tensor(("lm_head",), "lm_head.weight", 1))
+    return out
+
+
+def _hf_names(t: _Tensor, n_layers: int) -> list[str]:
+    return [t.hf_name.format(i=i) for i in range(n_layers)] if "{i}" in t.hf_name else [t.hf_name]
+
+
+def _hf_shape(shape: tuple[int, ...], n_in: int | None) -> tuple[int, ...]:
+    if n_in is None:
+        return (math.prod(shape),)
+    if n_in == 0:
+        return tuple(shape)
+    return (math.prod(shape[n_in:]), math.prod(shape[:n_in]))
+
+
+def _to_hf(x: np.ndarray, n_in: int | None) -> np.ndarray:
+    if n_in is None:
+        return x.reshape(-1)
+    if n_in == 0:
+        return x
+    return x.reshape(math.prod(x.shape[:n_in]), -1).T
+
+
+def _from_hf(x: np.ndarray, n_in: int | None, shape: tuple[int, ...]) -> np.ndarray:
+    return (x if n_in in (None, 0) else x.T).reshape(shape)
+
+
+# --- safetensors files ---------------------------------------------------------------------------------------
+
+class _Entry(NamedTuple):
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+def _read_header(file: Path) -> dict[str, _Entry]:
+    with open(file, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return {name: _Entry(file, e["dtype"], tuple(e["shape"]), 8 + size + e["data_offsets"][0],
+                         8 + size + e["data_offsets"][1]) for name, e in header.items()}
+
+
+def _checkpoint_index(directory: Path) -> tuple[dict[str, _Entry], dict[str, str]]:
+    """Every tensor in the checkpoint, and for a sharded one the file its index names for each tensor."""
+    if (directory / INDEX_FILE).exists():
+        weight_map = json.loads((directory / INDEX_FILE).read_text())["weight_map"]
+        entries = {}
+        for file in sorted(set(weight_map.values())):
+            entries.update(_read_header(directory / file))
+        return entries, weight_map
+    if (directory / SINGLE_FILE).exists():
+        return _read_header(directory / SINGLE_FILE), {}
+    raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {str(directory)!r}")
+
+
+def _read_tensor(name: str, entry: _Entry, maps: dict[Path, np.memmap]) -> np.ndarray:
+    if entry.dtype not in _DTYPES:
+        raise ValueError(f"tensor {name!r} in {str(entry.file)!r} has dtype {entry.dtype}; "
+                         f"supported: {sorted(_DTYPES)}")
+    dtype = _DTYPES[entry.dtype]
+    if entry.end - entry.start != math.prod(entry.shape) * dtype.itemsize:
+        raise ValueError(f"tensor {name!r} in {str(entry.file)!r}: {entry.end - entry.start} bytes do not hold "
+                         f"{entry.dtype} {list(entry.shape)}")
+    if entry.file not in maps:
+        maps[entry.file] = np.memmap(entry.file, dtype=np.uint8, mode="r")
+    return maps[entry.file][entry.start:entry.end].view(dtype).reshape(entry.shape)
+
+
+def _write_safetensors(file: Path, tensors: dict[str, np.ndarray]) -> None:
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, x in tensors.items():
+        if x.dtype not in _CODES:
+            raise ValueError(f"cannot write tensor {name!r} of dtype {x.dtype}; supported: {sorted(_CODES)}")
+        header[name] = {"dtype": _CODES[x.dtype], "shape": list(x.shape), "data_offsets": [offset, offset + x.nbytes]}
+        offset += x.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # align the data section to 8 bytes, as the reference writer does
+    with open(file, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for x in tensors.values():
+            np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("<")).tofile(f)
+
+
+# --- load and save -------------------------------------------------------------------------------------------
+
+def load_hf(directory: str | Path, dtype: str = "auto", param_dtype: str = "float32") -> Transformer:
+    """A `Transformer` with the weights of the HF checkpoint in `directory` (config.json and model.safetensors,
+    or shards listed in model.safetensors.index.json), params cast to `param_dtype`. Raises ValueError naming
+    any missing, unexpected or misshaped tensor and its file."""
+    directory = Path(directory)
+    cfg = config_from_hf(json.loads((directory / "config.json").read_text()))
+    cfg = cfg.replace(dtype=dtype, param_dtype=param_dtype)
+    entries, weight_map = _checkpoint_index(directory)
+    where = f"{str(directory / SINGLE_FILE)!r}" if not weight_map else f"the shards of {str(directory)!r}"
+
+    specs = _tensors(cfg)
+    expected = {name for t in specs for name in _hf_names(t, cfg.n_layers)}
+    ignored = {"lm_head.weight"} if cfg.tie_embeddings else set()  # HF ties it to the embedding anyway
+    unexpected = sorted(n for n in set(entries) - expected - ignored if not n.endswith(_IGNORED_SUFFIXES))
+    if unexpected:
+        files = sorted({entries[n].file.name for n in unexpected})
+        raise ValueError(f"unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} "
+                         f"in {files} of {str(directory)!r}: not used by the model its config.json describes")
+
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))  # shapes only: no weights allocated
+    state = nnx.state(model, nnx.Param)
+    variables = dict(nnx.to_flat_state(state))
+    maps: dict[Path, np.memmap] = {}
+    for t in specs:
+        var = variables[t.path]
+        per_layer = "{i}" in t.hf_name
+        shape = var.shape[1:] if per_layer else var.shape
+        want = _hf_shape(shape, t.n_in)
+        arrays = []
+        for name in _hf_names(t, cfg.n_layers):
+            if name not in entries:
+                file = repr(str(directory / weight_map[name])) if name in weight_map else where
+                raise ValueError(f"missing tensor {name!r} in {file} (config.json asks for {want})")
+            entry = entries[name]
+            if entry.shape != want:
+                raise ValueError(f"tensor {name!r} in {str(entry.file)!r} has shape {list(entry.shape)}, "
+                                 f"expected {list(want)} from config.json")
+            arrays.append(_from_hf(_read_tensor(name, entry, maps), t.n_in, shape).astype(cfg.weight_dtype))
+        var.set_value(jnp.asarray(np.stack(arrays) if per_layer else arrays[0]))
+    nnx.update(model, state)
+    return model
+
+
+def save_hf(model: Transformer, directory: str | Path) -> None:
+    """Write `model` as config.json and model.safetensors (in its param dtype) that `from_pretrained` loads."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg
+    params = {path: var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    tensors: dict[str, np.ndarray] = {}
+    for t in _tensors(cfg):
+        value = np.asarray(jax.device_get(params[t.path][...]))
+        if "{i}" in t.hf_name:
+            for i, name in enumerate(_hf_names(t, cfg.n_layers)):
+                tensors[name] = _to_hf(value[i], t.n_in)
+        else:
+            tensors[t.hf_name] = _to_hf(value, t.n_in)
+    (directory / "config.json").write_text(json.dumps(hf_config_from(cfg), indent=2) + "\n")
+    _write_safetensors(directory / SINGLE_FILE, tensors)

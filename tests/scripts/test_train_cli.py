@@ -1,0 +1,40 @@
+"""scripts/train.py's argument handling: bad keys and values exit with code 2 and a message naming them."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "-m", "scripts.train", "--out", str(tmp_path / "run"), *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "train.foo=1"], "unknown key 'train.foo'"),
+    (["--set", "optim.lr=1"], "unknown section 'optim'"),
+    (["--set", "train.lr=fast"], "train.lr=fast: expected a value of type float"),
+    (["--set", "model.n_kv_heads=3"], r"model.n_heads \(4\) must be a multiple of model.n_kv_heads \(3\)"),
+    (["--set", "train.seq_len=4096"], r"train.seq_len \(4096\) exceeds model.max_seq_len \(64\)"),
+    (["--set", "nonsense"], "expected section.field=value"),
+    (["--preset", "huge"], "unknown preset 'huge'"),
+])
+def test_bad_settings_exit_2_naming_the_problem(args, message, tmp_path):
+    result = run("--preset", "tiny", *args, tmp_path=tmp_path)
+    assert result.returncode == 2, result.stderr
+    import re
+
+    assert re.search(message, result.stderr), result.stderr
+    assert not (tmp_path / "run").exists()  # nothing written for a run that never started
+
+
+def test_missing_data_path_exits_2(tmp_path):
+    result = run("--preset", "tiny", "--steps", "1", "--data", str(tmp_path / "nope"), tmp_path=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "no text files found for --data" in result.stderr and "nope" in result.stderr
