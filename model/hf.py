@@ -1,22 +1,18 @@
 """Hugging Face interop for the Llama family (Llama, Mistral without sliding windows, Qwen2): config.json and
 safetensors weights in, and out again in the layout `transformers.LlamaForCausalLM` / `Qwen2ForCausalLM` load.
-
-Safetensors files are read and written here directly (an 8-byte header length, a JSON header, raw little-endian
-data), so loading needs neither torch nor the `safetensors` package, and bfloat16 checkpoints read through
-`ml_dtypes` (a JAX dependency).
+Weights are read and written with the `safetensors` package (`pip install meshlm[hf]`); torch is not needed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import struct
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
 
@@ -26,9 +22,7 @@ from model.transformer import Transformer
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-_DTYPES = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
-           "BF16": np.dtype(ml_dtypes.bfloat16)}
-_CODES = {dtype: code for code, dtype in _DTYPES.items()}
+_FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")  # safetensors dtype codes load_hf accepts
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some older Llama exports carry; recomputed, not loaded
 
 
@@ -189,119 +183,84 @@ def _to_hf(x: np.ndarray, n_in: int | None) -> np.ndarray:
     return x.reshape(math.prod(x.shape[:n_in]), -1).T
 
 
-def _from_hf(x: np.ndarray, n_in: int | None, shape: tuple[int, ...]) -> np.ndarray:
+def _from_hf(x: jax.Array, n_in: int | None, shape: tuple[int, ...]) -> jax.Array:
     return (x if n_in in (None, 0) else x.T).reshape(shape)
-
-
-# --- safetensors files ---------------------------------------------------------------------------------------
-
-class _Entry(NamedTuple):
-    file: Path
-    dtype: str
-    shape: tuple[int, ...]
-    start: int
-    end: int
-
-
-def _read_header(file: Path) -> dict[str, _Entry]:
-    with open(file, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
-    header.pop("__metadata__", None)
-    return {name: _Entry(file, e["dtype"], tuple(e["shape"]), 8 + size + e["data_offsets"][0],
-                         8 + size + e["data_offsets"][1]) for name, e in header.items()}
-
-
-def _checkpoint_index(directory: Path) -> tuple[dict[str, _Entry], dict[str, str]]:
-    """Every tensor in the checkpoint, and for a sharded one the file its index names for each tensor."""
-    if (directory / INDEX_FILE).exists():
-        weight_map = json.loads((directory / INDEX_FILE).read_text())["weight_map"]
-        entries = {}
-        for file in sorted(set(weight_map.values())):
-            entries.update(_read_header(directory / file))
-        return entries, weight_map
-    if (directory / SINGLE_FILE).exists():
-        return _read_header(directory / SINGLE_FILE), {}
-    raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {str(directory)!r}")
-
-
-def _read_tensor(name: str, entry: _Entry, maps: dict[Path, np.memmap]) -> np.ndarray:
-    if entry.dtype not in _DTYPES:
-        raise ValueError(f"tensor {name!r} in {str(entry.file)!r} has dtype {entry.dtype}; "
-                         f"supported: {sorted(_DTYPES)}")
-    dtype = _DTYPES[entry.dtype]
-    if entry.end - entry.start != math.prod(entry.shape) * dtype.itemsize:
-        raise ValueError(f"tensor {name!r} in {str(entry.file)!r}: {entry.end - entry.start} bytes do not hold "
-                         f"{entry.dtype} {list(entry.shape)}")
-    if entry.file not in maps:
-        maps[entry.file] = np.memmap(entry.file, dtype=np.uint8, mode="r")
-    return maps[entry.file][entry.start:entry.end].view(dtype).reshape(entry.shape)
-
-
-def _write_safetensors(file: Path, tensors: dict[str, np.ndarray]) -> None:
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, x in tensors.items():
-        if x.dtype not in _CODES:
-            raise ValueError(f"cannot write tensor {name!r} of dtype {x.dtype}; supported: {sorted(_CODES)}")
-        header[name] = {"dtype": _CODES[x.dtype], "shape": list(x.shape), "data_offsets": [offset, offset + x.nbytes]}
-        offset += x.nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # align the data section to 8 bytes, as the reference writer does
-    with open(file, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for x in tensors.values():
-            np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("<")).tofile(f)
 
 
 # --- load and save -------------------------------------------------------------------------------------------
 
+def _safetensors():
+    try:
+        import safetensors
+        import safetensors.flax
+    except ImportError as e:
+        raise ImportError("reading and writing HF checkpoints needs the safetensors package: "
+                          "pip install meshlm[hf]") from e
+    return safetensors
+
+
+def _checkpoint_files(directory: Path) -> tuple[list[Path], dict[str, str]]:
+    """The checkpoint's safetensors files, and for a sharded one the file its index names for each tensor."""
+    if (directory / INDEX_FILE).exists():
+        weight_map = json.loads((directory / INDEX_FILE).read_text())["weight_map"]
+        return [directory / file for file in sorted(set(weight_map.values()))], weight_map
+    if (directory / SINGLE_FILE).exists():
+        return [directory / SINGLE_FILE], {}
+    raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {str(directory)!r}")
+
+
 def load_hf(directory: str | Path, dtype: str = "auto", param_dtype: str = "float32") -> Transformer:
     """A `Transformer` with the weights of the HF checkpoint in `directory` (config.json and model.safetensors,
     or shards listed in model.safetensors.index.json), params cast to `param_dtype`. Raises ValueError naming
-    any missing, unexpected or misshaped tensor and its file."""
+    any missing, unexpected or misshaped tensor and its file, before any weight is read."""
+    safetensors = _safetensors()
     directory = Path(directory)
     cfg = config_from_hf(json.loads((directory / "config.json").read_text()))
     cfg = cfg.replace(dtype=dtype, param_dtype=param_dtype)
-    entries, weight_map = _checkpoint_index(directory)
+    files, weight_map = _checkpoint_files(directory)
     where = f"{str(directory / SINGLE_FILE)!r}" if not weight_map else f"the shards of {str(directory)!r}"
 
-    specs = _tensors(cfg)
-    expected = {name for t in specs for name in _hf_names(t, cfg.n_layers)}
-    ignored = {"lm_head.weight"} if cfg.tie_embeddings else set()  # HF ties it to the embedding anyway
-    unexpected = sorted(n for n in set(entries) - expected - ignored if not n.endswith(_IGNORED_SUFFIXES))
-    if unexpected:
-        files = sorted({entries[n].file.name for n in unexpected})
-        raise ValueError(f"unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} "
-                         f"in {files} of {str(directory)!r}: not used by the model its config.json describes")
+    with contextlib.ExitStack() as stack:  # headers only until every tensor has been checked
+        handles = {file: stack.enter_context(safetensors.safe_open(file, framework="flax")) for file in files}
+        file_of = {name: file for file, f in handles.items() for name in f.keys()}
+        specs = _tensors(cfg)
+        expected = {name for t in specs for name in _hf_names(t, cfg.n_layers)}
+        ignored = {"lm_head.weight"} if cfg.tie_embeddings else set()  # HF ties it to the embedding anyway
+        unexpected = sorted(n for n in set(file_of) - expected - ignored if not n.endswith(_IGNORED_SUFFIXES))
+        if unexpected:
+            names = sorted({file_of[n].name for n in unexpected})
+            raise ValueError(f"unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} "
+                             f"in {names} of {str(directory)!r}: not used by the model its config.json describes")
 
-    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))  # shapes only: no weights allocated
-    state = nnx.state(model, nnx.Param)
-    variables = dict(nnx.to_flat_state(state))
-    maps: dict[Path, np.memmap] = {}
-    for t in specs:
-        var = variables[t.path]
-        per_layer = "{i}" in t.hf_name
-        shape = var.shape[1:] if per_layer else var.shape
-        want = _hf_shape(shape, t.n_in)
-        arrays = []
-        for name in _hf_names(t, cfg.n_layers):
-            if name not in entries:
-                file = repr(str(directory / weight_map[name])) if name in weight_map else where
-                raise ValueError(f"missing tensor {name!r} in {file} (config.json asks for {want})")
-            entry = entries[name]
-            if entry.shape != want:
-                raise ValueError(f"tensor {name!r} in {str(entry.file)!r} has shape {list(entry.shape)}, "
-                                 f"expected {list(want)} from config.json")
-            arrays.append(_from_hf(_read_tensor(name, entry, maps), t.n_in, shape).astype(cfg.weight_dtype))
-        var.set_value(jnp.asarray(np.stack(arrays) if per_layer else arrays[0]))
+        model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))  # shapes only: no weights allocated
+        state = nnx.state(model, nnx.Param)
+        variables = dict(nnx.to_flat_state(state))
+        shapes = {t.path: variables[t.path].shape[1:] if "{i}" in t.hf_name else variables[t.path].shape
+                  for t in specs}
+        for t in specs:
+            want = _hf_shape(shapes[t.path], t.n_in)
+            for name in _hf_names(t, cfg.n_layers):
+                if name not in file_of:
+                    file = repr(str(directory / weight_map[name])) if name in weight_map else where
+                    raise ValueError(f"missing tensor {name!r} in {file} (config.json asks for {want})")
+                info = handles[file_of[name]].get_slice(name)
+                if info.get_dtype() not in _FLOAT_DTYPES:
+                    raise ValueError(f"tensor {name!r} in {str(file_of[name])!r} has dtype {info.get_dtype()}; "
+                                     f"supported: {list(_FLOAT_DTYPES)}")
+                if tuple(info.get_shape()) != want:
+                    raise ValueError(f"tensor {name!r} in {str(file_of[name])!r} has shape {list(info.get_shape())}, "
+                                     f"expected {list(want)} from config.json")
+        for t in specs:
+            arrays = [_from_hf(handles[file_of[name]].get_tensor(name), t.n_in, shapes[t.path]).astype(cfg.weight_dtype)
+                      for name in _hf_names(t, cfg.n_layers)]
+            variables[t.path].set_value(jnp.stack(arrays) if "{i}" in t.hf_name else arrays[0])
     nnx.update(model, state)
     return model
 
 
 def save_hf(model: Transformer, directory: str | Path) -> None:
     """Write `model` as config.json and model.safetensors (in its param dtype) that `from_pretrained` loads."""
+    safetensors = _safetensors()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
@@ -309,10 +268,11 @@ def save_hf(model: Transformer, directory: str | Path) -> None:
     tensors: dict[str, np.ndarray] = {}
     for t in _tensors(cfg):
         value = np.asarray(jax.device_get(params[t.path][...]))
+        # The writer copies each array's raw buffer, so the transposed views must be made contiguous.
         if "{i}" in t.hf_name:
             for i, name in enumerate(_hf_names(t, cfg.n_layers)):
-                tensors[name] = _to_hf(value[i], t.n_in)
+                tensors[name] = np.ascontiguousarray(_to_hf(value[i], t.n_in))
         else:
-            tensors[t.hf_name] = _to_hf(value, t.n_in)
+            tensors[t.hf_name] = np.ascontiguousarray(_to_hf(value, t.n_in))
     (directory / "config.json").write_text(json.dumps(hf_config_from(cfg), indent=2) + "\n")
-    _write_safetensors(directory / SINGLE_FILE, tensors)
+    safetensors.flax.save_file(tensors, directory / SINGLE_FILE, metadata={"format": "pt"})  # "pt": transformers

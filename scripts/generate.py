@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
                         top_p=args.top_p, seed=args.seed, stop_ids=[tok.EOS])
     except ValueError as e:
         fail(str(e))
-    for text, out in zip(prompts, outs):
+    for text, out in zip(prompts, outs, strict=True):
         print("=" * 72)
         print(text + tok.decode(out))
     print("=" * 72)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -49,7 +50,7 @@ def check_run_dir(out: Path, cfg: RunConfig) -> None:
     saved = out / "config.json"
     if not saved.exists():
         return
-    old = RunConfig.from_dict(__import__("json").loads(saved.read_text()))
+    old = RunConfig.from_dict(json.loads(saved.read_text()))
     if old != cfg:
         diffs = [f"{section}.{k}: {v!r} -> {getattr(getattr(cfg, section), k)!r}"
                  for section in ("model", "train")
@@ -142,7 +143,7 @@ def load_params(run_dir: str | Path, step: int | None = None) -> tuple[RunConfig
     cfg_path = run / "config.json"
     if not cfg_path.exists():
         raise FileNotFoundError(f"{run} has no config.json: is it a meshlm run directory?")
-    cfg = RunConfig.from_dict(__import__("json").loads(cfg_path.read_text()))
+    cfg = RunConfig.from_dict(json.loads(cfg_path.read_text()))
     ckpt = Checkpointer(run / "checkpoints", keep=cfg.train.keep_checkpoints, async_save=False)
     step = step if step is not None else ckpt.latest_step()
     if step is None:

@@ -33,7 +33,7 @@ def test_greedy_generation_matches_step_by_step_argmax():
     model = create_model(get_preset("tiny").replace(dtype="float32"), seed=3)
     prompts = [[5, 6, 7, 8, 9], [100, 101]]
     outs = generate(model, prompts, 6, temperature=0.0)
-    for prompt, out in zip(prompts, outs):
+    for prompt, out in zip(prompts, outs, strict=True):
         seq = list(prompt)
         for _ in range(6):  # the reference: the whole sequence, unpadded, one token at a time
             seq.append(int(jnp.argmax(model(jnp.array([seq]))[0, -1])))
