@@ -1,1 +1,1 @@
-"""How a model is SPREAD over devices: meshes, logical-axis rules, sharding (see DESIGN.md; arrives with the sharding issue)."""
+"""How a model is SPREAD over devices: meshes, logical-axis rules, sharding (arrives with the sharding issue)."""

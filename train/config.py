@@ -51,6 +51,10 @@ class TrainConfig:
         if self.batch_size % self.grad_accum:
             raise ValueError(f"train.batch_size ({self.batch_size}) must be a multiple of train.grad_accum "
                              f"({self.grad_accum})")
+        for name in ("lr", "eps", "clip_norm", "min_lr_ratio", "beta1", "beta2", "weight_decay", "val_fraction"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+                raise ValueError(f"train.{name} must be a number, got {value!r}")
         for name in ("lr", "eps", "clip_norm"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"train.{name} must be positive, got {getattr(self, name)!r}")

@@ -93,6 +93,17 @@ def test_train_config_errors(changes, pattern):
         TrainConfig(**changes)
 
 
+@pytest.mark.parametrize("changes, pattern", [
+    ({"lr": "3e-4"}, r"train\.lr.*'3e-4'"),
+    ({"min_lr_ratio": None}, r"train\.min_lr_ratio.*None"),
+    ({"val_fraction": "0.1"}, r"train\.val_fraction.*'0\.1'"),
+    ({"lr": True}, r"train\.lr.*True"),
+])
+def test_train_config_float_fields_reject_non_numbers(changes, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        TrainConfig(**changes)
+
+
 def test_run_config_seq_len_must_fit_model():
     model = get_preset("tiny")  # max_seq_len 64
     RunConfig(model=model, train=TrainConfig(seq_len=64))

@@ -3,8 +3,8 @@ numpy per-head loop, remat invariance, and bf16 compute.
 
 Tolerances: float32 vs a float64 numpy reference: `atol = 1e-5 * max|ref|` (fp32 eps 1.2e-7 accumulated over
 64-192-wide dot products, 2 layers and a softmax stays ~1e-6 of the scale; any wiring error moves results by
-O(scale)). remat only changes what is recomputed, not the arithmetic: 1e-6. bf16 compute (8-bit mantissa,
-eps 7.8e-3) through 2 layers: 2e-2 of max|logit|.
+O(scale)). remat only changes what is recomputed, not the arithmetic: 1e-6. bf16 compute (8-bit mantissa)
+through 2 layers: 2e-2 norm-wise (see the test).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from model.transformer import create_model
 from train.step import loss_fn
 
 TINY = get_preset("tiny")  # d_model 64, 2 layers, 4 heads, 2 kv heads, head_dim 16, d_ff 192
-NO_DECAY_NAMES = ("scale",)
 
 
 def graphdef_of(cfg):
@@ -237,10 +236,15 @@ def test_attention_unknown_impl():
 def test_remat_policies_same_loss_and_grads():
     params = random_params(TINY, seed=9)
     tokens = jnp.asarray(np.random.default_rng(2).integers(0, 256, size=(2, 17)), jnp.int32)
-    results = {}
-    for policy in ("none", "full", "dots"):
-        graphdef = graphdef_of(TINY.replace(dtype="float32", remat=policy))
-        results[policy] = jax.jit(lambda p, t, g=graphdef: jax.value_and_grad(loss_fn)(p, g, t))(params, tokens)
+    policies = ("none", "full", "dots")
+    graphdefs = [graphdef_of(TINY.replace(dtype="float32", remat=policy)) for policy in policies]
+    # remat is really applied (a checkpoint in the traced program) exactly when asked for
+    for policy, graphdef in zip(policies, graphdefs, strict=True):
+        jaxpr = str(jax.make_jaxpr(lambda p, t, g=graphdef: loss_fn(p, g, t))(params, tokens))
+        assert ("checkpoint[" in jaxpr or "remat" in jaxpr) == (policy != "none"), policy
+    # one compilation for all three (compile time dominates this test)
+    outs = jax.jit(lambda p, t: [jax.value_and_grad(loss_fn)(p, g, t) for g in graphdefs])(params, tokens)
+    results = dict(zip(policies, outs, strict=True))
     loss_ref, grads_ref = results["none"]
     for policy in ("full", "dots"):
         loss, grads = results[policy]
@@ -251,10 +255,13 @@ def test_remat_policies_same_loss_and_grads():
 
 
 def test_bfloat16_compute_close_to_float32():
+    """bf16 rounds (unit roundoff 2^-9 = 2e-3) at ~10 places per layer (activations, q/k/v, probabilities,
+    residual adds): the observed norm-wise error is ~1.1e-2 and the worst logit ~1.7e-2 of max|logit| over seeds."""
     params = random_params(TINY, seed=4)
     ref = np.asarray(forward_fn(TINY.replace(dtype="float32"))(params, jnp.asarray(TOKENS)))
     logits = forward_fn(TINY.replace(dtype="bfloat16"))(params, jnp.asarray(TOKENS))
     assert logits.dtype == jnp.float32
-    err = np.abs(np.asarray(logits) - ref).max() / np.abs(ref).max()
-    assert err < 2e-2
-    assert err > 1e-4  # it really computed in bf16 (a float32 run would agree to ~1e-7)
+    diff = np.asarray(logits) - ref
+    assert np.linalg.norm(diff) / np.linalg.norm(ref) < 2e-2
+    assert np.abs(diff).max() / np.abs(ref).max() < 4e-2
+    assert np.linalg.norm(diff) / np.linalg.norm(ref) > 1e-4  # it really computed in bf16 (fp32 would give ~1e-7)
