@@ -7,8 +7,8 @@ PIP := $(BIN)/pip install --quiet --disable-pip-version-check
 # The CPU demo: the `small` preset on the standard-library corpus, tuned to finish in a few minutes on 2 cores
 # (docs/BENCHMARKS.md has its time and validation bits per byte).
 DEMO_OUT ?= runs/demo
-DEMO_ARGS ?= --preset small --steps 600 --set train.batch_size=16 --set train.lr=5e-3 --set train.warmup_steps=30 \
-             --set train.eval_every=200 --set train.ckpt_every=200
+DEMO_ARGS ?= --preset small --steps 640 --set train.batch_size=16 --set train.seq_len=256 --set train.lr=5e-3 \
+             --set train.warmup_steps=30 --set train.eval_every=320 --set train.ckpt_every=320 --set train.eval_batches=16
 
 .PHONY: demo test bench clean
 
