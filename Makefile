@@ -8,7 +8,7 @@ PIP := $(BIN)/pip install --quiet --disable-pip-version-check
 # (docs/BENCHMARKS.md has its time and validation bits per byte).
 DEMO_OUT ?= runs/demo
 DEMO_ARGS ?= --preset small --steps 640 --set train.batch_size=16 --set train.seq_len=256 --set train.lr=5e-3 \
-             --set train.warmup_steps=30 --set train.eval_every=320 --set train.ckpt_every=320 --set train.eval_batches=16
+             --set train.warmup_steps=50 --set train.eval_every=320 --set train.ckpt_every=320 --set train.eval_batches=16
 
 .PHONY: demo test bench clean
 
