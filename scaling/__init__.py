@@ -1,1 +1,2 @@
-"""What a model COSTS: parameter and FLOP accounting (laws and sweeps arrive with the scaling issue)."""
+"""What a model COSTS and what it WILL DO: parameter, FLOP, memory and communication accounting, device peaks,
+loss-law fitting, compute-optimal design, and the sweep launcher."""

@@ -1,39 +1,329 @@
-"""Parameter and FLOP accounting from a `ModelConfig` alone (no model is built).
+"""What a model COSTS, from a `ModelConfig` alone (no model is built): parameters, training FLOPs, memory per
+device, KV-cache bytes, and the bytes each device sends per step under a parallel `Layout`.
 
-Training FLOPs per token follow Kaplan et al./PaLM: 6 FLOPs per parameter that takes part in a matmul
-(2 forward + 4 backward), plus attention's score and value matmuls, 12 * layers * seq_len * heads * head_dim per
-token, optionally halved for causal masking (MaxText halves; PaLM and Levanter do not). Embedding lookups are free;
-the LM head is a matmul and counts.
+Notation (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models"):
+s sequence length, b micro-batch (sequences one device processes per micro-step), h = d_model, a = n_heads,
+k = n_kv_heads, d = head_dim, f = d_ff, L = n_layers, v = vocab_size, P parameters; t, p, n are the sizes of the
+tensor, stage (pipeline) and other parallel dimensions.
+
+MoE hooks: `expert_params` and `_inactive_params` return 0 for the dense models we have; the MoE issue extends
+them (and `_expert_comm_bytes`) and every count below picks the change up.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
+import jax.numpy as jnp
+
 from model.config import ModelConfig
+
+LAYOUT_AXES = ("data", "fsdp", "tensor", "stage", "sequence", "expert")
+REMATS = ("none", "selective", "full", "dots")  # "dots" = ModelConfig.remat's name for (about) selective
+OPTIMIZER_MOMENTS = {"adamw": 2, "adam": 2, "lion": 1, "momentum": 1, "sgd": 0}  # fp32 tensors per parameter
+SEQUENCE_IMPLS = ("ulysses", "ring")
+
+
+# --- the parallel layout -------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How many devices split each parallel dimension; the job uses `devices` = their product.
+
+    data: replicas that all-reduce gradients; fsdp: ZeRO-3 shards of params, grads and optimizer state (and of
+    the batch); tensor: Megatron tensor parallelism (heads and d_ff); stage: pipeline stages (layers); sequence:
+    context parallelism (Ulysses all-to-all or ring attention); expert: MoE expert parallelism (for a dense model,
+    expert devices are extra data-parallel replicas). The sharding issue maps this onto a `MeshConfig`.
+    """
+
+    data: int = 1
+    fsdp: int = 1
+    tensor: int = 1
+    stage: int = 1
+    sequence: int = 1
+    expert: int = 1
+
+    def __post_init__(self) -> None:
+        for name in LAYOUT_AXES:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"layout.{name} must be an integer >= 1, got {value!r}")
+
+    @property
+    def devices(self) -> int:
+        return math.prod(getattr(self, name) for name in LAYOUT_AXES)
+
+    @classmethod
+    def parse(cls, text: str) -> Layout:
+        """`"data=2,fsdp=4"` -> Layout(data=2, fsdp=4); unnamed dimensions are 1. Raises ValueError naming the
+        bad part."""
+        sizes: dict[str, int] = {}
+        for part in (p.strip() for p in text.split(",")):
+            if not part:
+                continue
+            name, sep, value = (x.strip() for x in part.partition("="))
+            if not sep or name not in LAYOUT_AXES:
+                raise ValueError(f"bad layout part {part!r}: expected NAME=SIZE with NAME one of {list(LAYOUT_AXES)}")
+            if name in sizes:
+                raise ValueError(f"bad layout part {part!r}: {name} given twice")
+            try:
+                sizes[name] = int(value)
+            except ValueError:
+                raise ValueError(f"bad layout part {part!r}: size {value!r} is not an integer") from None
+        return cls(**sizes)
+
+
+def _positive_int(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+# --- parameters ----------------------------------------------------------------------------------------------
+
+def layer_params(cfg: ModelConfig) -> dict[str, int]:
+    """Parameters of one block: attention h*a*d (q) + 2*h*k*d (k, v) + a*d*h (o) [+ a*d + 2*k*d q/k/v biases],
+    SwiGLU MLP 3*h*f (gate, up, down), two RMSNorm scales 2*h."""
+    h, a, k, d, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
+    attention = h * a * d + 2 * h * k * d + a * d * h + ((a + 2 * k) * d if cfg.qkv_bias else 0)
+    return {"attention": attention, "mlp": 3 * h * f, "norms": 2 * h}
+
+
+def expert_params(cfg: ModelConfig) -> int:
+    """Parameters in MoE expert MLPs, which `Layout.expert` shards. MoE hook: 0 for a dense config."""
+    return 0
+
+
+def _inactive_params(cfg: ModelConfig) -> int:
+    """Parameters a token does not use. MoE hook: a dense model uses every parameter; an MoE with E experts and
+    top-k routing leaves (E - k) / E of `expert_params` idle per token."""
+    return 0
 
 
 def param_count(cfg: ModelConfig) -> dict[str, int]:
-    """Parameter counts: total, embedding (input table + untied head), non-embedding."""
-    d, h, k, hd, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
-    attn = d * h * hd + 2 * d * k * hd + h * hd * d + (h * hd + 2 * k * hd if cfg.qkv_bias else 0)
-    mlp = 3 * d * f
-    per_layer = attn + mlp + 2 * d
-    embedding = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
-    non_embedding = cfg.n_layers * per_layer + d
-    return {"total": embedding + non_embedding, "embedding": embedding, "non_embedding": non_embedding}
+    """Parameter counts.
 
+    total = embedding + non_embedding; embedding = v*h (input table) + v*h more when the LM head is untied;
+    non_embedding = L * (attention + mlp + norms) + h (final norm), see `layer_params`; active = total minus the
+    parameters a token does not use (= total for dense models; see `_inactive_params`).
+
+    Exact for the Llama family (Llama 2/3, Mistral without sliding windows, Qwen2 with q/k/v biases). GPT-2 is
+    not expressible: it has learned position embeddings, LayerNorm (scale and bias) and a 4h GELU MLP with
+    biases, none of which `ModelConfig` describes.
+    """
+    per_layer = sum(layer_params(cfg).values())
+    embedding = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
+    non_embedding = cfg.n_layers * per_layer + cfg.d_model
+    total = embedding + non_embedding
+    return {"total": total, "embedding": embedding, "non_embedding": non_embedding,
+            "active": total - _inactive_params(cfg)}
+
+
+# --- FLOPs ---------------------------------------------------------------------------------------------------
 
 def matmul_params(cfg: ModelConfig) -> int:
-    """Parameters used in a matmul per token: every weight matrix, and the LM head (tied or not)."""
-    d, h, k, hd, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
-    per_layer = d * h * hd + 2 * d * k * hd + h * hd * d + 3 * d * f
-    return cfg.n_layers * per_layer + d * cfg.vocab_size
+    """Weights a token multiplies by: L * (h*a*d + 2*h*k*d + a*d*h + 3*h*f) + h*v (the LM head, tied or not).
+    Embedding lookups, norms and biases are not matmuls. (MoE: count only the routed top-k experts and the
+    router here.)"""
+    h, a, k, d, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
+    per_layer = h * a * d + 2 * h * k * d + a * d * h + 3 * h * f
+    return cfg.n_layers * per_layer + h * cfg.vocab_size
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, *, causal_halved: bool = False,
                     training: bool = True) -> float:
-    """FLOPs per token of a forward (`training=False`) or forward + backward pass at `seq_len`."""
-    attention = 4 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim  # QK^T and PV, forward, 2 FLOPs/MAC
+    """FLOPs per token of a forward pass (`training=False`) or of forward + backward (`training=True`, 3x).
+
+    forward = 2 * matmul_params + 4 * L * s * a * d, where the second term is attention's QK^T and PV matmuls
+    (each 2 * s * a * d per query token). Backward costs twice the forward (gradients with respect to both the
+    inputs and the weights of every matmul), so training = 6 * matmul_params + 12 * L * s * a * d (Kaplan et al.
+    2020; PaLM, Chowdhery et al. 2022, App. B). Elementwise work (softmax, norms, SwiGLU, RoPE) is not counted.
+
+    Causal masking: PaLM and Levanter count the full s x s score matrix (`causal_halved=False`, our default and
+    what bench_train's MFU uses); MaxText halves the attention term, since only the lower triangle is needed
+    (`causal_halved=True`). No recomputation is counted: this is model FLOPs (MFU), not hardware FLOPs (HFU).
+    """
+    _positive_int("seq_len", seq_len)
+    attention = 4 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim
     if causal_halved:
         attention /= 2
     forward = 2 * matmul_params(cfg) + attention
     return 3 * forward if training else forward
+
+
+# --- memory --------------------------------------------------------------------------------------------------
+
+def activation_bytes_per_layer(cfg: ModelConfig, micro_batch: int, seq_len: int, *, tensor: int = 1,
+                               remat: str = "none", tp_sequence_parallel: bool = True,
+                               compute_bytes: int = 2) -> float:
+    """Activation bytes one transformer layer keeps for its backward pass (Korthikanti et al. 2022, Table 2):
+
+      remat      no tensor parallelism   tensor parallel t          tensor + sequence parallel
+      none       s*b*h*(34 + 5*a*s/h)    s*b*h*(10 + 24/t + 5*a*s/(h*t))   s*b*h*(34 + 5*a*s/h)/t
+      selective  s*b*h*34                s*b*h*(10 + 24/t)                 s*b*h*34/t
+      full       2*s*b*h (the layer input only; /t with sequence parallelism)
+
+    The paper's block is GPT's (multi-head attention, a 4h GELU MLP, dropout masks, 16-bit activations); for a
+    SwiGLU/GQA block without dropout it is an estimate, not an exact count. The 16-bit bytes are scaled by
+    `compute_bytes / 2`. Selective recompute drops the 5*a*s/h term (softmax, its dropout mask and the attention
+    over V are recomputed); "dots" (`ModelConfig.remat`, which saves only weight-matmul outputs) counts as
+    selective.
+    """
+    _positive_int("micro_batch", micro_batch)
+    _positive_int("seq_len", seq_len)
+    _positive_int("tensor", tensor)
+    if remat not in REMATS:
+        raise ValueError(f"remat must be one of {REMATS}, got {remat!r}")
+    s, b, h, a, t = seq_len, micro_batch, cfg.d_model, cfg.n_heads, tensor
+    sbh = s * b * h
+    if remat == "full":
+        per_layer = 2 * sbh / (t if tp_sequence_parallel else 1)
+    else:
+        scores = 0.0 if remat in ("selective", "dots") else 5 * a * s / h
+        per_layer = sbh * (34 + scores) / t if tp_sequence_parallel else sbh * (10 + 24 / t + scores / t)
+    return per_layer * compute_bytes / 2
+
+
+def _check_layout(cfg: ModelConfig, layout: Layout, seq_len: int) -> None:
+    if layout.stage > cfg.n_layers:
+        raise ValueError(f"layout.stage ({layout.stage}) exceeds model.n_layers ({cfg.n_layers})")
+    if layout.sequence > seq_len:
+        raise ValueError(f"layout.sequence ({layout.sequence}) exceeds seq_len ({seq_len})")
+
+
+def _params_per_device(cfg: ModelConfig, layout: Layout) -> float:
+    """Parameters one device holds: (P - E) / (fsdp*tensor*stage) + E / (fsdp*tensor*stage*expert), E =
+    `expert_params`. Data, sequence (and, for dense params, expert) devices hold replicas. Norm scales, which
+    tensor parallelism really replicates (< 0.1% of a large model), are divided too."""
+    shard = layout.fsdp * layout.tensor * layout.stage
+    experts = expert_params(cfg)
+    return (param_count(cfg)["total"] - experts) / shard + experts / (shard * layout.expert)
+
+
+def train_memory(cfg: ModelConfig, layout: Layout, micro_batch: int, seq_len: int, optimizer: str = "adamw",
+                 remat: str = "none", param_bytes: int = 4, compute_bytes: int = 2, *,
+                 tp_sequence_parallel: bool = True) -> dict[str, int]:
+    """Training memory per device in bytes: params, grads, optimizer, activations and their total.
+
+    With N = `_params_per_device` (params sharded by fsdp, tensor, stage; expert params also by expert):
+      params     = N * param_bytes
+      grads      = N * param_bytes (gradients have the params' dtype; FSDP reduce-scatters them to shards)
+      optimizer  = N * (4 * moments + (4 if param_bytes < 4 else 0)): AdamW keeps 2 fp32 moments; 16-bit params
+                   also need an fp32 master copy (ZeRO's 12 bytes per parameter, Rajbhandari et al. 2020)
+      activations: `activation_bytes_per_layer` for this device's micro-batch, divided by `sequence` (Ulysses
+                   holds s/n tokens and a/n heads' s x s scores; ring attention s/n queries against all keys),
+                   times the layers whose activations a device holds: L without a pipeline; with p stages and a
+                   1F1B schedule the first stage keeps p micro-batches of its ceil(L/p) layers (Korthikanti et al.
+                   §4.2.3), the last one 1 micro-batch plus the LM head. The head keeps its input and the final
+                   norm's, 2 * compute_bytes * s*b*h, and the fp32 logits for the loss, 4*s*b*v, divided by t
+                   (vocabulary-parallel head). Activations are the larger of the first and last stage's.
+    Not counted: FSDP's gathered copy of the layer being computed, temporary buffers, fragmentation.
+    `micro_batch` is sequences per device per micro-step (the global batch / (data * fsdp * expert * grad_accum)).
+    """
+    _positive_int("micro_batch", micro_batch)
+    _positive_int("seq_len", seq_len)
+    _check_layout(cfg, layout, seq_len)
+    if optimizer not in OPTIMIZER_MOMENTS:
+        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZER_MOMENTS)}, got {optimizer!r}")
+    for name, value in (("param_bytes", param_bytes), ("compute_bytes", compute_bytes)):
+        if value not in (1, 2, 4, 8):
+            raise ValueError(f"{name} must be 1, 2, 4 or 8, got {value!r}")
+    n = _params_per_device(cfg, layout)
+    optimizer_bytes = 4 * OPTIMIZER_MOMENTS[optimizer] + (4 if param_bytes < 4 else 0)
+
+    t, p, s, b = layout.tensor, layout.stage, seq_len, micro_batch
+    per_layer = activation_bytes_per_layer(cfg, b, s, tensor=t, remat=remat, tp_sequence_parallel=tp_sequence_parallel,
+                                           compute_bytes=compute_bytes) / layout.sequence
+    head = (2 * compute_bytes * s * b * cfg.d_model + 4 * s * b * cfg.vocab_size) / t / layout.sequence
+    stage_layers = math.ceil(cfg.n_layers / p)
+    if p == 1:
+        activations = cfg.n_layers * per_layer + head
+    else:
+        activations = max(p * stage_layers * per_layer, stage_layers * per_layer + head)
+    out = {"params": n * param_bytes, "grads": n * param_bytes, "optimizer": n * optimizer_bytes,
+           "activations": activations}
+    out = {key: math.ceil(value) for key, value in out.items()}
+    out["total"] = sum(out.values())
+    return out
+
+
+def kv_cache_bytes(cfg: ModelConfig, tokens: int, dtype: str = "bfloat16") -> int:
+    """Bytes of K and V for `tokens` cached tokens: 2 * L * k * d * bytes_per_element * tokens
+    (Llama-2-7B in bfloat16: 2 * 32 * 32 * 128 * 2 = 524,288 bytes = 0.5 MiB per token)."""
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+        raise ValueError(f"tokens must be a non-negative integer, got {tokens!r}")
+    try:
+        itemsize = jnp.dtype(dtype).itemsize
+    except TypeError:
+        raise ValueError(f"unknown dtype {dtype!r} for the KV cache") from None
+    return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * itemsize * tokens
+
+
+# --- communication -------------------------------------------------------------------------------------------
+
+def _expert_comm_bytes(cfg: ModelConfig, layout: Layout, tokens: float, compute_bytes: int) -> float:
+    """MoE hook: each MoE layer's dispatch and combine all-to-alls, forward and backward, send
+    4 * (e-1)/e * tokens * top_k * h * compute_bytes per device (e = layout.expert). 0 for a dense model."""
+    return 0.0
+
+
+def comm_bytes(cfg: ModelConfig, layout: Layout, micro_batch: int, seq_len: int, *, n_microbatches: int = 1,
+               sequence_impl: str = "ulysses", param_bytes: int = 4, compute_bytes: int = 2,
+               tp_sequence_parallel: bool = True) -> dict[str, int]:
+    """Bytes each device SENDS per training step, per parallel dimension, and their total.
+
+    Ring collectives over n devices: an all-reduce of M bytes sends 2*(n-1)/n * M per device; an all-gather or
+    reduce-scatter of a full M-byte tensor sends (n-1)/n * M; an all-to-all of the local M bytes sends (n-1)/n * M.
+    With m = `n_microbatches` (gradient-accumulation or pipeline micro-batches per step), P the params,
+    P' = P / (tensor * stage) a model replica's share on one device before FSDP, L' = ceil(L/p) layers per
+    device, s' = s / sequence the local sequence length, and X = b*s'*h*compute_bytes one residual activation:
+
+      data      gradient all-reduce among the replicas (data * sequence * expert; params are replicated across
+                all three), once per step: 2*(r-1)/r * P'/fsdp * param_bytes
+      fsdp      per micro-batch, all-gather params in the forward and again in the backward, reduce-scatter the
+                grads: m * (n-1)/n * P' * 3 * param_bytes
+      tensor    per layer and micro-batch, 2 all-reduces in the forward (after attention and MLP) and 2 in the
+                backward of X (with sequence parallelism: all-gather + reduce-scatter pairs, the same bytes):
+                m * L' * 4 * 2*(t-1)/t * X
+      stage     per micro-batch, a stage sends activations to the next and gradients to the previous stage (a
+                middle stage both; with p = 2 each stage one): m * (1 if p == 2 else 2) * X / t (the residual
+                stream is sharded over t under sequence parallelism, Megatron's scatter/gather otherwise)
+      sequence  ulysses: per layer, all-to-alls of q, k, v before attention and of its output after, forward and
+                again backward: m * L' * 2 * (n-1)/n * b*s'*d*(2a + 2k)/t * compute_bytes
+                ring: per layer, n-1 ppermutes of the local K and V blocks forward, and of K, V and their
+                gradients backward: m * L' * 3 * (n-1) * b*s'*2k*d/t * compute_bytes
+      expert    MoE all-to-alls (`_expert_comm_bytes`); 0 for dense models
+
+    Every entry is 0 when its dimension is 1 (the data entry also needs sequence = expert = 1). Not counted: the
+    embedding/LM-head all-reduces under tensor parallelism, recomputed forwards' collectives under remat, and
+    the small scalar all-reduces (loss, grad norm).
+    """
+    _positive_int("micro_batch", micro_batch)
+    _positive_int("seq_len", seq_len)
+    _positive_int("n_microbatches", n_microbatches)
+    _check_layout(cfg, layout, seq_len)
+    if sequence_impl not in SEQUENCE_IMPLS:
+        raise ValueError(f"sequence_impl must be one of {SEQUENCE_IMPLS}, got {sequence_impl!r}")
+    m, b, t, p, n = n_microbatches, micro_batch, layout.tensor, layout.stage, layout.sequence
+    params = param_count(cfg)["total"] / (t * p)
+    layers = math.ceil(cfg.n_layers / p)
+    s_local = seq_len / n
+    x = b * s_local * cfg.d_model * compute_bytes
+    replicas = layout.data * layout.sequence * layout.expert
+
+    out = {
+        "data": 2 * (replicas - 1) / replicas * params / layout.fsdp * param_bytes,
+        "fsdp": m * (layout.fsdp - 1) / layout.fsdp * params * 3 * param_bytes,
+        "tensor": m * layers * 4 * 2 * (t - 1) / t * x,
+        "stage": 0.0 if p == 1 else m * (1 if p == 2 else 2) * x / (t if tp_sequence_parallel else 1),
+        "sequence": 0.0,
+        "expert": _expert_comm_bytes(cfg, layout, m * b * s_local, compute_bytes),
+    }
+    d, a, k = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+    if sequence_impl == "ulysses":
+        out["sequence"] = m * layers * 2 * (n - 1) / n * b * s_local * d * (2 * a + 2 * k) / t * compute_bytes
+    else:
+        out["sequence"] = m * layers * 3 * (n - 1) * b * s_local * 2 * k * d / t * compute_bytes
+    out = {key: math.ceil(value) for key, value in out.items()}
+    out["total"] = sum(out.values())
+    return out
