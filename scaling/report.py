@@ -37,6 +37,7 @@ def plot(rows: Sequence[dict[str, Any]], law, path: Path) -> bool:
         log.warning("matplotlib is not installed (pip install meshlm[plot]): no plot written")
         return False
     done = [r for r in rows if r["state"] == "done" and r["val_loss"] is not None]
+    losses = [r["val_loss"] for r in done] or [law.E + 1 if law else 1.0]
     fig, (ax, iso) = plt.subplots(1, 2, figsize=(12, 4.8))
     sizes = sorted({r["params"] for r in done})
     colors = plt.cm.viridis(np.linspace(0, 0.9, max(1, len(sizes))))
@@ -50,7 +51,7 @@ def plot(rows: Sequence[dict[str, Any]], law, path: Path) -> bool:
             ax.plot(grid, law.loss(n, grid / fpt), "-", color=color, alpha=0.5)
     if law is not None:
         n_opt, d_opt = law.compute_optimal(grid)
-        ax.plot(grid, law.loss(n_opt, d_opt), "k--", label="fitted compute-optimal frontier")
+        ax.plot(grid, law.loss(n_opt, d_opt), "k--", label="law frontier, C = 6ND (points also count attention)")
         n_grid = np.geomspace(min(sizes) / 4, max(sizes) * 4, 100) if sizes else np.geomspace(1e4, 1e7, 100)
         for c in np.geomspace(flops.min(), flops.max(), 4):
             iso.plot(n_grid, law.loss(n_grid, c / (6 * n_grid)), label=f"C={c:.1e}")
@@ -58,8 +59,10 @@ def plot(rows: Sequence[dict[str, Any]], law, path: Path) -> bool:
         iso.set_xscale("log")
         iso.set_xlabel("parameters N")
         iso.set_ylabel("predicted validation loss (nats)")
+        iso.set_ylim(law.E, max(losses) * 1.5)
         iso.set_title("IsoFLOP curves of the fitted law (C = 6ND)")
         iso.legend(fontsize=8)
+    ax.set_ylim(min(losses) * 0.85, max(losses) * 1.25)
     ax.set_xscale("log")
     ax.set_xlabel("training FLOPs")
     ax.set_ylabel("validation loss (nats/byte)")
