@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PIP) -e ".[dev,hf]"
+	$(PIP) -e ".[dev,hf,plot]"
 	touch $@
 
 demo: $(VENV)/.installed

@@ -118,3 +118,18 @@ def test_a_real_sweep_trains_collects_and_reports(tmp_path):
     assert "Fewer than 5 finished runs" in (tmp_path / "report.md").read_text()
     status = json.loads((tmp_path / "runs" / "d32_l1_t2048" / "sweep_status.json").read_text())
     assert status["state"] == "done" and status["wall_s"] > 0
+
+
+def test_report_fits_the_law_and_draws_the_plot(tmp_path):
+    from scaling.laws import LossLaw
+    from scaling.report import write_report
+
+    truth = LossLaw(E=1.5, A=300.0, B=800.0, alpha=0.35, beta=0.3)
+    rows = [{"name": f"r{n}_{d}", "params": n, "tokens": d, "flops": 6 * n * d, "val_loss": float(truth.loss(n, d)),
+             "wall_s": 1.0, "state": "done"} for n in (3e4, 1e5, 3e5, 1e6) for d in (1e5, 1e6, 1e7, 1e8)]
+    rows.append({**rows[0], "name": "broken", "val_loss": None, "wall_s": None, "state": "failed"})
+    report = write_report(rows, tmp_path).read_text()
+    assert "| broken |" in report and "| failed |" in report
+    a = truth.beta / (truth.alpha + truth.beta)  # noiseless points: the fit recovers the law's exponent
+    assert f"N_opt ∝ C^{a:.3f}" in report
+    assert (tmp_path / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
