@@ -30,6 +30,7 @@ test: $(VENV)/.installed-dev
 
 bench: $(VENV)/.installed
 	$(BIN)/python -m scripts.bench_train --preset small
+	$(BIN)/python -m scripts.bench_laws
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
