@@ -74,6 +74,22 @@ def plot(rows: Sequence[dict[str, Any]], law, path: Path) -> bool:
     return True
 
 
+def isoflop_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Approach 2 on an IsoFLOP sweep: the per-budget optima and the exponent of N_opt(C)."""
+    from scaling.laws import isoflop_fit
+
+    done = [r for r in rows if r["state"] == "done" and r["val_loss"] is not None]
+    try:
+        fit = isoflop_fit(np.array([r["params"] for r in done], float), np.array([r["flops"] for r in done], float),
+                          np.array([r["val_loss"] for r in done], float))
+    except ValueError as e:
+        return [f"IsoFLOP fit (Approach 2) not possible: {e}", ""]
+    lines = ["## IsoFLOP fit (Hoffmann et al. Approach 2)", "", "| budget (FLOPs) | N_opt | loss at N_opt |",
+             "|---|---|---|"]
+    lines += [f"| {c:.3e} | {n:,.0f} | {v:.4f} |" for c, n, v in zip(fit.budgets, fit.n_opt, fit.loss_opt, strict=True)]
+    return lines + ["", f"N_opt ∝ C^{fit.a:.3f}, D_opt ∝ C^{fit.b:.3f}.", ""]
+
+
 def write_report(rows: Sequence[dict[str, Any]], out: Path, *, isoflop: bool = False) -> Path:
     """Write `out/report.md` (and `out/scaling.png`); return the report's path."""
     law = fit_rows(rows)
@@ -92,6 +108,8 @@ def write_report(rows: Sequence[dict[str, Any]], out: Path, *, isoflop: bool = F
         lines += ["## Fitted law (Hoffmann et al. Approach 3: Huber on log loss, L-BFGS from 4,500 starts)", "",
                   f"L(N, D) = {law.E:.4f} + {law.A:.4g} / N^{law.alpha:.4f} + {law.B:.4g} / D^{law.beta:.4f}", "",
                   f"Compute-optimal N_opt ∝ C^{a:.3f}, D_opt ∝ C^{1 - a:.3f}.", ""]
+    if isoflop:
+        lines += isoflop_lines(rows)
     if plot(rows, law, out / "scaling.png"):
         lines += ["![loss against compute](scaling.png)", ""]
     path = out / "report.md"
