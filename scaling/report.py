@@ -104,10 +104,10 @@ def write_report(rows: Sequence[dict[str, Any]], out: Path, *, isoflop: bool = F
     if law is None:
         lines.append("Fewer than 5 finished runs: no law fitted.")
     else:
-        a = law.beta / (law.alpha + law.beta)
+        a, b = law.exponents
         lines += ["## Fitted law (Hoffmann et al. Approach 3: Huber on log loss, L-BFGS from 4,500 starts)", "",
                   f"L(N, D) = {law.E:.4f} + {law.A:.4g} / N^{law.alpha:.4f} + {law.B:.4g} / D^{law.beta:.4f}", "",
-                  f"Compute-optimal N_opt ∝ C^{a:.3f}, D_opt ∝ C^{1 - a:.3f}.", ""]
+                  f"Compute-optimal N_opt ∝ C^{a:.3f}, D_opt ∝ C^{b:.3f}.", ""]
     if isoflop:
         lines += isoflop_lines(rows)
     if plot(rows, law, out / "scaling.png"):
