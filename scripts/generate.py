@@ -10,7 +10,7 @@ import sys
 
 from scripts.common import fail, setup_logging
 
-DEFAULT_PROMPTS = ["def ", "import os\n", "class Stack:\n    def __init__(self", "    for i in range("]
+DEFAULT_PROMPTS = ["def ", "import os\n", "class Stack:\n    def __init__(self", "if __name__ == "]
 
 
 def main(argv: list[str] | None = None) -> int:
