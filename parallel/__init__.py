@@ -1,1 +1,2 @@
-"""How a model is SPREAD over devices: meshes, logical-axis rules, sharding (arrives with the sharding issue)."""
+"""How a model is SPREAD over devices: meshes (`mesh`), the logical-axis rule table (`rules`) and sharded
+parameters, optimizer state and train steps (`sharding`)."""

@@ -31,11 +31,10 @@ def init_train_state(params: dict, optimizer: optax.GradientTransformation) -> T
     return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
 
 
-def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict]]:
-    """A jitted `step(state, tokens_AxBxL1) -> (state, metrics)` over A accumulated micro-batches of B rows.
-
-    Gradients are averaged over micro-batches in float32; the state's buffers are donated."""
+def train_step_fn(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
+                  schedule: optax.Schedule) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict]]:
+    """The (un-jitted) `step(state, tokens_AxBxL1) -> (state, metrics)` over A accumulated micro-batches of B rows;
+    gradients are averaged over micro-batches in float32. `make_train_step` and `parallel.sharding` jit it."""
     grad_fn = jax.value_and_grad(loss_fn)
 
     def step(state: TrainState, tokens_AxBxL1: jax.Array) -> tuple[TrainState, dict]:
@@ -56,7 +55,13 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         metrics = {"loss": loss_sum / n, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
         return new_state, metrics
 
-    return jax.jit(step, donate_argnums=0)
+    return step
+
+
+def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
+                    schedule: optax.Schedule) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict]]:
+    """The single-device step, jitted with the state's buffers donated."""
+    return jax.jit(train_step_fn(graphdef, optimizer, schedule), donate_argnums=0)
 
 
 def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[dict, jax.Array], jax.Array]:

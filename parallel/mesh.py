@@ -1,0 +1,110 @@
+"""`MeshConfig` (how many devices along each parallelism axis) and the `jax.sharding.Mesh` built from it.
+
+Mesh axes, outermost to innermost: data, fsdp, stage, expert, sequence, tensor. The innermost axes vary fastest
+over the device list, so tensor (and then sequence) groups are neighbouring devices -- on a multi-GPU host those
+are the NVLink-connected ones, where the per-layer collectives of tensor parallelism belong.
+
+Axis types are `Auto` on purpose: recent JAX's `jax.make_mesh` defaults to `Explicit` axes (sharding in types),
+while our model relies on GSPMD propagation from `with_sharding_constraint` (`model.axes.constrain`) and jit
+in/out shardings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import jax
+
+from model.config import ModelConfig
+
+MESH_AXES = ("data", "fsdp", "stage", "expert", "sequence", "tensor")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Devices along each mesh axis. At most one size may be -1: "all the devices the others leave"."""
+
+    data: int = 1
+    fsdp: int = 1
+    tensor: int = 1
+    sequence: int = 1
+    stage: int = 1
+    expert: int = 1
+
+    def __post_init__(self) -> None:
+        for name in MESH_AXES:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or (value < 1 and value != -1):
+                raise ValueError(f"mesh.{name} must be a positive integer or -1 (the rest), got {value!r}")
+        rest = [name for name in MESH_AXES if getattr(self, name) == -1]
+        if len(rest) > 1:
+            raise ValueError(f"only one mesh axis may be -1 (the rest of the devices), got {len(rest)}: "
+                             f"{', '.join(rest)}")
+
+    def sizes(self) -> dict[str, int]:
+        """Axis name -> size (possibly -1), in mesh order."""
+        return {name: getattr(self, name) for name in MESH_AXES}
+
+    def resolve(self, n_devices: int) -> MeshConfig:
+        """This config with a -1 replaced by the devices left over; the product must equal `n_devices`."""
+        sizes = self.sizes()
+        known = math.prod(v for v in sizes.values() if v != -1)
+        rest = [name for name, v in sizes.items() if v == -1]
+        if rest:
+            if n_devices % known:
+                raise ValueError(f"mesh.{rest[0]}=-1 cannot fill the devices: the other axes multiply to {known}, "
+                                 f"which does not divide the {n_devices} devices")
+            return dataclasses.replace(self, **{rest[0]: n_devices // known})
+        if known != n_devices:
+            raise ValueError(f"mesh axes multiply to {known} ({self.describe()}) but there are {n_devices} devices")
+        return self
+
+    def describe(self) -> str:
+        """The non-trivial axes as "data=2,tensor=2" (parse_mesh's format); "data=1" when all are 1."""
+        parts = [f"{name}={v}" for name, v in self.sizes().items() if v != 1]
+        return ",".join(parts) or "data=1"
+
+    def validate_for(self, model_cfg: ModelConfig, global_batch: int) -> None:
+        """Raise if the model or the batch cannot be split as this (resolved) mesh asks."""
+        tensor, batch_ways = self.tensor, self.data * self.fsdp
+        if tensor < 1 or batch_ways < 1:
+            raise ValueError("resolve the mesh (replace -1) before validate_for")
+        for name in ("n_heads", "n_kv_heads", "d_ff"):
+            value = getattr(model_cfg, name)
+            if value % tensor:
+                raise ValueError(f"model.{name} ({value}) must be divisible by mesh.tensor ({tensor})")
+        if global_batch % batch_ways:
+            raise ValueError(f"global batch ({global_batch}) must be divisible by mesh.data * mesh.fsdp "
+                             f"({batch_ways})")
+
+
+def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+    """A mesh over `devices` (default: all) with axes MESH_AXES, tensor innermost, all axes of type Auto."""
+    devices = list(jax.devices() if devices is None else devices)
+    cfg = cfg.resolve(len(devices))
+    shape = tuple(cfg.sizes()[name] for name in MESH_AXES)
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    # jax.make_mesh places devices topology-aware on accelerators (mesh_utils) and in id order on CPU.
+    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+
+
+def parse_mesh(text: str) -> MeshConfig:
+    """"data=2,fsdp=2,tensor=2" -> MeshConfig(data=2, fsdp=2, tensor=2); unnamed axes stay 1."""
+    sizes: dict[str, int] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        name, sep, value = (s.strip() for s in part.partition("="))
+        if not sep:
+            raise ValueError(f"mesh part {part!r} is not of the form axis=size")
+        if name not in MESH_AXES:
+            raise ValueError(f"mesh part {part!r}: unknown axis {name!r}; axes are {', '.join(MESH_AXES)}")
+        if name in sizes:
+            raise ValueError(f"mesh part {part!r}: axis {name!r} given twice")
+        try:
+            sizes[name] = int(value)
+        except ValueError:
+            raise ValueError(f"mesh part {part!r}: size {value!r} is not an integer") from None
+    return MeshConfig(**sizes)
