@@ -90,21 +90,26 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> j
     return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
 
 
-def parse_mesh(text: str) -> MeshConfig:
-    """"data=2,fsdp=2,tensor=2" -> MeshConfig(data=2, fsdp=2, tensor=2); unnamed axes stay 1."""
+def parse_axis_sizes(text: str, axes: tuple[str, ...], what: str = "mesh") -> dict[str, int]:
+    """"data=2,fsdp=2" -> {"data": 2, "fsdp": 2}, each name one of `axes`; errors name the bad part."""
     sizes: dict[str, int] = {}
     for part in (p.strip() for p in text.split(",")):
         if not part:
             continue
         name, sep, value = (s.strip() for s in part.partition("="))
         if not sep:
-            raise ValueError(f"mesh part {part!r} is not of the form axis=size")
-        if name not in MESH_AXES:
-            raise ValueError(f"mesh part {part!r}: unknown axis {name!r}; axes are {', '.join(MESH_AXES)}")
+            raise ValueError(f"{what} part {part!r} is not of the form axis=size")
+        if name not in axes:
+            raise ValueError(f"{what} part {part!r}: unknown axis {name!r}; axes are {', '.join(axes)}")
         if name in sizes:
-            raise ValueError(f"mesh part {part!r}: axis {name!r} given twice")
+            raise ValueError(f"{what} part {part!r}: axis {name!r} given twice")
         try:
             sizes[name] = int(value)
         except ValueError:
-            raise ValueError(f"mesh part {part!r}: size {value!r} is not an integer") from None
-    return MeshConfig(**sizes)
+            raise ValueError(f"{what} part {part!r}: size {value!r} is not an integer") from None
+    return sizes
+
+
+def parse_mesh(text: str) -> MeshConfig:
+    """"data=2,fsdp=2,tensor=2" -> MeshConfig(data=2, fsdp=2, tensor=2); unnamed axes stay 1."""
+    return MeshConfig(**parse_axis_sizes(text, MESH_AXES))

@@ -18,6 +18,7 @@ import math
 import jax.numpy as jnp
 
 from model.config import ModelConfig
+from parallel.mesh import parse_axis_sizes
 
 LAYOUT_AXES = ("data", "fsdp", "tensor", "stage", "sequence", "expert")
 REMATS = ("none", "selective", "full", "dots")  # "dots" = ModelConfig.remat's name for (about) selective
@@ -58,20 +59,7 @@ class Layout:
     def parse(cls, text: str) -> Layout:
         """`"data=2,fsdp=4"` -> Layout(data=2, fsdp=4); unnamed dimensions are 1. Raises ValueError naming the
         bad part."""
-        sizes: dict[str, int] = {}
-        for part in (p.strip() for p in text.split(",")):
-            if not part:
-                continue
-            name, sep, value = (x.strip() for x in part.partition("="))
-            if not sep or name not in LAYOUT_AXES:
-                raise ValueError(f"bad layout part {part!r}: expected NAME=SIZE with NAME one of {list(LAYOUT_AXES)}")
-            if name in sizes:
-                raise ValueError(f"bad layout part {part!r}: {name} given twice")
-            try:
-                sizes[name] = int(value)
-            except ValueError:
-                raise ValueError(f"bad layout part {part!r}: size {value!r} is not an integer") from None
-        return cls(**sizes)
+        return cls(**parse_axis_sizes(text, LAYOUT_AXES, "layout"))
 
 
 def _positive_int(name: str, value: object) -> None:
