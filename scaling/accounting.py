@@ -18,7 +18,7 @@ import math
 import jax.numpy as jnp
 
 from model.config import ModelConfig
-from parallel.mesh import parse_axis_sizes
+from parallel.mesh import MeshConfig, parse_axis_sizes
 
 LAYOUT_AXES = ("data", "fsdp", "tensor", "stage", "sequence", "expert")
 REMATS = ("none", "selective", "full", "dots")  # "dots" = ModelConfig.remat's name for (about) selective
@@ -29,21 +29,15 @@ SEQUENCE_IMPLS = ("ulysses", "ring")
 # --- the parallel layout -------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class Layout:
-    """How many devices split each parallel dimension; the job uses `devices` = their product.
+class Layout(MeshConfig):
+    """A resolved `MeshConfig` (every size given, no -1): how many devices split each parallel dimension; the job
+    uses `devices` = their product.
 
     data: replicas that all-reduce gradients; fsdp: ZeRO-3 shards of params, grads and optimizer state (and of
     the batch); tensor: Megatron tensor parallelism (heads and d_ff); stage: pipeline stages (layers); sequence:
     context parallelism (Ulysses all-to-all or ring attention); expert: MoE expert parallelism (for a dense model,
-    expert devices are extra data-parallel replicas). The sharding issue maps this onto a `MeshConfig`.
+    expert devices are extra data-parallel replicas).
     """
-
-    data: int = 1
-    fsdp: int = 1
-    tensor: int = 1
-    stage: int = 1
-    sequence: int = 1
-    expert: int = 1
 
     def __post_init__(self) -> None:
         for name in LAYOUT_AXES:

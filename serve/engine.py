@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from model.config import ModelConfig
 from serve.block_allocator import BlockAllocator
 from serve.forward import DECODE_IMPLS, StepInputs, model_step
 from serve.kernels.paged_attention import triton_deprecation_ignored
@@ -97,6 +98,24 @@ class Completion:
 
 class RequestError(ValueError):
     """A request the engine cannot serve; the message names the request and the reason."""
+
+
+def request_problem(request: Request, model_cfg: ModelConfig) -> str | None:
+    """Why `request` can never be served by this model (None if it can): an empty prompt, ids outside the
+    vocabulary, more tokens than the context, max_new_tokens < 1, or bad sampling parameters."""
+    prompt = request.prompt_ids
+    if len(prompt) == 0:
+        return "the prompt is empty"
+    bad = [t for t in prompt if not (isinstance(t, (int, np.integer)) and 0 <= t < model_cfg.vocab_size)]
+    if bad:
+        return f"token id {bad[0]!r} is outside the vocabulary [0, {model_cfg.vocab_size})"
+    if not isinstance(request.max_new_tokens, int) or request.max_new_tokens < 1:
+        return f"max_new_tokens must be >= 1, got {request.max_new_tokens!r}"
+    total = len(prompt) + request.max_new_tokens
+    if total > model_cfg.max_seq_len:
+        return (f"prompt ({len(prompt)} tokens) + max_new_tokens ({request.max_new_tokens}) = {total} exceeds "
+                f"the model's context of {model_cfg.max_seq_len}")
+    return request.sampling.problem()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,24 +204,12 @@ class Engine:
     # --- requests ------------------------------------------------------------------------------------------
 
     def _problem(self, request: Request) -> str | None:
-        mc = self.model_cfg
-        prompt = request.prompt_ids
-        if len(prompt) == 0:
-            return "the prompt is empty"
-        bad = [t for t in prompt if not (isinstance(t, (int, np.integer)) and 0 <= t < mc.vocab_size)]
-        if bad:
-            return f"token id {bad[0]!r} is outside the vocabulary [0, {mc.vocab_size})"
-        if not isinstance(request.max_new_tokens, int) or request.max_new_tokens < 1:
-            return f"max_new_tokens must be >= 1, got {request.max_new_tokens!r}"
-        total = len(prompt) + request.max_new_tokens
-        if total > mc.max_seq_len:
-            return (f"prompt ({len(prompt)} tokens) + max_new_tokens ({request.max_new_tokens}) = {total} exceeds "
-                    f"the model's context of {mc.max_seq_len}")
-        pages = math.ceil(total / self.cfg.page_size)
-        if pages > self.allocator.num_usable:
-            return f"needs {pages} pages of {self.cfg.page_size} tokens but the whole cache has " \
-                   f"{self.allocator.num_usable}"
-        return request.sampling.problem()
+        problem = request_problem(request, self.model_cfg)
+        pages = math.ceil((len(request.prompt_ids) + request.max_new_tokens) / self.cfg.page_size)
+        if problem is None and pages > self.allocator.num_usable:
+            problem = (f"needs {pages} pages of {self.cfg.page_size} tokens but the whole cache has "
+                       f"{self.allocator.num_usable}")
+        return problem
 
     def submit(self, request: Request, on_token: TokenCallback | None = None, arrival_s: float | None = None) -> str:
         """Queue `request`; returns its id. Raises RequestError naming the request and the reason if it can never

@@ -6,8 +6,8 @@ math of training; only attention changes: it reads keys and values from the page
 because each layer has its own page pool (see serve/kv_cache.py).
 
 Decode (C = 1) attends through the Pallas kernel (`serve/kernels/paged_attention.py`) or its reference; prefill
-chunks attend by gathering the row's pages into a dense [M * page_size] key range and masking causally by
-absolute position -- compute-bound work where a gather costs little next to the matmuls.
+chunks attend with `paged_prefill_attention`, which gathers the row's pages into a dense key range and masks
+causally by absolute position -- compute-bound work where a gather costs little next to the matmuls.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model.layers import rope_tables
-from serve.kernels.paged_attention import paged_attention, paged_attention_reference
+from serve.kernels.paged_attention import paged_attention, paged_attention_reference, paged_prefill_attention
 from serve.kv_cache import KVCache, write_pages
 
 DECODE_IMPLS = ("pallas", "reference")
@@ -35,34 +35,6 @@ class StepInputs(NamedTuple):
     block_tables_BxM: jax.Array  # int32 page ids of each row's sequence (0 = null page)
     lengths_B: jax.Array         # int32 tokens in the cache after this step (0 for pad rows)
     last_B: jax.Array            # int32 index in C of each row's last new token
-
-
-def prefill_attention(q_BxCxHxD: jax.Array, k_pages_KxNxPxD: jax.Array, v_pages_KxNxPxD: jax.Array,
-                      positions_BxC: jax.Array, lengths_B: jax.Array, block_tables_BxM: jax.Array) -> jax.Array:
-    """Causal attention of C new queries per row over the row's pages (which already hold the new K/V): key j is
-    visible to a query at position p iff j <= p and j < length. Masked keys and values are zeroed before use, so
-    stale or NaN data in unused pages cannot reach the output."""
-    B, C, H, D = q_BxCxHxD.shape
-    K, _, P, _ = k_pages_KxNxPxD.shape
-    G, M = H // K, block_tables_BxM.shape[1]
-    k_BxKxSxD = k_pages_KxNxPxD[:, block_tables_BxM].transpose(1, 0, 2, 3, 4).reshape(B, K, M * P, D)
-    v_BxKxSxD = v_pages_KxNxPxD[:, block_tables_BxM].transpose(1, 0, 2, 3, 4).reshape(B, K, M * P, D)
-    key_pos_S = jnp.arange(M * P)
-    valid_BxS = key_pos_S[None, :] < lengths_B[:, None]
-    k_BxKxSxD = jnp.where(valid_BxS[:, None, :, None], k_BxKxSxD, 0)
-    v_BxKxSxD = jnp.where(valid_BxS[:, None, :, None], v_BxKxSxD, 0)
-    q_BxCxKxGxD = q_BxCxHxD.reshape(B, C, K, G, D)
-    scores = jnp.einsum("bckgd,bksd->bkgcs", q_BxCxKxGxD, k_BxKxSxD,
-                        preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(D))
-    visible_BxCxS = valid_BxS[:, None, :] & (key_pos_S[None, None, :] <= positions_BxC[:, :, None])
-    visible = visible_BxCxS[:, None, None]
-    scores = jnp.where(visible, scores, -jnp.inf)
-    top = jnp.max(jnp.where(visible, scores, 0.0), axis=-1, keepdims=True)
-    probs = jnp.where(visible, jnp.exp(scores - top), 0.0)
-    probs = probs / jnp.maximum(jnp.sum(probs, axis=-1, keepdims=True), 1e-30)  # pad rows: all zero, not NaN
-    out = jnp.einsum("bkgcs,bksd->bckgd", probs.astype(v_BxKxSxD.dtype), v_BxKxSxD,
-                     preferred_element_type=jnp.float32)
-    return out.reshape(B, C, H, D).astype(q_BxCxHxD.dtype)
 
 
 def model_step(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, inputs: StepInputs, *,
@@ -90,8 +62,8 @@ def model_step(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, inputs
                 out_BxHxD = decode(q_BxCxHxD[:, 0], pools[0], pools[1], inputs.lengths_B, inputs.block_tables_BxM,
                                    **kwargs)
                 return out_BxHxD[:, None]
-            return prefill_attention(q_BxCxHxD, pools[0], pools[1], inputs.positions_BxC, inputs.lengths_B,
-                                     inputs.block_tables_BxM)
+            return paged_prefill_attention(q_BxCxHxD, pools[0], pools[1], inputs.positions_BxC, inputs.lengths_B,
+                                           inputs.block_tables_BxM)
 
         block = nnx.merge(block_graphdef, jax.tree.map(lambda a, i=layer: a[i], stacked))
         x_BxCxD = block(x_BxCxD, cos, sin, attend)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from serve.engine import Completion, Request, RequestError, bucket
+from serve.engine import Completion, Request, RequestError, bucket, request_problem
 from serve.forward import StepInputs, model_step
 from serve.kernels.paged_attention import triton_deprecation_ignored
 from serve.kv_cache import CacheShape, init_cache
@@ -45,18 +45,6 @@ class StaticBatcher:
 
         self._step = jax.jit(step, donate_argnums=1)
 
-    def _check(self, i: int, request: Request) -> str | None:
-        mc = self.model_cfg
-        if not request.prompt_ids:
-            return "the prompt is empty"
-        if any(not 0 <= t < mc.vocab_size for t in request.prompt_ids):
-            return f"a token id is outside the vocabulary [0, {mc.vocab_size})"
-        if request.max_new_tokens < 1:
-            return f"max_new_tokens must be >= 1, got {request.max_new_tokens}"
-        if len(request.prompt_ids) + request.max_new_tokens > mc.max_seq_len:
-            return f"prompt + max_new_tokens exceeds the model's context of {mc.max_seq_len}"
-        return request.sampling.problem()
-
     def generate(self, requests: Sequence[Request], *, arrivals_s: Sequence[float] | None = None,
                  on_finish: Callable[[Completion], None] | None = None) -> list[Completion]:
         """Serve `requests` (arriving `arrivals_s[i]` seconds after the start; default all at once) in batches."""
@@ -73,7 +61,7 @@ class StaticBatcher:
             while queue and arrivals[queue[0]] <= now and len(batch) < self.batch_size:
                 i = queue.pop(0)
                 rid = requests[i].request_id or f"req-{i}"
-                problem = self._check(i, requests[i])
+                problem = request_problem(requests[i], self.model_cfg)
                 if problem:
                     results[i] = Completion(rid, list(requests[i].prompt_ids), finish_reason="error",
                                             error=str(RequestError(f"request {rid!r}: {problem}")))

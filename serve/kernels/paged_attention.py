@@ -43,32 +43,46 @@ _TOKENS_PER_CHUNK = 128  # default chunk: about this many tokens per loop iterat
 _NUM_WARPS, _NUM_STAGES = 4, 2
 
 
-def paged_attention_reference(q_BxHxD: jax.Array, k_pages_KxNxPxD: jax.Array, v_pages_KxNxPxD: jax.Array,
-                              lengths_B: jax.Array, block_tables_BxM: jax.Array, *,
-                              scale: float | None = None) -> jax.Array:
-    """Gather each sequence's pages into a dense [B, K, M * P, D], mask positions >= length (select, never
-    multiply, so NaN in unused slots cannot leak), softmax in float32; length-0 rows give zeros."""
-    B, H, D = q_BxHxD.shape
+def paged_prefill_attention(q_BxCxHxD: jax.Array, k_pages_KxNxPxD: jax.Array, v_pages_KxNxPxD: jax.Array,
+                            positions_BxC: jax.Array, lengths_B: jax.Array, block_tables_BxM: jax.Array, *,
+                            scale: float | None = None) -> jax.Array:
+    """C queries per sequence at absolute `positions_BxC` over its pages (which already hold their K/V): key j is
+    visible to a query at position p iff j <= p and j < length. Pages are gathered into a dense [B, K, M * P, D]
+    range; masked keys and values are selected away (never multiplied), so NaN in unused slots cannot leak; the
+    softmax is in float32; a query that sees no key gives zeros. The engine's prefill path, and (with C = 1)
+    the reference for the decode kernel."""
+    B, C, H, D = q_BxCxHxD.shape
     K, _, P, _ = k_pages_KxNxPxD.shape
     G, M = H // K, block_tables_BxM.shape[1]
     scale = D ** -0.5 if scale is None else scale
     hi = jax.lax.Precision.HIGHEST
     k_BxKxSxD = jnp.moveaxis(k_pages_KxNxPxD[:, block_tables_BxM], 0, 1).reshape(B, K, M * P, D)
     v_BxKxSxD = jnp.moveaxis(v_pages_KxNxPxD[:, block_tables_BxM], 0, 1).reshape(B, K, M * P, D)
-    valid_BxS = jnp.arange(M * P)[None, :] < lengths_B[:, None]
+    key_pos_S = jnp.arange(M * P)
+    valid_BxS = key_pos_S[None, :] < lengths_B[:, None]
     k_BxKxSxD = jnp.where(valid_BxS[:, None, :, None], k_BxKxSxD, 0)
     v_BxKxSxD = jnp.where(valid_BxS[:, None, :, None], v_BxKxSxD, 0).astype(jnp.float32)
-    scores_BxKxGxS = jnp.einsum("bkgd,bksd->bkgs", q_BxHxD.reshape(B, K, G, D), k_BxKxSxD,
-                                preferred_element_type=jnp.float32, precision=hi) * scale
-    valid_Bx1x1xS = valid_BxS[:, None, None]
-    scores_BxKxGxS = jnp.where(valid_Bx1x1xS, scores_BxKxGxS, -jnp.inf)
-    top = jnp.max(scores_BxKxGxS, axis=-1, keepdims=True)
-    top = jnp.where(jnp.isfinite(top), top, 0.0)  # length 0: every score is -inf
-    probs = jnp.where(valid_Bx1x1xS, jnp.exp(scores_BxKxGxS - top), 0.0)
+    scores = jnp.einsum("bckgd,bksd->bkgcs", q_BxCxHxD.reshape(B, C, K, G, D), k_BxKxSxD,
+                        preferred_element_type=jnp.float32, precision=hi) * scale
+    visible = (valid_BxS[:, None, :] & (key_pos_S[None, None, :] <= positions_BxC[:, :, None]))[:, None, None]
+    scores = jnp.where(visible, scores, -jnp.inf)
+    top = jnp.max(scores, axis=-1, keepdims=True)
+    top = jnp.where(jnp.isfinite(top), top, 0.0)  # a query that sees nothing: every score is -inf
+    probs = jnp.where(visible, jnp.exp(scores - top), 0.0)
     total = jnp.sum(probs, axis=-1, keepdims=True)
     probs = probs / jnp.where(total > 0, total, 1.0)
-    out_BxKxGxD = jnp.einsum("bkgs,bksd->bkgd", probs, v_BxKxSxD, precision=hi)
-    return out_BxKxGxD.reshape(B, H, D).astype(q_BxHxD.dtype)
+    out = jnp.einsum("bkgcs,bksd->bckgd", probs, v_BxKxSxD, precision=hi)
+    return out.reshape(B, C, H, D).astype(q_BxCxHxD.dtype)
+
+
+def paged_attention_reference(q_BxHxD: jax.Array, k_pages_KxNxPxD: jax.Array, v_pages_KxNxPxD: jax.Array,
+                              lengths_B: jax.Array, block_tables_BxM: jax.Array, *,
+                              scale: float | None = None) -> jax.Array:
+    """The decode kernel's reference: `paged_prefill_attention` of one query at position length - 1 (a length-0
+    row sees nothing and gives zeros)."""
+    positions_Bx1 = (lengths_B - 1)[:, None]
+    return paged_prefill_attention(q_BxHxD[:, None], k_pages_KxNxPxD, v_pages_KxNxPxD, positions_Bx1, lengths_B,
+                                   block_tables_BxM, scale=scale)[:, 0]
 
 
 def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, acc_ref, max_ref, sum_ref, *, page_size: int,
