@@ -36,7 +36,20 @@ def xla_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Arr
     return jax.nn.dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, is_causal=causal, implementation="xla")
 
 
-IMPLEMENTATIONS = {"reference": reference_attention, "xla": xla_attention}
+def cudnn_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, *,
+                    causal: bool = True) -> jax.Array:
+    """`jax.nn.dot_product_attention` through cuDNN's fused flash attention (NVIDIA GPUs; bfloat16/float16)."""
+    if jax.default_backend() != "gpu":
+        raise ValueError(f"attention_impl 'cudnn' needs an NVIDIA GPU; this backend is {jax.default_backend()!r}")
+    if q_BxTxHxD.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"attention_impl 'cudnn' needs bfloat16 or float16 inputs, got {q_BxTxHxD.dtype}")
+    T, S = q_BxTxHxD.shape[1], k_BxSxKxD.shape[1]
+    if causal and T != S:
+        return reference_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, causal=True)
+    return jax.nn.dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, is_causal=causal, implementation="cudnn")
+
+
+IMPLEMENTATIONS = {"reference": reference_attention, "xla": xla_attention, "cudnn": cudnn_attention}
 
 
 def attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, *, impl: str = "xla",
