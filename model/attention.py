@@ -9,6 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from model.kernels import flash_attention as kernels
+
 
 def reference_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, *,
                         causal: bool = True) -> jax.Array:
@@ -49,7 +51,19 @@ def cudnn_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.A
     return jax.nn.dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, is_causal=causal, implementation="cudnn")
 
 
-IMPLEMENTATIONS = {"reference": reference_attention, "xla": xla_attention, "cudnn": cudnn_attention}
+def flash_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, *,
+                    causal: bool = True) -> jax.Array:
+    """Our Pallas flash-attention kernel (`model/kernels/flash_attention.py`): compiled through Triton on NVIDIA
+    GPUs, in interpret mode on CPU (slow; for tests)."""
+    backend = jax.default_backend()
+    if backend not in ("gpu", "cpu"):
+        raise ValueError(f"attention_impl 'flash' runs on NVIDIA GPUs (or interpreted on CPU), not {backend!r}")
+    out, _ = kernels.flash_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, causal=causal, interpret=backend == "cpu")
+    return out
+
+
+IMPLEMENTATIONS = {"reference": reference_attention, "xla": xla_attention, "cudnn": cudnn_attention,
+                   "flash": flash_attention}
 
 
 def attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, *, impl: str = "xla",

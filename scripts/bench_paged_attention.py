@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from model.kernels.triton import triton_deprecation_ignored
 from scripts.common import fail, setup_logging
-from serve.kernels.paged_attention import paged_attention, paged_attention_reference, triton_deprecation_ignored
+from serve.kernels.paged_attention import paged_attention, paged_attention_reference
 
 
 def ints(text: str) -> list[int]:

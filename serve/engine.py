@@ -24,9 +24,9 @@ import numpy as np
 from flax import nnx
 
 from model.config import ModelConfig
+from model.kernels.triton import triton_deprecation_ignored
 from serve.block_allocator import BlockAllocator
 from serve.forward import DECODE_IMPLS, StepInputs, model_step
-from serve.kernels.paged_attention import triton_deprecation_ignored
 from serve.kv_cache import CacheShape, KVCache, init_cache, pages_for_budget, slots
 from serve.sampling import sample_rows
 from serve.scheduler import ScheduledChunk, Scheduler, SchedulerConfig

@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from model.kernels.triton import triton_deprecation_ignored
 from serve.engine import Completion, Request, RequestError, bucket, request_problem
 from serve.forward import StepInputs, model_step
-from serve.kernels.paged_attention import triton_deprecation_ignored
 from serve.kv_cache import CacheShape, init_cache
 from serve.sampling import sample_rows
 

@@ -28,15 +28,14 @@ default there is Mosaic GPU, which its page gathers do not target.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-import warnings
-from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+
+from model.kernels.triton import compiler_params, triton_deprecation_ignored
 
 _MIN_DOT = 16  # Triton's `dot` needs M, N, K >= 16
 _TOKENS_PER_CHUNK = 128  # default chunk: about this many tokens per loop iteration
@@ -163,16 +162,6 @@ def _check(q_BxHxD: jax.Array, k_pages_KxNxPxD: jax.Array, v_pages_KxNxPxD: jax.
                          f"page_size >= {_MIN_DOT}, got {pages_per_chunk} (page_size {P})")
 
 
-@contextlib.contextmanager
-def triton_deprecation_ignored() -> Iterator[None]:
-    """Silence exactly JAX 0.11's "Pallas Triton backend is deprecated" warning, which it emits at every lowering.
-    Wrap the place where the kernel is lowered: the call itself when it runs eagerly, the outer `jit`'s first call
-    (or `.lower()`) when the kernel is traced inside one."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"(?s).*\bTriton\b.*\bdeprecated\b")
-        yield
-
-
 def paged_attention(q_BxHxD: jax.Array, k_pages_KxNxPxD: jax.Array, v_pages_KxNxPxD: jax.Array,
                     lengths_B: jax.Array, block_tables_BxM: jax.Array, *, scale: float | None = None,
                     pages_per_chunk: int | None = None, num_splits: int = 1, interpret: bool = False) -> jax.Array:
@@ -185,14 +174,6 @@ def paged_attention(q_BxHxD: jax.Array, k_pages_KxNxPxD: jax.Array, v_pages_KxNx
         return _paged_attention(q_BxHxD, k_pages_KxNxPxD, v_pages_KxNxPxD, lengths_B, block_tables_BxM,
                                 scale=scale, pages_per_chunk=pages_per_chunk, num_splits=num_splits,
                                 interpret=interpret)
-
-
-def _triton_params() -> object:
-    """Triton compiler params: they also pick the Triton lowering on GPU, where JAX's default is Mosaic GPU (which
-    this kernel's gathers do not target). Imported here, inside the warning filter, in case the import warns."""
-    from jax.experimental.pallas import triton as pltriton
-
-    return pltriton.CompilerParams(num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "pages_per_chunk", "num_splits", "interpret"))
@@ -224,7 +205,7 @@ def _paged_attention(q_BxHxD: jax.Array, k_pages_KxNxPxD: jax.Array, v_pages_KxN
         out_shape=[jax.ShapeDtypeStruct((B, K, S, R, D), jnp.float32),
                    jax.ShapeDtypeStruct((B, K, S, R), jnp.float32),
                    jax.ShapeDtypeStruct((B, K, S, R), jnp.float32)],
-        compiler_params=_triton_params(),
+        compiler_params=compiler_params(_NUM_WARPS, _NUM_STAGES),
         interpret=interpret,
         name="paged_attention",
     )(lengths_B, tables_BxT, q_BxKxRxD, k_pages_KxNxPxD, v_pages_KxNxPxD)

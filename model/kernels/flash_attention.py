@@ -1,0 +1,361 @@
+"""Flash attention in Pallas: forward and backward kernels under a custom VJP, returning the log-sum-exp too.
+
+Layout is the model's: q [B, T, H, D], k and v [B, S, K, D], H = K * G (grouped-query attention: query head h
+reads kv head h // G). `flash_attention` returns out [B, T, H, D] in q's dtype and lse [B, H, T] in float32, the
+natural log of each query's softmax denominator over the scaled scores, so ring attention can merge partial
+results; the backward accepts a cotangent for lse as well as for out. Causal: query t sees key s iff
+s <= t + (S - T), the last query aligned with the last key (as in model/attention.py), so T <= S.
+
+Forward. Grid (B, H, T / bq). A program holds one [bq, D] query tile and walks the key/value tiles [bk, D] of
+its kv head with an online softmax in float32 (running max, sum and [bq, D] accumulator). Causal programs stop
+at the diagonal. Tiles wholly visible to every query of the tile take a loop without any masking; only the
+diagonal tiles (and a ragged last tile) are masked, with `jnp.where` to -inf, so no key outside the mask ever
+weighs in.
+
+Backward (FlashAttention-2). With P = exp(scale * Q K^T - lse), dP = dO V^T and delta = rowsum(dO * O) - dlse:
+dS = P * (dP - delta), dQ = scale * dS K, dK = scale * dS^T Q, dV = P^T dO. (The lse cotangent enters through
+delta: d lse / d s = P.) Two kernels: dQ on grid (B, H, T / bq) walking key tiles, and dK/dV on grid
+(B, H, S / bk) walking query tiles, both recomputing P from the saved lse. dK/dV are computed per query head;
+with G > 1 they are written in float32 and summed over each kv head's G query heads afterwards.
+
+Ragged shapes. T and S are padded with zeros up to whole tiles and D up to a power of two >= 16 (what Triton's
+`dot` needs); padded keys are masked, padded queries and head-dim columns are sliced off, and a padded query
+contributes nothing to dK/dV (its dO and delta are zero).
+
+On GPU the kernels go through Pallas's Triton lowering; `interpret=True` runs them on CPU. Accumulation is in
+float32 for every input dtype; float32 inputs use full-precision (IEEE) dots, not TF32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from model.kernels.triton import compiler_params, triton_deprecation_ignored
+
+_MIN_TILE = 16  # Triton's `dot` needs every dimension >= 16
+
+
+def _power_of_two(n: int) -> bool:
+    return isinstance(n, int) and n > 0 and n & (n - 1) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes (powers of two >= 16) and Triton launch parameters. `num_warps` None: 4 for head_dim <= 64,
+    else 8."""
+
+    block_q: int = 128
+    block_k: int = 64
+    block_q_bwd: int = 64
+    block_k_bwd: int = 64
+    num_warps: int | None = None
+    num_stages: int = 2
+    num_warps_bwd: int | None = None
+    num_stages_bwd: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("block_q", "block_k", "block_q_bwd", "block_k_bwd"):
+            value = getattr(self, name)
+            if not _power_of_two(value) or value < _MIN_TILE:
+                raise ValueError(f"BlockSizes.{name} must be a power of two >= {_MIN_TILE}, got {value!r}")
+        for name in ("num_warps", "num_warps_bwd"):
+            value = getattr(self, name)
+            if value is not None and not _power_of_two(value):
+                raise ValueError(f"BlockSizes.{name} must be a power of two, got {value!r}")
+        for name in ("num_stages", "num_stages_bwd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"BlockSizes.{name} must be a positive integer, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Everything the kernels are specialised on."""
+
+    causal: bool
+    scale: float
+    q_len: int  # T and S before padding
+    kv_len: int
+    blocks: BlockSizes
+    interpret: bool
+
+    @property
+    def offset(self) -> int:
+        return self.kv_len - self.q_len
+
+
+def flash_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, *, causal: bool = True,
+                    scale: float | None = None, block_sizes: BlockSizes | None = None,
+                    interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+    """Attention of q over k, v: (out [B, T, H, D] in q's dtype, lse [B, H, T] float32). Differentiable in q, k,
+    v through the Pallas backward; `scale` defaults to D ** -0.5. See the module docstring."""
+    if q_BxTxHxD.ndim != 4 or k_BxSxKxD.ndim != 4 or v_BxSxKxD.shape != k_BxSxKxD.shape:
+        raise ValueError(f"need q [B, T, H, D] and k, v [B, S, K, D] alike; got q {q_BxTxHxD.shape}, "
+                         f"k {k_BxSxKxD.shape}, v {v_BxSxKxD.shape}")
+    (B, T, H, D), (Bk, S, K, Dk) = q_BxTxHxD.shape, k_BxSxKxD.shape
+    if B != Bk or D != Dk or H % K or T < 1 or S < 1:
+        raise ValueError(f"need equal batch and head dims, H a multiple of K, T, S >= 1; got q {q_BxTxHxD.shape}, "
+                         f"k {k_BxSxKxD.shape}")
+    if causal and T > S:
+        raise ValueError(f"causal attention aligns the last query with the last key, so it needs T <= S; got "
+                         f"T = {T}, S = {S}")
+    if not (q_BxTxHxD.dtype == k_BxSxKxD.dtype == v_BxSxKxD.dtype):
+        raise ValueError(f"q, k, v must share a dtype; got {q_BxTxHxD.dtype}, {k_BxSxKxD.dtype}, "
+                         f"{v_BxSxKxD.dtype}")
+    static = _Static(causal=bool(causal), scale=float(D ** -0.5 if scale is None else scale), q_len=T, kv_len=S,
+                     blocks=block_sizes or BlockSizes(), interpret=bool(interpret))
+    with triton_deprecation_ignored():
+        return _flash(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, static)
+
+
+# ----------------------------------------------------------------------------------------------------- padding
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _padded_dims(static: _Static, head_dim: int) -> tuple[int, int, int]:
+    """(T, S, D) after padding: whole tiles of both the forward's and the backward's sizes, D a power of two."""
+    b = static.blocks
+    t = _round_up(static.q_len, max(b.block_q, b.block_q_bwd))
+    s = _round_up(static.kv_len, max(b.block_k, b.block_k_bwd))
+    return t, s, max(_MIN_TILE, 1 << (head_dim - 1).bit_length())
+
+
+def _pad_to(x: jax.Array, sizes: dict[int, int]) -> jax.Array:
+    """Zero-pad the given axes up to the given sizes (no copy when nothing changes)."""
+    widths = [(0, sizes.get(axis, n) - n) for axis, n in enumerate(x.shape)]
+    return jnp.pad(x, widths) if any(w for _, w in widths) else x
+
+
+# ----------------------------------------------------------------------------------------------------- kernels
+
+
+def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
+    """a . b contracting a's axis contract[0] with b's axis contract[1], float32 out, IEEE for float32 inputs."""
+    return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
+                               precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+
+
+def _mask(s_QxK: jax.Array, q_start, k_start, static: _Static) -> jax.Array:
+    """-inf where key k_start + j is invisible to query q_start + i (past the diagonal, or a padded key)."""
+    bq, bk = s_QxK.shape
+    q_pos = q_start + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+    k_pos = k_start + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+    visible = k_pos < static.kv_len
+    if static.causal:
+        visible = visible & (k_pos <= q_pos + static.offset)
+    return jnp.where(visible, s_QxK, -jnp.inf)
+
+
+def _kv_blocks(q_start, bq: int, bk: int, n_kv: int, static: _Static):
+    """For a query tile starting at q_start: (tiles every query sees whole, tiles it needs at all)."""
+    if static.causal:
+        needed = jnp.minimum(n_kv, pl.cdiv(q_start + bq + static.offset, bk))
+        whole = jnp.minimum(needed, (q_start + static.offset + 1) // bk)
+    else:
+        needed, whole = n_kv, n_kv
+    return jnp.minimum(whole, static.kv_len // bk), needed
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, static: _Static):
+    bq, bk = static.blocks.block_q, static.blocks.block_k
+    q_start = pl.program_id(2) * bq
+    q_QxD = q_ref[...]
+    whole, needed = _kv_blocks(q_start, bq, bk, k_ref.shape[0] // bk, static)
+
+    def body(masked: bool):
+        def step(j, carry):
+            m_Q, l_Q, acc_QxD = carry
+            k_KxD = k_ref[pl.ds(j * bk, bk), :]
+            v_KxD = v_ref[pl.ds(j * bk, bk), :]
+            s_QxK = _dot(q_QxD, k_KxD, (1, 1)) * static.scale
+            if masked:
+                s_QxK = _mask(s_QxK, q_start, j * bk, static)
+            m_new = jnp.maximum(m_Q, jnp.max(s_QxK, axis=1))  # finite: key 0 is visible to every query
+            p_QxK = jnp.exp(s_QxK - m_new[:, None])
+            alpha_Q = jnp.exp(m_Q - m_new)
+            acc_QxD = alpha_Q[:, None] * acc_QxD + _dot(p_QxK.astype(v_KxD.dtype), v_KxD, (1, 0))
+            return m_new, alpha_Q * l_Q + jnp.sum(p_QxK, axis=1), acc_QxD
+        return step
+
+    D = q_QxD.shape[1]
+    carry = (jnp.full((bq,), -jnp.inf, jnp.float32), jnp.zeros((bq,), jnp.float32), jnp.zeros((bq, D), jnp.float32))
+    carry = jax.lax.fori_loop(0, whole, body(False), carry)
+    m_Q, l_Q, acc_QxD = jax.lax.fori_loop(whole, needed, body(True), carry)
+    o_ref[...] = (acc_QxD / l_Q[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = m_Q + jnp.log(l_Q)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, static: _Static):
+    bq, bk = static.blocks.block_q_bwd, static.blocks.block_k_bwd
+    q_start = pl.program_id(2) * bq
+    q_QxD, do_QxD = q_ref[...], do_ref[...]
+    lse_Q, delta_Q = lse_ref[...], delta_ref[...]
+    whole, needed = _kv_blocks(q_start, bq, bk, k_ref.shape[0] // bk, static)
+
+    def body(masked: bool):
+        def step(j, dq_QxD):
+            k_KxD = k_ref[pl.ds(j * bk, bk), :]
+            v_KxD = v_ref[pl.ds(j * bk, bk), :]
+            s_QxK = _dot(q_QxD, k_KxD, (1, 1)) * static.scale
+            if masked:
+                s_QxK = _mask(s_QxK, q_start, j * bk, static)
+            p_QxK = jnp.exp(s_QxK - lse_Q[:, None])
+            ds_QxK = p_QxK * (_dot(do_QxD, v_KxD, (1, 1)) - delta_Q[:, None])
+            return dq_QxD + _dot(ds_QxK.astype(k_KxD.dtype), k_KxD, (1, 0))
+        return step
+
+    dq_QxD = jnp.zeros(q_QxD.shape, jnp.float32)
+    dq_QxD = jax.lax.fori_loop(0, whole, body(False), dq_QxD)
+    dq_QxD = jax.lax.fori_loop(whole, needed, body(True), dq_QxD)
+    dq_ref[...] = (dq_QxD * static.scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, static: _Static):
+    bq, bk = static.blocks.block_q_bwd, static.blocks.block_k_bwd
+    k_start = pl.program_id(2) * bk
+    k_KxD, v_KxD = k_ref[...], v_ref[...]
+    n_q = q_ref.shape[0] // bq
+    if static.causal:  # query tiles before `first` see none of these keys; from `whole` on they see all
+        first = jnp.maximum(k_start - static.offset, 0) // bq
+        whole = jnp.minimum(n_q, pl.cdiv(jnp.maximum(k_start + bk - 1 - static.offset, 0), bq))
+    else:
+        first, whole = 0, 0
+    if static.kv_len % bk:  # the ragged last key tile is masked for every query tile
+        whole = jnp.where(k_start + bk > static.kv_len, n_q, whole)
+
+    def body(masked: bool):
+        def step(i, carry):
+            dk_KxD, dv_KxD = carry
+            q_QxD = q_ref[pl.ds(i * bq, bq), :]
+            do_QxD = do_ref[pl.ds(i * bq, bq), :]
+            lse_Q = lse_ref[pl.ds(i * bq, bq)]
+            delta_Q = delta_ref[pl.ds(i * bq, bq)]
+            s_QxK = _dot(q_QxD, k_KxD, (1, 1)) * static.scale
+            if masked:
+                s_QxK = _mask(s_QxK, i * bq, k_start, static)
+            p_QxK = jnp.exp(s_QxK - lse_Q[:, None])
+            dv_KxD = dv_KxD + _dot(p_QxK.astype(do_QxD.dtype), do_QxD, (0, 0))
+            ds_QxK = p_QxK * (_dot(do_QxD, v_KxD, (1, 1)) - delta_Q[:, None])
+            dk_KxD = dk_KxD + _dot(ds_QxK.astype(q_QxD.dtype), q_QxD, (0, 0))
+            return dk_KxD, dv_KxD
+        return step
+
+    zeros = jnp.zeros(k_KxD.shape, jnp.float32)
+    carry = jax.lax.fori_loop(first, whole, body(True), (zeros, zeros))
+    dk_KxD, dv_KxD = jax.lax.fori_loop(whole, n_q, body(False), carry)
+    dk_ref[...] = (dk_KxD * static.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv_KxD.astype(dv_ref.dtype)
+
+
+# ----------------------------------------------------------------------------------------------- pallas calls
+
+
+def _warps(n: int | None, head_dim: int) -> int:
+    return n if n is not None else (4 if head_dim <= 64 else 8)
+
+
+def _forward(q, k, v, static: _Static):
+    """Padded inputs -> padded (out [B, T, H, D], lse [B, H, T])."""
+    (B, T, H, D), K = q.shape, k.shape[2]
+    G, S, b = H // K, k.shape[1], static.blocks
+    bq = b.block_q
+    return pl.pallas_call(
+        functools.partial(_fwd_kernel, static=static),
+        grid=(B, H, T // bq),
+        in_specs=[pl.BlockSpec((None, bq, None, D), lambda i, h, t: (i, t, h, 0)),
+                  pl.BlockSpec((None, S, None, D), lambda i, h, t: (i, 0, h // G, 0)),
+                  pl.BlockSpec((None, S, None, D), lambda i, h, t: (i, 0, h // G, 0))],
+        out_specs=[pl.BlockSpec((None, bq, None, D), lambda i, h, t: (i, t, h, 0)),
+                   pl.BlockSpec((None, None, bq), lambda i, h, t: (i, h, t))],
+        out_shape=[jax.ShapeDtypeStruct((B, T, H, D), q.dtype), jax.ShapeDtypeStruct((B, H, T), jnp.float32)],
+        compiler_params=compiler_params(_warps(b.num_warps, D), b.num_stages),
+        interpret=static.interpret,
+        name="flash_attention_fwd",
+    )(q, k, v)
+
+
+def _backward(q, k, v, do, lse, delta, static: _Static):
+    """Padded inputs -> padded (dq, dk, dv)."""
+    (B, T, H, D), K = q.shape, k.shape[2]
+    G, S, b = H // K, k.shape[1], static.blocks
+    bq, bk = b.block_q_bwd, b.block_k_bwd
+    params = compiler_params(_warps(b.num_warps_bwd, D), b.num_stages_bwd)
+    q_tile = pl.BlockSpec((None, bq, None, D), lambda i, h, t: (i, t, h, 0))
+    kv_whole = pl.BlockSpec((None, S, None, D), lambda i, h, t: (i, 0, h // G, 0))
+    row_tile = pl.BlockSpec((None, None, bq), lambda i, h, t: (i, h, t))
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, static=static),
+        grid=(B, H, T // bq),
+        in_specs=[q_tile, kv_whole, kv_whole, q_tile, row_tile, row_tile],
+        out_specs=q_tile,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=params,
+        interpret=static.interpret,
+        name="flash_attention_dq",
+    )(q, k, v, do, lse, delta)
+
+    q_whole = pl.BlockSpec((None, T, None, D), lambda i, h, s: (i, 0, h, 0))
+    kv_tile = pl.BlockSpec((None, bk, None, D), lambda i, h, s: (i, s, h // G, 0))
+    dkv_tile = pl.BlockSpec((None, bk, None, D), lambda i, h, s: (i, s, h, 0))
+    row_whole = pl.BlockSpec((None, None, T), lambda i, h, s: (i, h, 0))
+    dkv_dtype = k.dtype if G == 1 else jnp.float32  # per query head; summed over the group below
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, static=static),
+        grid=(B, H, S // bk),
+        in_specs=[q_whole, kv_tile, kv_tile, q_whole, row_whole, row_whole],
+        out_specs=[dkv_tile, dkv_tile],
+        out_shape=[jax.ShapeDtypeStruct((B, S, H, D), dkv_dtype)] * 2,
+        compiler_params=params,
+        interpret=static.interpret,
+        name="flash_attention_dkv",
+    )(q, k, v, do, lse, delta)
+    if G > 1:
+        dk = dk.reshape(B, S, K, G, D).sum(axis=3).astype(k.dtype)
+        dv = dv.reshape(B, S, K, G, D).sum(axis=3).astype(v.dtype)
+    return dq, dk, dv
+
+
+# ------------------------------------------------------------------------------------------------- custom VJP
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _flash(q, k, v, static: _Static):
+    out, lse, _ = _flash_fwd_padded(q, k, v, static)
+    return out, lse
+
+
+def _flash_fwd_padded(q, k, v, static: _Static):
+    (B, T, H, D) = q.shape
+    t, s, d = _padded_dims(static, D)
+    qp, kp, vp = _pad_to(q, {1: t, 3: d}), _pad_to(k, {1: s, 3: d}), _pad_to(v, {1: s, 3: d})
+    out_p, lse_p = _forward(qp, kp, vp, static)
+    out, lse = out_p[:, :T, :, :D], lse_p[:, :, :T]
+    return out, lse, (qp, kp, vp, out_p, lse_p)
+
+
+def _flash_fwd(q, k, v, static: _Static):
+    out, lse, residuals = _flash_fwd_padded(q, k, v, static)
+    return (out, lse), residuals
+
+
+def _flash_bwd(static: _Static, residuals, cotangents):
+    qp, kp, vp, out_p, lse_p = residuals
+    d_out, d_lse = cotangents
+    T, D, S = d_out.shape[1], d_out.shape[3], static.kv_len
+    t, d = qp.shape[1], qp.shape[3]
+    do_p = _pad_to(d_out.astype(qp.dtype), {1: t, 3: d})
+    delta_BxTxH = jnp.sum(out_p.astype(jnp.float32) * do_p.astype(jnp.float32), axis=-1)
+    delta_BxHxT = jnp.transpose(delta_BxTxH, (0, 2, 1)) - _pad_to(d_lse.astype(jnp.float32), {2: t})
+    dq, dk, dv = _backward(qp, kp, vp, do_p, lse_p, delta_BxHxT, static)
+    return dq[:, :T, :, :D], dk[:, :S, :, :D], dv[:, :S, :, :D]
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
