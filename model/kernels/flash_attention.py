@@ -47,7 +47,7 @@ def _power_of_two(n: int) -> bool:
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
     """Tile sizes (powers of two >= 16) and Triton launch parameters. `num_warps` None: 4 for head_dim <= 64,
-    else 8."""
+    else 8. `default_block_sizes` gives the tuned choice per head dim."""
 
     block_q: int = 128
     block_k: int = 64
@@ -71,6 +71,15 @@ class BlockSizes:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"BlockSizes.{name} must be a positive integer, got {value!r}")
+
+
+def default_block_sizes(head_dim: int) -> BlockSizes:
+    """The fastest tiles measured on an H100 (bfloat16, causal, seq 4096; docs/BENCHMARKS.md): head dim <= 64
+    keeps 64 x 64 backward tiles and 4 warps; larger head dims take 128-query backward tiles, 8 warps and a
+    3-stage forward pipeline."""
+    if head_dim <= 64:
+        return BlockSizes()
+    return BlockSizes(block_q=128, block_k=64, block_q_bwd=128, block_k_bwd=64, num_stages=3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +117,7 @@ def flash_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.A
         raise ValueError(f"q, k, v must share a dtype; got {q_BxTxHxD.dtype}, {k_BxSxKxD.dtype}, "
                          f"{v_BxSxKxD.dtype}")
     static = _Static(causal=bool(causal), scale=float(D ** -0.5 if scale is None else scale), q_len=T, kv_len=S,
-                     blocks=block_sizes or BlockSizes(), interpret=bool(interpret))
+                     blocks=block_sizes or default_block_sizes(D), interpret=bool(interpret))
     with triton_deprecation_ignored():
         return _flash(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, static)
 
@@ -229,7 +238,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
     else:
         first, whole = 0, 0
     if static.kv_len % bk:  # the ragged last key tile is masked for every query tile
-        whole = jnp.where(k_start + bk > static.kv_len, n_q, whole)
+        ragged = (k_start + bk > static.kv_len).astype(jnp.int32)  # int arithmetic: Triton lowers no i1 select
+        whole = whole + (n_q - whole) * ragged
 
     def body(masked: bool):
         def step(i, carry):

@@ -134,3 +134,20 @@ GPU_CASES = [(T, S, H, K, D, c) for (T, S, H, K, D, c) in
 def test_compiled_kernel_matches_reference_on_gpu(T, S, H, K, D, causal, dtype, tol):
     """The same checks with the kernels compiled through Triton, default tile sizes."""
     check(2, T, S, H, K, D, causal, dtype, tol, blocks=None, interpret=False)
+
+
+@pytest.mark.parametrize("T, S, H, K, D, causal", GPU_CASES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_kernels_lower_to_triton_without_a_gpu(T, S, H, K, D, causal, dtype):
+    """Forward and backward lowered for CUDA (Pallas -> Triton IR) on this machine, default tiles: Triton-specific
+    lowering errors (one was found on a GPU first) show up in CI, not only on a lent GPU."""
+    q = jax.ShapeDtypeStruct((2, T, H, D), dtype)
+    kv = jax.ShapeDtypeStruct((2, S, K, D), dtype)
+
+    def fwd_bwd(q, k, v):
+        out, vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, causal=causal), q, k, v)
+        return vjp(out)
+
+    text = jax.jit(fwd_bwd).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
+    for name in ("flash_attention_fwd", "flash_attention_dq", "flash_attention_dkv"):
+        assert name in text

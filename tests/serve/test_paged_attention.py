@@ -167,3 +167,14 @@ def test_compiled_kernel_ignores_stale_pages_on_gpu():
     for value in (np.nan, np.inf, -np.inf):
         out = paged_attention(*make_case(8, 4, lengths, poison=value)[0], num_splits=2)
         np.testing.assert_array_equal(np.asarray(out), np.asarray(clean))
+
+
+@pytest.mark.parametrize("page_size, group, lengths", CASES)
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_kernel_lowers_to_triton_without_a_gpu(page_size, group, lengths, num_splits):
+    """The compiled path lowered for CUDA (Pallas -> Triton IR) on this machine, so Triton lowering errors show
+    up in CI and not only on a lent GPU."""
+    args, _ = make_case(page_size, group, lengths, head_dim=32, dtype=jnp.bfloat16)
+    shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
+    fn = jax.jit(lambda *a: paged_attention(*a, num_splits=num_splits))
+    assert "paged_attention" in fn.trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
