@@ -74,11 +74,11 @@ class BlockSizes:
 
 
 def default_block_sizes(head_dim: int) -> BlockSizes:
-    """The fastest tiles measured on an H100 (bfloat16, causal, seq 4096; docs/BENCHMARKS.md): head dim <= 64
-    keeps 64 x 64 backward tiles and 4 warps; larger head dims take 128-query backward tiles, 8 warps and a
-    3-stage forward pipeline."""
+    """The fastest tiles measured on an H100 (bfloat16, causal, seq 4096; docs/BENCHMARKS.md): 128 x 64 forward
+    tiles with a 3-stage pipeline; head dim <= 64 keeps 64 x 64 backward tiles and 4 warps, larger head dims take
+    128-query backward tiles and 8 warps."""
     if head_dim <= 64:
-        return BlockSizes()
+        return BlockSizes(num_stages=3)
     return BlockSizes(block_q=128, block_k=64, block_q_bwd=128, block_k_bwd=64, num_stages=3)
 
 

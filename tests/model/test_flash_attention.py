@@ -129,10 +129,12 @@ GPU_CASES = [(T, S, H, K, D, c) for (T, S, H, K, D, c) in
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T, S, H, K, D, causal", GPU_CASES)
-@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("T, S, H, K, D, causal, dtype, tol",
+                         [(*case, jnp.float32, 1e-5) for case in GPU_CASES[:3]]
+                         + [(*case, jnp.bfloat16, 2e-2) for case in GPU_CASES])
 def test_compiled_kernel_matches_reference_on_gpu(T, S, H, K, D, causal, dtype, tol):
-    """The same checks with the kernels compiled through Triton, default tile sizes."""
+    """The same checks with the kernels compiled through Triton, default tile sizes. Float32 only on three cases:
+    each compiles for about a minute (full-precision Triton dots)."""
     check(2, T, S, H, K, D, causal, dtype, tol, blocks=None, interpret=False)
 
 
