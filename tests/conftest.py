@@ -2,9 +2,7 @@
 
 import os
 
-# On a GPU, XLA's GEMM autotuning (tens of seconds for each new reference-matmul shape) is off: tests check
-# values, not speed.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_gpu_autotune_level=0")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
