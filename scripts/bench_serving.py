@@ -8,6 +8,10 @@ requests per second. Printed per scenario and server: output tokens/s, TTFT and 
 utilisation (tokens stored / token slots reserved, averaged over steps): the engine's paged cache against
 what a contiguous max-length reservation would hold for the same running sequences. The model is a preset with
 random weights (`--run` uses a trained one); greedy decoding, so both servers produce the same tokens.
+
+Both servers get the same KV memory: what static batching reserves, `--max-running` sequences of the model's
+full context. Static batching can run no more sequences in it; the paged engine can, since it holds only the
+tokens computed so far: `--engine-max-running 64` lets it (the comparison of the vLLM paper).
 """
 
 from __future__ import annotations
@@ -53,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rates", default="inf", help="comma-separated: inf (all at once) or requests per second")
     p.add_argument("--prompt-median", type=int, default=48)
     p.add_argument("--output-median", type=int, default=48)
-    p.add_argument("--max-running", type=int, default=16, help="engine: running sequences; static: batch size")
+    p.add_argument("--max-running", type=int, default=16, help="static: batch size; engine: running sequences")
+    p.add_argument("--engine-max-running", type=int,
+                   help="the engine's running sequences (default --max-running), in the same KV memory as the "
+                        "static batches' contiguous reservation: --max-running x the model's context")
     p.add_argument("--token-budget", type=int, default=256)
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--decode-impl", default="pallas", choices=("pallas", "reference"))
@@ -87,14 +94,18 @@ def main(argv: list[str] | None = None) -> int:
     requests = [Request(tuple(rng.integers(3, cfg.vocab_size, n).tolist()), m, request_id=f"r{i}")
                 for i, (n, m) in enumerate(shapes)]
     device = jax.devices()[0].device_kind
+    kv_pages = 1 + args.max_running * -(-cfg.max_seq_len // args.page_size)  # static's memory, plus the null page
     print(json.dumps({"device": device, "preset": args.run or args.preset, "requests": len(requests),
+                      "kv_token_slots": (kv_pages - 1) * args.page_size,
+                      "engine_max_running": args.engine_max_running or args.max_running,
                       "mean_prompt": float(np.mean([n for n, _ in shapes])),
                       "mean_output": float(np.mean([m for _, m in shapes])), "max_seq_len": cfg.max_seq_len}))
     for rate in rates:
         arrivals = None if rate == float("inf") else np.cumsum(rng.exponential(1 / rate, len(requests))).tolist()
         for name in args.servers.split(","):
             if name == "engine":
-                server = Engine(model, ServeConfig(page_size=args.page_size, max_running=args.max_running,
+                server = Engine(model, ServeConfig(page_size=args.page_size, num_pages=kv_pages,
+                                                   max_running=args.engine_max_running or args.max_running,
                                                    token_budget=args.token_budget, decode_impl=args.decode_impl))
             elif name == "static":
                 server = StaticBatcher(model, batch_size=args.max_running, page_size=args.page_size,
