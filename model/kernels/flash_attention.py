@@ -122,6 +122,17 @@ def flash_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.A
         return _flash(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, static)
 
 
+def merge_blocks(out_a: jax.Array, lse_a: jax.Array, out_b: jax.Array, lse_b: jax.Array
+                 ) -> tuple[jax.Array, jax.Array]:
+    """Attention over two disjoint key blocks from each block's (out [B, T, H, D], lse [B, H, T]): the softmax
+    over their union, as ring attention combines the blocks it receives. Differentiable (through both lse)."""
+    lse = jnp.logaddexp(lse_a, lse_b)
+    w_a = jnp.exp(lse_a - lse).transpose(0, 2, 1)[..., None]  # [B, T, H, 1]
+    w_b = jnp.exp(lse_b - lse).transpose(0, 2, 1)[..., None]
+    out = w_a * out_a.astype(jnp.float32) + w_b * out_b.astype(jnp.float32)
+    return out.astype(out_a.dtype), lse
+
+
 # ----------------------------------------------------------------------------------------------------- padding
 
 

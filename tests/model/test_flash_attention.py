@@ -14,7 +14,7 @@ import pytest
 
 from model.attention import reference_attention
 from model.config import ModelConfig
-from model.kernels.flash_attention import BlockSizes, flash_attention
+from model.kernels.flash_attention import BlockSizes, flash_attention, merge_blocks
 from model.transformer import create_model
 
 SMALL = BlockSizes(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=32)
@@ -84,6 +84,25 @@ def test_float32_matches_reference(T, S, H, K, D, causal):
 @pytest.mark.parametrize("causal", [True, False])
 def test_bfloat16_matches_reference(causal):
     check(2, 45, 45, 4, 2, 32, causal, jnp.bfloat16, 2e-2, blocks=SMALL, interpret=True)
+
+
+def test_blocks_merged_by_lse_equal_whole_attention_with_gradients():
+    """Ring attention's use: the last 24 queries over keys [0, 24) (all visible) and [24, 48) (causal), each with
+    the kernel, merged through their lse, equal causal attention over all 48 keys, gradients included (they flow
+    through both blocks' lse cotangents)."""
+    q, k, v, d_out, d_lse = inputs(1, 24, 48, 4, 2, 16, jnp.float32)
+
+    def blocked(q, k, v):
+        past = flash_attention(q, k[:, :24], v[:, :24], causal=False, block_sizes=SMALL, interpret=True)
+        diag = flash_attention(q, k[:, 24:], v[:, 24:], causal=True, block_sizes=SMALL, interpret=True)
+        return merge_blocks(*past, *diag)
+
+    ours = outputs_and_grads(blocked, q, k, v, d_out, d_lse)
+    with jax.default_matmul_precision("highest"):
+        ref = outputs_and_grads(lambda q, k, v: (reference_attention(q, k, v, causal=True),
+                                                 reference_lse(q, k, True)), q, k, v, d_out, d_lse)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), ours, ref, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
 def test_rejects_bad_arguments_by_name():
