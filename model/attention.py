@@ -29,13 +29,21 @@ def reference_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: j
     return out_BxTxKxGxD.reshape(B, T, H, D).astype(q_BxTxHxD.dtype)
 
 
-def xla_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, *,
-                  causal: bool = True) -> jax.Array:
-    """`jax.nn.dot_product_attention` with the XLA implementation (GQA handled natively)."""
+def _dot_product_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, causal: bool,
+                           implementation: str) -> jax.Array:
+    """`jax.nn.dot_product_attention` (GQA handled natively); its causal mask is top-left aligned, so causal with
+    T != S (the last query aligned with the last key) falls back to the reference."""
     T, S = q_BxTxHxD.shape[1], k_BxSxKxD.shape[1]
     if causal and T != S:
         return reference_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, causal=True)
-    return jax.nn.dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, is_causal=causal, implementation="xla")
+    return jax.nn.dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, is_causal=causal,
+                                        implementation=implementation)
+
+
+def xla_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, *,
+                  causal: bool = True) -> jax.Array:
+    """`jax.nn.dot_product_attention` with the XLA implementation."""
+    return _dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, causal, "xla")
 
 
 def cudnn_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, *,
@@ -45,10 +53,7 @@ def cudnn_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.A
         raise ValueError(f"attention_impl 'cudnn' needs an NVIDIA GPU; this backend is {jax.default_backend()!r}")
     if q_BxTxHxD.dtype not in (jnp.bfloat16, jnp.float16):
         raise ValueError(f"attention_impl 'cudnn' needs bfloat16 or float16 inputs, got {q_BxTxHxD.dtype}")
-    T, S = q_BxTxHxD.shape[1], k_BxSxKxD.shape[1]
-    if causal and T != S:
-        return reference_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, causal=True)
-    return jax.nn.dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, is_causal=causal, implementation="cudnn")
+    return _dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, causal, "cudnn")
 
 
 def flash_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, *,

@@ -19,34 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 import warnings
 from collections.abc import Callable
 
-from scripts.common import fail, setup_logging
-
-
-def ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
-
-
-def seconds_per_call(fn: Callable, *args, warmup: int, iters: int, rounds: int = 3) -> float:
-    import jax
-
-    from model.kernels.triton import triton_deprecation_ignored
-
-    with triton_deprecation_ignored(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        for _ in range(warmup):
-            jax.block_until_ready(fn(*args))
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(iters):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        best = min(best, (time.perf_counter() - start) / iters)
-    return best
+from scripts.common import fail, ints, seconds_per_call, setup_logging
 
 
 def implementations(args: argparse.Namespace, causal: bool) -> dict[str, Callable]:

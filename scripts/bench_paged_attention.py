@@ -15,35 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model.kernels.triton import triton_deprecation_ignored
-from scripts.common import fail, setup_logging
+from scripts.common import fail, ints, seconds_per_call, setup_logging
 from serve.kernels.paged_attention import paged_attention, paged_attention_reference
-
-
-def ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
-
-
-def seconds_per_call(fn: Callable, *args, warmup: int, iters: int, rounds: int = 3) -> float:
-    """The best of `rounds` averages over `iters` back-to-back calls."""
-    with triton_deprecation_ignored():
-        for _ in range(warmup):
-            jax.block_until_ready(fn(*args))
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(iters):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        best = min(best, (time.perf_counter() - start) / iters)
-    return best
 
 
 def make_inputs(batch: int, kv_heads: int, group: int, head_dim: int, page_size: int, context: int, dtype,

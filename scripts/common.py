@@ -1,9 +1,13 @@
-"""What every command line shares: quiet third-party logs, and config errors as exit code 2."""
+"""What every command line shares: quiet third-party logs, config errors as exit code 2, list arguments, and
+the benchmarks' timer."""
 
 from __future__ import annotations
 
 import logging
 import sys
+import time
+import warnings
+from collections.abc import Callable
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -24,3 +28,29 @@ def fail(message: str, code: int = 2) -> None:
     """Print `message` as a command-line error and exit with `code`."""
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(code)
+
+
+def ints(text: str) -> list[int]:
+    """A comma-separated list of integers, e.g. "1024,4096"."""
+    return [int(x) for x in text.split(",") if x]
+
+
+def seconds_per_call(fn: Callable, *args, warmup: int, iters: int, rounds: int = 3) -> float:
+    """The best of `rounds` averages over `iters` back-to-back calls of `fn(*args)`, after `warmup` calls (which
+    compile it: JAX's Pallas-Triton and deprecation warnings are silenced there)."""
+    import jax
+
+    from model.kernels.triton import triton_deprecation_ignored
+
+    with triton_deprecation_ignored(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for _ in range(warmup):
+            jax.block_until_ready(fn(*args))
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(iters):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        best = min(best, (time.perf_counter() - start) / iters)
+    return best
