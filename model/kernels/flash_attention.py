@@ -122,15 +122,37 @@ def flash_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.A
         return _flash(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, static)
 
 
+def flash_attention_reference(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, *,
+                              causal: bool = True, scale: float | None = None, block_sizes: BlockSizes | None = None,
+                              interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+    """The kernel's pure-JAX reference, same signature (tiles and interpret ignored): dense float32 scores, the
+    same causal alignment, (out in q's dtype, lse [B, H, T] float32)."""
+    del block_sizes, interpret
+    B, T, H, D = q_BxTxHxD.shape
+    S, K = k_BxSxKxD.shape[1], k_BxSxKxD.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    q_BxTxKxGxD = q_BxTxHxD.reshape(B, T, K, H // K, D)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxSxKxD, preferred_element_type=jnp.float32,
+                        precision=jax.lax.Precision.HIGHEST) * scale
+    if causal:
+        scores = jnp.where(jnp.arange(T)[:, None] + (S - T) >= jnp.arange(S)[None, :], scores, -jnp.inf)
+    lse_BxKxGxT = jax.nn.logsumexp(scores, axis=-1)
+    probs = jnp.exp(scores - lse_BxKxGxT[..., None])
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxD.astype(jnp.float32),
+                     precision=jax.lax.Precision.HIGHEST)
+    return out.reshape(B, T, H, D).astype(q_BxTxHxD.dtype), lse_BxKxGxT.reshape(B, H, T)
+
+
 def merge_blocks(out_a: jax.Array, lse_a: jax.Array, out_b: jax.Array, lse_b: jax.Array
                  ) -> tuple[jax.Array, jax.Array]:
     """Attention over two disjoint key blocks from each block's (out [B, T, H, D], lse [B, H, T]): the softmax
-    over their union, as ring attention combines the blocks it receives. Differentiable (through both lse)."""
+    over their union, as ring attention combines the blocks it receives. Differentiable (through both lse). The
+    merged out is float32 whatever the inputs' dtype, so a chain of merges does not round at every step; cast
+    once at the end."""
     lse = jnp.logaddexp(lse_a, lse_b)
     w_a = jnp.exp(lse_a - lse).transpose(0, 2, 1)[..., None]  # [B, T, H, 1]
     w_b = jnp.exp(lse_b - lse).transpose(0, 2, 1)[..., None]
-    out = w_a * out_a.astype(jnp.float32) + w_b * out_b.astype(jnp.float32)
-    return out.astype(out_a.dtype), lse
+    return w_a * out_a.astype(jnp.float32) + w_b * out_b.astype(jnp.float32), lse
 
 
 # ----------------------------------------------------------------------------------------------------- padding

@@ -14,7 +14,7 @@ import pytest
 
 from model.attention import reference_attention
 from model.config import ModelConfig
-from model.kernels.flash_attention import BlockSizes, flash_attention, merge_blocks
+from model.kernels.flash_attention import BlockSizes, flash_attention, flash_attention_reference, merge_blocks
 from model.transformer import create_model
 
 SMALL = BlockSizes(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=32)
@@ -46,7 +46,7 @@ def outputs_and_grads(attend, q, k, v, d_out, d_lse):
         out, lse = attend(q, k, v)
         return jnp.sum(out.astype(jnp.float32) * d_out) + jnp.sum(lse * d_lse), (out, lse)
 
-    (_, (out, lse)), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    (_, (out, lse)), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
     return (out, lse, *grads)
 
 
@@ -105,6 +105,19 @@ def test_blocks_merged_by_lse_equal_whole_attention_with_gradients():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
+@pytest.mark.parametrize("T, S, H, K, D, causal", CASES)
+def test_module_reference_matches_test_reference(T, S, H, K, D, causal):
+    """`flash_attention_reference` (the kernel's same-signature reference) against this file's reference."""
+    q, k, v, d_out, d_lse = inputs(2, T, S, H, K, D, jnp.float32)
+    ours = outputs_and_grads(lambda q, k, v: flash_attention_reference(q, k, v, causal=causal), q, k, v, d_out,
+                             d_lse)
+    with jax.default_matmul_precision("highest"):
+        ref = outputs_and_grads(lambda q, k, v: (reference_attention(q, k, v, causal=causal),
+                                                 reference_lse(q, k, causal)), q, k, v, d_out, d_lse)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), ours, ref, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
 def test_rejects_bad_arguments_by_name():
     q, k, v, *_ = inputs(1, 8, 4, 2, 2, 16, jnp.float32)
     with pytest.raises(ValueError, match="T <= S; got T = 8, S = 4"):
@@ -134,7 +147,7 @@ def test_model_with_flash_attention_matches_reference_attention():
             return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
 
         with jax.default_matmul_precision("highest"):
-            return jax.value_and_grad(loss)(params)
+            return jax.jit(jax.value_and_grad(loss))(params)
 
     (l_flash, g_flash), (l_ref, g_ref) = loss_and_grads("flash"), loss_and_grads("reference")
     np.testing.assert_allclose(l_flash, l_ref, rtol=1e-5)
