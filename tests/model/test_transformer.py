@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from model.attention import attention, reference_attention, xla_attention
+from model.attention import attention, flash_attention, reference_attention, xla_attention
 from model.presets import get_preset
 from model.transformer import create_model
 from train.step import loss_fn
@@ -199,7 +199,7 @@ def qkv(T: int, S: int, H: int, K: int, D: int = 8, seed: int = 0):
             jnp.asarray(rng.standard_normal((2, S, K, D)), jnp.float32))
 
 
-IMPLS = {"reference": reference_attention, "xla": xla_attention}
+IMPLS = {"reference": reference_attention, "xla": xla_attention, "flash": flash_attention}  # flash: interpreted
 
 
 @pytest.mark.parametrize("impl", sorted(IMPLS))
@@ -223,6 +223,12 @@ def test_attention_fewer_queries_than_keys(impl):
     assert_close_to_ref(causal_out[:, -1], full[:, -1])
     assert not np.allclose(causal_out[:, 0], full[:, 0], atol=1e-3)  # the first query does not see the last keys
     assert_close_to_ref(IMPLS[impl](q, k, v, causal=False), full)
+
+
+def test_cudnn_off_gpu_is_refused_by_name():
+    q, k, v = qkv(T=2, S=2, H=2, K=2)
+    with pytest.raises(ValueError, match="'cudnn' needs an NVIDIA GPU; this backend is 'cpu'"):
+        attention(q, k, v, impl="cudnn")
 
 
 def test_attention_unknown_impl():
