@@ -11,6 +11,7 @@ import jax.numpy as jnp
 ATTENTION_IMPLS = ("reference", "xla", "cudnn", "flash")
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOGITS_GRAD_DTYPES = ("float32", "compute")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,7 +19,11 @@ class ModelConfig:
     """Llama-style decoder: pre-norm blocks of RMSNorm, GQA attention with RoPE, and a SwiGLU MLP.
 
     `dtype` is the compute dtype ("auto" = bfloat16 on GPU/TPU, float32 on CPU); parameters live in
-    `param_dtype`; logits and the loss are always float32.
+    `param_dtype`; logits and the loss are always float32. `logits_grad_dtype="compute"` rounds the logits'
+    gradient to the compute dtype before the LM head's backward matmuls (which otherwise run in float32).
+    `scan_layers=False` runs the layer stack as an unrolled Python loop instead of `jax.lax.scan` (longer
+    compiles; no per-layer dynamic slices and updates of the stacked weights and gradients). Both are off by
+    default until a GPU measurement says they pay (docs/BENCHMARKS.md, the 350m profile).
     """
 
     vocab_size: int = 259
@@ -36,6 +41,8 @@ class ModelConfig:
     param_dtype: str = "float32"
     attention_impl: str = "xla"
     remat: str = "none"
+    scan_layers: bool = True
+    logits_grad_dtype: str = "float32"
     qkv_bias: bool = False
     init_std: float = 0.02
 
@@ -63,7 +70,10 @@ class ModelConfig:
             raise ValueError(f"model.attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"model.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
-        for name in ("tie_embeddings", "qkv_bias"):
+        if self.logits_grad_dtype not in LOGITS_GRAD_DTYPES:
+            raise ValueError(f"model.logits_grad_dtype must be one of {LOGITS_GRAD_DTYPES}, got "
+                             f"{self.logits_grad_dtype!r}")
+        for name in ("tie_embeddings", "qkv_bias", "scan_layers"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"model.{name} must be true or false, got {getattr(self, name)!r}")
 

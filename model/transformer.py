@@ -112,8 +112,11 @@ class Transformer(nnx.Module):
         """The final norm and LM head: hidden states [B, T, d_model] -> float32 logits [B, T, vocab]."""
         x_BxTxD = self.final_norm(x_BxTxD)
         head_DxV = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
-        logits_BxTxV = jnp.einsum("btd,dv->btv", x_BxTxD, head_DxV.astype(self.cfg.compute_dtype),
-                                  preferred_element_type=jnp.float32)
+        head_DxV = head_DxV.astype(self.cfg.compute_dtype)
+        if self.cfg.logits_grad_dtype == "compute":
+            logits_BxTxV = _head_with_compute_dtype_grad(x_BxTxD, head_DxV)
+        else:
+            logits_BxTxV = jnp.einsum("btd,dv->btv", x_BxTxD, head_DxV, preferred_element_type=jnp.float32)
         return axes.constrain(logits_BxTxV, (axes.BATCH, axes.LENGTH, axes.VOCAB))
 
     def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None) -> jax.Array:
@@ -130,8 +133,34 @@ class Transformer(nnx.Module):
 
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        x_BxTxD, _ = jax.lax.scan(layer, x_BxTxD, stacked)
+        if cfg.scan_layers:
+            x_BxTxD, _ = jax.lax.scan(layer, x_BxTxD, stacked)
+        else:
+            for i in range(cfg.n_layers):
+                x_BxTxD, _ = layer(x_BxTxD, jax.tree.map(lambda a, i=i: a[i], stacked))
         return self.logits(x_BxTxD)
+
+
+@jax.custom_vjp
+def _head_with_compute_dtype_grad(x_BxTxD: jax.Array, head_DxV: jax.Array) -> jax.Array:
+    """x @ head with float32 output; the backward rounds the float32 cotangent to x's dtype first, so both
+    gradient matmuls run in the compute dtype (bfloat16 on GPU) rather than as float32 GEMMs."""
+    return jnp.einsum("btd,dv->btv", x_BxTxD, head_DxV, preferred_element_type=jnp.float32)
+
+
+def _head_fwd(x_BxTxD: jax.Array, head_DxV: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return _head_with_compute_dtype_grad(x_BxTxD, head_DxV), (x_BxTxD, head_DxV)
+
+
+def _head_bwd(residuals: tuple[jax.Array, jax.Array], g_BxTxV: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x_BxTxD, head_DxV = residuals
+    g_BxTxV = g_BxTxV.astype(x_BxTxD.dtype)
+    dx = jnp.einsum("btv,dv->btd", g_BxTxV, head_DxV, preferred_element_type=jnp.float32)
+    dhead = jnp.einsum("btd,btv->dv", x_BxTxD, g_BxTxV, preferred_element_type=jnp.float32)
+    return dx.astype(x_BxTxD.dtype), dhead.astype(head_DxV.dtype)
+
+
+_head_with_compute_dtype_grad.defvjp(_head_fwd, _head_bwd)
 
 
 def create_model(cfg: ModelConfig, seed: int = 0) -> Transformer:

@@ -271,3 +271,43 @@ def test_bfloat16_compute_close_to_float32():
     assert np.linalg.norm(diff) / np.linalg.norm(ref) < 2e-2
     assert np.abs(diff).max() / np.abs(ref).max() < 4e-2
     assert np.linalg.norm(diff) / np.linalg.norm(ref) > 1e-4  # it really computed in bf16 (fp32 would give ~1e-7)
+
+
+# ---------------------------------------------------------------- layer loop and head-gradient dtype
+
+def _loss_and_grads(cfg, tokens: jax.Array):
+    model = create_model(cfg)
+    graphdef, params = nnx.split(model)
+
+    def loss(params):
+        logits = nnx.merge(graphdef, params)(tokens)
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 1]), logits
+
+    (value, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    return value, logits, grads
+
+
+def test_unrolled_layers_equal_scanned_layers():
+    """scan_layers=False (a Python loop over the same stacked weights) against the scan: logits and gradients."""
+    cfg = TINY.replace(dtype="float32", remat="full")
+    tokens = jax.random.randint(jax.random.key(3), (2, 12), 0, cfg.vocab_size)
+    scanned, unrolled = _loss_and_grads(cfg, tokens), _loss_and_grads(cfg.replace(scan_layers=False), tokens)
+    np.testing.assert_allclose(unrolled[1], scanned[1], rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(unrolled[2]), jax.tree.leaves(scanned[2]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_logits_grad_in_compute_dtype():
+    """float32 compute: bit-identical to the default. bfloat16 compute: the same logits, and gradients within
+    bfloat16 rounding of the float32-cotangent ones (the head's backward is the only change)."""
+    tokens = jax.random.randint(jax.random.key(4), (2, 12), 0, TINY.vocab_size)
+    for dtype, tol in (("float32", 0.0), ("bfloat16", 2e-2)):
+        cfg = TINY.replace(dtype=dtype)
+        base, rounded = _loss_and_grads(cfg, tokens), _loss_and_grads(cfg.replace(logits_grad_dtype="compute"),
+                                                                       tokens)
+        np.testing.assert_array_equal(rounded[1], base[1])
+        for a, b in zip(jax.tree.leaves(rounded[2]), jax.tree.leaves(base[2]), strict=True):
+            scale = float(jnp.max(jnp.abs(b))) or 1.0
+            np.testing.assert_allclose(a, b, rtol=tol, atol=tol * scale)
+    with pytest.raises(ValueError, match="logits_grad_dtype must be one of"):
+        TINY.replace(logits_grad_dtype="bfloat16")
