@@ -1,4 +1,5 @@
 # make demo | make test | make bench — each creates .venv and installs meshlm into it on first use.
+# make bench-gpu — on an NVIDIA GPU machine, with its own CUDA-enabled Python (see the target).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -10,7 +11,7 @@ DEMO_OUT ?= runs/demo
 DEMO_ARGS ?= --preset small --steps 640 --set train.batch_size=16 --set train.seq_len=256 --set train.lr=5e-3 \
              --set train.warmup_steps=50 --set train.eval_every=320 --set train.ckpt_every=320 --set train.eval_batches=16
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench bench-gpu clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +32,23 @@ test: $(VENV)/.installed-dev
 bench: $(VENV)/.installed
 	$(BIN)/python -m scripts.bench_train --preset small
 	$(BIN)/python -m scripts.bench_laws
+
+# On a machine with an NVIDIA GPU, with a Python whose JAX has CUDA (e.g. `pip install -e . "jax[cuda12]"`; not
+# .venv, which gets the CPU build): the kernels compiled for real, then every GPU figure in docs/BENCHMARKS.md.
+GPU_PYTHON ?= python3
+GPU_RUN := PYTHONPATH=. $(GPU_PYTHON) -m
+bench-gpu:
+	JAX_PLATFORMS=cuda $(GPU_RUN) pytest -q -m gpu
+	$(GPU_RUN) scripts.bench_kernels
+	$(GPU_RUN) scripts.bench_paged_attention
+	for impl in xla cudnn flash; do for preset in 125m 350m; do \
+	  $(GPU_RUN) scripts.bench_train --preset $$preset --batch-size 16 --set model.attention_impl=$$impl || true; done; done
+	$(GPU_RUN) scripts.bench_train --preset 350m --batch-size 16 --set model.attention_impl=cudnn \
+	  --set model.logits_grad_dtype=compute
+	$(GPU_RUN) scripts.bench_train --preset 350m --batch-size 16 --set model.attention_impl=cudnn \
+	  --set model.scan_layers=false
+	$(GPU_RUN) scripts.bench_serving --preset small --set model.max_seq_len=1024 --prompt-median 192 \
+	  --output-median 96 --requests 200 --rates inf,8 --token-budget 128
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

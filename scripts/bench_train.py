@@ -18,7 +18,7 @@ import os
 import sys
 import time
 
-from scripts.common import fail, setup_logging
+from scripts.common import fail, out_of_memory, setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,13 +51,18 @@ def main(argv: list[str] | None = None) -> int:
         meshes = [parse_mesh(m) for m in args.mesh or ["data=-1"]]
     except ValueError as e:
         fail(str(e))
+    code = 0
     for mesh_cfg in meshes:
         try:
             result = bench(cfg, mesh_cfg, args.steps, args.peak_tflops)
         except ValueError as e:
             fail(str(e))
+        except Exception as e:  # out of memory is reported per layout and the next one still runs
+            if (message := out_of_memory(e)) is None:
+                raise
+            result, code = {"mesh": mesh_cfg.describe(), "batch_size": cfg.train.batch_size, "error": message}, 1
         print(json.dumps({"preset": args.preset, "device": jax.devices()[0].device_kind, **result}), flush=True)
-    return 0
+    return code
 
 
 def bench(cfg, mesh_cfg, steps: int, peak_tflops: float | None) -> dict:

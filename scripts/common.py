@@ -4,6 +4,7 @@ the benchmarks' timer."""
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 import warnings
@@ -54,3 +55,14 @@ def seconds_per_call(fn: Callable, *args, warmup: int, iters: int, rounds: int =
         jax.block_until_ready(out)
         best = min(best, (time.perf_counter() - start) / iters)
     return best
+
+
+def out_of_memory(error: BaseException) -> str | None:
+    """A one-line explanation if `error` is XLA running out of device memory (RESOURCE_EXHAUSTED), else None:
+    what was asked for and what to change, instead of XLA's allocator dump."""
+    text = str(error)
+    if "RESOURCE_EXHAUSTED" not in text:
+        return None
+    asked = re.search(r"allocate ([\d.]+\s*[KMGT]i?B)", text)
+    return (f"out of device memory{f' (asked for {asked.group(1)})' if asked else ''}: lower the batch size, set "
+            f"model.remat=full (or dots), or shard the state with a mesh (e.g. --mesh fsdp=N)")

@@ -13,7 +13,7 @@ import sys
 
 from tqdm import tqdm
 
-from scripts.common import fail, setup_logging
+from scripts.common import fail, out_of_memory, setup_logging
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -131,6 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         bar.close()
         fail(str(e))
+    except Exception as e:  # XLA's out-of-memory: one line, not the allocator's dump
+        if (message := out_of_memory(e)) is None:
+            raise
+        bar.close()
+        fail(f"{message}; checkpoints already written in {args.out} are kept", code=1)
     bar.close()
     say(f"done: step {last.get('step')}  " + "  ".join(f"{k} {v:.4f}" for k, v in last.items()
                                                        if k.startswith("val") and v is not None))
