@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax.core import spmd
 
+from model import axes
 from model.kernels import flash_attention as kernels
 
 
@@ -59,12 +61,26 @@ def cudnn_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.A
 def flash_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, *,
                     causal: bool = True) -> jax.Array:
     """Our Pallas flash-attention kernel (`model/kernels/flash_attention.py`): compiled through Triton on NVIDIA
-    GPUs, in interpret mode on CPU (slow; for tests)."""
+    GPUs, in interpret mode on CPU (slow; for tests). Under a device mesh with logical-axis rules active (the
+    training step), it runs per device through `shard_map` over the batch and head shards: XLA cannot partition
+    a Pallas call, and would otherwise gather every input onto every device. A sequence-sharded length is
+    gathered first (per-shard causal attention would be wrong; ring attention is the scalable path)."""
     backend = jax.default_backend()
     if backend not in ("gpu", "cpu"):
         raise ValueError(f"attention_impl 'flash' runs on NVIDIA GPUs (or interpreted on CPU), not {backend!r}")
-    out, _ = kernels.flash_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, causal=causal, interpret=backend == "cpu")
-    return out
+
+    def local(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array) -> jax.Array:
+        return kernels.flash_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, causal=causal,
+                                       interpret=backend == "cpu")[0]
+
+    rules = spmd.get_logical_axis_rules()
+    mesh = jax.sharding.get_abstract_mesh()
+    if not rules or mesh.empty or mesh.size == 1:
+        return local(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD)
+    q_spec = jax.sharding.PartitionSpec(*spmd.from_sharding_rules((axes.BATCH, None, axes.HEADS, None), rules))
+    kv_spec = jax.sharding.PartitionSpec(*spmd.from_sharding_rules((axes.BATCH, None, axes.KV_HEADS, None), rules))
+    return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
+                         check_vma=False)(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD)
 
 
 IMPLEMENTATIONS = {"reference": reference_attention, "xla": xla_attention, "cudnn": cudnn_attention,
