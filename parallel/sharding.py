@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from model import axes
 from model.config import ModelConfig
+from model.kernels.triton import triton_deprecation_ignored
 from model.transformer import create_model
 from parallel.rules import Rules, activation_rules, logical_to_spec
 
@@ -106,9 +107,11 @@ class MeshFunction:
         self.jitted, self.mesh, self.activation_rules = jitted, mesh, activation_rules(rules)
 
     def __call__(self, *args: Any) -> Any:
-        with jax.set_mesh(self.mesh), spmd.logical_axis_rules(self.activation_rules):
+        with jax.set_mesh(self.mesh), spmd.logical_axis_rules(self.activation_rules), triton_deprecation_ignored():
             return self.jitted(*args)
 
     def lower(self, *args: Any) -> Any:
-        with jax.set_mesh(self.mesh), spmd.logical_axis_rules(self.activation_rules):
+        """Lowering is where our Pallas kernels (attention_impl="flash") meet JAX 0.11's Triton-deprecation
+        warning; it is filtered here."""
+        with jax.set_mesh(self.mesh), spmd.logical_axis_rules(self.activation_rules), triton_deprecation_ignored():
             return self.jitted.lower(*args)
