@@ -22,8 +22,10 @@ class ModelConfig:
     `param_dtype`; logits and the loss are always float32. `logits_grad_dtype="compute"` rounds the logits'
     gradient to the compute dtype before the LM head's backward matmuls (which otherwise run in float32).
     `scan_layers=False` runs the layer stack as an unrolled Python loop instead of `jax.lax.scan` (longer
-    compiles; no per-layer dynamic slices and updates of the stacked weights and gradients). Both are off by
-    default until a GPU measurement says they pay (docs/BENCHMARKS.md, the 350m profile).
+    compiles; no per-layer dynamic slices and updates of the stacked weights and gradients). `loss_chunks=n`
+    fuses the LM head with the cross-entropy over n chunks of the sequence (model/loss.py), so the float32
+    [B, T, vocab] logits and their gradient are never materialised whole. All three are off by default until a
+    GPU measurement says they pay (docs/BENCHMARKS.md, the 350m profile).
     """
 
     vocab_size: int = 259
@@ -43,6 +45,7 @@ class ModelConfig:
     remat: str = "none"
     scan_layers: bool = True
     logits_grad_dtype: str = "float32"
+    loss_chunks: int = 0
     qkv_bias: bool = False
     init_std: float = 0.02
 
@@ -52,6 +55,9 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.loss_chunks, int) or isinstance(self.loss_chunks, bool) or self.loss_chunks < 0:
+            raise ValueError(f"model.loss_chunks must be a non-negative integer (0: whole logits), "
+                             f"got {self.loss_chunks!r}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads ({self.n_kv_heads})")

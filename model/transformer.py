@@ -12,6 +12,7 @@ from flax import nnx
 from model import axes
 from model.attention import attention
 from model.config import ModelConfig
+from model.loss import cross_entropy, linear_cross_entropy
 from model.layers import MLP, RMSNorm, apply_rope, normal, param, rope_tables
 
 Attend = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # (q_BxTxHxD, k_BxTxKxD, v_BxTxKxD) -> out_BxTxHxD
@@ -108,18 +109,22 @@ class Transformer(nnx.Module):
         x_BxTxD = jnp.take(table_VxD, tokens_BxT, axis=0).astype(self.cfg.compute_dtype)
         return axes.constrain(x_BxTxD, (axes.BATCH, axes.LENGTH, axes.EMBED))
 
+    def head(self) -> jax.Array:
+        """The LM head [d_model, vocab] in the compute dtype (the embedding's transpose when tied)."""
+        head_DxV = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+        return head_DxV.astype(self.cfg.compute_dtype)
+
     def logits(self, x_BxTxD: jax.Array) -> jax.Array:
         """The final norm and LM head: hidden states [B, T, d_model] -> float32 logits [B, T, vocab]."""
         x_BxTxD = self.final_norm(x_BxTxD)
-        head_DxV = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
-        head_DxV = head_DxV.astype(self.cfg.compute_dtype)
         if self.cfg.logits_grad_dtype == "compute":
-            logits_BxTxV = _head_with_compute_dtype_grad(x_BxTxD, head_DxV)
+            logits_BxTxV = _head_with_compute_dtype_grad(x_BxTxD, self.head())
         else:
-            logits_BxTxV = jnp.einsum("btd,dv->btv", x_BxTxD, head_DxV, preferred_element_type=jnp.float32)
+            logits_BxTxV = jnp.einsum("btd,dv->btv", x_BxTxD, self.head(), preferred_element_type=jnp.float32)
         return axes.constrain(logits_BxTxV, (axes.BATCH, axes.LENGTH, axes.VOCAB))
 
-    def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None) -> jax.Array:
+    def hidden(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None) -> jax.Array:
+        """Token ids [B, T] -> the last block's output [B, T, d_model] (before the final norm)."""
         cfg = self.cfg
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
@@ -138,7 +143,20 @@ class Transformer(nnx.Module):
         else:
             for i in range(cfg.n_layers):
                 x_BxTxD, _ = layer(x_BxTxD, jax.tree.map(lambda a, i=i: a[i], stacked))
-        return self.logits(x_BxTxD)
+        return x_BxTxD
+
+    def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None) -> jax.Array:
+        return self.logits(self.hidden(tokens_BxT, positions_BxT))
+
+    def loss(self, tokens_BxT: jax.Array, targets_BxT: jax.Array) -> jax.Array:
+        """Mean cross-entropy (nats) of predicting `targets` from `tokens`; with `loss_chunks` the LM head and the
+        loss are fused chunk by chunk (model/loss.py) and the [B, T, vocab] logits are never materialised."""
+        cfg = self.cfg
+        if not cfg.loss_chunks:
+            return cross_entropy(self(tokens_BxT), targets_BxT)
+        grad_dtype = cfg.compute_dtype if cfg.logits_grad_dtype == "compute" else jnp.float32
+        x_BxTxD = self.final_norm(self.hidden(tokens_BxT))
+        return linear_cross_entropy(x_BxTxD, self.head(), targets_BxT, cfg.loss_chunks, grad_dtype)
 
 
 @jax.custom_vjp

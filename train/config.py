@@ -84,6 +84,9 @@ class RunConfig:
         if self.train.seq_len > self.model.max_seq_len:
             raise ValueError(f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len "
                              f"({self.model.max_seq_len})")
+        if self.model.loss_chunks and self.train.seq_len % self.model.loss_chunks:
+            raise ValueError(f"train.seq_len ({self.train.seq_len}) must be a multiple of model.loss_chunks "
+                             f"({self.model.loss_chunks})")
 
     def to_dict(self) -> dict[str, Any]:
         return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}

@@ -13,18 +13,9 @@ from flax import nnx
 TrainState = dict[str, Any]  # {"params": pure dict, "opt_state": optax state, "step": int32 scalar}
 
 
-def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
-    """Mean next-token cross-entropy in nats, in float32."""
-    logits = logits_BxTxV.astype(jnp.float32)
-    logz_BxT = jax.nn.logsumexp(logits, axis=-1)
-    target_logit_BxT = jnp.take_along_axis(logits, targets_BxT[..., None], axis=-1)[..., 0]
-    return jnp.mean(logz_BxT - target_logit_BxT)
-
-
 def loss_fn(params: dict, graphdef: nnx.GraphDef, tokens_BxL1: jax.Array) -> jax.Array:
     """Loss of the model (`graphdef` + `params`) predicting tokens[:, 1:] from tokens[:, :-1]."""
-    model = nnx.merge(graphdef, params)
-    return cross_entropy(model(tokens_BxL1[:, :-1]), tokens_BxL1[:, 1:])
+    return nnx.merge(graphdef, params).loss(tokens_BxL1[:, :-1], tokens_BxL1[:, 1:])
 
 
 def init_train_state(params: dict, optimizer: optax.GradientTransformation) -> TrainState:

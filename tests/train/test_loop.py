@@ -40,7 +40,7 @@ def test_restored_model_reproduces_the_final_evaluation(tmp_path):
     assert loaded_cfg == cfg
     from train.data import batch_at, load_corpus
     from train.loop import EVAL_SEED
-    from train.step import cross_entropy
+    from model.loss import cross_entropy
 
     corpus = load_corpus(None)
     losses = []

@@ -24,7 +24,8 @@ from model.presets import get_preset
 from model.transformer import create_model
 from train.config import TrainConfig
 from train.optimizer import lr_schedule
-from train.step import cross_entropy, init_train_state, loss_fn, make_eval_step, make_train_step
+from model.loss import cross_entropy
+from train.step import init_train_state, loss_fn, make_eval_step, make_train_step
 
 CFG = get_preset("tiny").replace(dtype="float32")
 
