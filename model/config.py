@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-ATTENTION_IMPLS = ("reference", "xla", "cudnn", "flash")
+ATTENTION_IMPLS = ("reference", "xla", "cudnn", "flash", "ring", "ulysses")
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOGITS_GRAD_DTYPES = ("float32", "compute")

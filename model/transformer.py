@@ -12,8 +12,8 @@ from flax import nnx
 from model import axes
 from model.attention import attention
 from model.config import ModelConfig
-from model.loss import cross_entropy, linear_cross_entropy
 from model.layers import MLP, RMSNorm, apply_rope, normal, param, rope_tables
+from model.loss import cross_entropy, linear_cross_entropy
 
 Attend = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # (q_BxTxHxD, k_BxTxKxD, v_BxTxKxD) -> out_BxTxHxD
 

@@ -91,6 +91,11 @@ class MeshConfig:
                              f"({batch_ways})")
         if seq_len is not None and seq_len % self.sequence:
             raise ValueError(f"train.seq_len ({seq_len}) must be divisible by mesh.sequence ({self.sequence})")
+        heads_per_shard = model_cfg.n_heads // self.tensor
+        if model_cfg.attention_impl == "ulysses" and heads_per_shard % self.sequence:
+            raise ValueError(f"attention_impl 'ulysses' splits each tensor shard's heads (model.n_heads / "
+                             f"mesh.tensor = {heads_per_shard}) over mesh.sequence ({self.sequence}); use a "
+                             f"sequence size that divides {heads_per_shard}, or attention_impl 'ring'")
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:

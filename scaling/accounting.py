@@ -271,9 +271,10 @@ def comm_bytes(cfg: ModelConfig, layout: Layout, micro_batch: int, seq_len: int,
                 middle stage both; with p = 2 each stage one): m * (1 if p == 2 else 2) * X / t (the residual
                 stream is sharded over t under sequence parallelism, Megatron's scatter/gather otherwise)
       sequence  ulysses: per layer, all-to-alls of q, k, v before attention and of its output after, forward and
-                again backward: m * L' * 2 * (n-1)/n * b*s'*d*(2a + 2k)/t * compute_bytes
-                ring: per layer, n-1 ppermutes of the local K and V blocks forward, and of K, V and their
-                gradients backward: m * L' * 3 * (n-1) * b*s'*2k*d/t * compute_bytes
+                again backward: m * L' * 2 * (n-1)/n * b*s'*d*(2a + 2k')/t * compute_bytes, with k' = k when
+                each tensor shard's k/t KV heads split n ways, else a (K and V repeated per query head first)
+                ring: per layer, n-1 ppermutes of the local K and V blocks forward, and n-1 of their gradients
+                backward (K and V are kept, not sent again): m * L' * 2 * (n-1) * b*s'*2k*d/t * compute_bytes
       expert    MoE all-to-alls (`_expert_comm_bytes`); 0 for dense models
 
     Every entry is 0 when its dimension is 1 (the data entry also needs sequence = expert = 1). Not counted: the
@@ -303,9 +304,10 @@ def comm_bytes(cfg: ModelConfig, layout: Layout, micro_batch: int, seq_len: int,
     }
     d, a, k = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
     if sequence_impl == "ulysses":
-        out["sequence"] = m * layers * 2 * (n - 1) / n * b * s_local * d * (2 * a + 2 * k) / t * compute_bytes
+        k_sent = k if (k // t) % n == 0 else a
+        out["sequence"] = m * layers * 2 * (n - 1) / n * b * s_local * d * (2 * a + 2 * k_sent) / t * compute_bytes
     else:
-        out["sequence"] = m * layers * 3 * (n - 1) * b * s_local * 2 * k * d / t * compute_bytes
+        out["sequence"] = m * layers * 2 * (n - 1) * b * s_local * 2 * k * d / t * compute_bytes
     out = {key: math.ceil(value) for key, value in out.items()}
     out["total"] = sum(out.values())
     return out

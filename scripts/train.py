@@ -67,7 +67,8 @@ def explain_step(compiled, plan, cfg) -> str:
     m, t = plan.mesh_cfg, cfg.train
     rows = compare(report, cfg.model, micro_batch=t.batch_size // t.grad_accum // (m.data * m.fsdp * m.expert),
                    seq_len=t.seq_len, n_microbatches=t.grad_accum, param_bytes=cfg.model.weight_dtype.itemsize,
-                   compute_bytes=cfg.model.compute_dtype.itemsize)
+                   compute_bytes=cfg.model.compute_dtype.itemsize,
+                   sequence_impl="ring" if cfg.model.attention_impl == "ring" else "ulysses")
     return f"{format_report(report)}\n\nagainst scaling.accounting:\n{format_comparison(rows)}"
 
 

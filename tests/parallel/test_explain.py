@@ -250,10 +250,10 @@ TINY_PARAMS = 259 * 64 + 2 * (64 * 4 * 16 + 2 * 64 * 2 * 16 + 4 * 16 * 64 + 3 * 
 
 
 @functools.cache
-def train_step(mesh_text):
+def train_step(mesh_text, cfg=TINY):
     mesh_cfg = parse_mesh(mesh_text).resolve(len(jax.devices()))
     mesh, rules = make_mesh(mesh_cfg), rules_for(mesh_cfg)
-    graphdef, params, shardings = create_sharded_params(TINY, mesh, rules, seed=0)
+    graphdef, params, shardings = create_sharded_params(cfg, mesh, rules, seed=0)
     optimizer = make_optimizer(TCFG)
     state_shardings = train_state_shardings(shardings, params, optimizer, mesh)
     state = init_sharded_train_state(params, optimizer, state_shardings)
@@ -262,7 +262,7 @@ def train_step(mesh_text):
     batch = jax.device_put(tokens, NamedSharding(mesh, batch_sharding(mesh, rules).spec))
     report = explain(step.lower(state, batch).compile(), mesh)
     shard_bytes = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves((state, batch)))
-    layer_bytes = sum(x.nbytes for x in jax.tree.leaves(params["blocks"])) // TINY.n_layers
+    layer_bytes = sum(x.nbytes for x in jax.tree.leaves(params["blocks"])) // cfg.n_layers
     return report, mesh_cfg, shard_bytes, layer_bytes
 
 
@@ -331,3 +331,20 @@ def test_tensor_parallel_all_reduces_activations_in_the_layer_loop():
     assert rows["data"].ratio >= ACCUM * 0.9, rows["data"]
     text = format_comparison(tuple(rows.values()))
     assert "tensor" in text and "memory: total" in text
+
+
+@pytest.mark.parametrize("impl, kind", [("ring", "collective-permute"), ("ulysses", "all-to-all")])
+def test_sequence_parallel_attention_sends_what_the_accounting_counts(impl, kind):
+    """On data=2,sequence=4 the layer loop's sequence collectives carry exactly comm_bytes' "sequence" entry: the
+    ring's 3 hops of K and V forward and of their gradients backward; Ulysses' all-to-alls of q, k, v and out,
+    forward and backward (8 query and 4 KV heads: K and V split 4 ways as they are)."""
+    cfg = dataclasses.replace(TINY, attention_impl=impl, n_heads=8, n_kv_heads=4)
+    report, mesh_cfg, _, _ = train_step("data=2,sequence=4", cfg)
+    in_layers = [c for c in report.collectives if c.axes == ("sequence",) and c.count == cfg.n_layers * ACCUM]
+    # besides the attention's collectives, only the reduction of each layer's weight gradients over the shards
+    assert {c.kind for c in in_layers} == {kind, "all-reduce"}
+    assert all(c.kind != "all-gather" for c in report.collectives)  # the sequence is never gathered
+    in_layers = [c for c in in_layers if c.kind == kind]
+    predicted = comm_bytes(cfg, layout_of(mesh_cfg.sizes()), micro_batch=ROWS // 2, seq_len=TCFG.seq_len,
+                           n_microbatches=ACCUM, compute_bytes=4, sequence_impl=impl)["sequence"]
+    assert sum(c.sent_bytes_per_step for c in in_layers) == predicted

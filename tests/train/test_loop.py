@@ -38,9 +38,9 @@ def test_restored_model_reproduces_the_final_evaluation(tmp_path):
     last = train(cfg, tmp_path)
     loaded_cfg, model = load_params(tmp_path)
     assert loaded_cfg == cfg
+    from model.loss import cross_entropy
     from train.data import batch_at, load_corpus
     from train.loop import EVAL_SEED
-    from model.loss import cross_entropy
 
     corpus = load_corpus(None)
     losses = []

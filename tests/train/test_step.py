@@ -20,11 +20,11 @@ import optax
 import pytest
 from flax import nnx
 
+from model.loss import cross_entropy
 from model.presets import get_preset
 from model.transformer import create_model
 from train.config import TrainConfig
 from train.optimizer import lr_schedule
-from model.loss import cross_entropy
 from train.step import init_train_state, loss_fn, make_eval_step, make_train_step
 
 CFG = get_preset("tiny").replace(dtype="float32")
