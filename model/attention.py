@@ -132,8 +132,8 @@ def ring_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Ar
     """Sequence-parallel attention (`parallel/ring_attention.py`): with the sequence sharded over the mesh's
     `sequence` axis, key/value chunks go around the ring and each device attends its query chunk with our flash
     kernel per block; nothing gathers the sequence. Without a sequence axis it is `flash`."""
-    block = parallel_ring.flash_block(_kernel_interpret("ring"))
-    out = _sequence_parallel("ring", functools.partial(parallel_ring.ring_attention, block=block),
+    interpret = _kernel_interpret("ring")
+    out = _sequence_parallel("ring", functools.partial(parallel_ring.ring_attention, interpret=interpret),
                              q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, causal)
     return flash_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, causal=causal) if out is None else out
 

@@ -273,8 +273,9 @@ def comm_bytes(cfg: ModelConfig, layout: Layout, micro_batch: int, seq_len: int,
       sequence  ulysses: per layer, all-to-alls of q, k, v before attention and of its output after, forward and
                 again backward: m * L' * 2 * (n-1)/n * b*s'*d*(2a + 2k')/t * compute_bytes, with k' = k when
                 each tensor shard's k/t KV heads split n ways, else a (K and V repeated per query head first)
-                ring: per layer, n-1 ppermutes of the local K and V blocks forward, and n-1 of their gradients
-                backward (K and V are kept, not sent again): m * L' * 2 * (n-1) * b*s'*2k*d/t * compute_bytes
+                ring: per layer, n-1 ppermutes of the local K and V blocks forward; backward, K and V go
+                around again (n-1 hops) with their float32 gradients beside them (n hops: the last brings them
+                home): m * L' * b*s'*2k*d/t * (2*(n-1) * compute_bytes + n * 4)
       expert    MoE all-to-alls (`_expert_comm_bytes`); 0 for dense models
 
     Every entry is 0 when its dimension is 1 (the data entry also needs sequence = expert = 1). Not counted: the
@@ -307,7 +308,7 @@ def comm_bytes(cfg: ModelConfig, layout: Layout, micro_batch: int, seq_len: int,
         k_sent = k if (k // t) % n == 0 else a
         out["sequence"] = m * layers * 2 * (n - 1) / n * b * s_local * d * (2 * a + 2 * k_sent) / t * compute_bytes
     else:
-        out["sequence"] = m * layers * 2 * (n - 1) * b * s_local * 2 * k * d / t * compute_bytes
+        out["sequence"] = m * layers * b * s_local * 2 * k * d / t * (2 * (n - 1) * compute_bytes + n * 4)
     out = {key: math.ceil(value) for key, value in out.items()}
     out["total"] = sum(out.values())
     return out

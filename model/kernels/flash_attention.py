@@ -122,6 +122,28 @@ def flash_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.A
         return _flash(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, static)
 
 
+def flash_attention_block_grads(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array,
+                                do_BxTxHxD: jax.Array, lse_BxHxT: jax.Array, delta_BxHxT: jax.Array, *,
+                                causal: bool = True, scale: float | None = None,
+                                block_sizes: BlockSizes | None = None, interpret: bool = False
+                                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The backward kernels for one key/value block of a larger attention: (dq, dk, dv) of this block's share,
+    given the whole attention's lse [B, H, T] and delta = rowsum(dO * O) - dlse [B, H, T] (float32). Summed
+    over the blocks they give the gradients of the whole; this is how ring attention's backward runs without
+    keeping the blocks it saw. dq is in q's dtype, dk and dv in k's."""
+    (_, T, _, D), S = q_BxTxHxD.shape, k_BxSxKxD.shape[1]
+    static = _Static(causal=bool(causal), scale=float(D ** -0.5 if scale is None else scale), q_len=T, kv_len=S,
+                     blocks=block_sizes or default_block_sizes(D), interpret=bool(interpret))
+    t, s, d = _padded_dims(static, D)
+    rows = {2: t}
+    with triton_deprecation_ignored():
+        dq, dk, dv = _backward(_pad_to(q_BxTxHxD, {1: t, 3: d}), _pad_to(k_BxSxKxD, {1: s, 3: d}),
+                               _pad_to(v_BxSxKxD, {1: s, 3: d}), _pad_to(do_BxTxHxD.astype(q_BxTxHxD.dtype),
+                                                                         {1: t, 3: d}),
+                               _pad_to(lse_BxHxT, rows), _pad_to(delta_BxHxT, rows), static)
+    return dq[:, :T, :, :D], dk[:, :S, :, :D], dv[:, :S, :, :D]
+
+
 def flash_attention_reference(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, *,
                               causal: bool = True, scale: float | None = None, block_sizes: BlockSizes | None = None,
                               interpret: bool = False) -> tuple[jax.Array, jax.Array]:

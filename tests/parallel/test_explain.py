@@ -336,8 +336,8 @@ def test_tensor_parallel_all_reduces_activations_in_the_layer_loop():
 @pytest.mark.parametrize("impl, kind", [("ring", "collective-permute"), ("ulysses", "all-to-all")])
 def test_sequence_parallel_attention_sends_what_the_accounting_counts(impl, kind):
     """On data=2,sequence=4 the layer loop's sequence collectives carry exactly comm_bytes' "sequence" entry: the
-    ring's 3 hops of K and V forward and of their gradients backward; Ulysses' all-to-alls of q, k, v and out,
-    forward and backward (8 query and 4 KV heads: K and V split 4 ways as they are)."""
+    ring's 3 hops of K and V forward, 3 again backward and 4 of their gradients; Ulysses' all-to-alls of q, k, v
+    and out, forward and backward (8 query and 4 KV heads: K and V split 4 ways as they are)."""
     cfg = dataclasses.replace(TINY, attention_impl=impl, n_heads=8, n_kv_heads=4)
     report, mesh_cfg, _, _ = train_step("data=2,sequence=4", cfg)
     in_layers = [c for c in report.collectives if c.axes == ("sequence",) and c.count == cfg.n_layers * ACCUM]

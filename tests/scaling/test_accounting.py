@@ -278,8 +278,10 @@ def test_comm_sequence_parallel():
     assert ulysses["data"] == 2 * 3 / 4 * TINY_P * 4  # params replicated over the sequence group
     split_kv = comm(Layout(sequence=2))  # 2 KV heads split 2 ways: K and V go as they are
     assert split_kv["sequence"] == 2 * 2 * 1 / 2 * 1 * 32 * 16 * (2 * 4 + 2 * 2) * 2 == 24_576
-    ring = comm(Layout(sequence=4), sequence_impl="ring")  # 3 ppermutes of local K and V, 3 of their grads
-    assert ring["sequence"] == 2 * 2 * 3 * 1 * 16 * 2 * 2 * 16 * 2 == 24_576
+    # ring: 3 ppermutes of the local K and V forward, 3 again backward, and 4 of their float32 gradients
+    ring = comm(Layout(sequence=4), sequence_impl="ring")
+    kv_block = 1 * 16 * 2 * 2 * 16  # b * s' * (K and V) * k * d elements
+    assert ring["sequence"] == 2 * (3 * kv_block * 2 + 3 * kv_block * 2 + 4 * kv_block * 4) == 57_344  # 2 layers
 
 
 def test_comm_expert_hook_is_zero_for_dense():
