@@ -19,6 +19,7 @@ HEAD_DIM = "head_dim"
 MLP = "mlp"
 VOCAB = "vocab"
 EXPERT = "expert"
+EXPERT_BATCH = "expert_batch"  # the batch dimension of activations dispatched to experts (model/moe.py)
 LAYERS = "layers"
 
 AxisNames = tuple[str | None, ...]

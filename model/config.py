@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -12,6 +13,53 @@ ATTENTION_IMPLS = ("reference", "xla", "cudnn", "flash", "ring", "ulysses")
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOGITS_GRAD_DTYPES = ("float32", "compute")
+MOE_DISPATCH = ("capacity", "dropless")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """Mixture-of-Experts MLPs (model/moe.py); `n_experts=0` keeps every block's dense SwiGLU MLP.
+
+    Each MoE block routes every token to `top_k` of `n_experts` SwiGLU experts of hidden size `model.d_ff`.
+    `dispatch="capacity"` gives each expert a fixed number of slots per sequence, ceil(capacity_factor * T *
+    top_k / n_experts) (GShard/Switch: overflow tokens skip the expert, the residual carries them; fixed shapes,
+    experts shardable over the mesh's `expert` axis); `"dropless"` sorts the tokens by expert and runs grouped
+    matmuls (`jax.lax.ragged_dot`), dropping nothing. The router's load-balancing loss (Switch) is weighted by
+    `aux_loss_weight`, its z-loss (ST-MoE) by `z_loss_weight`; both are averaged over layers.
+    """
+
+    n_experts: int = 0
+    top_k: int = 2
+    dispatch: str = "capacity"
+    capacity_factor: float = 1.25
+    aux_loss_weight: float = 0.01
+    z_loss_weight: float = 0.001
+
+    def __post_init__(self) -> None:
+        for name in ("n_experts", "top_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"model.moe.{name} must be a non-negative integer, got {value!r}")
+        if self.n_experts and not 1 <= self.top_k <= self.n_experts:
+            raise ValueError(f"model.moe.top_k must be between 1 and model.moe.n_experts ({self.n_experts}), "
+                             f"got {self.top_k}")
+        if self.dispatch not in MOE_DISPATCH:
+            raise ValueError(f"model.moe.dispatch must be one of {MOE_DISPATCH}, got {self.dispatch!r}")
+        value = self.capacity_factor
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+            raise ValueError(f"model.moe.capacity_factor must be a positive number, got {value!r}")
+        for name in ("aux_loss_weight", "z_loss_weight"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+                raise ValueError(f"model.moe.{name} must be a non-negative number, got {value!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.n_experts > 0
+
+    def capacity(self, tokens: int) -> int:
+        """Slots per expert for a group of `tokens` tokens under capacity dispatch."""
+        return max(1, math.ceil(self.capacity_factor * tokens * self.top_k / self.n_experts))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +96,7 @@ class ModelConfig:
     loss_chunks: int = 0
     qkv_bias: bool = False
     init_std: float = 0.02
+    moe: MoEConfig = MoEConfig()
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
@@ -79,6 +128,8 @@ class ModelConfig:
         if self.logits_grad_dtype not in LOGITS_GRAD_DTYPES:
             raise ValueError(f"model.logits_grad_dtype must be one of {LOGITS_GRAD_DTYPES}, got "
                              f"{self.logits_grad_dtype!r}")
+        if not isinstance(self.moe, MoEConfig):
+            raise ValueError(f"model.moe must be a MoEConfig, got {self.moe!r}")
         for name in ("tie_embeddings", "qkv_bias", "scan_layers"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"model.{name} must be true or false, got {getattr(self, name)!r}")
@@ -107,4 +158,11 @@ class ModelConfig:
         unknown = sorted(set(values) - names)
         if unknown:
             raise ValueError(f"unknown model config keys {unknown}; known keys are {sorted(names)}")
+        values = dict(values)
+        if isinstance(values.get("moe"), dict):
+            moe_names = {f.name for f in dataclasses.fields(MoEConfig)}
+            unknown = sorted(set(values["moe"]) - moe_names)
+            if unknown:
+                raise ValueError(f"unknown model.moe config keys {unknown}; known keys are {sorted(moe_names)}")
+            values["moe"] = MoEConfig(**values["moe"])
         return cls(**values)

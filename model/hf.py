@@ -100,6 +100,9 @@ def config_from_hf(hf_config: dict) -> ModelConfig:
 
 def hf_config_from(cfg: ModelConfig) -> dict:
     """The `config.json` dict for `cfg`: model_type "qwen2" when it has q/k/v biases, else "llama"."""
+    if cfg.moe.enabled:
+        raise ValueError(f"HF export of Mixture-of-Experts models (model.moe.n_experts={cfg.moe.n_experts}) is not "
+                         f"supported; Llama and Qwen2 are dense")
     qwen = cfg.qkv_bias
     out = {
         "architectures": ["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
@@ -261,9 +264,10 @@ def load_hf(directory: str | Path, dtype: str = "auto", param_dtype: str = "floa
 def save_hf(model: Transformer, directory: str | Path) -> None:
     """Write `model` as config.json and model.safetensors (in its param dtype) that `from_pretrained` loads."""
     safetensors = _safetensors()
+    cfg = model.cfg
+    hf_config = hf_config_from(cfg)  # refuses what HF cannot describe before anything is written
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    cfg = model.cfg
     params = {path: var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     tensors: dict[str, np.ndarray] = {}
     for t in _tensors(cfg):
@@ -274,5 +278,5 @@ def save_hf(model: Transformer, directory: str | Path) -> None:
                 tensors[name] = np.ascontiguousarray(_to_hf(value[i], t.n_in))
         else:
             tensors[t.hf_name] = np.ascontiguousarray(_to_hf(value, t.n_in))
-    (directory / "config.json").write_text(json.dumps(hf_config_from(cfg), indent=2) + "\n")
+    (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     safetensors.flax.save_file(tensors, directory / SINGLE_FILE, metadata={"format": "pt"})  # "pt": transformers

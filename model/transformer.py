@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -14,6 +15,7 @@ from model.attention import attention
 from model.config import ModelConfig
 from model.layers import MLP, RMSNorm, apply_rope, normal, param, rope_tables
 from model.loss import cross_entropy, linear_cross_entropy
+from model.moe import MoE
 
 Attend = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # (q_BxTxHxD, k_BxTxKxD, v_BxTxKxD) -> out_BxTxHxD
 
@@ -66,19 +68,23 @@ class Attention(nnx.Module):
 
 
 class Block(nnx.Module):
-    """x + attn(norm(x)), then + mlp(norm(x))."""
+    """x + attn(norm(x)), then + mlp(norm(x)); the MLP is a Mixture of Experts when `cfg.moe` has experts."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.weight_dtype, rngs)
         self.attn = Attention(cfg, rngs)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.weight_dtype, rngs)
-        self.mlp = MLP(cfg, rngs)
+        self.mlp = MoE(cfg, rngs) if cfg.moe.enabled else MLP(cfg, rngs)
 
     def __call__(self, x_BxTxD: jax.Array, cos: jax.Array, sin: jax.Array, attend: Attend | None = None
-                 ) -> jax.Array:
+                 ) -> tuple[jax.Array, jax.Array]:
+        """(the block's output, its weighted MoE router loss: 0 for a dense block)."""
         x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), cos, sin, attend)
-        x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
-        return axes.constrain(x_BxTxD, (axes.BATCH, axes.LENGTH, axes.EMBED))
+        if isinstance(self.mlp, MoE):
+            y_BxTxD, router_loss = self.mlp(self.mlp_norm(x_BxTxD))
+        else:
+            y_BxTxD, router_loss = self.mlp(self.mlp_norm(x_BxTxD)), jnp.zeros((), jnp.float32)
+        return axes.constrain(x_BxTxD + y_BxTxD, (axes.BATCH, axes.LENGTH, axes.EMBED)), router_loss
 
 
 class Transformer(nnx.Module):
@@ -125,6 +131,11 @@ class Transformer(nnx.Module):
 
     def hidden(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None) -> jax.Array:
         """Token ids [B, T] -> the last block's output [B, T, d_model] (before the final norm)."""
+        return self.hidden_and_router_loss(tokens_BxT, positions_BxT)[0]
+
+    def hidden_and_router_loss(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None
+                               ) -> tuple[jax.Array, jax.Array]:
+        """`hidden`, and the MoE router loss averaged over layers (0 for a dense model)."""
         cfg = self.cfg
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
@@ -133,17 +144,19 @@ class Transformer(nnx.Module):
 
         graphdef, stacked = nnx.split(self.blocks)
 
-        def layer(x_BxTxD: jax.Array, layer_state: nnx.State) -> tuple[jax.Array, None]:
-            return nnx.merge(graphdef, layer_state)(x_BxTxD, cos, sin), None
+        def layer(x_BxTxD: jax.Array, layer_state: nnx.State) -> tuple[jax.Array, jax.Array]:
+            return nnx.merge(graphdef, layer_state)(x_BxTxD, cos, sin)
 
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
         if cfg.scan_layers:
-            x_BxTxD, _ = jax.lax.scan(layer, x_BxTxD, stacked)
+            x_BxTxD, router_losses = jax.lax.scan(layer, x_BxTxD, stacked)
         else:
+            router_losses = []
             for i in range(cfg.n_layers):
-                x_BxTxD, _ = layer(x_BxTxD, jax.tree.map(lambda a, i=i: a[i], stacked))
-        return x_BxTxD
+                x_BxTxD, router_loss = layer(x_BxTxD, jax.tree.map(lambda a, i=i: a[i], stacked))
+                router_losses.append(router_loss)
+        return x_BxTxD, jnp.mean(jnp.asarray(router_losses))
 
     def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None) -> jax.Array:
         return self.logits(self.hidden(tokens_BxT, positions_BxT))
@@ -151,12 +164,17 @@ class Transformer(nnx.Module):
     def loss(self, tokens_BxT: jax.Array, targets_BxT: jax.Array) -> jax.Array:
         """Mean cross-entropy (nats) of predicting `targets` from `tokens`; with `loss_chunks` the LM head and the
         loss are fused chunk by chunk (model/loss.py) and the [B, T, vocab] logits are never materialised."""
+        return self.losses(tokens_BxT, targets_BxT)[0]
+
+    def losses(self, tokens_BxT: jax.Array, targets_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(`loss`, the MoE router loss averaged over layers): training minimises their sum."""
         cfg = self.cfg
+        x_BxTxD, router_loss = self.hidden_and_router_loss(tokens_BxT)
         if not cfg.loss_chunks:
-            return cross_entropy(self(tokens_BxT), targets_BxT)
+            return cross_entropy(self.logits(x_BxTxD), targets_BxT), router_loss
         grad_dtype = cfg.compute_dtype if cfg.logits_grad_dtype == "compute" else jnp.float32
-        x_BxTxD = self.final_norm(self.hidden(tokens_BxT))
-        return linear_cross_entropy(x_BxTxD, self.head(), targets_BxT, cfg.loss_chunks, grad_dtype)
+        x_BxTxD = self.final_norm(x_BxTxD)
+        return linear_cross_entropy(x_BxTxD, self.head(), targets_BxT, cfg.loss_chunks, grad_dtype), router_loss
 
 
 @jax.custom_vjp
@@ -179,6 +197,18 @@ def _head_bwd(residuals: tuple[jax.Array, jax.Array], g_BxTxV: jax.Array) -> tup
 
 
 _head_with_compute_dtype_grad.defvjp(_head_fwd, _head_bwd)
+
+
+def for_inference(model: Transformer) -> Transformer:
+    """The same weights with every MoE layer dispatching dropless: at inference a token's output must not depend
+    on which other tokens share its batch, as capacity dispatch makes it. Dense and dropless models come back
+    unchanged."""
+    cfg = model.cfg
+    if not cfg.moe.enabled or cfg.moe.dispatch == "dropless":
+        return model
+    dropless = cfg.replace(moe=dataclasses.replace(cfg.moe, dispatch="dropless"))
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(dropless, rngs=nnx.Rngs(params=0))))
+    return nnx.merge(graphdef, nnx.state(model))
 
 
 def create_model(cfg: ModelConfig, seed: int = 0) -> Transformer:

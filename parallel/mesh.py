@@ -91,6 +91,12 @@ class MeshConfig:
                              f"({batch_ways})")
         if seq_len is not None and seq_len % self.sequence:
             raise ValueError(f"train.seq_len ({seq_len}) must be divisible by mesh.sequence ({self.sequence})")
+        moe = model_cfg.moe
+        if moe.enabled and moe.n_experts % self.expert:
+            raise ValueError(f"model.moe.n_experts ({moe.n_experts}) must be divisible by mesh.expert ({self.expert})")
+        if moe.enabled and moe.dispatch == "dropless" and self.expert > 1:
+            raise ValueError(f"model.moe.dispatch 'dropless' with mesh.expert={self.expert}: expert parallelism is "
+                             f"implemented for 'capacity' dispatch only; use it, or mesh.expert=1")
         heads_per_shard = model_cfg.n_heads // self.tensor
         if model_cfg.attention_impl == "ulysses" and heads_per_shard % self.sequence:
             raise ValueError(f"attention_impl 'ulysses' splits each tensor shard's heads (model.n_heads / "

@@ -12,7 +12,9 @@ separate `activation_embed` name is needed.
 
 flax's `logical_axis_rules` context (which `model.axes.constrain` reads) is a plain name -> axes lookup with no
 per-array resolution, so `activation_rules` flattens the table for activations: every activation the model
-constrains leads with `batch`, so each other name gets its first candidate that does not overlap batch's axes.
+constrains leads with `batch`, so each other name gets its first candidate that does not overlap batch's axes --
+except the activations dispatched to MoE experts, which lead with `expert` and `expert_batch` instead of `batch`
+([expert, expert_batch, capacity, embed | mlp]): `expert` keeps its own axis, and names after it avoid it.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ TABLE: Rules = (
     (axes.MLP, ("tensor",)),
     (axes.VOCAB, ("tensor",)),                  # only with vocab_parallel=True (see rules_for)
     (axes.EXPERT, ("expert",)),
+    (axes.EXPERT_BATCH, ("data", "fsdp")),     # batch's axes but expert, which the experts hold there
     (axes.HEAD_DIM, ()),
     (axes.LAYERS, ()),
 )
@@ -88,10 +91,12 @@ def logical_to_spec(names: Sequence[str | None], rules: Rules) -> PartitionSpec:
 
 def activation_rules(rules: Rules) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
     """`rules` flattened to one entry per name for flax's `logical_axis_rules` context (activations)."""
-    batch = next(m for n, m in rules if n == axes.BATCH)
+    leading = {axes.BATCH: next(m for n, m in rules if n == axes.BATCH),
+               axes.EXPERT: next(m for n, m in rules if n == axes.EXPERT)}
     flat = []
     for name in LOGICAL_NAMES:
         candidates = [m for n, m in rules if n == name]
-        chosen = batch if name == axes.BATCH else next(m for m in candidates if not set(batch).intersection(m))
+        avoid = set(leading[axes.EXPERT if name == axes.EXPERT_BATCH else axes.BATCH])
+        chosen = leading[name] if name in leading else next(m for m in candidates if not avoid.intersection(m))
         flat.append((name, _entry(chosen)))
     return tuple(flat)

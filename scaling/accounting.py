@@ -6,8 +6,9 @@ s sequence length, b micro-batch (sequences one device processes per micro-step)
 k = n_kv_heads, d = head_dim, f = d_ff, L = n_layers, v = vocab_size, P parameters; t, p, n are the sizes of the
 tensor, stage (pipeline) and other parallel dimensions.
 
-MoE hooks: `expert_params` and `_inactive_params` return 0 for the dense models we have; the MoE issue extends
-them (and `_expert_comm_bytes`) and every count below picks the change up.
+MoE (`cfg.moe`, E experts, top-k routing): each block's MLP is E SwiGLU experts (3*h*f each) and a router h*E;
+`expert_params` counts the experts, `_inactive_params` the (E - k) / E of them a token does not use, and every
+count below picks them up.
 """
 
 from __future__ import annotations
@@ -68,18 +69,20 @@ def layer_params(cfg: ModelConfig) -> dict[str, int]:
     SwiGLU MLP 3*h*f (gate, up, down), two RMSNorm scales 2*h."""
     h, a, k, d, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
     attention = h * a * d + 2 * h * k * d + a * d * h + ((a + 2 * k) * d if cfg.qkv_bias else 0)
-    return {"attention": attention, "mlp": 3 * h * f, "norms": 2 * h}
+    e = cfg.moe.n_experts
+    mlp = e * 3 * h * f + h * e if e else 3 * h * f  # MoE: E experts and the router
+    return {"attention": attention, "mlp": mlp, "norms": 2 * h}
 
 
 def expert_params(cfg: ModelConfig) -> int:
-    """Parameters in MoE expert MLPs, which `Layout.expert` shards. MoE hook: 0 for a dense config."""
-    return 0
+    """Parameters in MoE expert MLPs, which `Layout.expert` shards: L * E * 3*h*f (0 for a dense config)."""
+    return cfg.n_layers * cfg.moe.n_experts * 3 * cfg.d_model * cfg.d_ff
 
 
 def _inactive_params(cfg: ModelConfig) -> int:
-    """Parameters a token does not use. MoE hook: a dense model uses every parameter; an MoE with E experts and
-    top-k routing leaves (E - k) / E of `expert_params` idle per token."""
-    return 0
+    """Parameters a token does not use: (E - k) / E of `expert_params` (0 for a dense model)."""
+    e = cfg.moe.n_experts
+    return expert_params(cfg) * (e - cfg.moe.top_k) // e if e else 0
 
 
 def param_count(cfg: ModelConfig) -> dict[str, int]:
@@ -104,11 +107,12 @@ def param_count(cfg: ModelConfig) -> dict[str, int]:
 # --- FLOPs ---------------------------------------------------------------------------------------------------
 
 def matmul_params(cfg: ModelConfig) -> int:
-    """Weights a token multiplies by: L * (h*a*d + 2*h*k*d + a*d*h + 3*h*f) + h*v (the LM head, tied or not).
-    Embedding lookups, norms and biases are not matmuls. (MoE: count only the routed top-k experts and the
-    router here.)"""
+    """Weights a token multiplies by: L * (h*a*d + 2*h*k*d + a*d*h + 3*h*f) + h*v (the LM head, tied or not);
+    for MoE, 3*h*f becomes the top-k routed experts and the router, k*3*h*f + h*E (dropped tokens and capacity
+    padding not counted: model FLOPs). Embedding lookups, norms and biases are not matmuls."""
     h, a, k, d, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
-    per_layer = h * a * d + 2 * h * k * d + a * d * h + 3 * h * f
+    mlp = cfg.moe.top_k * 3 * h * f + h * cfg.moe.n_experts if cfg.moe.enabled else 3 * h * f
+    per_layer = h * a * d + 2 * h * k * d + a * d * h + mlp
     return cfg.n_layers * per_layer + h * cfg.vocab_size
 
 
@@ -171,6 +175,9 @@ def _check_layout(cfg: ModelConfig, layout: Layout, seq_len: int) -> None:
         raise ValueError(f"layout.stage ({layout.stage}) exceeds model.n_layers ({cfg.n_layers})")
     if layout.sequence > seq_len:
         raise ValueError(f"layout.sequence ({layout.sequence}) exceeds seq_len ({seq_len})")
+    if cfg.moe.enabled and cfg.moe.n_experts % layout.expert:
+        raise ValueError(f"model.moe.n_experts ({cfg.moe.n_experts}) must be divisible by layout.expert "
+                         f"({layout.expert})")
 
 
 def _params_per_device(cfg: ModelConfig, layout: Layout) -> float:
@@ -243,10 +250,17 @@ def kv_cache_bytes(cfg: ModelConfig, tokens: int, dtype: str = "bfloat16") -> in
 
 # --- communication -------------------------------------------------------------------------------------------
 
-def _expert_comm_bytes(cfg: ModelConfig, layout: Layout, tokens: float, compute_bytes: int) -> float:
-    """MoE hook: each MoE layer's dispatch and combine all-to-alls, forward and backward, send
-    4 * (e-1)/e * tokens * top_k * h * compute_bytes per device (e = layout.expert). 0 for a dense model."""
-    return 0.0
+def _expert_comm_bytes(cfg: ModelConfig, layout: Layout, tokens: float, seq_len: int, compute_bytes: int
+                       ) -> float:
+    """Each MoE layer's dispatch and combine all-to-alls, forward and backward, of the local dispatched slots
+    (E experts x C slots per sequence, C = `MoEConfig.capacity(s)`, so about capacity_factor * top_k per token):
+    L * 4 * (e-1)/e * (tokens / s) * E * C * h * compute_bytes per device (e = layout.expert); 0 for a dense
+    model or e = 1."""
+    e = layout.expert
+    if not cfg.moe.enabled or e == 1:
+        return 0.0
+    slots = tokens / seq_len * cfg.moe.n_experts * cfg.moe.capacity(seq_len)
+    return cfg.n_layers * 4 * (e - 1) / e * slots * cfg.d_model * compute_bytes
 
 
 def comm_bytes(cfg: ModelConfig, layout: Layout, micro_batch: int, seq_len: int, *, n_microbatches: int = 1,
@@ -261,9 +275,10 @@ def comm_bytes(cfg: ModelConfig, layout: Layout, micro_batch: int, seq_len: int,
     device, s' = s / sequence the local sequence length, and X = b*s'*h*compute_bytes one residual activation:
 
       data      gradient all-reduce among the replicas (data * sequence * expert; params are replicated across
-                all three), once per step: 2*(r-1)/r * P'/fsdp * param_bytes
+                all three), once per step: 2*(r-1)/r * P'/fsdp * param_bytes; MoE experts (X' = expert_params'
+                share, sharded over expert) reduce among data * sequence only: their X'/expert use r' = r/expert
       fsdp      per micro-batch, all-gather params in the forward and again in the backward, reduce-scatter the
-                grads: m * (n-1)/n * P' * 3 * param_bytes
+                grads: m * (n-1)/n * P' * 3 * param_bytes (P' with the experts' share divided by expert)
       tensor    per layer and micro-batch, 2 all-reduces in the forward (after attention and MLP) and 2 in the
                 backward of X (with sequence parallelism: all-gather + reduce-scatter pairs, the same bytes):
                 m * L' * 4 * 2*(t-1)/t * X
@@ -289,19 +304,22 @@ def comm_bytes(cfg: ModelConfig, layout: Layout, micro_batch: int, seq_len: int,
     if sequence_impl not in SEQUENCE_IMPLS:
         raise ValueError(f"sequence_impl must be one of {SEQUENCE_IMPLS}, got {sequence_impl!r}")
     m, b, t, p, n = n_microbatches, micro_batch, layout.tensor, layout.stage, layout.sequence
-    params = param_count(cfg)["total"] / (t * p)
+    experts = expert_params(cfg) / (t * p * layout.expert)
+    dense = (param_count(cfg)["total"] - expert_params(cfg)) / (t * p)
     layers = math.ceil(cfg.n_layers / p)
     s_local = seq_len / n
     x = b * s_local * cfg.d_model * compute_bytes
     replicas = layout.data * layout.sequence * layout.expert
+    expert_replicas = layout.data * layout.sequence
 
     out = {
-        "data": 2 * (replicas - 1) / replicas * params / layout.fsdp * param_bytes,
-        "fsdp": m * (layout.fsdp - 1) / layout.fsdp * params * 3 * param_bytes,
+        "data": (2 * (replicas - 1) / replicas * dense + 2 * (expert_replicas - 1) / expert_replicas * experts)
+        / layout.fsdp * param_bytes,
+        "fsdp": m * (layout.fsdp - 1) / layout.fsdp * (dense + experts) * 3 * param_bytes,
         "tensor": m * layers * 4 * 2 * (t - 1) / t * x,
         "stage": 0.0 if p == 1 else m * (1 if p == 2 else 2) * x / (t if tp_sequence_parallel else 1),
         "sequence": 0.0,
-        "expert": _expert_comm_bytes(cfg, layout, m * b * s_local, compute_bytes),
+        "expert": _expert_comm_bytes(cfg, layout, m * b * s_local, seq_len, compute_bytes),
     }
     d, a, k = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
     if sequence_impl == "ulysses":

@@ -116,11 +116,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def on_record(record: dict) -> None:
         bar.n = record["step"]
-        for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "val_loss", "val_bpb"):
+        for key in ("loss", "router_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "val_loss", "val_bpb"):
             if record.get(key) is not None:
                 shown[key] = record[key]
-        fmt = {"loss": ".4f", "lr": ".2e", "grad_norm": ".3f", "tokens_per_s": ".0f", "mfu": ".1%",
-               "val_loss": ".4f", "val_bpb": ".3f"}
+        fmt = {"loss": ".4f", "router_loss": ".4f", "lr": ".2e", "grad_norm": ".3f", "tokens_per_s": ".0f",
+               "mfu": ".1%", "val_loss": ".4f", "val_bpb": ".3f"}
         bar.set_postfix_str("  ".join(f"{k} {format(v, fmt[k])}" for k, v in shown.items()), refresh=True)
 
     try:

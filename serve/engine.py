@@ -25,6 +25,7 @@ from flax import nnx
 
 from model.config import ModelConfig
 from model.kernels.triton import triton_deprecation_ignored
+from model.transformer import for_inference
 from serve.block_allocator import BlockAllocator
 from serve.forward import DECODE_IMPLS, StepInputs, model_step
 from serve.kv_cache import CacheShape, KVCache, init_cache, pages_for_budget, slots
@@ -173,6 +174,7 @@ class Engine:
     """Continuous batching over a paged KV cache for one model (any `model.transformer.Transformer`)."""
 
     def __init__(self, model: nnx.Module, cfg: ServeConfig = ServeConfig()):
+        model = for_inference(model)
         self.cfg, self.model_cfg = cfg, model.cfg
         self.graphdef, self.params = nnx.split(model)
         mc = model.cfg

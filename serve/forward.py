@@ -66,7 +66,7 @@ def model_step(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, inputs
                                            inputs.block_tables_BxM)
 
         block = nnx.merge(block_graphdef, jax.tree.map(lambda a, i=layer: a[i], stacked))
-        x_BxCxD = block(x_BxCxD, cos, sin, attend)
+        x_BxCxD, _ = block(x_BxCxD, cos, sin, attend)
         new_k.append(pools[0])
         new_v.append(pools[1])
     last_Bx1xD = jnp.take_along_axis(x_BxCxD, inputs.last_B[:, None, None], axis=1)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from model.transformer import for_inference
 from serve.sampling import sample
 
 
@@ -20,6 +21,7 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], max_new_tokens
              stop_ids: Sequence[int] = (), pad_id: int = 0) -> list[list[int]]:
     """Continue each prompt by up to `max_new_tokens` tokens (fewer if a `stop_ids` token is produced, which is
     kept). Raises ValueError if a prompt is empty or prompt + new tokens exceeds the model's context."""
+    model = for_inference(model)
     max_len = model.cfg.max_seq_len
     for i, p in enumerate(prompts):
         if len(p) == 0:

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from model.kernels.triton import triton_deprecation_ignored
+from model.transformer import for_inference
 from serve.engine import Completion, Request, RequestError, bucket, request_problem
 from serve.forward import StepInputs, model_step
 from serve.kv_cache import CacheShape, init_cache
@@ -31,6 +32,7 @@ class StaticBatcher:
                  seed: int = 0):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        model = for_inference(model)
         self.model_cfg, self.batch_size, self.page_size, self.seed = model.cfg, batch_size, page_size, seed
         self.graphdef, self.params = nnx.split(model)
         self.pages_per_row = math.ceil(model.cfg.max_seq_len / page_size)

@@ -145,8 +145,17 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
             raise ValueError(f"--set {item!r}: expected section.field=value, e.g. train.lr=3e-4")
         if section not in sections:
             raise ValueError(f"--set {item!r}: unknown section {section!r}; use one of {', '.join(SECTIONS)}")
+        field, dot, subfield = field.partition(".")
         hints = typing.get_type_hints(type(sections[section]))
-        if field not in hints:
+        if field not in hints or bool(dot) != dataclasses.is_dataclass(hints[field]):
             raise ValueError(f"--set {item!r}: unknown key {key!r}; {section} keys are {sorted(hints)}")
-        changes[section][field] = _parse_value(text.strip(), hints[field], key)
+        if not dot:
+            changes[section][field] = _parse_value(text.strip(), hints[field], key)
+            continue
+        nested = changes[section].get(field, getattr(sections[section], field))  # e.g. model.moe.n_experts
+        sub_hints = typing.get_type_hints(type(nested))
+        if subfield not in sub_hints:
+            raise ValueError(f"--set {item!r}: unknown key {key!r}; {section}.{field} keys are {sorted(sub_hints)}")
+        changes[section][field] = dataclasses.replace(
+            nested, **{subfield: _parse_value(text.strip(), sub_hints[subfield], key)})
     return RunConfig(**{name: dataclasses.replace(sections[name], **changes[name]) for name in SECTIONS})

@@ -76,12 +76,12 @@ def train(cfg: RunConfig, out_dir: str | Path, *, flops_per_token: float | None 
     """Train `cfg` in `out_dir` on a mesh of `devices` (default: all devices of all processes) shaped by
     `cfg.mesh`, resuming from the newest checkpoint if there is one (saved on any mesh). Returns the last record.
 
-    Every `log_every` steps a record {step, loss, lr, grad_norm, tokens_per_s, mfu} goes to metrics.jsonl and
-    `on_record`; evaluations add {val_loss, val_bpb}. `on_compiled(compiled_step, plan)` sees the compiled train
-    step before the first step (for `--explain`). Raises NonFiniteError naming the step if the loss or gradient
-    norm stops being finite; the newest checkpoint on disk is then the last good one. In a multi-process run
-    every process calls this; only process 0 writes config.json and metrics.jsonl (orbax coordinates the
-    checkpoint writes). `peak_flops` is the peak of all the run's devices together (for MFU)."""
+    Every `log_every` steps a record {step, loss, lr, grad_norm, tokens_per_s, mfu} (+ router_loss for MoE) goes to
+    metrics.jsonl and `on_record`; evaluations add {val_loss, val_bpb}. `on_compiled(compiled_step, plan)` sees the
+    compiled train step before the first step (for `--explain`). Raises NonFiniteError naming the step if the
+    loss or gradient norm stops being finite; the newest checkpoint on disk is then the last good one. In a
+    multi-process run every process calls this; only process 0 writes config.json and metrics.jsonl (orbax
+    coordinates the checkpoint writes). `peak_flops` is the peak of all the run's devices together (for MFU)."""
     t = cfg.train
     out = Path(out_dir)
     primary = jax.process_index() == 0
@@ -149,6 +149,8 @@ def train(cfg: RunConfig, out_dir: str | Path, *, flops_per_token: float | None 
                 mfu = tps * flops_per_token / peak_flops if tps and flops_per_token and peak_flops else None
                 last = {"step": done, "loss": loss, "lr": float(metrics["lr"]), "grad_norm": grad_norm,
                         "tokens_per_s": tps, "mfu": mfu}
+                if "router_loss" in metrics:  # MoE models
+                    last["router_loss"] = float(metrics["router_loss"])
                 report(last)
             if done % t.eval_every == 0 or boundary:
                 paused = time.perf_counter()

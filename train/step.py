@@ -18,6 +18,15 @@ def loss_fn(params: dict, graphdef: nnx.GraphDef, tokens_BxL1: jax.Array) -> jax
     return nnx.merge(graphdef, params).loss(tokens_BxL1[:, :-1], tokens_BxL1[:, 1:])
 
 
+def objective_fn(params: dict, graphdef: nnx.GraphDef, tokens_BxL1: jax.Array) -> tuple[jax.Array, dict]:
+    """What training minimises: `loss_fn` plus, for an MoE model, its router loss; with the terms reported
+    ({"loss"} or {"loss", "router_loss"})."""
+    model = nnx.merge(graphdef, params)
+    loss, router_loss = model.losses(tokens_BxL1[:, :-1], tokens_BxL1[:, 1:])
+    terms = {"loss": loss, "router_loss": router_loss} if model.cfg.moe.enabled else {"loss": loss}
+    return loss + router_loss, terms
+
+
 def init_train_state(params: dict, optimizer: optax.GradientTransformation) -> TrainState:
     return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
 
@@ -26,24 +35,26 @@ def train_step_fn(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformatio
                   schedule: optax.Schedule) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict]]:
     """The (un-jitted) `step(state, tokens_AxBxL1) -> (state, metrics)` over A accumulated micro-batches of B rows;
     gradients are averaged over micro-batches in float32. `make_train_step` and `parallel.sharding` jit it."""
-    grad_fn = jax.value_and_grad(loss_fn)
+    grad_fn = jax.value_and_grad(objective_fn, has_aux=True)
 
     def step(state: TrainState, tokens_AxBxL1: jax.Array) -> tuple[TrainState, dict]:
         params = state["params"]
 
         def micro(acc: tuple, tokens_BxL1: jax.Array) -> tuple[tuple, None]:
-            loss_sum, grad_sum = acc
-            loss, grads = grad_fn(params, graphdef, tokens_BxL1)
-            return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+            terms_sum, grad_sum = acc
+            (_, terms), grads = grad_fn(params, graphdef, tokens_BxL1)
+            return (jax.tree.map(jnp.add, terms_sum, terms), jax.tree.map(jnp.add, grad_sum, grads)), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        (loss_sum, grad_sum), _ = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), zeros), tokens_AxBxL1)
+        no_terms = jax.tree.map(jnp.zeros_like, jax.eval_shape(objective_fn, params, graphdef, tokens_AxBxL1[0])[1])
+        (terms_sum, grad_sum), _ = jax.lax.scan(micro, (no_terms, zeros), tokens_AxBxL1)
         n = tokens_AxBxL1.shape[0]
         grads = jax.tree.map(lambda g, p: (g / n).astype(p.dtype), grad_sum, params)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
                      "step": state["step"] + 1}
-        metrics = {"loss": loss_sum / n, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
+        metrics = {**{name: total / n for name, total in terms_sum.items()}, "grad_norm": optax.tree.norm(grads),
+                   "lr": schedule(state["step"])}
         return new_state, metrics
 
     return step

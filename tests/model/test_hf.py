@@ -10,6 +10,7 @@ mapping error (a transposed or permuted weight, a wrong RoPE convention, a missi
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import sys
 
@@ -19,6 +20,7 @@ import pytest
 from flax import nnx
 
 from model import create_model, get_preset
+from model.config import MoEConfig
 from model.hf import config_from_hf, hf_config_from, load_hf, save_hf
 
 VOCAB = 300
@@ -227,3 +229,10 @@ def test_load_hf_without_weights(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(BASE))
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         load_hf(tmp_path)
+
+
+def test_save_hf_refuses_an_moe_model_before_writing(tmp_path):
+    cfg = dataclasses.replace(get_preset("tiny"), moe=MoEConfig(n_experts=4))
+    with pytest.raises(ValueError, match=r"Mixture-of-Experts models \(model.moe.n_experts=4\)"):
+        save_hf(create_model(cfg), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

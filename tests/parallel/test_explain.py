@@ -14,6 +14,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from model.config import MoEConfig
 from model.presets import PRESETS
 from parallel.explain import Collective, explain, explain_hlo, format_report, parse_collectives
 from parallel.hlo import group_axes, replica_groups, shape_bytes
@@ -347,4 +348,18 @@ def test_sequence_parallel_attention_sends_what_the_accounting_counts(impl, kind
     in_layers = [c for c in in_layers if c.kind == kind]
     predicted = comm_bytes(cfg, layout_of(mesh_cfg.sizes()), micro_batch=ROWS // 2, seq_len=TCFG.seq_len,
                            n_microbatches=ACCUM, compute_bytes=4, sequence_impl=impl)["sequence"]
+    assert sum(c.sent_bytes_per_step for c in in_layers) == predicted
+
+
+def test_expert_parallel_dispatch_sends_what_the_accounting_counts():
+    """On data=2,expert=4 an MoE model's layer loop carries exactly comm_bytes' "expert" entry: the all-to-alls
+    of the dispatched slots (8 experts x 4 slots per sequence) to their experts and back, forward and backward;
+    the "data" entry, whose experts reduce over data only, is counted once per micro-batch in the compiled step."""
+    cfg = dataclasses.replace(TINY, moe=MoEConfig(n_experts=8, top_k=2, capacity_factor=1.0))
+    report, mesh_cfg, _, _ = train_step("data=2,expert=4", cfg)
+    in_layers = [c for c in report.collectives if c.kind == "all-to-all" and c.count == cfg.n_layers * ACCUM]
+    assert len(in_layers) == 4 and all(c.axes == ("expert",) for c in in_layers)
+    assert all(c.kind != "all-gather" for c in report.collectives)  # neither tokens nor experts are gathered
+    predicted = comm_bytes(cfg, layout_of(mesh_cfg.sizes()), micro_batch=ROWS // 8, seq_len=TCFG.seq_len,
+                           n_microbatches=ACCUM, compute_bytes=4)["expert"]
     assert sum(c.sent_bytes_per_step for c in in_layers) == predicted

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
+from model.config import MoEConfig
 from model.hf import config_from_hf
 from model.presets import PRESETS, get_preset
 from model.transformer import create_model
@@ -18,8 +19,10 @@ from scaling.accounting import (
     Layout,
     activation_bytes_per_layer,
     comm_bytes,
+    expert_params,
     flops_per_token,
     kv_cache_bytes,
+    matmul_params,
     param_count,
     train_memory,
 )
@@ -47,6 +50,17 @@ def test_param_count_equals_model_for_every_preset(name):
 def test_param_count_equals_model_for_variants(changes):
     cfg = get_preset("tiny").replace(**changes)
     assert param_count(cfg)["total"] == model_param_count(cfg)
+
+
+def test_moe_param_count_equals_model_and_active_params_by_hand():
+    cfg = get_preset("tiny").replace(moe=MoEConfig(n_experts=8, top_k=2))
+    counts = param_count(cfg)
+    assert counts["total"] == model_param_count(cfg)
+    experts = 2 * 8 * 3 * 64 * 192  # layers * experts * SwiGLU
+    assert expert_params(cfg) == experts
+    assert counts["total"] - counts["active"] == experts * 6 // 8  # 6 of 8 experts idle per token
+    dense = get_preset("tiny")
+    assert matmul_params(cfg) - matmul_params(dense) == 2 * (3 * 64 * 192 + 64 * 8)  # a 2nd expert + router
 
 
 def test_param_count_tiny_by_hand():

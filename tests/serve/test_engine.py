@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from model.config import MoEConfig
 from model.presets import get_preset
 from model.transformer import create_model
 from serve.engine import Engine, Request, RequestError, SamplingParams, ServeConfig
@@ -147,3 +148,14 @@ def test_sample_rows_follows_each_rows_parameters():
                                              jnp.ones(4), jnp.full(4, 3), jnp.ones(4))) for s in range(30)])
     top3 = np.argsort(np.asarray(logits), -1)[:, -3:]
     assert all(set(draws[:, b]) <= set(top3[b]) for b in range(4)) and len(set(draws[:, 0])) > 1
+
+
+def test_an_moe_model_is_served_dropless_and_matches_the_naive_decoder():
+    """A capacity-dispatch MoE model is served with dropless dispatch (a token's output must not depend on its
+    batch-mates); the engine's greedy outputs equal the naive decoder's, which recomputes whole sequences."""
+    cfg = dataclasses.replace(CFG, moe=MoEConfig(n_experts=4, top_k=2, capacity_factor=0.5))
+    moe_model = create_model(cfg, seed=3)
+    engine = Engine(moe_model, ServeConfig(page_size=8, max_running=4, token_budget=32, decode_impl="reference"))
+    assert engine.model_cfg.moe.dispatch == "dropless"
+    assert serve_staggered(engine) == [tuple(generate(moe_model, [p], n)[0])
+                                       for p, n in zip(prompts(), MAX_NEW, strict=True)]

@@ -1,0 +1,149 @@
+"""Mixture-of-Experts SwiGLU MLP: a router sends each token to `top_k` of `n_experts` experts.
+
+Routing (float32). logits = x @ W_router, probs = softmax(logits); each token takes its top_k experts. With
+top_k > 1 their weights are renormalised to sum to 1 (Mixtral); with top_k = 1 the weight is the probability
+itself (Switch), so the router still learns from the language-model loss.
+
+Router losses, returned to the caller (the model averages them over layers and the trainer adds them):
+load balance (Switch, over all top-k assignments) E * sum_e f_e * P_e, with f_e the fraction of assignments
+that go to expert e and P_e its mean router probability: 1 when balanced, E when one expert takes everything;
+z-loss (ST-MoE) mean(logsumexp(logits)^2), which keeps the logits small.
+
+Capacity dispatch (GShard). Each sequence is a group; every expert has C = ceil(capacity_factor * T * top_k / E)
+slots per group, filled in priority order: all first choices in sequence order, then all second choices, and so
+on. Assignments past C are dropped (the expert adds nothing; the block's residual carries the token). Dispatch
+and combine are one-hot einsums over [B, T, E, C], so every shape is fixed. The dispatched activations
+[E, B, C, D] carry the logical axes (expert, expert_batch): on a mesh with an `expert` axis each device holds its
+experts' slots of its data shard's sequences, and GSPMD turns the change of layout into expert parallelism's
+all-to-alls.
+
+Dropless dispatch. The B*T*top_k assignments are sorted by expert and each expert's contiguous rows go through
+its weights with grouped matmuls (`jax.lax.ragged_dot`); nothing is dropped, and shapes are still fixed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model import axes
+from model.config import ModelConfig, MoEConfig
+from model.layers import normal, param
+
+
+class Routing(NamedTuple):
+    weights_BxTxK: jax.Array  # float32 combine weights of the chosen experts
+    experts_BxTxK: jax.Array  # int32 expert ids, best first
+    probs_BxTxE: jax.Array    # float32 router probabilities
+    logits_BxTxE: jax.Array   # float32 router logits
+
+
+def route(x_BxTxD: jax.Array, router_DxE: jax.Array, top_k: int) -> Routing:
+    """The router's choice for every token (float32 throughout)."""
+    logits_BxTxE = jnp.einsum("btd,de->bte", x_BxTxD.astype(jnp.float32), router_DxE.astype(jnp.float32))
+    probs_BxTxE = jax.nn.softmax(logits_BxTxE, axis=-1)
+    weights_BxTxK, experts_BxTxK = _top_k(probs_BxTxE, top_k)
+    if top_k > 1:
+        weights_BxTxK = weights_BxTxK / jnp.sum(weights_BxTxK, axis=-1, keepdims=True)
+    return Routing(weights_BxTxK, experts_BxTxK.astype(jnp.int32), probs_BxTxE, logits_BxTxE)
+
+
+def _top_k(x_BxTxE: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """`jax.lax.top_k` over the last axis (ties to the lower index) as k rounds of argmax: elementwise work and
+    reductions that shard along the batch, where XLA's TopK gathers the whole batch onto every device."""
+    values, indices = [], []
+    for _ in range(k):
+        index_BxT = jnp.argmax(x_BxTxE, axis=-1)
+        values.append(jnp.take_along_axis(x_BxTxE, index_BxT[..., None], axis=-1)[..., 0])
+        indices.append(index_BxT)
+        x_BxTxE = jnp.where(jax.nn.one_hot(index_BxT, x_BxTxE.shape[-1], dtype=bool), -jnp.inf, x_BxTxE)
+    return jnp.stack(values, axis=-1), jnp.stack(indices, axis=-1)
+
+
+def load_balance_loss(routing: Routing) -> jax.Array:
+    """Switch's auxiliary loss E * sum_e f_e * P_e over all top-k assignments (1 when balanced)."""
+    n_experts = routing.probs_BxTxE.shape[-1]
+    assigned_BxTxKxE = jax.nn.one_hot(routing.experts_BxTxK, n_experts, dtype=jnp.float32)
+    fraction_E = jnp.mean(assigned_BxTxKxE, axis=(0, 1, 2))
+    mean_prob_E = jnp.mean(routing.probs_BxTxE, axis=(0, 1))
+    return n_experts * jnp.sum(fraction_E * mean_prob_E)
+
+
+def router_z_loss(routing: Routing) -> jax.Array:
+    """ST-MoE's z-loss: the mean squared log-partition of the router logits."""
+    return jnp.mean(jax.nn.logsumexp(routing.logits_BxTxE, axis=-1) ** 2)
+
+
+def capacity_slots(experts_BxTxK: jax.Array, n_experts: int, capacity: int) -> jax.Array:
+    """One-hot slot assignment [B, T, K, E, C] (float32): token t's k-th choice takes slot c of its expert iff
+    it is among the first `capacity` assignments to that expert in its sequence, first choices before second."""
+    B, T, K = experts_BxTxK.shape
+    chosen_BxKTxE = jax.nn.one_hot(experts_BxTxK.transpose(0, 2, 1).reshape(B, K * T), n_experts,
+                                   dtype=jnp.int32)
+    position_BxKTxE = jnp.cumsum(chosen_BxKTxE, axis=1) - 1  # this assignment's rank at its expert
+    kept_BxKTxE = chosen_BxKTxE * (position_BxKTxE < capacity)
+    slots_BxKTxExC = jax.nn.one_hot(position_BxKTxE, capacity, dtype=jnp.float32) * kept_BxKTxE[..., None]
+    return slots_BxKTxExC.reshape(B, K, T, n_experts, capacity).transpose(0, 2, 1, 3, 4)
+
+
+class MoE(nnx.Module):
+    """Top-k routed SwiGLU experts; returns (output [B, T, D], weighted router loss)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        e, d, f, pd = cfg.moe.n_experts, cfg.d_model, cfg.d_ff, cfg.weight_dtype
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        self.router = param(rngs, normal(cfg.init_std), (d, e), (axes.EMBED, None), pd)
+        self.w_gate = param(rngs, normal(cfg.init_std), (e, d, f), (axes.EXPERT, axes.EMBED, axes.MLP), pd)
+        self.w_up = param(rngs, normal(cfg.init_std), (e, d, f), (axes.EXPERT, axes.EMBED, axes.MLP), pd)
+        self.w_down = param(rngs, normal(out_std), (e, f, d), (axes.EXPERT, axes.MLP, axes.EMBED), pd)
+        self.moe: MoEConfig = cfg.moe
+        self.dtype = cfg.compute_dtype
+
+    def __call__(self, x_BxTxD: jax.Array) -> tuple[jax.Array, jax.Array]:
+        routing = route(x_BxTxD, self.router[...], self.moe.top_k)
+        if self.moe.dispatch == "capacity":
+            y_BxTxD = self._capacity(x_BxTxD, routing)
+        else:
+            y_BxTxD = self._dropless(x_BxTxD, routing)
+        router_loss = (self.moe.aux_loss_weight * load_balance_loss(routing)
+                       + self.moe.z_loss_weight * router_z_loss(routing))
+        return y_BxTxD.astype(x_BxTxD.dtype), router_loss
+
+    def _capacity(self, x_BxTxD: jax.Array, routing: Routing) -> jax.Array:
+        dt = self.dtype
+        capacity = self.moe.capacity(x_BxTxD.shape[1])
+        slots_BxTxKxExC = capacity_slots(routing.experts_BxTxK, self.moe.n_experts, capacity)
+        dispatch_BxTxExC = jnp.sum(slots_BxTxKxExC, axis=2).astype(dt)  # a token picks an expert at most once
+        combine_BxTxExC = jnp.einsum("btkec,btk->btec", slots_BxTxKxExC, routing.weights_BxTxK)
+        # Dispatch where the tokens are (every expert's slots of the local sequences), then move the slots to
+        # their experts' devices: a change of layout GSPMD makes an all-to-all. The combine goes back the same way.
+        token_names, expert_names = (None, axes.BATCH, None, axes.EMBED), (axes.EXPERT, axes.EXPERT_BATCH, None,
+                                                                           axes.EMBED)
+        x_ExBxCxD = axes.constrain(jnp.einsum("btec,btd->ebcd", dispatch_BxTxExC, x_BxTxD.astype(dt)), token_names)
+        x_ExBxCxD = axes.constrain(x_ExBxCxD, expert_names)
+        gate_ExBxCxF = jnp.einsum("ebcd,edf->ebcf", x_ExBxCxD, self.w_gate[...].astype(dt))
+        up_ExBxCxF = jnp.einsum("ebcd,edf->ebcf", x_ExBxCxD, self.w_up[...].astype(dt))
+        h_ExBxCxF = axes.constrain(jax.nn.silu(gate_ExBxCxF) * up_ExBxCxF,
+                                   (axes.EXPERT, axes.EXPERT_BATCH, None, axes.MLP))
+        out_ExBxCxD = axes.constrain(jnp.einsum("ebcf,efd->ebcd", h_ExBxCxF, self.w_down[...].astype(dt)),
+                                     expert_names)
+        out_ExBxCxD = axes.constrain(out_ExBxCxD, token_names)
+        return jnp.einsum("btec,ebcd->btd", combine_BxTxExC.astype(dt), out_ExBxCxD)
+
+    def _dropless(self, x_BxTxD: jax.Array, routing: Routing) -> jax.Array:
+        dt = self.dtype
+        (B, T, D), K, E = x_BxTxD.shape, self.moe.top_k, self.moe.n_experts
+        experts_A = routing.experts_BxTxK.reshape(B * T * K)  # A = B*T*K assignments, token-major
+        order_A = jnp.argsort(experts_A, stable=True)
+        sizes_E = jnp.bincount(experts_A, length=E).astype(jnp.int32)
+        x_AxD = x_BxTxD.reshape(B * T, D).astype(dt)[order_A // K]
+        gate_AxF = jax.lax.ragged_dot(x_AxD, self.w_gate[...].astype(dt), sizes_E)
+        up_AxF = jax.lax.ragged_dot(x_AxD, self.w_up[...].astype(dt), sizes_E)
+        out_AxD = jax.lax.ragged_dot(jax.nn.silu(gate_AxF) * up_AxF, self.w_down[...].astype(dt), sizes_E)
+        out_AxD = out_AxD[jnp.argsort(order_A)]  # back to token-major order
+        weights_BxTxK = routing.weights_BxTxK.astype(dt)
+        return jnp.einsum("btkd,btk->btd", out_AxD.reshape(B, T, K, D), weights_BxTxK)
