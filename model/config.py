@@ -73,7 +73,9 @@ class ModelConfig:
     compiles; no per-layer dynamic slices and updates of the stacked weights and gradients). `loss_chunks=n`
     fuses the LM head with the cross-entropy over n chunks of the sequence (model/loss.py), so the float32
     [B, T, vocab] logits and their gradient are never materialised whole. All three are off by default until a
-    GPU measurement says they pay (docs/BENCHMARKS.md, the 350m profile).
+    GPU measurement says they pay (docs/BENCHMARKS.md, the 350m profile). `pipeline_microbatches` cuts each
+    micro-step's batch into that many micro-batches when the mesh has pipeline stages (0: one per stage);
+    GPipe's idle share is (stages - 1) / (pipeline_microbatches + stages - 1).
     """
 
     vocab_size: int = 259
@@ -95,6 +97,7 @@ class ModelConfig:
     logits_grad_dtype: str = "float32"
     loss_chunks: int = 0
     qkv_bias: bool = False
+    pipeline_microbatches: int = 0
     init_std: float = 0.02
     moe: MoEConfig = MoEConfig()
 
@@ -104,6 +107,10 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
+        value = self.pipeline_microbatches
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"model.pipeline_microbatches must be a non-negative integer (0: one per stage), "
+                             f"got {value!r}")
         if not isinstance(self.loss_chunks, int) or isinstance(self.loss_chunks, bool) or self.loss_chunks < 0:
             raise ValueError(f"model.loss_chunks must be a non-negative integer (0: whole logits), "
                              f"got {self.loss_chunks!r}")

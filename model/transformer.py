@@ -16,6 +16,7 @@ from model.config import ModelConfig
 from model.layers import MLP, RMSNorm, apply_rope, normal, param, rope_tables
 from model.loss import cross_entropy, linear_cross_entropy
 from model.moe import MoE
+from parallel.pipeline import gpipe, pipeline_stages
 
 Attend = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # (q_BxTxHxD, k_BxTxKxD, v_BxTxKxD) -> out_BxTxHxD
 
@@ -149,14 +150,31 @@ class Transformer(nnx.Module):
 
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        if cfg.scan_layers:
-            x_BxTxD, router_losses = jax.lax.scan(layer, x_BxTxD, stacked)
-        else:
-            router_losses = []
-            for i in range(cfg.n_layers):
-                x_BxTxD, router_loss = layer(x_BxTxD, jax.tree.map(lambda a, i=i: a[i], stacked))
-                router_losses.append(router_loss)
-        return x_BxTxD, jnp.mean(jnp.asarray(router_losses))
+        if (stages := pipeline_stages()) is not None:
+            return self._pipelined(graphdef, stacked, x_BxTxD, positions_BxT, *stages)
+        x_BxTxD, router_losses = _run_layers(layer, x_BxTxD, stacked, cfg.scan_layers)
+        return x_BxTxD, jnp.mean(router_losses)
+
+    def _pipelined(self, graphdef: nnx.GraphDef, stacked: nnx.State, x_BxTxD: jax.Array, positions_BxT: jax.Array,
+                   axis: str | tuple[str, ...], n_stages: int) -> tuple[jax.Array, jax.Array]:
+        """The layer stack as a pipeline over the mesh's stage axis (`parallel/pipeline.py`)."""
+        cfg = self.cfg
+
+        def stage(stage_state: nnx.State, x_bxTxD: jax.Array, positions_bxT: jax.Array
+                  ) -> tuple[jax.Array, jax.Array]:
+            cos, sin = rope_tables(positions_bxT, cfg.head_dim, cfg.rope_theta)
+
+            def layer(x_bxTxD: jax.Array, layer_state: nnx.State) -> tuple[jax.Array, jax.Array]:
+                return nnx.merge(graphdef, layer_state)(x_bxTxD, cos, sin)
+
+            if cfg.remat != "none":
+                layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+            x_bxTxD, router_losses = _run_layers(layer, x_bxTxD, stage_state, cfg.scan_layers)
+            return x_bxTxD, jnp.sum(router_losses)
+
+        x_BxTxD, router_loss_sum = gpipe(stage, stacked, x_BxTxD, positions_BxT, n_stages=n_stages,
+                                         n_microbatches=cfg.pipeline_microbatches or n_stages, axis=axis)
+        return x_BxTxD, router_loss_sum / cfg.n_layers
 
     def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None) -> jax.Array:
         return self.logits(self.hidden(tokens_BxT, positions_BxT))
@@ -175,6 +193,17 @@ class Transformer(nnx.Module):
         grad_dtype = cfg.compute_dtype if cfg.logits_grad_dtype == "compute" else jnp.float32
         x_BxTxD = self.final_norm(x_BxTxD)
         return linear_cross_entropy(x_BxTxD, self.head(), targets_BxT, cfg.loss_chunks, grad_dtype), router_loss
+
+
+def _run_layers(layer: Callable, x_BxTxD: jax.Array, stacked: nnx.State, scan: bool) -> tuple[jax.Array, jax.Array]:
+    """Apply `layer(x, layer_state) -> (x, aux)` over the stacked layers' leading axis: (x, aux per layer)."""
+    if scan:
+        return jax.lax.scan(layer, x_BxTxD, stacked)
+    aux = []
+    for i in range(jax.tree.leaves(stacked)[0].shape[0]):
+        x_BxTxD, aux_i = layer(x_BxTxD, jax.tree.map(lambda a, i=i: a[i], stacked))
+        aux.append(aux_i)
+    return x_BxTxD, jnp.stack(aux)
 
 
 @jax.custom_vjp

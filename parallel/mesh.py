@@ -75,8 +75,9 @@ class MeshConfig:
         `seq_len` tokens cannot be split as this (resolved) mesh asks. Messages name both numbers."""
         if any(v < 1 for v in self.sizes().values()):
             raise ValueError(f"resolve the mesh (replace -1) before validate_for, got {self.describe()}")
-        if self.stage > 1:
-            raise ValueError(f"mesh.stage={self.stage}: pipeline parallelism is not implemented yet; use stage=1")
+        if model_cfg.n_layers % self.stage:
+            raise ValueError(f"model.n_layers ({model_cfg.n_layers}) must be divisible by mesh.stage ({self.stage}): "
+                             f"each pipeline stage holds an equal block of layers")
         for name in ("n_heads", "n_kv_heads", "d_ff"):
             value = getattr(model_cfg, name)
             if value % self.tensor:
@@ -89,6 +90,12 @@ class MeshConfig:
             raise ValueError(f"the batch per micro-step ({micro_batch} sequences = train.batch_size / "
                              f"train.grad_accum) must be divisible by mesh.data * mesh.fsdp * mesh.expert "
                              f"({batch_ways})")
+        pipeline_micro = (model_cfg.pipeline_microbatches or self.stage) if self.stage > 1 else 1
+        if micro_batch % (pipeline_micro * batch_ways):
+            raise ValueError(f"the batch per micro-step ({micro_batch} sequences) must split into "
+                             f"{pipeline_micro} pipeline micro-batches (model.pipeline_microbatches, 0 = one per "
+                             f"stage) of a multiple of mesh.data * mesh.fsdp * mesh.expert ({batch_ways}) "
+                             f"sequences: use a batch divisible by {pipeline_micro * batch_ways}")
         if seq_len is not None and seq_len % self.sequence:
             raise ValueError(f"train.seq_len ({seq_len}) must be divisible by mesh.sequence ({self.sequence})")
         moe = model_cfg.moe

@@ -40,7 +40,7 @@ TABLE: Rules = (
     (axes.EXPERT, ("expert",)),
     (axes.EXPERT_BATCH, ("data", "fsdp")),     # batch's axes but expert, which the experts hold there
     (axes.HEAD_DIM, ()),
-    (axes.LAYERS, ()),
+    (axes.LAYERS, ("stage",)),                 # pipeline stages hold contiguous blocks of layers
 )
 LOGICAL_NAMES = tuple(dict.fromkeys(name for name, _ in TABLE))
 

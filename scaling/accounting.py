@@ -191,7 +191,7 @@ def _params_per_device(cfg: ModelConfig, layout: Layout) -> float:
 
 def train_memory(cfg: ModelConfig, layout: Layout, micro_batch: int, seq_len: int, optimizer: str = "adamw",
                  remat: str = "none", param_bytes: int = 4, compute_bytes: int = 2, *,
-                 tp_sequence_parallel: bool = True) -> dict[str, int]:
+                 tp_sequence_parallel: bool = True, pipeline_microbatches: int = 1) -> dict[str, int]:
     """Training memory per device in bytes: params, grads, optimizer, activations and their total.
 
     With N = `_params_per_device` (params sharded by fsdp, tensor, stage; expert params also by expert):
@@ -201,14 +201,19 @@ def train_memory(cfg: ModelConfig, layout: Layout, micro_batch: int, seq_len: in
                    also need an fp32 master copy (ZeRO's 12 bytes per parameter, Rajbhandari et al. 2020)
       activations: `activation_bytes_per_layer` for this device's micro-batch, divided by `sequence` (Ulysses
                    holds s/n tokens and a/n heads' s x s scores; ring attention s/n queries against all keys),
-                   times the layers whose activations a device holds: L without a pipeline; with p stages and a
-                   1F1B schedule the first stage keeps p micro-batches of its ceil(L/p) layers (Korthikanti et al.
-                   §4.2.3), the last one 1 micro-batch plus the LM head. The head keeps its input and the final
-                   norm's, 2 * compute_bytes * s*b*h, and the fp32 logits for the loss, 4*s*b*v, divided by t
-                   (vocabulary-parallel head). Activations are the larger of the first and last stage's.
+                   times the layers whose activations a device holds, plus the LM head's. Without a pipeline: L
+                   layers. With p stages, meshlm's GPipe schedule (parallel/pipeline.py: all forwards, then all
+                   backwards) keeps, on every stage, its ceil(L/p) layers' activations for each of the
+                   m + p - 1 iterations of its loop (m = `pipeline_microbatches`, `micro_batch` sequences each;
+                   the p - 1 bubble iterations keep theirs too), and the LM head runs on every stage over all m
+                   micro-batches. (1F1B would keep only p micro-batches on the first stage, Korthikanti et al.
+                   §4.2.3.) The head keeps its input and the final norm's, 2 * compute_bytes * s*b*h, and the fp32
+                   logits for the loss, 4*s*b*v, divided by t (vocabulary-parallel head).
     Not counted: FSDP's gathered copy of the layer being computed, temporary buffers, fragmentation.
-    `micro_batch` is sequences per device per micro-step (the global batch / (data * fsdp * expert * grad_accum)).
+    `micro_batch` is sequences per device per micro-step (the global batch / (data * fsdp * expert * grad_accum)),
+    and with a pipeline per pipeline micro-batch (that, / `pipeline_microbatches`).
     """
+    _positive_int("pipeline_microbatches", pipeline_microbatches)
     _positive_int("micro_batch", micro_batch)
     _positive_int("seq_len", seq_len)
     _check_layout(cfg, layout, seq_len)
@@ -225,10 +230,11 @@ def train_memory(cfg: ModelConfig, layout: Layout, micro_batch: int, seq_len: in
                                            compute_bytes=compute_bytes) / layout.sequence
     head = (2 * compute_bytes * s * b * cfg.d_model + 4 * s * b * cfg.vocab_size) / t / layout.sequence
     stage_layers = math.ceil(cfg.n_layers / p)
+    m = pipeline_microbatches
     if p == 1:
         activations = cfg.n_layers * per_layer + head
     else:
-        activations = max(p * stage_layers * per_layer, stage_layers * per_layer + head)
+        activations = (m + p - 1) * stage_layers * per_layer + m * head
     out = {"params": n * param_bytes, "grads": n * param_bytes, "optimizer": n * optimizer_bytes,
            "activations": activations}
     out = {key: math.ceil(value) for key, value in out.items()}
@@ -265,7 +271,7 @@ def _expert_comm_bytes(cfg: ModelConfig, layout: Layout, tokens: float, seq_len:
 
 def comm_bytes(cfg: ModelConfig, layout: Layout, micro_batch: int, seq_len: int, *, n_microbatches: int = 1,
                sequence_impl: str = "ulysses", param_bytes: int = 4, compute_bytes: int = 2,
-               tp_sequence_parallel: bool = True) -> dict[str, int]:
+               tp_sequence_parallel: bool = True, pipeline_flushes: int = 1) -> dict[str, int]:
     """Bytes each device SENDS per training step, per parallel dimension, and their total.
 
     Ring collectives over n devices: an all-reduce of M bytes sends 2*(n-1)/n * M per device; an all-gather or
@@ -282,9 +288,15 @@ def comm_bytes(cfg: ModelConfig, layout: Layout, micro_batch: int, seq_len: int,
       tensor    per layer and micro-batch, 2 all-reduces in the forward (after attention and MLP) and 2 in the
                 backward of X (with sequence parallelism: all-gather + reduce-scatter pairs, the same bytes):
                 m * L' * 4 * 2*(t-1)/t * X
-      stage     per micro-batch, a stage sends activations to the next and gradients to the previous stage (a
-                middle stage both; with p = 2 each stage one): m * (1 if p == 2 else 2) * X / t (the residual
-                stream is sharded over t under sequence parallelism, Megatron's scatter/gather otherwise)
+      stage     meshlm's GPipe (parallel/pipeline.py), which fills and drains F = `pipeline_flushes` times per
+                step (once per gradient-accumulation micro-step), m / F micro-batches each: every one of its
+                m + F*(p-1) loop iterations a stage sends its output to the next stage, and the backward sends
+                the gradients back, and per flush the last stage's outputs are all-reduced to every stage for
+                the LM head and the input's gradient from the first stage:
+                (2 * (m + F*(p-1)) + 4*(p-1)/p * m) * X / t (the residual stream is sharded over t under
+                sequence parallelism, Megatron's scatter/gather otherwise). A middle stage sends both ways; the
+                first and last stages send one way, (m + F*(p-1)) * X / t less, but are counted like the
+                middle, as `parallel.explain` counts a collective-permute for every device of the mesh
       sequence  ulysses: per layer, all-to-alls of q, k, v before attention and of its output after, forward and
                 again backward: m * L' * 2 * (n-1)/n * b*s'*d*(2a + 2k')/t * compute_bytes, with k' = k when
                 each tensor shard's k/t KV heads split n ways, else a (K and V repeated per query head first)
@@ -300,6 +312,10 @@ def comm_bytes(cfg: ModelConfig, layout: Layout, micro_batch: int, seq_len: int,
     _positive_int("micro_batch", micro_batch)
     _positive_int("seq_len", seq_len)
     _positive_int("n_microbatches", n_microbatches)
+    _positive_int("pipeline_flushes", pipeline_flushes)
+    if n_microbatches % pipeline_flushes:
+        raise ValueError(f"n_microbatches ({n_microbatches}) must be a multiple of pipeline_flushes "
+                         f"({pipeline_flushes})")
     _check_layout(cfg, layout, seq_len)
     if sequence_impl not in SEQUENCE_IMPLS:
         raise ValueError(f"sequence_impl must be one of {SEQUENCE_IMPLS}, got {sequence_impl!r}")
@@ -317,7 +333,8 @@ def comm_bytes(cfg: ModelConfig, layout: Layout, micro_batch: int, seq_len: int,
         / layout.fsdp * param_bytes,
         "fsdp": m * (layout.fsdp - 1) / layout.fsdp * (dense + experts) * 3 * param_bytes,
         "tensor": m * layers * 4 * 2 * (t - 1) / t * x,
-        "stage": 0.0 if p == 1 else m * (1 if p == 2 else 2) * x / (t if tp_sequence_parallel else 1),
+        "stage": 0.0 if p == 1 else (2 * (m + pipeline_flushes * (p - 1)) + 4 * (p - 1) / p * m) * x
+        / (t if tp_sequence_parallel else 1),
         "sequence": 0.0,
         "expert": _expert_comm_bytes(cfg, layout, m * b * s_local, seq_len, compute_bytes),
     }

@@ -92,18 +92,21 @@ def compare(report: StepReport, cfg: ModelConfig, *, micro_batch: int, seq_len: 
     `remat` defaults to `cfg.remat` ("dots" counts as selective). The other keywords are those of
     `comm_bytes` and `train_memory`."""
     layout = layout_of(report.mesh_shape)
-    predicted = comm_bytes(cfg, layout, micro_batch, seq_len, n_microbatches=n_microbatches,
+    # A pipeline cuts each micro-step's batch into pipeline micro-batches and flushes once per micro-step.
+    pipe = (cfg.pipeline_microbatches or layout.stage) if layout.stage > 1 else 1
+    predicted = comm_bytes(cfg, layout, micro_batch // pipe, seq_len, n_microbatches=n_microbatches * pipe,
                            sequence_impl=sequence_impl, param_bytes=param_bytes, compute_bytes=compute_bytes,
-                           tp_sequence_parallel=tp_sequence_parallel)
+                           tp_sequence_parallel=tp_sequence_parallel, pipeline_flushes=n_microbatches)
     measured = measured_comm(report)
     rows = [Row(name, float(predicted[name]), measured.get(name, 0.0)) for name in LAYOUT_AXES
             if predicted[name] or measured.get(name)]
     rows += [Row(name, 0.0, sent) for name, sent in measured.items() if name not in LAYOUT_AXES]
     rows.append(Row("total", float(predicted["total"]), sum(measured.values())))
 
-    memory = train_memory(cfg, layout, micro_batch, seq_len, optimizer=optimizer,
+    memory = train_memory(cfg, layout, micro_batch // pipe, seq_len, optimizer=optimizer,
                           remat=cfg.remat if remat is None else remat, param_bytes=param_bytes,
-                          compute_bytes=compute_bytes, tp_sequence_parallel=tp_sequence_parallel)
+                          compute_bytes=compute_bytes, tp_sequence_parallel=tp_sequence_parallel,
+                          pipeline_microbatches=pipe)
     m = report.memory
     if m.argument_bytes is not None and m.temp_bytes is not None:
         rows += [Row("memory: params+optimizer", memory["params"] + memory["optimizer"], m.argument_bytes),

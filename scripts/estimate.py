@@ -26,7 +26,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, default=1, help="sequences per device per micro-step")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the model's max_seq_len)")
     p.add_argument("--microbatches", type=int, default=1,
-                   help="micro-batches per optimizer step (gradient accumulation or pipeline micro-batches)")
+                   help="micro-batches per optimizer step (gradient accumulation, or with stage > 1 the "
+                        "pipeline's micro-batches, one flush per step)")
     p.add_argument("--optimizer", default="adamw")
     p.add_argument("--remat", default="none", help="activation recomputation: none, selective or full")
     p.add_argument("--param-bytes", type=int, default=4, help="bytes per parameter (and gradient)")
@@ -117,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                  "training, causal halved": flops_per_token(cfg, seq_len, causal_halved=True),
                  "forward": flops_per_token(cfg, seq_len, training=False)}
         memory = train_memory(cfg, layout, args.micro_batch, seq_len, optimizer=args.optimizer, remat=args.remat,
-                              param_bytes=args.param_bytes, compute_bytes=args.compute_bytes)
+                              param_bytes=args.param_bytes, compute_bytes=args.compute_bytes,
+                              pipeline_microbatches=args.microbatches if layout.stage > 1 else 1)
         comm = comm_bytes(cfg, layout, args.micro_batch, seq_len, n_microbatches=args.microbatches,
                           sequence_impl=args.sequence_impl, param_bytes=args.param_bytes,
                           compute_bytes=args.compute_bytes)

@@ -7,15 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding
 
-from model import axes
 from model.loss import cross_entropy, linear_cross_entropy
 from model.presets import get_preset
 from model.transformer import create_model
-from parallel.mesh import make_mesh, parse_mesh
-from parallel.rules import logical_to_spec, rules_for
-from parallel.sharding import MeshFunction, create_sharded_params
+from parallel.mesh import parse_mesh
+from tests.parallel.mesh_grads import on_mesh
 from train.config import RunConfig, TrainConfig
 from train.step import loss_fn
 
@@ -106,15 +103,8 @@ def test_loss_chunks_on_a_mesh_match_one_device():
     cfg = TINY.replace(vocab_size=256)
     tokens = jax.random.randint(jax.random.key(6), (4, 17), 0, cfg.vocab_size)
     loss_ref, grads_ref = _model_loss_and_grads(cfg, tokens)  # unfused, one device
-    cfg = cfg.replace(loss_chunks=4)
-    mesh_cfg = parse_mesh("data=2,sequence=2,tensor=2", vocab_parallel=True).resolve(8)
-    mesh_cfg.validate_for(cfg, 4, 16)
-    mesh, rules = make_mesh(mesh_cfg), rules_for(mesh_cfg)
-    graphdef, params, shardings = create_sharded_params(cfg, mesh, rules, seed=3)
-    assert shardings["embed"].spec[0] == "tensor"
-    rows = NamedSharding(mesh, logical_to_spec((axes.BATCH, None), rules))
-    fn = MeshFunction(jax.jit(jax.value_and_grad(lambda p, t: loss_fn(p, graphdef, t)),
-                              in_shardings=(shardings, rows), out_shardings=(None, shardings)), mesh, rules)
-    loss, grads = fn(params, jax.device_put(tokens, rows))
+    mesh_cfg = parse_mesh("data=2,sequence=2,tensor=2", vocab_parallel=True)
+    loss, _, grads = on_mesh(cfg.replace(loss_chunks=4), tokens, mesh_cfg, seed=3)
+    assert grads["embed"].sharding.spec[0] == "tensor"
     np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), grads, grads_ref)

@@ -7,6 +7,7 @@ they are asserted."""
 
 import dataclasses
 import functools
+import re
 
 import jax
 import numpy as np
@@ -363,3 +364,19 @@ def test_expert_parallel_dispatch_sends_what_the_accounting_counts():
     predicted = comm_bytes(cfg, layout_of(mesh_cfg.sizes()), micro_batch=ROWS // 8, seq_len=TCFG.seq_len,
                            n_microbatches=ACCUM, compute_bytes=4)["expert"]
     assert sum(c.sent_bytes_per_step for c in in_layers) == predicted
+
+
+def test_pipeline_sends_what_the_accounting_counts():
+    """On data=2,stage=4 (4 layers, one per stage; 2 pipeline micro-batches per gradient-accumulation step) the
+    collectives over `stage` are comm_bytes' "stage" entry exactly: in each of the 2 + 3 loop iterations an
+    activation to the next stage and, backward, its gradient to the previous one; per flush the all-reduces of
+    the last stage's outputs (forward) and of the first stage's input gradient (backward)."""
+    cfg = dataclasses.replace(TINY, n_layers=4, pipeline_microbatches=2)
+    report, mesh_cfg, _, _ = train_step("data=2,stage=4", cfg)
+    on_stage = [c for c in report.collectives  # not the scalars (loss terms, gradient norms)
+                if c.axes == ("stage",) and re.search(r"\[\d", c.result_type)]
+    assert {c.kind for c in on_stage} == {"collective-permute", "all-reduce"}
+    assert all(c.kind != "all-gather" for c in report.collectives)  # no stage gathers another's layers
+    predicted = comm_bytes(cfg, layout_of(mesh_cfg.sizes()), micro_batch=ROWS // 2 // 2, seq_len=TCFG.seq_len,
+                           n_microbatches=ACCUM * 2, pipeline_flushes=ACCUM, compute_bytes=4)["stage"]
+    assert sum(c.sent_bytes_per_step for c in on_stage) == predicted

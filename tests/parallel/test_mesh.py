@@ -49,8 +49,7 @@ def test_validate_for_names_both_numbers():
         MeshConfig(data=4, tensor=2, vocab_parallel=True).validate_for(TINY, micro_batch=8)
     with pytest.raises(ValueError, match=r"seq_len \(30\) must be divisible by mesh.sequence \(4\)"):
         MeshConfig(data=2, sequence=4).validate_for(TINY, micro_batch=8, seq_len=30)
-    with pytest.raises(ValueError, match=r"mesh.stage=2: pipeline parallelism is not implemented"):
-        MeshConfig(data=4, stage=2).validate_for(TINY, micro_batch=8)
+    MeshConfig(data=4, stage=2).validate_for(TINY, micro_batch=8)  # errors: test_pipeline.py
 
 
 def test_parse_mesh():

@@ -7,20 +7,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
-from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from model import axes
 from model.attention import reference_attention
 from model.presets import get_preset
-from model.transformer import create_model
-from parallel.mesh import make_mesh, parse_mesh
+from parallel.mesh import parse_mesh
 from parallel.ring_attention import ring_attention
-from parallel.rules import logical_to_spec, rules_for
-from parallel.sharding import MeshFunction, create_sharded_params
 from parallel.ulysses import ulysses_attention
-from train.step import loss_fn
+from tests.parallel.mesh_grads import on_mesh, one_device
 
 N = 4  # devices on the sequence axis
 SEQ = P(None, "sequence", None, None)
@@ -99,18 +93,7 @@ def test_model_on_a_sequence_mesh_matches_one_device(impl):
     """The loss and every gradient of a 2-layer model with its sequence split 4 ways (and the batch 2 ways)."""
     cfg = get_preset("tiny").replace(dtype="float32")
     tokens = jax.random.randint(jax.random.key(7), (2, 17), 0, cfg.vocab_size)
-    graphdef, params = nnx.split(create_model(cfg, seed=1))
-    loss_ref, grads_ref = jax.jit(jax.value_and_grad(lambda p: loss_fn(p, graphdef, tokens)))(
-        nnx.to_pure_dict(params))
-
-    cfg = cfg.replace(attention_impl=impl)
-    mesh_cfg = parse_mesh("data=2,sequence=4")
-    mesh_cfg.validate_for(cfg, micro_batch=2, seq_len=16)
-    mesh, rules = make_mesh(mesh_cfg), rules_for(mesh_cfg)
-    graphdef, params, shardings = create_sharded_params(cfg, mesh, rules, seed=1)
-    rows = NamedSharding(mesh, logical_to_spec((axes.BATCH, None), rules))
-    fn = MeshFunction(jax.jit(jax.value_and_grad(lambda p, t: loss_fn(p, graphdef, t)),
-                              in_shardings=(shardings, rows), out_shardings=(None, shardings)), mesh, rules)
-    loss, grads = fn(params, jax.device_put(tokens, rows))
+    loss_ref, _, grads_ref = one_device(cfg, tokens)
+    loss, _, grads = on_mesh(cfg.replace(attention_impl=impl), tokens, parse_mesh("data=2,sequence=4"))
     np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), grads, grads_ref)

@@ -204,9 +204,13 @@ def test_train_memory_pipeline_and_sequence_by_hand():
     cfg = get_preset("7b")
     sbh = 4096 * 1 * 4096
     per_layer = sbh * (34 + 5 * 32 * 4096 / 4096)
-    # 4 stages, 1F1B: the first stage keeps 4 micro-batches of its 8 layers = 32 layers' worth.
+    head = 2 * 2 * sbh + 4 * 4096 * 32000  # the head's input and norm (bf16), float32 logits
+    # 4 stages, GPipe with 1 micro-batch: 1 + 3 loop iterations, each keeping a stage's 8 layers, and the head.
     mem = train_memory(cfg, Layout(stage=4), 1, 4096)
-    assert mem["activations"] == 4 * 8 * per_layer
+    assert mem["activations"] == 4 * 8 * per_layer + head
+    # 4 micro-batches: 4 + 3 iterations' activations; the head runs over all 4 micro-batches.
+    mem = train_memory(cfg, Layout(stage=4), 1, 4096, pipeline_microbatches=4)
+    assert mem["activations"] == 7 * 8 * per_layer + 4 * head
     assert mem["params"] == LLAMA2_7B * 4 // 4
     # Sequence parallelism divides every activation, the scores included, and no parameter.
     mem = train_memory(cfg, Layout(sequence=4), 1, 4096)
@@ -276,11 +280,18 @@ def test_comm_tensor_parallel():
 
 def test_comm_pipeline():
     x = 1 * 64 * 64 * 2  # one micro-batch's activation
-    assert comm(Layout(stage=2), n_microbatches=4)["stage"] == 4 * 1 * x
+    # 2 stages, 4 micro-batches: 5 iterations, activations forward and gradients back (each end stage really
+    # sends one way, counted as both); the outputs' and the input gradient's all-reduces (2 * 1/2 * 4x each)
+    assert comm(Layout(stage=2), n_microbatches=4)["stage"] == 2 * 5 * x + 2 * 4 * x
     deeper = comm_bytes(get_preset("tiny").replace(n_layers=4), Layout(stage=4), 1, 64, n_microbatches=4)
-    assert deeper["stage"] == 4 * 2 * x  # a middle stage sends activations forward and gradients backward
+    # a middle stage sends activations forward and gradients backward in each of 7 iterations
+    assert deeper["stage"] == 2 * 7 * x + 2 * (2 * 3 / 4 * 4 * x)
     assert deeper["total"] == deeper["stage"]
-    assert comm(Layout(stage=2, tensor=2))["stage"] == x / 2  # the residual stream is sharded over t
+    # two flushes (gradient accumulation) of 2 micro-batches: 2 * (2 + 1) iterations
+    assert comm(Layout(stage=2), n_microbatches=4, pipeline_flushes=2)["stage"] == 2 * 6 * x + 2 * 4 * x
+    assert comm(Layout(stage=2, tensor=2))["stage"] == (2 * 2 * x + 2 * x) / 2  # the residual stream is sharded over t
+    with pytest.raises(ValueError, match=r"n_microbatches \(3\) must be a multiple of pipeline_flushes \(2\)"):
+        comm(Layout(stage=2), n_microbatches=3, pipeline_flushes=2)
     with pytest.raises(ValueError, match="layout.stage"):
         comm(Layout(stage=4))  # tiny has 2 layers
 

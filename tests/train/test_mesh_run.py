@@ -64,7 +64,9 @@ def test_mesh_run_matches_one_device(tmp_path):
     np.testing.assert_allclose(mesh["val_loss"], one["val_loss"], rtol=1e-5)
 
 
-def test_checkpoint_saved_on_data8_resumes_on_fsdp4_tensor2(tmp_path):
+def test_checkpoint_saved_on_data8_resumes_on_a_pipeline(tmp_path):
+    """A data-parallel checkpoint restored onto fsdp=2,stage=2,tensor=2 (layers split over the 2 pipeline stages)
+    continues with the losses of the run that never stopped."""
     straight = tmp_path / "straight"
     train(run_cfg("data=8", grad_accum=1), straight)
 
@@ -73,16 +75,16 @@ def test_checkpoint_saved_on_data8_resumes_on_fsdp4_tensor2(tmp_path):
     shutil.rmtree(resumed / "checkpoints" / "4")  # as if the data=8 run had stopped after saving step 2
 
     # Restoring step 2 onto the new mesh gives the saved arrays exactly, in the new shardings.
-    cfg = run_cfg("fsdp=4,tensor=2", grad_accum=1)
+    cfg = run_cfg("fsdp=2,stage=2,tensor=2", grad_accum=1)
     optimizer = make_optimizer(cfg.train)
     plans = {m: plan_mesh(cfg.model, parse_mesh(m), optimizer, micro_batch=8, seq_len=32)
-             for m in ("data=8", "fsdp=4,tensor=2")}
+             for m in ("data=8", "fsdp=2,stage=2,tensor=2")}
     ckpt = Checkpointer(resumed / "checkpoints", async_save=False)
     states = {m: ckpt.restore(2, plan.abstract_state(optimizer))[0] for m, plan in plans.items()}
     ckpt.close()
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), *states.values())
-    wq = states["fsdp=4,tensor=2"]["params"]["blocks"]["attn"]["wq"]
-    assert wq.addressable_shards[0].data.size * 8 == wq.size  # [layers, embed/fsdp, heads/tensor, head_dim]
+    wq = states["fsdp=2,stage=2,tensor=2"]["params"]["blocks"]["attn"]["wq"]
+    assert wq.addressable_shards[0].data.size * 8 == wq.size  # [layers/stage, embed/fsdp, heads/tensor, head_dim]
 
     train(cfg, resumed)
     ref, got = logged(straight), logged(resumed)
