@@ -41,14 +41,12 @@ bench-gpu:
 	JAX_PLATFORMS=cuda $(GPU_RUN) pytest -q -m gpu
 	$(GPU_RUN) scripts.bench_kernels
 	$(GPU_RUN) scripts.bench_paged_attention
-	for impl in xla cudnn flash; do for preset in 125m 350m; do \
+	for impl in auto xla cudnn flash; do for preset in 125m 350m; do \
 	  $(GPU_RUN) scripts.bench_train --preset $$preset --batch-size 16 --set model.attention_impl=$$impl || true; done; done
-	for switch in logits_grad_dtype=compute scan_layers=false loss_chunks=4; do \
-	  $(GPU_RUN) scripts.bench_train --preset 350m --batch-size 16 --set model.attention_impl=cudnn \
-	    --set model.$$switch || true; done
-	for impl in cudnn flash; do $(GPU_RUN) scripts.bench_train --preset 350m --batch-size 16 \
-	  --set model.attention_impl=$$impl --set model.logits_grad_dtype=compute --set model.scan_layers=false \
-	  --set model.loss_chunks=4 || true; done
+	for switch in scan_layers=true logits_grad_dtype=float32 loss_chunks=4; do \
+	  $(GPU_RUN) scripts.bench_train --preset 350m --batch-size 16 --set model.$$switch || true; done
+	for impl in cudnn flash; do $(GPU_RUN) scripts.bench_train --preset 350m --batch-size 32 \
+	  --set model.attention_impl=$$impl --set model.loss_chunks=4 || true; done
 	$(GPU_RUN) scripts.bench_serving --preset small --set model.max_seq_len=1024 --prompt-median 192 \
 	  --output-median 96 --requests 200 --rates inf,8 --token-budget 128
 

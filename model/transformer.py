@@ -1,4 +1,4 @@
-"""The decoder-only transformer: embedding, a scanned stack of pre-norm blocks, final norm, LM head."""
+"""The decoder-only transformer: embedding, a stack of pre-norm blocks, final norm, LM head."""
 
 from __future__ import annotations
 
@@ -89,8 +89,8 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    """Token ids [B, T] -> float32 logits [B, T, vocab]. Layers are stacked on a leading `layers` axis and run
-    with `jax.lax.scan`, so compile time does not grow with depth."""
+    """Token ids [B, T] -> float32 logits [B, T, vocab]. Layers are stacked on a leading `layers` axis and run as
+    an unrolled loop (`scan_layers=True`: one `jax.lax.scan`, whose compile time does not grow with depth)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -199,9 +199,15 @@ def _run_layers(layer: Callable, x_BxTxD: jax.Array, stacked: nnx.State, scan: b
     """Apply `layer(x, layer_state) -> (x, aux)` over the stacked layers' leading axis: (x, aux per layer)."""
     if scan:
         return jax.lax.scan(layer, x_BxTxD, stacked)
+    # One split per weight, not a slice per layer: the transpose of a split is a single concatenate, while each
+    # slice's transpose pads its layer's gradient to the whole stack and XLA re-adds 24 such pads inside every
+    # consumer (9 ms a step on 350m, one H100).
+    leaves, treedef = jax.tree.flatten(stacked)
+    n_layers = leaves[0].shape[0]
+    split = [[part.reshape(part.shape[1:]) for part in jnp.split(a, n_layers)] for a in leaves]
     aux = []
-    for i in range(jax.tree.leaves(stacked)[0].shape[0]):
-        x_BxTxD, aux_i = layer(x_BxTxD, jax.tree.map(lambda a, i=i: a[i], stacked))
+    for i in range(n_layers):
+        x_BxTxD, aux_i = layer(x_BxTxD, jax.tree.unflatten(treedef, [parts[i] for parts in split]))
         aux.append(aux_i)
     return x_BxTxD, jnp.stack(aux)
 

@@ -231,6 +231,27 @@ def test_cudnn_off_gpu_is_refused_by_name():
         attention(q, k, v, impl="cudnn")
 
 
+def test_auto_attention_picks_cudnn_only_where_it_runs(monkeypatch):
+    """"auto" (the default) is cuDNN on a GPU in half precision with a supported head dim, XLA otherwise. Which
+    one ran is read from the dispatch itself: each stand-in returns its own name."""
+    import model.attention as attn
+
+    monkeypatch.setattr(attn, "cudnn_attention", lambda q, k, v, causal: "cudnn")
+    monkeypatch.setattr(attn, "xla_attention", lambda q, k, v, causal: "xla")
+    q, k, v = qkv(T=2, S=2, H=2, K=2, D=64)
+    half = [a.astype(jnp.bfloat16) for a in (q, k, v)]
+    assert attention(*half) == "xla"  # this machine is a CPU
+    monkeypatch.setattr(attn.jax, "default_backend", lambda: "gpu")
+    assert attention(*half) == "cudnn"
+    assert attention(*[a.astype(jnp.float16) for a in (q, k, v)]) == "cudnn"
+    assert attention(q, k, v) == "xla"  # float32
+    wide = [jnp.zeros((1, 2, 2, 256), jnp.bfloat16)] * 3  # head dim 256: beyond cuDNN's flash kernel
+    assert attention(*wide) == "xla"
+    mesh = jax.sharding.AbstractMesh((2, 2), ("data", "sequence"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    with jax.sharding.use_abstract_mesh(mesh):
+        assert attention(*half) == "xla"  # a sequence-sharded step: GSPMD partitions XLA's attention
+
+
 def test_attention_unknown_impl():
     q, k, v = qkv(T=2, S=2, H=2, K=2)
     with pytest.raises(ValueError, match="'flash9'"):
@@ -288,8 +309,9 @@ def _loss_and_grads(cfg, tokens: jax.Array):
 
 
 def test_unrolled_layers_equal_scanned_layers():
-    """scan_layers=False (a Python loop over the same stacked weights) against the scan: logits and gradients."""
-    cfg = TINY.replace(dtype="float32", remat="full")
+    """scan_layers=False (the default: a Python loop over the same stacked weights) against the scan: logits and
+    gradients."""
+    cfg = TINY.replace(dtype="float32", remat="full", scan_layers=True)
     tokens = jax.random.randint(jax.random.key(3), (2, 12), 0, cfg.vocab_size)
     scanned, unrolled = _loss_and_grads(cfg, tokens), _loss_and_grads(cfg.replace(scan_layers=False), tokens)
     np.testing.assert_allclose(unrolled[1], scanned[1], rtol=1e-5, atol=1e-6)
@@ -298,11 +320,12 @@ def test_unrolled_layers_equal_scanned_layers():
 
 
 def test_logits_grad_in_compute_dtype():
-    """float32 compute: bit-identical to the default. bfloat16 compute: the same logits, and gradients within
-    bfloat16 rounding of the float32-cotangent ones (the head's backward is the only change)."""
+    """logits_grad_dtype="compute" (the default) against "float32". float32 compute: bit-identical. bfloat16
+    compute: the same logits, and gradients within bfloat16 rounding of the float32-cotangent ones (the head's
+    backward is the only change)."""
     tokens = jax.random.randint(jax.random.key(4), (2, 12), 0, TINY.vocab_size)
     for dtype, tol in (("float32", 0.0), ("bfloat16", 2e-2)):
-        cfg = TINY.replace(dtype=dtype)
+        cfg = TINY.replace(dtype=dtype, logits_grad_dtype="float32")
         base, rounded = _loss_and_grads(cfg, tokens), _loss_and_grads(cfg.replace(logits_grad_dtype="compute"),
                                                                        tokens)
         np.testing.assert_array_equal(rounded[1], base[1])

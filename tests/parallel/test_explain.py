@@ -243,7 +243,9 @@ def test_attribute_splits_a_multi_axis_collective_as_a_hierarchical_ring():
 
 # --- the real sharded train step of the tiny model -----------------------------------------------------------
 
-TINY = dataclasses.replace(PRESETS["tiny"], dtype="float32")  # 2 layers (a lax.scan), d_model 64, float32
+# 2 layers, d_model 64, float32; the layers as a lax.scan, so a collective's loop count tells the layer loop's
+# collectives from the rest (the unrolled default issues the same collectives once per layer).
+TINY = dataclasses.replace(PRESETS["tiny"], dtype="float32", scan_layers=True)
 ACCUM = 3  # != n_layers, so that loop counts tell the micro-batch scan from the layer scan
 TCFG = TrainConfig(steps=10, warmup_steps=1, lr=1e-2, batch_size=8 * ACCUM, seq_len=16, grad_accum=ACCUM)
 ROWS = TCFG.batch_size // ACCUM  # sequences per micro-batch, over all devices

@@ -33,10 +33,11 @@ def test_greedy_generation_matches_step_by_step_argmax():
     model = create_model(get_preset("tiny").replace(dtype="float32"), seed=3)
     prompts = [[5, 6, 7, 8, 9], [100, 101]]
     outs = generate(model, prompts, 6, temperature=0.0)
+    forward = jax.jit(lambda tokens: model(tokens))  # eager op-by-op dispatch of the layer loop costs ~20 s
     for prompt, out in zip(prompts, outs, strict=True):
         seq = list(prompt)
         for _ in range(6):  # the reference: the whole sequence, unpadded, one token at a time
-            seq.append(int(jnp.argmax(model(jnp.array([seq]))[0, -1])))
+            seq.append(int(jnp.argmax(forward(jnp.array([seq]))[0, -1])))
         assert out == seq[len(prompt):]
 
 
