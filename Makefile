@@ -26,8 +26,9 @@ demo: $(VENV)/.installed
 	$(BIN)/python -m scripts.train $(DEMO_ARGS) --out $(DEMO_OUT)
 	$(BIN)/python -m scripts.generate --run $(DEMO_OUT)
 
+# One worker per core (pytest-xdist): 7.7 min on 2 cores against 9.9 min in one process (docs/BENCHMARKS.md).
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto
 
 bench: $(VENV)/.installed
 	$(BIN)/python -m scripts.bench_train --preset small
