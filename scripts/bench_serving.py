@@ -6,8 +6,12 @@ Prompt and output lengths are drawn from log-normal (long-tailed) distributions,
 Each rate is a scenario: `inf` submits every request at once, a number is a Poisson stream of that many
 requests per second. Printed per scenario and server: output tokens/s, TTFT and TPOT percentiles (ms), and KV
 utilisation (tokens stored / token slots reserved, averaged over steps): the engine's paged cache against
-what a contiguous max-length reservation would hold for the same running sequences. The model is a preset with
-random weights (`--run` uses a trained one); greedy decoding, so both servers produce the same tokens.
+what a contiguous max-length reservation would hold for the same running sequences. A page shared through the
+prefix cache counts once per sequence reading it, so with shared prefixes the paged figure can exceed 1. The
+model is a preset with random weights (`--run` uses a trained one); greedy decoding, so both servers produce the
+same tokens.
+`--shared-prefix N` starts every prompt with the same N tokens (a system prompt), which the engine's prefix cache
+computes once (`--no-prefix-caching` turns the cache off); the cache is emptied after the warm-up run.
 
 Both servers get the same KV memory: what static batching reserves, `--max-running` sequences of the model's
 full context. Static batching can run no more sequences in it; the paged engine can, since it holds only the
@@ -66,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-impl", default="pallas", choices=("pallas", "reference"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--servers", default="engine,static")
+    p.add_argument("--shared-prefix", type=int, default=0, help="tokens every prompt starts with")
+    p.add_argument("--no-prefix-caching", action="store_true", help="the engine recomputes shared prefixes")
     args = p.parse_args(argv)
     setup_logging("WARNING")
 
@@ -89,16 +95,21 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         fail(str(e))
     cfg = model.cfg
-    shapes = workload(args.requests, cfg.max_seq_len, args.seed, args.prompt_median, args.output_median)
+    if not 0 <= args.shared_prefix <= cfg.max_seq_len // 2:
+        fail(f"--shared-prefix must be in [0, {cfg.max_seq_len // 2}] (half the context), got {args.shared_prefix}")
+    shapes = workload(args.requests, cfg.max_seq_len - args.shared_prefix, args.seed, args.prompt_median,
+                      args.output_median)
     rng = np.random.default_rng(args.seed + 1)
-    requests = [Request(tuple(rng.integers(3, cfg.vocab_size, n).tolist()), m, request_id=f"r{i}")
+    prefix = rng.integers(3, cfg.vocab_size, args.shared_prefix).tolist()
+    requests = [Request(tuple(prefix + rng.integers(3, cfg.vocab_size, n).tolist()), m, request_id=f"r{i}")
                 for i, (n, m) in enumerate(shapes)]
     device = jax.devices()[0].device_kind
     kv_pages = 1 + args.max_running * -(-cfg.max_seq_len // args.page_size)  # static's memory, plus the null page
     print(json.dumps({"device": device, "preset": args.run or args.preset, "requests": len(requests),
                       "kv_token_slots": (kv_pages - 1) * args.page_size,
                       "engine_max_running": args.engine_max_running or args.max_running,
-                      "mean_prompt": float(np.mean([n for n, _ in shapes])),
+                      "shared_prefix": args.shared_prefix, "prefix_caching": not args.no_prefix_caching,
+                      "mean_prompt": float(np.mean([len(r.prompt_ids) for r in requests])),
                       "mean_output": float(np.mean([m for _, m in shapes])), "max_seq_len": cfg.max_seq_len}))
     for rate in rates:
         arrivals = None if rate == float("inf") else np.cumsum(rng.exponential(1 / rate, len(requests))).tolist()
@@ -106,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             if name == "engine":
                 server = Engine(model, ServeConfig(page_size=args.page_size, num_pages=kv_pages,
                                                    max_running=args.engine_max_running or args.max_running,
-                                                   token_budget=args.token_budget, decode_impl=args.decode_impl))
+                                                   token_budget=args.token_budget, decode_impl=args.decode_impl,
+                                                   prefix_caching=not args.no_prefix_caching))
             elif name == "static":
                 server = StaticBatcher(model, batch_size=args.max_running, page_size=args.page_size,
                                        decode_impl=args.decode_impl)
@@ -117,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             server.generate(requests)  # warm-up run: the static batcher compiles its batches' shapes here
             if name == "engine":
                 server.kv_samples.clear()
+                server.reset_prefix_cache()
             start = time.perf_counter()
             completions = server.generate(requests, arrivals_s=arrivals)
             seconds = time.perf_counter() - start
@@ -124,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                 stored, allocated, contiguous = (np.array(x, float) for x in zip(*server.kv_samples, strict=True))
                 kv = {"kv_util_paged": round(float(np.mean(stored / allocated)), 4),
                       "kv_util_contiguous": round(float(np.mean(stored / contiguous)), 4),
-                      "preemptions": sum(c.num_preemptions for c in completions)}
+                      "preemptions": sum(c.num_preemptions for c in completions),
+                      "cached_prompt_tokens": sum(c.num_cached_tokens for c in completions)}
             else:
                 kv = {"kv_util_contiguous": round(float(np.mean(server.kv_utilisation_samples)), 4)}
             result = summarize(name, completions, seconds, kv)

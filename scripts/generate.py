@@ -6,7 +6,8 @@
 
 Prompts files: `.jsonl` lines `{"prompt": "..."}` or `{"prompt_ids": [...]}` with optional per-request `id`,
 `max_new_tokens`, `temperature`, `top_k`, `top_p`, `seed`, `stop`; any other file is one prompt per line. Results:
-one JSON line per request (`id, text, token_ids, finish_reason, error, ttft_s, tokens_per_s`) in input order.
+one JSON line per request (`id, text, token_ids, finish_reason, error, ttft_s, tokens_per_s,
+cached_tokens`) in input order.
 `--static` serves the same requests with static batching (the baseline). A bad request gets its error in the
 results; the rest are served."""
 
@@ -44,6 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kv-pages", type=int, help="KV cache pages (default: enough for --max-running full contexts)")
     p.add_argument("--decode-impl", default="pallas", choices=("pallas", "reference"))
     p.add_argument("--static", action="store_true", help="static batching (the baseline) instead of the engine")
+    p.add_argument("--no-prefix-caching", action="store_true", help="recompute prompts' shared prefixes")
     p.add_argument("--log-level", default="WARNING")
     return p.parse_args(argv)
 
@@ -99,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             server = Engine(model, ServeConfig(page_size=args.page_size, num_pages=args.kv_pages,
                                                max_running=args.max_running, token_budget=args.token_budget,
-                                               decode_impl=args.decode_impl, seed=args.seed))
+                                               decode_impl=args.decode_impl, seed=args.seed,
+                                               prefix_caching=not args.no_prefix_caching))
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
 

@@ -4,7 +4,9 @@ Each iteration the scheduler (serve/scheduler.py) picks decodes for the running 
 newly admitted or partly prefilled ones under a token budget; the engine runs the decodes as one device call and
 the prefill chunks as another (`serve/forward.py`), samples every row's next token on the device with that
 request's own parameters and random stream, and hands tokens back to the scheduler, which frees a finished
-sequence's pages at once. Device calls have bucketed shapes -- rows and chunk lengths rounded up to powers of
+sequence's pages at once. With prefix caching (the default) a newly admitted sequence first takes the cached
+pages of its prompt's longest already-computed prefix of full pages, and its prefill starts after them
+(serve/block_allocator.py). Device calls have bucketed shapes -- rows and chunk lengths rounded up to powers of
 two, block tables as wide as the model's context -- so the loop stops compiling once each bucket has been seen.
 """
 
@@ -80,6 +82,7 @@ class Completion:
     arrival_s: float = 0.0
     token_times_s: list[float] = dataclasses.field(default_factory=list)
     num_preemptions: int = 0
+    num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (at the latest admission)
 
     @property
     def finished(self) -> bool:
@@ -122,7 +125,9 @@ def request_problem(request: Request, model_cfg: ModelConfig) -> str | None:
 @dataclasses.dataclass(frozen=True)
 class ServeConfig:
     """Engine settings. The cache holds `num_pages` pages, or as many as `memory_bytes` or `memory_fraction` of
-    free device memory buys; with none given, enough for `max_running` sequences of the model's full context."""
+    free device memory buys; with none given, enough for `max_running` sequences of the model's full context.
+    `prefix_caching` lets a request reuse the K/V pages of full blocks an earlier request computed for the same
+    prefix (a shared system prompt, a multi-turn chat), so its prefill starts after them."""
 
     page_size: int = 16
     num_pages: int | None = None
@@ -134,6 +139,7 @@ class ServeConfig:
     decode_impl: str = "pallas"
     min_chunk_bucket: int = 16
     seed: int = 0
+    prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         for name in ("page_size", "max_running", "token_budget", "min_chunk_bucket"):
@@ -142,6 +148,8 @@ class ServeConfig:
                 raise ValueError(f"serve.{name} must be a positive integer, got {value!r}")
         if sum(x is not None for x in (self.num_pages, self.memory_bytes, self.memory_fraction)) > 1:
             raise ValueError("give at most one of serve.num_pages, serve.memory_bytes, serve.memory_fraction")
+        if not isinstance(self.prefix_caching, bool):
+            raise ValueError(f"serve.prefix_caching must be true or false, got {self.prefix_caching!r}")
         if self.decode_impl not in DECODE_IMPLS:
             raise ValueError(f"serve.decode_impl must be one of {DECODE_IMPLS}, got {self.decode_impl!r}")
 
@@ -191,7 +199,8 @@ class Engine:
         self.allocator = BlockAllocator(num_pages)
         self.scheduler = Scheduler(SchedulerConfig(page_size=cfg.page_size, max_running=cfg.max_running,
                                                    token_budget=cfg.token_budget,
-                                                   max_prefill_chunk=cfg.max_prefill_chunk), self.allocator)
+                                                   max_prefill_chunk=cfg.max_prefill_chunk,
+                                                   prefix_caching=cfg.prefix_caching), self.allocator)
         self._step_fn = jax.jit(partial(_device_step, self.graphdef, cfg.decode_impl, self.max_pages_per_seq),
                                 donate_argnums=1)
         self.completions: dict[str, Completion] = {}
@@ -245,6 +254,13 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix block (e.g. between a benchmark's warm-up and its timed run). Running
+        sequences keep their pages; blocks they complete later are cached again."""
+        self.allocator.reset_cache()
+        for seq in self.scheduler.running:
+            seq.num_registered = len(seq.block_table)  # their current blocks stay out of the cache
+
     # --- the loop ------------------------------------------------------------------------------------------
 
     def step(self) -> list[tuple[str, int]]:
@@ -296,6 +312,7 @@ class Engine:
         if seq.status != "finished":
             self.scheduler.finish(seq, reason)
         self.completions[rid].finish_reason = reason
+        self.completions[rid].num_cached_tokens = seq.num_cached_tokens
         self._callbacks.pop(rid, None)
 
     def _inputs(self, chunks: list[ScheduledChunk]) -> tuple[jax.Array, jax.Array]:

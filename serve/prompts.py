@@ -75,8 +75,9 @@ def default_request(max_new_tokens: int, temperature: float, top_k: int, top_p: 
 
 
 def result_record(c: Completion, decode: Callable[[list[int]], str] | None) -> dict[str, Any]:
-    """The JSONL record of a completion: id, text, token_ids, finish_reason, error, ttft_s, tokens_per_s."""
+    """The JSONL record of a completion: id, text, token_ids, finish_reason, error, ttft_s, tokens_per_s,
+    cached_tokens (prompt tokens the prefix cache supplied)."""
     elapsed = c.token_times_s[-1] - c.arrival_s if c.token_times_s else None
     return {"id": c.request_id, "text": decode(c.token_ids) if decode and c.token_ids else "",
             "token_ids": c.token_ids, "finish_reason": c.finish_reason, "error": c.error, "ttft_s": c.ttft_s,
-            "tokens_per_s": len(c.token_ids) / elapsed if elapsed else None}
+            "tokens_per_s": len(c.token_ids) / elapsed if elapsed else None, "cached_tokens": c.num_cached_tokens}

@@ -10,7 +10,11 @@ step gives some sequences a chunk [num_computed, num_computed + n) to compute un
    the allocation succeeds or the sequence itself was the one preempted.
 2. Then, if nothing was preempted, waiting sequences are admitted strictly first come first served while
    `max_running`, the budget and free pages allow; admission never preempts. An admitted sequence gets pages for
-   its first chunk only; later chunks and decodes grow its block table step by step.
+   its first chunk only; later chunks and decodes grow its block table step by step. With `prefix_caching`, an
+   admitted sequence first takes the cached pages of its longest cached run of full blocks
+   (`BlockAllocator.lookup`). Those tokens count as computed, and its first chunk starts after them. At least
+   one token is always left to compute, so the step samples from its logits. Every block a chunk completes is
+   registered for later sequences.
 
 Budget goes in admission order, so an older sequence's long prefill can hold back younger decodes for a step;
 `max_prefill_chunk` < `token_budget` keeps room for them. The returned chunks list decodes first.
@@ -26,7 +30,7 @@ import itertools
 import math
 from collections import deque
 
-from serve.block_allocator import BlockAllocator
+from serve.block_allocator import BlockAllocator, block_keys
 
 
 @dataclasses.dataclass(eq=False)  # identity equality: two requests with equal fields are still two requests
@@ -43,6 +47,9 @@ class Sequence:
     finish_reason: str | None = None
     num_preemptions: int = 0
     admitted_at: int = -1  # admission counter: higher = admitted more recently; -1 = never admitted
+    num_cached_tokens: int = 0  # tokens found in the prefix cache at the latest admission
+    block_keys: list = dataclasses.field(default_factory=list)  # prefix-cache keys of full blocks, as far as known
+    num_registered: int = 0  # blocks of block_table registered in the prefix cache
 
     @property
     def num_tokens(self) -> int:
@@ -94,12 +101,14 @@ class Schedule:
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
     """page_size tokens per KV page; at most max_running sequences running and token_budget tokens per step (a
-    decode counts 1); max_prefill_chunk caps one prefill chunk (None: the budget is the only cap)."""
+    decode counts 1); max_prefill_chunk caps one prefill chunk (None: the budget is the only cap);
+    prefix_caching reuses the pages of full blocks already computed for the same prefix."""
 
     page_size: int = 16
     max_running: int = 32
     token_budget: int = 512
     max_prefill_chunk: int | None = None
+    prefix_caching: bool = False
 
     def __post_init__(self) -> None:
         for name in ("page_size", "max_running", "token_budget", "max_prefill_chunk"):
@@ -108,6 +117,8 @@ class SchedulerConfig:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"scheduler.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.prefix_caching, bool):
+            raise ValueError(f"scheduler.prefix_caching must be true or false, got {self.prefix_caching!r}")
 
 
 class Scheduler:
@@ -175,6 +186,11 @@ class Scheduler:
             raise ValueError(f"request {seq.request_id!r}: chunk starts at {chunk.start} but {seq.num_computed} "
                              f"tokens are computed")
         seq.num_computed += chunk.length
+        if self.cfg.prefix_caching:
+            full = seq.num_computed // self.cfg.page_size
+            for i, key in enumerate(self._keys(seq, full)[seq.num_registered:], seq.num_registered):
+                self.allocator.register(seq.block_table[i], key)
+            seq.num_registered = max(seq.num_registered, full)
 
     def append_token(self, seq: Sequence, token_id: int) -> None:
         """The engine sampled `token_id` for `seq`, whose known tokens all have K/V now."""
@@ -226,8 +242,12 @@ class Scheduler:
         if not preempted:
             while self._waiting and budget > 0 and len(self._running) < self.cfg.max_running:
                 seq = self._waiting[0]
+                if self.cfg.prefix_caching:
+                    self._take_cached_prefix(seq)
                 n = self._chunk_length(seq, budget)
                 if not self._grow(seq, seq.num_computed + n):
+                    self._release(seq)
+                    seq.num_computed = seq.num_registered = seq.num_cached_tokens = 0
                     break  # strictly first come first served: nobody overtakes the head of the queue
                 self._waiting.popleft()
                 seq.status, seq.admitted_at = "running", next(self._admissions)
@@ -236,6 +256,22 @@ class Scheduler:
                 budget -= n
         chunks.sort(key=lambda c: not c.is_decode)  # stable: decodes first, each group in scheduling order
         return Schedule(tuple(chunks), tuple(preempted))
+
+    def _keys(self, seq: Sequence, n_blocks: int) -> list:
+        """The prefix-cache keys of `seq`'s first `n_blocks` full blocks (computed once per sequence)."""
+        keys, ps = seq.block_keys, self.cfg.page_size
+        if len(keys) < n_blocks:
+            keys += block_keys(seq.all_ids[len(keys) * ps:n_blocks * ps], ps, keys[-1] if keys else None)
+        return keys[:n_blocks]
+
+    def _take_cached_prefix(self, seq: Sequence) -> None:
+        """Start a sequence that holds no pages on the cached pages of its longest cached prefix of full blocks,
+        leaving at least its last token to compute."""
+        ps = self.cfg.page_size
+        pages = self.allocator.lookup(self._keys(seq, (seq.num_tokens - 1) // ps))
+        seq.block_table = pages
+        seq.num_computed = seq.num_cached_tokens = len(pages) * ps
+        seq.num_registered = len(pages)
 
     def _chunk_length(self, seq: Sequence, budget: int) -> int:
         return min(seq.num_tokens - seq.num_computed, budget, self.cfg.max_prefill_chunk or budget)
@@ -258,6 +294,6 @@ class Scheduler:
         """Preemption by recompute: drop its K/V and queue it first; its outputs are kept and re-prefilled."""
         self._release(seq)
         self._running.remove(seq)
-        seq.num_computed, seq.status = 0, "waiting"
+        seq.num_computed, seq.num_registered, seq.status = 0, 0, "waiting"
         seq.num_preemptions += 1
         self._waiting.appendleft(seq)

@@ -47,7 +47,8 @@ def test_jsonl_batch_through_engine_and_static(run_dir, tmp_path):
     assert engine[3]["token_ids"] == static[3]["token_ids"]  # seeded sampling: same stream in both servers
     _, model = load_params(run_dir)
     assert engine[1]["token_ids"] == generate(model, [[1, 2, 3]], 4)[0]
-    assert {"id", "text", "token_ids", "finish_reason", "error", "ttft_s", "tokens_per_s"} <= set(engine[0])
+    assert {"id", "text", "token_ids", "finish_reason", "error", "ttft_s", "tokens_per_s",
+            "cached_tokens"} <= set(engine[0])
 
 
 def test_bad_prompts_file_line_is_named(run_dir, tmp_path):
