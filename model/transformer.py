@@ -141,19 +141,25 @@ class Transformer(nnx.Module):
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
         x_BxTxD = self.embed_tokens(tokens_BxT)
-        cos, sin = rope_tables(positions_BxT, cfg.head_dim, cfg.rope_theta)
-
         graphdef, stacked = nnx.split(self.blocks)
+        if (stages := pipeline_stages()) is not None:
+            return self._pipelined(graphdef, stacked, x_BxTxD, positions_BxT, *stages)
+        layer = self._layer_fn(graphdef, positions_BxT)
+        x_BxTxD, router_losses = _run_layers(layer, x_BxTxD, stacked, cfg.scan_layers)
+        return x_BxTxD, jnp.mean(router_losses)
+
+    def _layer_fn(self, graphdef: nnx.GraphDef, positions_BxT: jax.Array) -> Callable:
+        """`layer(x, layer_state) -> (x, router loss)` for one block at these positions, rematerialised per
+        `remat`: the step `_run_layers` applies over the stacked layers."""
+        cfg = self.cfg
+        cos, sin = rope_tables(positions_BxT, cfg.head_dim, cfg.rope_theta)
 
         def layer(x_BxTxD: jax.Array, layer_state: nnx.State) -> tuple[jax.Array, jax.Array]:
             return nnx.merge(graphdef, layer_state)(x_BxTxD, cos, sin)
 
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        if (stages := pipeline_stages()) is not None:
-            return self._pipelined(graphdef, stacked, x_BxTxD, positions_BxT, *stages)
-        x_BxTxD, router_losses = _run_layers(layer, x_BxTxD, stacked, cfg.scan_layers)
-        return x_BxTxD, jnp.mean(router_losses)
+        return layer
 
     def _pipelined(self, graphdef: nnx.GraphDef, stacked: nnx.State, x_BxTxD: jax.Array, positions_BxT: jax.Array,
                    axis: str | tuple[str, ...], n_stages: int) -> tuple[jax.Array, jax.Array]:
@@ -162,13 +168,7 @@ class Transformer(nnx.Module):
 
         def stage(stage_state: nnx.State, x_bxTxD: jax.Array, positions_bxT: jax.Array
                   ) -> tuple[jax.Array, jax.Array]:
-            cos, sin = rope_tables(positions_bxT, cfg.head_dim, cfg.rope_theta)
-
-            def layer(x_bxTxD: jax.Array, layer_state: nnx.State) -> tuple[jax.Array, jax.Array]:
-                return nnx.merge(graphdef, layer_state)(x_bxTxD, cos, sin)
-
-            if cfg.remat != "none":
-                layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+            layer = self._layer_fn(graphdef, positions_bxT)
             x_bxTxD, router_losses = _run_layers(layer, x_bxTxD, stage_state, cfg.scan_layers)
             return x_bxTxD, jnp.sum(router_losses)
 
