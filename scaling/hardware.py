@@ -28,3 +28,21 @@ def peak_flops(dtype: str, device: jax.Device | None = None) -> float | None:
         if name.lower() in device.device_kind.lower():
             return table.get(dtype, table["bfloat16"]) * 1e12
     return None
+
+
+def measured_matmul_flops(n: int = 1024, repeats: int = 10) -> float:
+    """FLOP/s this process reaches on an n x n float32 matmul on the default device (best of `repeats`): a figure of
+    the machine's speed today, so times measured on different days (the test suite's, a benchmark's) compare."""
+    import time
+
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), jnp.float32)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best

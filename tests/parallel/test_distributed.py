@@ -9,6 +9,7 @@ import pytest
 
 from parallel.distributed import DistributedConfig, resolve_distributed
 from parallel.launch import launch_local, process_env
+from tests.subprocesses import HANG_LIMIT_S
 
 
 def test_flags_override_the_environment():
@@ -56,8 +57,8 @@ def test_launcher_prefixes_output_and_stops_the_others_on_failure():
     script = ("import os, sys, time\n"
               "rank = int(os.environ['JAX_PROCESS_ID'])\n"
               "print('hello from', rank, flush=True)\n"
-              "sys.exit(3) if rank == 1 else time.sleep(60)\n")
+              "sys.exit(3) if rank == 1 else time.sleep(3600)\n")
     out = io.StringIO()
-    code = launch_local([sys.executable, "-c", script], 2, sink=out, timeout=30)
-    assert code == 3  # process 1's code; process 0 (sleeping 60 s) was stopped, well before the timeout
+    code = launch_local([sys.executable, "-c", script], 2, sink=out, timeout=HANG_LIMIT_S)
+    assert code == 3, out.getvalue()  # process 1's code: process 0, sleeping for an hour, was stopped
     assert sorted(out.getvalue().splitlines()) == ["[0] hello from 0", "[1] hello from 1"]

@@ -9,8 +9,6 @@ relative; the parameters are compared to rtol 1e-4, atol 1e-6."""
 
 import dataclasses
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,10 +18,10 @@ from flax import nnx
 
 from model.presets import get_preset
 from parallel.mesh import parse_mesh
+from tests.subprocesses import HANG_LIMIT_S, child_env, run_module, tail
 from train.config import RunConfig, TrainConfig
 from train.loop import load_params, train
 
-ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = {"train.steps": 3, "train.batch_size": 8, "train.seq_len": 32, "train.grad_accum": 2,
             "train.warmup_steps": 1, "train.log_every": 1, "train.eval_every": 3, "train.eval_batches": 2,
             "train.ckpt_every": 3, "model.dtype": "float32"}
@@ -38,12 +36,11 @@ def test_two_processes_match_one_process(tmp_path):
     sets = [arg for key, value in SETTINGS.items() for arg in ("--set", f"{key}={value}")]
     command = [sys.executable, "-m", "scripts.train", "--preset", "tiny", "--mesh", "data=2,fsdp=2,tensor=2",
                "--log-level", "WARNING", "--out", str(tmp_path / "two"), *sets]
-    launcher = [sys.executable, "-m", "scripts.launch_local", "-n", "2", "--cpu-devices", "4", "--timeout", "240",
-                "--", *command]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(launcher, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-4000:]
-    assert "[0] mesh: data=2,fsdp=2,tensor=2 over 8 devices in 2 process(es)" in result.stdout, result.stdout
+    # The launcher's own limit comes first, so a hung collective still ends with both processes' output.
+    result = run_module("scripts.launch_local", "-n", "2", "--cpu-devices", "4", "--timeout", str(HANG_LIMIT_S - 60),
+                        "--", *command, env=child_env())
+    assert result.returncode == 0, tail(result.stdout)
+    assert "[0] mesh: data=2,fsdp=2,tensor=2 over 8 devices in 2 process(es)" in result.stdout, tail(result.stdout)
     assert "done: step 3" in result.stdout
 
     train_fields = {k.split(".")[1]: v for k, v in SETTINGS.items() if k.startswith("train.")}

@@ -8,6 +8,7 @@ from model.transformer import create_model
 from scaling.accounting import Layout, train_memory
 from scaling.design import budget_flops, design, design_model, smallest_layout
 from scaling.laws import LossLaw
+from tests.subprocesses import child_env, run_module, tail
 
 BESIROGLU = LossLaw(E=1.817, A=482.0, B=2085.4, alpha=0.3478, beta=0.3658)
 
@@ -67,17 +68,9 @@ def test_smallest_layout_fits_and_half_as_many_devices_do_not():
 
 
 def test_estimate_cli_designs_for_a_budget():
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": str(root), "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run([sys.executable, "-m", "scripts.estimate", "--budget", "1e21"], cwd=root, env=env,
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
+    env = child_env(JAX_PLATFORMS="cpu")
+    out = run_module("scripts.estimate", "--budget", "1e21", env=env)
+    assert out.returncode == 0, tail(out.stderr)
     assert "N_opt 2.778e+09" in out.stdout and "model   designed: d_model" in out.stdout
-    bad = subprocess.run([sys.executable, "-m", "scripts.estimate", "--gpu-hours", "10", "--gpu", "B200"], cwd=root,
-                         env=env, capture_output=True, text=True, timeout=120)
+    bad = run_module("scripts.estimate", "--gpu-hours", "10", "--gpu", "B200", env=env)
     assert bad.returncode == 2 and "unknown gpu 'B200'" in bad.stderr

@@ -11,8 +11,7 @@ from flax import nnx
 from model.transformer import create_model
 from scaling.accounting import flops_per_token
 from scaling.sweep import SweepConfig, collect, execute, plan, read_status, slurm_script
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.subprocesses import child_env, run_module, tail
 
 
 def test_plan_ties_each_schedule_to_its_own_tokens():
@@ -93,14 +92,12 @@ def test_slurm_script_has_one_array_task_per_run(tmp_path):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "scripts.sweep", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env={**__import__("os").environ, "PYTHONPATH": str(ROOT),
-                                            "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+    return run_module("scripts.sweep", *args, env=child_env(JAX_PLATFORMS="cpu", XLA_FLAGS=""))
 
 
 def test_cli_dry_run_and_bad_sizes(tmp_path):
     result = run_cli("--out", str(tmp_path), "--sizes", "32x2,64x2", "--tokens", "1e4,2e4", "--dry-run")
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, tail(result.stderr)
     assert "d32_l2_t10240" in result.stdout and "4 runs" in result.stdout and "predicted" in result.stdout
     assert not (tmp_path / "runs").exists()
     bad = run_cli("--out", str(tmp_path), "--sizes", "64by2", "--tokens", "1e4")
@@ -110,7 +107,7 @@ def test_cli_dry_run_and_bad_sizes(tmp_path):
 def test_a_real_sweep_trains_collects_and_reports(tmp_path):
     result = run_cli("--out", str(tmp_path), "--sizes", "32x1", "--tokens", "2048,4096", "--batch-size", "4",
                      "--seq-len", "32")
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, tail(result.stderr)
     rows = (tmp_path / "results.csv").read_text().splitlines()
     assert len(rows) == 3 and all(row.endswith(",done") for row in rows[1:])
     losses = [float(row.split(",")[6]) for row in rows[1:]]

@@ -1,20 +1,17 @@
 """scripts/train.py's argument handling: bad keys and values exit with code 2 and a message naming them."""
 
 import json
-import os
+import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.subprocesses import child_env, run_module, tail
 
 
 def run(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, "-m", "scripts.train", "--out", str(tmp_path / "run"), *args], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=120)
+    return run_module("scripts.train", "--out", str(tmp_path / "run"), *args, env=child_env(JAX_PLATFORMS="cpu"))
 
 
 @pytest.mark.parametrize("args, message", [
@@ -37,23 +34,21 @@ def run(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
 ])
 def test_bad_settings_exit_2_naming_the_problem(args, message, tmp_path):
     result = run("--preset", "tiny", *args, tmp_path=tmp_path)
-    assert result.returncode == 2, result.stderr
-    import re
-
-    assert re.search(message, result.stderr), result.stderr
+    assert result.returncode == 2, tail(result.stderr)
+    assert re.search(message, result.stderr), tail(result.stderr)
     assert not (tmp_path / "run").exists()  # nothing written for a run that never started
 
 
 def test_missing_data_path_exits_2(tmp_path):
     result = run("--preset", "tiny", "--steps", "1", "--data", str(tmp_path / "nope"), tmp_path=tmp_path)
-    assert result.returncode == 2, result.stderr
+    assert result.returncode == 2, tail(result.stderr)
     assert "no text files found for --data" in result.stderr and "nope" in result.stderr
 
 
 def test_an_moe_model_trains_and_logs_its_router_loss(tmp_path):
     result = run("--preset", "tiny", "--steps", "2", "--set", "model.moe.n_experts=4", "--set", "train.log_every=1",
                  "--set", "train.eval_batches=1", tmp_path=tmp_path)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, tail(result.stderr)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["router_loss"] > 0 for r in records if "loss" in r] == [True, True]
     assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["moe"]["n_experts"] == 4

@@ -3,14 +3,14 @@ uninterrupted run (bitwise on CPU), because batches are a pure function of (seed
 the full train state."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.subprocesses import HANG_LIMIT_S, ROOT, child_env, tail, wait
+
 STEPS = 300
 ARGS = ["--preset", "tiny", "--steps", str(STEPS), "--log-level", "WARNING",
         "--set", "train.batch_size=4", "--set", "train.seq_len=32", "--set", "train.log_every=1",
@@ -19,9 +19,9 @@ ARGS = ["--preset", "tiny", "--steps", str(STEPS), "--log-level", "WARNING",
 
 
 def run_train(out: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-    return subprocess.Popen([sys.executable, "-m", "scripts.train", *ARGS, "--out", str(out)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-m", "scripts.train", *ARGS, "--out", str(out)], cwd=ROOT,
+                            env=child_env(XLA_FLAGS="", JAX_PLATFORMS="cpu"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def losses(out: Path) -> dict[int, float]:
@@ -42,20 +42,20 @@ def last_logged_step(out: Path) -> int:
 
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     straight = run_train(tmp_path / "straight")  # runs one at a time: two XLA thread pools on 2 cores crawl
-    assert straight.wait(timeout=300) == 0, straight.stderr.read()
+    assert wait(straight) == 0, tail(straight.stderr.read())
     killed_dir = tmp_path / "killed"
     victim = run_train(killed_dir)
-    deadline = time.time() + 240
-    while last_logged_step(killed_dir) < 100 and victim.poll() is None and time.time() < deadline:
+    deadline = time.monotonic() + HANG_LIMIT_S
+    while last_logged_step(killed_dir) < 100 and victim.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
-    assert victim.poll() is None, f"the run ended before it could be killed: {victim.stderr.read()}"
+    assert victim.poll() is None, f"the run ended before it could be killed: {tail(victim.stderr.read())}"
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     killed_at = last_logged_step(killed_dir)
     assert 100 <= killed_at < STEPS, killed_at
 
     resumed = run_train(killed_dir)
-    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    assert wait(resumed) == 0, tail(resumed.stderr.read())
 
     expected, got = losses(tmp_path / "straight"), losses(killed_dir)
     assert sorted(got) == list(range(1, STEPS + 1))  # the log reads as one run: no gaps, no repeats

@@ -1,0 +1,55 @@
+"""Running the project's command lines from tests as a user would: in a child process, with a time limit that only
+guards against a hang (it is not a benchmark, so it is generous enough for a slow, busy machine), and a failure
+message that carries the child's last output."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HANG_LIMIT_S = 1200.0  # a hung child, not a slow one: the whole CI run has 90 minutes
+TAIL_CHARS = 4000
+
+
+def tail(text: str | bytes | None, chars: int = TAIL_CHARS) -> str:
+    """The last `chars` characters of a child's output, decoded if needed."""
+    if text is None:
+        return ""
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    return text[-chars:]
+
+
+def child_env(**overrides: str) -> dict[str, str]:
+    """This process's environment with the repository importable and the overrides applied."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), **overrides}
+
+
+def run_module(module: str, *args: str, env: Mapping[str, str] | None = None,
+               timeout: float = HANG_LIMIT_S) -> subprocess.CompletedProcess:
+    """`python -m module args...` from the repository root, output captured; a hang fails the test with the
+    child's last output instead of blocking the suite."""
+    command = [sys.executable, "-m", module, *args]
+    try:
+        return subprocess.run(command, cwd=ROOT, env=dict(env) if env is not None else child_env(),
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as hung:
+        pytest.fail(f"{' '.join(command)} did not finish in {timeout:.0f} s.\n--- stdout ---\n{tail(hung.stdout)}"
+                    f"\n--- stderr ---\n{tail(hung.stderr)}")
+
+
+def wait(process: subprocess.Popen, timeout: float = HANG_LIMIT_S) -> int:
+    """The exit code of a started child; a hang kills it and fails the test with its last error output."""
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        _, err = process.communicate()
+        pytest.fail(f"{' '.join(map(str, process.args))} did not finish in {timeout:.0f} s.\n"
+                    f"--- stderr ---\n{tail(err)}")
