@@ -8,15 +8,20 @@ Prompts files: `.jsonl` lines `{"prompt": "..."}` or `{"prompt_ids": [...]}` wit
 `max_new_tokens`, `temperature`, `top_k`, `top_p`, `seed`, `stop`; any other file is one prompt per line. Results:
 one JSON line per request (`id, text, token_ids, finish_reason, error, ttft_s, tokens_per_s,
 cached_tokens`) in input order.
-`--static` serves the same requests with static batching (the baseline). A bad request gets its error in the
-results; the rest are served."""
+`--static` serves the same requests with static batching (the baseline). A bad request (serve/request_checks.py
+says what each field may hold) gets its error in its own result line and the rest are served; a request without
+an id is named `req-<its index>`. The exit code is 0 when the batch was served, whatever some requests' errors;
+if serving itself stops, the finished results are still written and the exit code is 1."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 import time
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -72,29 +77,42 @@ def load(args: argparse.Namespace):
     return model, lambda text: tok.encode(text), lambda ids: tok.decode(ids), stop
 
 
+def check_defaults(args: argparse.Namespace) -> None:
+    """Exit 2 naming the flag and value if a command-line request default fails the requests' own field check."""
+    from serve.request_checks import field_problem
+
+    for name in ("max_new_tokens", "temperature", "top_k", "top_p", "seed"):
+        problem = field_problem(name, getattr(args, name))
+        if problem:
+            fail(f"--{name.replace('_', '-')}: {problem}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.log_level)
-    if args.max_new_tokens < 1:
-        fail(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
-        fail(f"need temperature >= 0, 0 < top-p <= 1, top-k >= 0; got {args.temperature}, {args.top_p}, "
-             f"{args.top_k}")
+    check_defaults(args)
     if args.prompt and args.prompts:
         fail("give --prompt or --prompts, not both")
 
-    from serve.engine import Engine, ServeConfig
-    from serve.prompts import default_request, read_requests, request_from, result_record
+    from serve.engine import Completion, Engine, Request, ServeConfig
+    from serve.prompts import default_request, read_requests, rejected, request_from, result_record
+    from serve.request_checks import RequestError
     from serve.static import StaticBatcher
 
     try:
         model, encode, decode, stop = load(args)
         defaults = default_request(args.max_new_tokens, args.temperature, args.top_k, args.top_p, None, stop)
         if args.prompts:
-            requests = read_requests(args.prompts, defaults, encode)
+            items = read_requests(args.prompts, defaults, encode)
+        elif encode is None:
+            fail("this model has no tokenizer for --prompt text; give --prompts with 'prompt_ids'")
         else:
-            requests = [request_from({"prompt": text}, defaults, encode, f"--prompt {i}")
-                        for i, text in enumerate(args.prompt or DEFAULT_PROMPTS)]
+            items = []
+            for i, text in enumerate(args.prompt or DEFAULT_PROMPTS):
+                try:
+                    items.append(request_from({"prompt": text}, defaults, encode, f"--prompt {i}", f"req-{i}"))
+                except RequestError as e:
+                    items.append(rejected(e))
         if args.static:
             server = StaticBatcher(model, batch_size=args.max_running, page_size=args.page_size,
                                    decode_impl=args.decode_impl, seed=args.seed)
@@ -106,27 +124,54 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
 
-    bar = tqdm(total=len(requests), desc="generate", unit="req", dynamic_ncols=True)
+    requests = [item for item in items if isinstance(item, Request)]  # the rest are already error results
+    bar = tqdm(total=len(items), initial=len(items) - len(requests), desc="generate", unit="req",
+               dynamic_ncols=True)
+    finished: dict[str, Completion] = {}
+
+    def on_finish(c: Completion) -> None:
+        finished[c.request_id] = c
+        bar.update(1)
+
     start = time.perf_counter()
-    results = server.generate(requests, on_finish=lambda c: bar.update(1))
+    stopped: BaseException | None = None
+    try:
+        served = server.generate(requests, on_finish=on_finish)
+    except (Exception, KeyboardInterrupt) as e:  # not one request's fault: keep every finished result
+        stopped = e
+        logging.getLogger(__name__).error("generation stopped", exc_info=e)
+        served = [finished.get(r.request_id) or Completion(r.request_id, list(r.prompt_ids), finish_reason="error",
+                                                           error=f"not finished: generation stopped ({e!r})")
+                  for r in requests]
     seconds = time.perf_counter() - start
     bar.close()
 
+    answers = iter(served)
+    results = [item if isinstance(item, Completion) else next(answers) for item in items]
     records = [result_record(c, decode) for c in results]
     if args.out:
-        with open(args.out, "w") as fh:
-            for record in records:
-                fh.write(json.dumps(record) + "\n")
+        out = Path(args.out)
+        partial = out.with_name(out.name + ".partial")
+        partial.write_text("".join(json.dumps(record) + "\n" for record in records))
+        os.replace(partial, out)  # a reader never sees half a results file
     else:
-        for request, record in zip(requests, records, strict=True):
+        for item, record in zip(items, records, strict=True):
             print("=" * 72)
-            prompt = decode(list(request.prompt_ids)) if decode else str(list(request.prompt_ids))
+            if isinstance(item, Completion):
+                print(f"[error: {record['error']}]")
+                continue
+            prompt = decode(list(item.prompt_ids)) if decode else str(list(item.prompt_ids))
             print(prompt + (record["text"] or f"[error: {record['error']}]"))
         print("=" * 72)
     n_tokens = sum(len(c.token_ids) for c in results)
     errors = sum(c.error is not None for c in results)
     print(f"{'static' if args.static else 'engine'}: {len(results)} requests ({errors} errors), {n_tokens} output "
           f"tokens in {seconds:.2f} s = {n_tokens / seconds:.1f} tokens/s", file=sys.stderr)
+    if stopped is not None:
+        done = sum(c.error is None for c in results)
+        print(f"error: generation stopped after {done} of {len(results)} requests finished ({stopped!r}); "
+              f"{'their results are in ' + args.out if args.out else 'their texts are above'}", file=sys.stderr)
+        return 130 if isinstance(stopped, KeyboardInterrupt) else 1
     return 0
 
 

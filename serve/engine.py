@@ -28,9 +28,11 @@ from flax import nnx
 from model.config import ModelConfig
 from model.kernels.triton import triton_deprecation_ignored
 from model.transformer import for_inference
+from serve import request_checks
 from serve.block_allocator import BlockAllocator
 from serve.forward import DECODE_IMPLS, StepInputs, model_step
 from serve.kv_cache import CacheShape, KVCache, init_cache, pages_for_budget, slots
+from serve.request_checks import RequestError
 from serve.sampling import sample_rows
 from serve.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 from serve.scheduler import Sequence as Seq
@@ -46,17 +48,6 @@ class SamplingParams:
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
-
-    def problem(self) -> str | None:
-        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
-            return f"temperature must be >= 0, got {self.temperature!r}"
-        if not (isinstance(self.top_k, int) and self.top_k >= 0):
-            return f"top_k must be an integer >= 0, got {self.top_k!r}"
-        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
-            return f"top_p must be in (0, 1], got {self.top_p!r}"
-        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**32):
-            return f"seed must be an integer in [0, 2**32), got {self.seed!r}"
-        return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,26 +91,20 @@ class Completion:
         return (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None
 
 
-class RequestError(ValueError):
-    """A request the engine cannot serve; the message names the request and the reason."""
-
-
 def request_problem(request: Request, model_cfg: ModelConfig) -> str | None:
-    """Why `request` can never be served by this model (None if it can): an empty prompt, ids outside the
-    vocabulary, more tokens than the context, max_new_tokens < 1, or bad sampling parameters."""
-    prompt = request.prompt_ids
-    if len(prompt) == 0:
-        return "the prompt is empty"
-    bad = [t for t in prompt if not (isinstance(t, (int, np.integer)) and 0 <= t < model_cfg.vocab_size)]
-    if bad:
-        return f"token id {bad[0]!r} is outside the vocabulary [0, {model_cfg.vocab_size})"
-    if not isinstance(request.max_new_tokens, int) or request.max_new_tokens < 1:
-        return f"max_new_tokens must be >= 1, got {request.max_new_tokens!r}"
-    total = len(prompt) + request.max_new_tokens
-    if total > model_cfg.max_seq_len:
-        return (f"prompt ({len(prompt)} tokens) + max_new_tokens ({request.max_new_tokens}) = {total} exceeds "
-                f"the model's context of {model_cfg.max_seq_len}")
-    return request.sampling.problem()
+    """Why `request` can never be served by this model (None if it can): serve/request_checks.py's check of every
+    field, with token ids in the model's vocabulary and prompt + max_new_tokens within its context."""
+    if not isinstance(request, Request):
+        return f"expected a Request, got {request_checks.shown(request)}"
+    s = request.sampling
+    if not isinstance(s, SamplingParams):
+        return f"sampling must be a SamplingParams, got {request_checks.shown(s)}"
+    prompt = request.prompt_ids.tolist() if isinstance(request.prompt_ids, np.ndarray) else request.prompt_ids
+    fields = {"id": request.request_id, "prompt_ids": prompt, "max_new_tokens": request.max_new_tokens,
+              "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p, "seed": s.seed,
+              "stop": request.stop_ids}
+    return request_checks.request_problem(fields, vocab_size=model_cfg.vocab_size,
+                                          max_seq_len=model_cfg.max_seq_len)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,23 +201,35 @@ class Engine:
 
     def _problem(self, request: Request) -> str | None:
         problem = request_problem(request, self.model_cfg)
+        if problem is not None:
+            return problem
         pages = math.ceil((len(request.prompt_ids) + request.max_new_tokens) / self.cfg.page_size)
-        if problem is None and pages > self.allocator.num_usable:
-            problem = (f"needs {pages} pages of {self.cfg.page_size} tokens but the whole cache has "
-                       f"{self.allocator.num_usable}")
-        return problem
+        if pages > self.allocator.num_usable:
+            return (f"needs {pages} pages of {self.cfg.page_size} tokens but the whole cache has "
+                    f"{self.allocator.num_usable}")
+        return None
+
+    def _request_id(self, request: Request) -> str:
+        """The request's own id if it has a usable one, else the next `req-N` not already taken."""
+        rid = getattr(request, "request_id", None)
+        if isinstance(rid, str) and rid:
+            return rid
+        while (rid := f"req-{next(self._ids)}") in self.completions:
+            pass
+        return rid
 
     def submit(self, request: Request, on_token: TokenCallback | None = None, arrival_s: float | None = None) -> str:
         """Queue `request`; returns its id. Raises RequestError naming the request and the reason if it can never
-        be served (nothing is queued then, and the engine carries on with the others)."""
-        rid = request.request_id if request.request_id is not None else f"req-{next(self._ids)}"
-        if rid in self.completions and not self.completions[rid].finished:
-            raise RequestError(f"request {rid!r}: a request with this id is already in progress")
+        be served (nothing is queued then, and the engine carries on with the others); the error's `request_id`
+        is the id the message names."""
+        rid = self._request_id(request)
         problem = self._problem(request)
         if problem:
-            raise RequestError(f"request {rid!r}: {problem}")
+            raise RequestError(f"request {rid!r}: {problem}", rid)
+        if rid in self.completions and not self.completions[rid].finished:
+            raise RequestError(f"request {rid!r}: a request with this id is already in progress", rid)
         if request.sampling.seed is None:
-            seed = zlib.crc32(f"{self.cfg.seed}:{rid}".encode())
+            seed = zlib.crc32(f"{self.cfg.seed}:{rid}".encode("utf-8", "surrogatepass"))
             request = dataclasses.replace(request, sampling=dataclasses.replace(request.sampling, seed=seed))
         seq = Seq(request_id=rid, prompt_ids=[int(t) for t in request.prompt_ids],
                   max_new_tokens=request.max_new_tokens)
@@ -365,9 +362,9 @@ class Engine:
         start = time.perf_counter()
         order = sorted(range(len(requests)), key=lambda i: arrivals_s[i] if arrivals_s else 0.0)
         ids: list[str | None] = [None] * len(requests)
-        errors: dict[int, Completion] = {}
+        results: list[Completion | None] = [None] * len(requests)  # held here: a later request may reuse an id
         pending = list(order)
-        reported: set[str] = set()
+        reported: set[int] = set()
         while pending or self.has_unfinished:
             now = time.perf_counter() - start
             while pending and (arrivals_s is None or arrivals_s[pending[0]] <= now):
@@ -375,21 +372,23 @@ class Engine:
                 try:
                     ids[i] = self.submit(requests[i], on_token,
                                          arrival_s=start + (arrivals_s[i] if arrivals_s else 0.0))
+                    results[i] = self.completions[ids[i]]
                 except RequestError as e:
-                    rid = requests[i].request_id or f"req-{next(self._ids)}"
-                    errors[i] = Completion(rid, list(requests[i].prompt_ids), finish_reason="error", error=str(e))
+                    prompt = getattr(requests[i], "prompt_ids", None)
+                    results[i] = Completion(e.request_id, list(prompt) if isinstance(prompt, (list, tuple)) else [],
+                                            finish_reason="error", error=str(e))
                     if on_finish:
-                        on_finish(errors[i])
+                        on_finish(results[i])
             if self.has_unfinished:
                 self.step()
             elif pending and arrivals_s is not None:
                 time.sleep(max(0.0, min(0.01, arrivals_s[pending[0]] - (time.perf_counter() - start))))
             if on_finish:
-                for rid in ids:
-                    if rid is not None and rid not in reported and self.completions[rid].finished:
-                        reported.add(rid)
-                        on_finish(self.completions[rid])
-        return [errors[i] if i in errors else self.completions[ids[i]] for i in range(len(requests))]
+                for i, rid in enumerate(ids):
+                    if rid is not None and i not in reported and results[i].finished:
+                        reported.add(i)
+                        on_finish(results[i])
+        return results
 
     def stream(self, request: Request) -> Iterator[int]:
         """Submit `request` and yield its tokens as they come, stepping the engine (and any other requests)."""

@@ -51,9 +51,11 @@ def test_jsonl_batch_through_engine_and_static(run_dir, tmp_path):
             "cached_tokens"} <= set(engine[0])
 
 
-def test_bad_prompts_file_line_is_named(run_dir, tmp_path):
+def test_bad_prompts_file_line_is_named(run_dir, tmp_path, capsys):
+    """A line that is not a JSON object is no request at all: the file is refused before anything runs. (A JSON
+    object with bad fields is a request with an error result of its own: tests/scripts/test_generate_faults.py.)"""
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text('{"prompt": "ok"}\n{"prompt": "a", "prompt_ids": [1]}\n')
+    prompts.write_text('{"prompt": "ok"}\n["a", 1]\n')
     with pytest.raises(SystemExit) as info:
         main(["--run", str(run_dir), "--prompts", str(prompts)])
-    assert info.value.code == 2
+    assert info.value.code == 2 and f"{prompts}:2: expected a JSON object" in capsys.readouterr().err
