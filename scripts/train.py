@@ -1,10 +1,12 @@
 """Train a model: `python -m scripts.train --preset small --steps 500 --out runs/demo [--data PATH]
 [--mesh data=2,fsdp=2,tensor=2] [--set train.lr=3e-4 --set model.n_layers=4 ...] [--explain]`.
 
-Resumes automatically from `--out`'s newest checkpoint, on any mesh. By default the run is data parallel over
-every device. Multi-process runs: every process runs this same command with --coordinator, --num-processes and
---process-id (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); inside a multi-task SLURM job
-(`srun`) JAX finds them itself. `python -m scripts.launch_local` starts N local processes for testing."""
+Resumes automatically from `--out`'s newest checkpoint that restores, on any mesh (damaged newer ones are
+reported and renamed `<step>.broken`). One trainer per `--out`: a second one exits at once with code 2 naming
+the first. By default the run is data parallel over every device. Multi-process runs: every process runs this
+same command with --coordinator, --num-processes and --process-id (or JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES, JAX_PROCESS_ID); inside a multi-task SLURM job (`srun`) JAX finds them itself.
+`python -m scripts.launch_local` starts N local processes for testing."""
 
 from __future__ import annotations
 
@@ -97,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     from scaling.accounting import flops_per_token, param_count
     from scaling.hardware import peak_flops
     from train.loop import NonFiniteError, train
+    from train.run_dir import RunDirInUse
 
     say(f"parameters: {param_count(cfg.model)['total']:,}  tokens per step: "
         f"{cfg.train.batch_size * cfg.train.seq_len:,}  out: {args.out}")
@@ -129,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as e:
         bar.close()
         fail(str(e), code=1)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RunDirInUse) as e:  # bad input, a damaged run, or --out in use
         bar.close()
         fail(str(e))
     except Exception as e:  # XLA's out-of-memory: one line, not the allocator's dump

@@ -12,6 +12,7 @@ from model.config import ModelConfig
 from parallel.mesh import MeshConfig
 
 SECTIONS = ("model", "train", "mesh")
+FLOAT32_MAX = 3.4028234663852886e38  # the largest finite float32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +57,11 @@ class TrainConfig:
                              f"({self.grad_accum})")
         for name in ("lr", "eps", "clip_norm", "min_lr_ratio", "beta1", "beta2", "weight_decay", "val_fraction"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise ValueError(f"train.{name} must be a number, got {value!r}")
+            if not abs(value) <= FLOAT32_MAX:  # NaN fails this too; the optimizer computes in float32
+                raise ValueError(f"train.{name} must be a finite number (in float32, as the optimizer uses it), "
+                                 f"got {value!r}")
         for name in ("lr", "eps", "clip_norm"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"train.{name} must be positive, got {getattr(self, name)!r}")

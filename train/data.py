@@ -139,6 +139,17 @@ def load_corpus(spec: str | os.PathLike | None = None, *, cache_dir: str | os.Pa
                   n_val_files=meta["n_val_files"])
 
 
+def check_corpus(corpus: Corpus, seq_len: int, spec: str | os.PathLike | None = None) -> None:
+    """Raise ValueError naming `spec` (the --data argument) if either split of `corpus` is shorter than one window
+    of `seq_len + 1` tokens, so that too little text is reported before anything is compiled or written."""
+    for name, tokens, hint in (("training", corpus.train, ""),
+                               ("validation", corpus.val, "; or, for a single file, a larger train.val_fraction")):
+        if len(tokens) < seq_len + 1:
+            source = repr(str(spec)) if spec is not None else "(the default corpus)"
+            raise ValueError(f"--data {source}: the {name} split has {len(tokens)} tokens, fewer than one window "
+                             f"of train.seq_len + 1 = {seq_len + 1}; give more text or a shorter train.seq_len{hint}")
+
+
 def batch_at(tokens: np.ndarray, *, seed: int, step: int, batch_size: int, seq_len: int) -> np.ndarray:
     """Batch number `step` of the stream named by `seed`: [batch_size, seq_len + 1] int32 windows at offsets
     drawn from a generator seeded by (seed, step) alone, so any step can be reproduced without replaying the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -17,11 +18,12 @@ from flax import nnx
 
 from parallel.mesh import MeshConfig
 from parallel.sharding import batch_sharding, create_sharded_params
-from train.checkpoint import Checkpointer
+from train.checkpoint import Checkpointer, CheckpointError, one_line, restore_newest
 from train.config import RunConfig
-from train.data import Corpus, load_corpus
+from train.data import Corpus, check_corpus, load_corpus
 from train.metrics import MetricsLog
 from train.optimizer import lr_schedule, make_optimizer
+from train.run_dir import RunLock, check_run_dir
 from train.sharded import (
     MeshPlan,
     global_batch,
@@ -31,6 +33,7 @@ from train.sharded import (
     sharded_eval_step,
     sharded_train_step,
 )
+from train.step import all_finite
 from train.tokenizer import ByteTokenizer
 
 log = logging.getLogger(__name__)
@@ -39,7 +42,15 @@ EVAL_SEED = 12345  # validation windows are the same for every evaluation and ev
 
 
 class NonFiniteError(RuntimeError):
-    """Training produced a non-finite loss or gradient; the run stopped without saving the bad state."""
+    """Training produced a non-finite loss, gradient or updated state; the run stopped without saving it."""
+
+
+_finite = jax.jit(all_finite)
+
+
+def _not_finite(state: Any) -> str | None:
+    """Why a restored train state may not be trained on (it holds NaN or infinite values), or None."""
+    return None if bool(_finite(state)) else "it holds NaN or infinite values"
 
 
 def evaluate(eval_step: Callable, params: dict, corpus: Corpus, cfg: RunConfig,
@@ -54,34 +65,23 @@ def evaluate(eval_step: Callable, params: dict, corpus: Corpus, cfg: RunConfig,
     return {"val_loss": val_loss, "val_bpb": val_loss / math.log(2)}
 
 
-def check_run_dir(out: Path, cfg: RunConfig) -> None:
-    """Refuse to resume a run directory that holds a run with a different configuration. The mesh may differ:
-    it changes how the run is spread, not what it computes."""
-    saved = out / "config.json"
-    if not saved.exists():
-        return
-    old = RunConfig.from_dict(json.loads(saved.read_text()))
-    diffs = [f"{section}.{k}: {v!r} -> {getattr(getattr(cfg, section), k)!r}"
-             for section in ("model", "train")
-             for k, v in getattr(old, section).__dict__.items() if getattr(getattr(cfg, section), k) != v]
-    if diffs:
-        raise ValueError(f"{out} holds a run with a different config ({'; '.join(diffs)}); "
-                         "use a new --out, or the same settings to resume it")
-
-
 def train(cfg: RunConfig, out_dir: str | Path, *, flops_per_token: float | None = None,
           peak_flops: float | None = None, on_record: Callable[[dict[str, Any]], None] | None = None,
           on_compiled: Callable[[Any, MeshPlan], None] | None = None,
           devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
     """Train `cfg` in `out_dir` on a mesh of `devices` (default: all devices of all processes) shaped by
-    `cfg.mesh`, resuming from the newest checkpoint if there is one (saved on any mesh). Returns the last record.
+    `cfg.mesh`, resuming from the newest checkpoint that restores (saved on any mesh; newer damaged ones are set
+    aside, see train/checkpoint.py). Returns the last record.
 
-    Every `log_every` steps a record {step, loss, lr, grad_norm, tokens_per_s, mfu} (+ router_loss for MoE) goes to
-    metrics.jsonl and `on_record`; evaluations add {val_loss, val_bpb}. `on_compiled(compiled_step, plan)` sees the
-    compiled train step before the first step (for `--explain`). Raises NonFiniteError naming the step if the
-    loss or gradient norm stops being finite; the newest checkpoint on disk is then the last good one. In a
-    multi-process run every process calls this; only process 0 writes config.json and metrics.jsonl (orbax
-    coordinates the checkpoint writes). `peak_flops` is the peak of all the run's devices together (for MFU)."""
+    The data and the mesh are checked before anything is written to `out_dir`; then the run directory is locked
+    (RunDirInUse names the trainer already there) and checked against this config. Every `log_every` steps a
+    record {step, loss, lr, grad_norm, tokens_per_s, mfu} (+ router_loss for MoE) goes to metrics.jsonl and
+    `on_record`; evaluations add {val_loss, val_bpb}. `on_compiled(compiled_step, plan)` sees the compiled train
+    step before the first step (for `--explain`). Raises NonFiniteError naming the step and the last finite
+    checkpoint if the loss, the gradient norm or the updated state stops being finite; nothing non-finite is
+    saved. In a multi-process run every process calls this; only process 0 locks the directory and writes
+    config.json and metrics.jsonl (orbax coordinates the checkpoint writes). `peak_flops` is the peak of all the
+    run's devices together (for MFU)."""
     t = cfg.train
     out = Path(out_dir)
     primary = jax.process_index() == 0
@@ -92,52 +92,64 @@ def train(cfg: RunConfig, out_dir: str | Path, *, flops_per_token: float | None 
     optimizer, schedule = make_optimizer(t), lr_schedule(t)
     plan = plan_mesh(cfg.model, cfg.mesh, optimizer, micro_batch=micro, seq_len=t.seq_len, seed=t.seed,
                      devices=devices)
-    check_run_dir(out, cfg)
-    if primary:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(cfg.to_json())
     corpus = load_corpus(t.data, val_fraction=t.val_fraction)
+    check_corpus(corpus, t.seq_len, t.data)
 
-    ckpt = Checkpointer(out / "checkpoints", keep=t.keep_checkpoints)
-    start = ckpt.latest_step() or 0
-    if start:
-        state, record = ckpt.restore(start, plan.abstract_state(optimizer))
-        if record.get("corpus_key") != corpus.key:
-            log.warning("the training text changed since step %d was saved; batches will differ", start)
-        log.info("resumed from step %d", start)
-    else:
-        _, params, _ = create_sharded_params(cfg.model, plan.mesh, plan.rules, seed=t.seed)
-        state = init_sharded_train_state(params, optimizer, plan.state_shardings)
-    metrics_log = MetricsLog(out / "metrics.jsonl", resume_step=start) if primary else None
-    batches = batch_sharding(plan.mesh, plan.rules)
-    batch_shape = (t.grad_accum, micro, t.seq_len + 1)
-    train_step = sharded_train_step(plan.graphdef, optimizer, schedule, plan.mesh, plan.rules, plan.state_shardings)
-    train_step = train_step.lower(plan.abstract_state(optimizer),
-                                  jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=batches)).compile()
-    if on_compiled:
-        on_compiled(train_step, plan)
-    eval_step = sharded_eval_step(plan.graphdef, plan.mesh, plan.rules, plan.params_shardings)
-    eval_rows = rows_sharding(plan.mesh, plan.rules)
-
-    def report(record: dict[str, Any]) -> None:
+    with contextlib.ExitStack() as cleanup:  # closed in reverse: metrics, checkpoints (waits for saves), lock
+        if primary:
+            cleanup.enter_context(RunLock(out))
+        check_run_dir(out, cfg)
+        if primary:
+            (out / "config.json").write_text(cfg.to_json())
+        ckpt = Checkpointer(out / "checkpoints", keep=t.keep_checkpoints)
+        cleanup.callback(ckpt.close)
+        resumed = restore_newest(ckpt, lambda step: ckpt.restore(step, plan.abstract_state(optimizer)),
+                                 lambda restored: _not_finite(restored[0]))
+        if resumed:
+            start, (state, record) = resumed
+            if record.get("corpus_key") != corpus.key:
+                log.warning("the training text changed since step %d was saved; batches will differ", start)
+            log.info("resumed from step %d", start)
+        else:
+            start = 0
+            _, params, _ = create_sharded_params(cfg.model, plan.mesh, plan.rules, seed=t.seed)
+            state = init_sharded_train_state(params, optimizer, plan.state_shardings)
+        last_finite = start or None  # the newest checkpoint known to be finite (the restored one was checked)
+        metrics_log = MetricsLog(out / "metrics.jsonl", resume_step=start) if primary else None
         if metrics_log:
-            metrics_log.write(record)
-        if on_record:
-            on_record(record)
+            cleanup.callback(metrics_log.close)
+        batches = batch_sharding(plan.mesh, plan.rules)
+        batch_shape = (t.grad_accum, micro, t.seq_len + 1)
+        train_step = sharded_train_step(plan.graphdef, optimizer, schedule, plan.mesh, plan.rules,
+                                        plan.state_shardings)
+        train_step = train_step.lower(plan.abstract_state(optimizer),
+                                      jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=batches)).compile()
+        if on_compiled:
+            on_compiled(train_step, plan)
+        eval_step = sharded_eval_step(plan.graphdef, plan.mesh, plan.rules, plan.params_shardings)
+        eval_rows = rows_sharding(plan.mesh, plan.rules)
 
-    tokens_per_step = t.batch_size * t.seq_len
-    last: dict[str, Any] = {"step": start}
-    timer_start, timed_steps = None, 0
-    try:
+        def report(record: dict[str, Any]) -> None:
+            if metrics_log:
+                metrics_log.write(record)
+            if on_record:
+                on_record(record)
+
+        tokens_per_step = t.batch_size * t.seq_len
+        last: dict[str, Any] = {"step": start}
+        timer_start, timed_steps = None, 0
         for step in range(start, t.steps):
             batch = global_batch(corpus.train, batches, batch_shape, seed=t.data_seed, step=step)
             state, metrics = train_step(state, batch)
             loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
             done = step + 1
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                good = ckpt.latest_step()
-                raise NonFiniteError(f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {done}; "
-                                     f"stopped without saving; the last good checkpoint is step {good}")
+            if not (math.isfinite(loss) and math.isfinite(grad_norm) and bool(metrics["state_finite"])):
+                what = ("the loss or gradient norm" if not (math.isfinite(loss) and math.isfinite(grad_norm))
+                        else "the updated parameters or optimizer state")
+                good = (f"the last finite checkpoint is step {last_finite}" if last_finite
+                        else "there is no finite checkpoint to resume from")
+                raise NonFiniteError(f"non-finite values in {what} at step {done}; loss {loss}, gradient norm "
+                                     f"{grad_norm}; stopped without saving; {good}")
             if timer_start is None:  # the first step includes warm-up: time from its end
                 timer_start = time.perf_counter()
             else:
@@ -162,32 +174,41 @@ def train(cfg: RunConfig, out_dir: str | Path, *, flops_per_token: float | None 
                 ckpt.save(done, state, {"step": done, "data_seed": t.data_seed, "next_batch": done,
                                         "corpus_key": corpus.key, "mesh": plan.mesh_cfg.describe(),
                                         "config": cfg.to_dict()})
+                last_finite = done
                 timer_start += time.perf_counter() - paused
-    finally:
-        ckpt.close()
-        if metrics_log:
-            metrics_log.close()
     return last
 
 
 def load_params(run_dir: str | Path, step: int | None = None,
                 devices: Sequence[jax.Device] | None = None) -> tuple[RunConfig, nnx.Module]:
-    """The model of a run directory at `step` (default: the newest checkpoint), restored onto `devices`
-    (default: this process's first device, whatever mesh or number of processes saved it)."""
+    """The model of a run directory at `step` (default: the newest checkpoint whose parameters restore and are
+    finite; newer ones are reported in a warning and left in place), restored onto `devices` (default: this
+    process's first device, whatever mesh or number of processes saved it). Reads the parameters only, never the
+    optimizer state, and writes nothing. Raises FileNotFoundError (no run, no checkpoint) or CheckpointError."""
     run = Path(run_dir)
     cfg_path = run / "config.json"
     if not cfg_path.exists():
         raise FileNotFoundError(f"{run} has no config.json: is it a meshlm run directory?")
     cfg = RunConfig.from_dict(json.loads(cfg_path.read_text()))
-    ckpt = Checkpointer(run / "checkpoints", keep=cfg.train.keep_checkpoints, async_save=False)
-    step = step if step is not None else ckpt.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"{run} has no checkpoints yet")
     devices = list(devices or jax.local_devices()[:1])
     optimizer = make_optimizer(cfg.train)
-    t = cfg.train
     plan = plan_mesh(cfg.model, MeshConfig(data=-1), optimizer, micro_batch=len(devices),
-                     seq_len=t.seq_len, devices=devices)
-    state, _ = ckpt.restore(step, plan.abstract_state(optimizer))
-    ckpt.close()
-    return cfg, nnx.merge(plan.graphdef, state["params"])
+                     seq_len=cfg.train.seq_len, devices=devices)
+    like = plan.abstract_state(optimizer)["params"]
+    ckpt = Checkpointer(run / "checkpoints", read_only=True)
+    try:
+        steps = ckpt.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"{run} has no checkpoints yet")
+        if step is None:
+            step, params = restore_newest(ckpt, lambda s: ckpt.restore_params(s, like), _not_finite)
+        elif step not in steps:
+            raise FileNotFoundError(f"{run} has no checkpoint at step {step} (it has steps {steps})")
+        else:
+            try:
+                params = ckpt.restore_params(step, like)
+            except Exception as e:
+                raise CheckpointError(f"checkpoint {step} of {run} does not restore: {one_line(e)}") from e
+    finally:
+        ckpt.close()
+    return cfg, nnx.merge(plan.graphdef, params)

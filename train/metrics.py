@@ -11,20 +11,19 @@ from typing import Any
 
 class MetricsLog:
     """Append-only JSONL log. On resume from step `s`, records after `s` (written by a run that died before its
-    next checkpoint) are dropped so the file reads as one uninterrupted run."""
+    next checkpoint, or after a checkpoint that was later set aside as damaged) are dropped so the file reads as
+    one uninterrupted run: the kept lines are written to a new file that replaces the old one in one rename. When
+    nothing is to be dropped the file is only appended to. (One writer at a time: train/run_dir.py's lock.)"""
 
     def __init__(self, path: str | os.PathLike, resume_step: int = 0):
         self.path = Path(path)
-        kept = []
         if self.path.exists():
-            for line in self.path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut short by a kill
-                if record.get("step", 0) <= resume_step:
-                    kept.append(line)
-        self.path.write_text("".join(line + "\n" for line in kept))
+            lines = self.path.read_text().splitlines(keepends=True)
+            kept = [line for line in lines if _step(line) is not None and _step(line) <= resume_step]
+            if kept != lines or (lines and not lines[-1].endswith("\n")):
+                partial = self.path.with_name(self.path.name + ".partial")
+                partial.write_text("".join(line.rstrip("\n") + "\n" for line in kept))
+                os.replace(partial, self.path)
         self._fh = open(self.path, "a")
 
     def write(self, record: dict[str, Any]) -> None:
@@ -34,6 +33,15 @@ class MetricsLog:
 
     def close(self) -> None:
         self._fh.close()
+
+
+def _step(line: str) -> int | None:
+    """The step of one JSONL record, or None for a line cut short by a kill (or otherwise unreadable)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record.get("step", 0) if isinstance(record, dict) else None
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:

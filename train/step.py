@@ -27,6 +27,12 @@ def objective_fn(params: dict, graphdef: nnx.GraphDef, tokens_BxL1: jax.Array) -
     return loss + router_loss, terms
 
 
+def all_finite(tree: Any) -> jax.Array:
+    """A boolean scalar: whether every floating-point value in `tree` is finite (one fused reduction per leaf)."""
+    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.stack(leaves).all() if leaves else jnp.asarray(True)
+
+
 def init_train_state(params: dict, optimizer: optax.GradientTransformation) -> TrainState:
     return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
 
@@ -34,7 +40,9 @@ def init_train_state(params: dict, optimizer: optax.GradientTransformation) -> T
 def train_step_fn(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
                   schedule: optax.Schedule) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict]]:
     """The (un-jitted) `step(state, tokens_AxBxL1) -> (state, metrics)` over A accumulated micro-batches of B rows;
-    gradients are averaged over micro-batches in float32. `make_train_step` and `parallel.sharding` jit it."""
+    gradients are averaged over micro-batches in float32. The metrics' `state_finite` says whether the *updated*
+    params and optimizer state are all finite (the loss and gradient norm describe the state before the update).
+    `make_train_step` and `train/sharded.py` jit it."""
     grad_fn = jax.value_and_grad(objective_fn, has_aux=True)
 
     def step(state: TrainState, tokens_AxBxL1: jax.Array) -> tuple[TrainState, dict]:
@@ -54,7 +62,7 @@ def train_step_fn(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformatio
         new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
                      "step": state["step"] + 1}
         metrics = {**{name: total / n for name, total in terms_sum.items()}, "grad_norm": optax.tree.norm(grads),
-                   "lr": schedule(state["step"])}
+                   "lr": schedule(state["step"]), "state_finite": all_finite((new_state["params"], opt_state))}
         return new_state, metrics
 
     return step
