@@ -57,12 +57,22 @@ def seconds_per_call(fn: Callable, *args, warmup: int, iters: int, rounds: int =
     return best
 
 
+def _size(number: str, unit: str) -> str:
+    """"66.12GiB" as XLA wrote it, or a byte count ("5033164800 bytes") in GiB."""
+    if unit.lower().startswith("byte"):
+        return f"{int(number) / 2**30:.2f}GiB"
+    return f"{number}{unit}"
+
+
 def out_of_memory(error: BaseException) -> str | None:
-    """A one-line explanation if `error` is XLA running out of device memory (RESOURCE_EXHAUSTED), else None:
-    what was asked for and what to change, instead of XLA's allocator dump."""
+    """A one-line explanation if `error` is running out of memory, else None: what was asked for and what to
+    change, instead of XLA's allocator dump. Knows the GPU/TPU form (`RESOURCE_EXHAUSTED: Out of memory while
+    trying to allocate 66.12GiB`), the CPU forms (`RESOURCE_EXHAUSTED: Out of memory allocating N bytes`,
+    `INTERNAL: ... Out of memory`) and Python's MemoryError."""
     text = str(error)
-    if "RESOURCE_EXHAUSTED" not in text:
+    if not (isinstance(error, MemoryError) or "RESOURCE_EXHAUSTED" in text
+            or re.search(r"out[ _]of[ _]memory", text, re.IGNORECASE)):
         return None
-    asked = re.search(r"allocate ([\d.]+\s*[KMGT]i?B)", text)
-    return (f"out of device memory{f' (asked for {asked.group(1)})' if asked else ''}: lower the batch size, set "
+    asked = re.search(r"allocat\w* ([\d.]+)\s*([KMGT]i?B|bytes?)\b", text)
+    return (f"out of memory{f' (asked for {_size(*asked.groups())})' if asked else ''}: lower the batch size, set "
             f"model.remat=full (or dots), or shard the state with a mesh (e.g. --mesh fsdp=N)")
