@@ -8,11 +8,17 @@ Sources, first match wins for each value: explicit arguments (the CLI's `--coord
 `--process-id`), then `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`. With none of them set,
 a multi-task SLURM or Open MPI job (SLURM_NTASKS or OMPI_COMM_WORLD_SIZE > 1) initializes with JAX's
 auto-detection, so `srun python -m scripts.train ...` needs no flags; anything else runs as a single process.
+
+Process 0 opens the coordinator's listening socket. A coordinator on this machine's loopback (`localhost`,
+`127.x.x.x`, `::1`: what `scripts.launch_local` uses) listens on the loopback only; for any other address the user
+named a host the other machines must reach, and JAX's default (every interface) applies. JAX_COORDINATOR_BIND_ADDRESS
+(host:port) overrides both.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import os
 from collections.abc import Mapping
@@ -83,6 +89,26 @@ def resolve_distributed(coordinator: str | None = None, num_processes: int | Non
     return DistributedConfig(auto=cluster)
 
 
+def coordinator_bind_address(coordinator: str, env: Mapping[str, str] | None = None) -> str | None:
+    """Where process 0's coordinator service listens for `coordinator` ("host:port"): JAX_COORDINATOR_BIND_ADDRESS
+    of `env` (default: os.environ) if set; the loopback address for a loopback host (`localhost` -> 127.0.0.1);
+    None (JAX's default: every interface) for any other host."""
+    env = os.environ if env is None else env
+    if env.get("JAX_COORDINATOR_BIND_ADDRESS"):
+        return env["JAX_COORDINATOR_BIND_ADDRESS"]
+    host, _, port = coordinator.rpartition(":")
+    host = host.strip("[]")
+    if host == "localhost":
+        return f"127.0.0.1:{port}"
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if not ip.is_loopback:
+        return None
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+
 def initialize(cfg: DistributedConfig) -> None:
     """Join the run `cfg` describes (nothing to do for a single process). On CPU, cross-process collectives
     go through gloo. Must run before anything touches a JAX device."""
@@ -93,6 +119,7 @@ def initialize(cfg: DistributedConfig) -> None:
         jax.distributed.initialize()
     else:
         jax.distributed.initialize(coordinator_address=cfg.coordinator, num_processes=cfg.num_processes,
-                                   process_id=cfg.process_id)
+                                   process_id=cfg.process_id,
+                                   coordinator_bind_address=coordinator_bind_address(cfg.coordinator))
     log.info("process %d of %d: %d local devices, %d in all", jax.process_index(), jax.process_count(),
              jax.local_device_count(), jax.device_count())

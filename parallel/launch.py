@@ -27,8 +27,9 @@ def free_port() -> int:
 
 def process_env(index: int, n_processes: int, port: int, *, cpu_devices: int | None = None,
                 gpus_per_process: int | None = None, base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment of process `index`: the coordinator at localhost:`port`, and either `cpu_devices` fake
-    CPU devices (JAX_PLATFORMS=cpu) or GPUs [index * g, (index + 1) * g) via CUDA_VISIBLE_DEVICES."""
+    """The environment of process `index`: the coordinator at localhost:`port` (process 0 listens on 127.0.0.1
+    only, see `parallel.distributed.coordinator_bind_address`), and either `cpu_devices` fake CPU devices
+    (JAX_PLATFORMS=cpu) or GPUs [index * g, (index + 1) * g) via CUDA_VISIBLE_DEVICES."""
     if cpu_devices is not None and gpus_per_process is not None:
         raise ValueError("give cpu_devices or gpus_per_process, not both")
     env = dict(os.environ if base is None else base)

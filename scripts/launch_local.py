@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     devices = p.add_mutually_exclusive_group()
     devices.add_argument("--cpu-devices", type=int, help="fake CPU devices per process (JAX_PLATFORMS=cpu)")
     devices.add_argument("--gpus-per-process", type=int, help="GPUs per process (sets CUDA_VISIBLE_DEVICES)")
-    p.add_argument("--port", type=int, help="coordinator port on localhost (default: a free one)")
+    p.add_argument("--port", type=int, help="coordinator port, listening on 127.0.0.1 only (default: a free one)")
     p.add_argument("--timeout", type=float, help="stop every process after this many seconds (exit 124)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command every process runs")
     args = p.parse_args(argv)
