@@ -13,6 +13,7 @@ two, block tables as wide as the model's context -- so the loop stops compiling 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import time
@@ -163,6 +164,13 @@ def _device_step(graphdef: nnx.GraphDef, decode_impl: str, max_pages: int, param
     return sample_rows(logits_BxV, *sampling), cache
 
 
+@functools.cache
+def _jitted_step(graphdef: nnx.GraphDef, decode_impl: str, max_pages: int) -> Callable:
+    """The jitted device step of one model structure, shared by every engine serving it, so a second engine (a
+    benchmark's baseline, a restarted server, the next test) reuses the first one's compiled shapes."""
+    return jax.jit(partial(_device_step, graphdef, decode_impl, max_pages), donate_argnums=1)
+
+
 class Engine:
     """Continuous batching over a paged KV cache for one model (any `model.transformer.Transformer`)."""
 
@@ -186,8 +194,7 @@ class Engine:
                                                    token_budget=cfg.token_budget,
                                                    max_prefill_chunk=cfg.max_prefill_chunk,
                                                    prefix_caching=cfg.prefix_caching), self.allocator)
-        self._step_fn = jax.jit(partial(_device_step, self.graphdef, cfg.decode_impl, self.max_pages_per_seq),
-                                donate_argnums=1)
+        self._step_fn = _jitted_step(self.graphdef, cfg.decode_impl, self.max_pages_per_seq)
         self.completions: dict[str, Completion] = {}
         self._requests: dict[str, Request] = {}
         self._callbacks: dict[str, TokenCallback] = {}
@@ -349,7 +356,8 @@ class Engine:
 
     @property
     def compile_count(self) -> int:
-        """How many shapes the device step has been compiled for (stops growing in steady state)."""
+        """How many shapes the device step has been compiled for, by any engine of this model structure (stops
+        growing in steady state)."""
         return self._step_fn._cache_size()
 
     # --- conveniences --------------------------------------------------------------------------------------

@@ -320,11 +320,12 @@ def test_unrolled_layers_equal_scanned_layers():
 
 
 def test_logits_grad_in_compute_dtype():
-    """logits_grad_dtype="compute" (the default) against "float32". float32 compute: bit-identical. bfloat16
-    compute: the same logits, and gradients within bfloat16 rounding of the float32-cotangent ones (the head's
-    backward is the only change)."""
+    """logits_grad_dtype="compute" (the default) against "float32". float32 compute: the same logits, gradients to
+    float32 rounding (rtol 1e-5: the two graphs fuse differently, and XLA may then sum in another order; 7e-6 was
+    seen on a busy machine, so bit-equality is not promised). bfloat16 compute: the same logits, and gradients
+    within bfloat16 rounding of the float32-cotangent ones (the head's backward is the only change)."""
     tokens = jax.random.randint(jax.random.key(4), (2, 12), 0, TINY.vocab_size)
-    for dtype, tol in (("float32", 0.0), ("bfloat16", 2e-2)):
+    for dtype, tol in (("float32", 1e-5), ("bfloat16", 2e-2)):
         cfg = TINY.replace(dtype=dtype, logits_grad_dtype="float32")
         base, rounded = _loss_and_grads(cfg, tokens), _loss_and_grads(cfg.replace(logits_grad_dtype="compute"),
                                                                        tokens)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from model.presets import get_preset
@@ -32,6 +33,7 @@ def losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in records if "loss" in r]
 
 
+@pytest.mark.slow  # a whole run in child processes: make test-slow (CI runs it)
 def test_two_processes_match_one_process(tmp_path):
     sets = [arg for key, value in SETTINGS.items() for arg in ("--set", f"{key}={value}")]
     command = [sys.executable, "-m", "scripts.train", "--preset", "tiny", "--mesh", "data=2,fsdp=2,tensor=2",

@@ -104,6 +104,7 @@ def test_cli_dry_run_and_bad_sizes(tmp_path):
     assert bad.returncode == 2 and "'64by2' is not D_MODELxN_LAYERS" in bad.stderr
 
 
+@pytest.mark.slow  # a whole run in child processes: make test-slow (CI runs it)
 def test_a_real_sweep_trains_collects_and_reports(tmp_path):
     result = run_cli("--out", str(tmp_path), "--sizes", "32x1", "--tokens", "2048,4096", "--batch-size", "4",
                      "--seq-len", "32")

@@ -45,6 +45,7 @@ def test_missing_data_path_exits_2(tmp_path):
     assert "no text files found for --data" in result.stderr and "nope" in result.stderr
 
 
+@pytest.mark.slow  # a whole run in child processes: make test-slow (CI runs it)
 def test_an_moe_model_trains_and_logs_its_router_loss(tmp_path):
     result = run("--preset", "tiny", "--steps", "2", "--set", "model.moe.n_experts=4", "--set", "train.log_every=1",
                  "--set", "train.eval_batches=1", tmp_path=tmp_path)

@@ -21,6 +21,8 @@ from serve.naive import generate
 CFG = dataclasses.replace(get_preset("tiny"), dtype="float32", max_seq_len=96, init_std=0.1)
 PROMPT_LENGTHS = (5, 17, 1, 33, 9, 24)
 MAX_NEW = (12, 7, 20, 5, 16, 10)
+# One engine configuration for most tests, so they share its compiled step shapes.
+SERVE = ServeConfig(page_size=8, max_running=4, token_budget=32, decode_impl="reference")
 
 
 @functools.cache
@@ -71,7 +73,7 @@ def test_forced_preemption_still_matches_and_frees_every_page():
 
 
 def test_stale_nan_pages_are_unreachable():
-    engine = Engine(model(), ServeConfig(page_size=8, max_running=4, token_budget=32, decode_impl="reference"))
+    engine = Engine(model(), SERVE)
     serve_staggered(engine)
     poison = lambda pool: pool.at[:].set(jnp.nan)  # noqa: E731 -- every page is free now, the null page too
     engine.cache = KVCache(tuple(map(poison, engine.cache.k)), tuple(map(poison, engine.cache.v)))
@@ -79,7 +81,7 @@ def test_stale_nan_pages_are_unreachable():
 
 
 def test_steady_state_does_not_recompile():
-    engine = Engine(model(), ServeConfig(page_size=8, max_running=4, token_budget=32, decode_impl="reference"))
+    engine = Engine(model(), SERVE)
     serve_staggered(engine)
     compiled = engine.compile_count
     serve_staggered(engine, seed=1)  # the same lengths, other tokens: every shape bucket already seen
@@ -89,11 +91,11 @@ def test_steady_state_does_not_recompile():
 def test_seeded_sampling_does_not_depend_on_the_batch():
     sampling = SamplingParams(temperature=0.9, top_k=50, top_p=0.9, seed=7)
     request = Request(tuple(prompts()[1]), 12, sampling=sampling, request_id="mine")
-    alone = Engine(model(), ServeConfig(page_size=8, decode_impl="reference")).generate([request])[0].token_ids
+    alone = Engine(model(), SERVE).generate([request])[0].token_ids
     crowd = [Request(tuple(p), 9, sampling=SamplingParams(temperature=1.0)) for p in prompts(2)] + [request]
-    together = Engine(model(), ServeConfig(page_size=8, decode_impl="reference")).generate(crowd)[-1].token_ids
+    together = Engine(model(), SERVE).generate(crowd)[-1].token_ids
     assert alone == together and len(alone) == 12
-    greedy = Engine(model(), ServeConfig(page_size=8, decode_impl="reference")).generate(
+    greedy = Engine(model(), SERVE).generate(
         [dataclasses.replace(request, sampling=SamplingParams())])[0].token_ids
     assert alone != greedy  # it really sampled
 
@@ -121,7 +123,7 @@ def test_bad_requests_are_rejected_by_name_and_the_rest_are_served():
 
 
 def test_streaming_and_stop_tokens():
-    engine = Engine(model(), ServeConfig(page_size=8, decode_impl="reference"))
+    engine = Engine(model(), SERVE)
     expected = list(naive_outputs()[2])
     streamed = list(engine.stream(Request(tuple(prompts()[2]), MAX_NEW[2])))
     assert streamed == expected
@@ -155,7 +157,7 @@ def test_an_moe_model_is_served_dropless_and_matches_the_naive_decoder():
     batch-mates); the engine's greedy outputs equal the naive decoder's, which recomputes whole sequences."""
     cfg = dataclasses.replace(CFG, moe=MoEConfig(n_experts=4, top_k=2, capacity_factor=0.5))
     moe_model = create_model(cfg, seed=3)
-    engine = Engine(moe_model, ServeConfig(page_size=8, max_running=4, token_budget=32, decode_impl="reference"))
+    engine = Engine(moe_model, SERVE)
     assert engine.model_cfg.moe.dispatch == "dropless"
     assert serve_staggered(engine) == [tuple(generate(moe_model, [p], n)[0])
                                        for p, n in zip(prompts(), MAX_NEW, strict=True)]

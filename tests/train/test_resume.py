@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.subprocesses import HANG_LIMIT_S, ROOT, child_env, tail, wait
 
 STEPS = 300
@@ -40,6 +42,7 @@ def last_logged_step(out: Path) -> int:
         return 0
 
 
+@pytest.mark.slow  # a whole run in child processes: make test-slow (CI runs it)
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     straight = run_train(tmp_path / "straight")  # runs one at a time: two XLA thread pools on 2 cores crawl
     assert wait(straight) == 0, tail(straight.stderr.read())
