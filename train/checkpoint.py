@@ -24,8 +24,11 @@ class CheckpointError(ValueError):
     """No checkpoint of a run restores (each one's reason is in the message)."""
 
 
-def one_line(error: BaseException, limit: int = 200) -> str:
-    """`error` as a single short line: its type and the first line of its message."""
+def one_line(error: BaseException, limit: int = 240) -> str:
+    """`error` as a single short line: the type and first message line of the innermost exception it was raised
+    from (orbax wraps TensorStore's precise reason, e.g. a byte range beyond a truncated file, in a generic one)."""
+    while (inner := error.__cause__ or (None if error.__suppress_context__ else error.__context__)) is not None:
+        error = inner
     lines = str(error).strip().splitlines()
     text = f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
     return text if len(text) <= limit else text[:limit - 3] + "..."
