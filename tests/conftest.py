@@ -1,5 +1,5 @@
 """Test set-up: 8 fake CPU devices for multi-device tests, a skip for GPU-only tests without a GPU, and the machine's
-speed in the report header (suite times from different days compare only next to it)."""
+speed at the end of the report (suite times from different days compare only next to it)."""
 
 import os
 
@@ -11,9 +11,18 @@ import pytest  # noqa: E402
 
 from scaling.hardware import measured_matmul_flops  # noqa: E402
 
+MACHINE_SPEED = pytest.StashKey[float]()
 
-def pytest_report_header(config):
-    return (f"machine speed: {measured_matmul_flops() / 1e9:.1f} GFLOP/s (float32 1024x1024 matmul, "
+
+def pytest_sessionstart(session):
+    if not hasattr(session.config, "workerinput"):  # the controller (or a run without xdist), before any test
+        session.config.stash[MACHINE_SPEED] = measured_matmul_flops()
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if MACHINE_SPEED in config.stash:
+        terminalreporter.write_line(
+            f"machine speed: {config.stash[MACHINE_SPEED] / 1e9:.1f} GFLOP/s (float32 1024x1024 matmul at the start, "
             f"{jax.default_backend()}, {len(os.sched_getaffinity(0))} cores)")
 
 
