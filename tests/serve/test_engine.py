@@ -159,5 +159,7 @@ def test_an_moe_model_is_served_dropless_and_matches_the_naive_decoder():
     moe_model = create_model(cfg, seed=3)
     engine = Engine(moe_model, SERVE)
     assert engine.model_cfg.moe.dispatch == "dropless"
-    assert serve_staggered(engine) == [tuple(generate(moe_model, [p], n)[0])
-                                       for p, n in zip(prompts(), MAX_NEW, strict=True)]
+    # Three requests at once (batch-mates for every token), fewer step shapes to compile than the staggered six.
+    pairs = list(zip(prompts()[:3], MAX_NEW[:3], strict=True))
+    served = engine.generate([Request(tuple(p), n) for p, n in pairs])
+    assert [c.token_ids for c in served] == [generate(moe_model, [p], n)[0] for p, n in pairs]

@@ -21,9 +21,17 @@ def tiny_run(**train_fields) -> RunConfig:
     return RunConfig(model=get_preset("tiny"), train=TrainConfig(**fields))
 
 
-def test_loss_goes_down_on_the_standard_library_corpus(tmp_path):
-    last = train(tiny_run(log_every=1), tmp_path)
-    records = read_metrics(tmp_path / "metrics.jsonl")
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One 60-step run on the standard library corpus, shared by the tests that only read it: (config, directory,
+    last record)."""
+    cfg, out = tiny_run(log_every=1), tmp_path_factory.mktemp("run")
+    return cfg, out, train(cfg, out)
+
+
+def test_loss_goes_down_on_the_standard_library_corpus(finished_run):
+    _, out, last = finished_run
+    records = read_metrics(out / "metrics.jsonl")
     train_losses = [r["loss"] for r in records if "loss" in r]
     # A uniform guess over 259 ids costs ln(259) = 5.56 nats; 60 steps of a tiny model learn byte statistics.
     assert train_losses[0] > 5.0
@@ -33,10 +41,9 @@ def test_loss_goes_down_on_the_standard_library_corpus(tmp_path):
     assert [r["step"] for r in records if "val_loss" in r] == [60]
 
 
-def test_restored_model_reproduces_the_final_evaluation(tmp_path):
-    cfg = tiny_run(steps=20, eval_every=20, ckpt_every=20)
-    last = train(cfg, tmp_path)
-    loaded_cfg, model = load_params(tmp_path)
+def test_restored_model_reproduces_the_final_evaluation(finished_run):
+    cfg, out, last = finished_run
+    loaded_cfg, model = load_params(out)
     assert loaded_cfg == cfg
     from model.loss import cross_entropy
     from train.data import batch_at, load_corpus
@@ -68,7 +75,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     assert math.isfinite(float(np.abs(np.asarray(leaves[0])).max()))
 
 
-def test_resuming_with_a_different_config_is_refused(tmp_path):
-    train(tiny_run(steps=10, eval_every=10, ckpt_every=10), tmp_path)
+def test_resuming_with_a_different_config_is_refused(finished_run):
+    _, out, _ = finished_run
     with pytest.raises(ValueError, match=r"train.lr: 0.003 -> 0.001"):
-        train(tiny_run(steps=10, eval_every=10, ckpt_every=10, lr=1e-3), tmp_path)
+        train(tiny_run(log_every=1, lr=1e-3), out)
