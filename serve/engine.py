@@ -31,12 +31,14 @@ from model.kernels.triton import triton_deprecation_ignored
 from model.transformer import for_inference
 from serve import request_checks
 from serve.block_allocator import BlockAllocator
-from serve.forward import DECODE_IMPLS, StepInputs, model_step
-from serve.kv_cache import CacheShape, KVCache, init_cache, pages_for_budget, slots
+from serve.forward import model_step
+from serve.kv_cache import CacheShape, KVCache, init_cache, pages_for_budget
+from serve.ragged_attention import DECODE_IMPLS, resolve_decode_impl
 from serve.request_checks import RequestError
 from serve.sampling import sample_rows
 from serve.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 from serve.scheduler import Sequence as Seq
+from serve.step_batch import Row, SamplingInputs, StepInputs, StepLayout, bucket, build_step, tiles_for
 
 TokenCallback = Callable[[str, int], None]
 
@@ -113,7 +115,9 @@ class ServeConfig:
     """Engine settings. The cache holds `num_pages` pages, or as many as `memory_bytes` or `memory_fraction` of
     free device memory buys; with none given, enough for `max_running` sequences of the model's full context.
     `prefix_caching` lets a request reuse the K/V pages of full blocks an earlier request computed for the same
-    prefix (a shared system prompt, a multi-turn chat), so its prefill starts after them."""
+    prefix (a shared system prompt, a multi-turn chat), so its prefill starts after them. `decode_impl` "auto" is
+    the Pallas decode kernel on GPU and the plain-JAX path elsewhere. Step shapes (serve/step_batch.py): prefill
+    chunks go in tiles of `prefill_tile` tokens; block tables are at least `min_context_bucket` tokens wide."""
 
     page_size: int = 16
     num_pages: int | None = None
@@ -122,13 +126,14 @@ class ServeConfig:
     max_running: int = 16
     token_budget: int = 512
     max_prefill_chunk: int | None = None
-    decode_impl: str = "pallas"
-    min_chunk_bucket: int = 16
+    decode_impl: str = "auto"
+    prefill_tile: int = 32
+    min_context_bucket: int = 256
     seed: int = 0
     prefix_caching: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("page_size", "max_running", "token_budget", "min_chunk_bucket"):
+        for name in ("page_size", "max_running", "token_budget", "prefill_tile", "min_context_bucket"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"serve.{name} must be a positive integer, got {value!r}")
@@ -140,35 +145,48 @@ class ServeConfig:
             raise ValueError(f"serve.decode_impl must be one of {DECODE_IMPLS}, got {self.decode_impl!r}")
 
 
-def bucket(n: int, smallest: int = 1) -> int:
-    """The power of two >= max(n, smallest)."""
-    return 1 << max(0, math.ceil(math.log2(max(n, smallest))))
+def _device_step(graphdef: nnx.GraphDef, decode_impl: str, params: nnx.State, cache: KVCache, inputs: StepInputs,
+                 sampling: SamplingInputs) -> tuple[jax.Array, KVCache]:
+    logits_RxV, cache = model_step(graphdef, params, cache, inputs, decode_impl=decode_impl)
+    return sample_rows(logits_RxV, *sampling), cache
 
 
-def unpack(ints: jax.Array, floats: jax.Array, max_pages: int) -> tuple[StepInputs, tuple[jax.Array, ...]]:
-    """`Engine._inputs`' packing undone: ints [B, 4C + M + 5] = tokens, positions, pages, offsets (C each), the
-    block table (M), then length, last index, seed, output count, top_k; floats [B, 2] = temperature, top_p."""
-    C = (ints.shape[1] - max_pages - 5) // 4
-    cols = [ints[:, i * C:(i + 1) * C] for i in range(4)]
-    tail = 4 * C + max_pages
-    inputs = StepInputs(*cols, ints[:, 4 * C:tail], ints[:, tail], ints[:, tail + 1])
-    sampling = (jax.lax.bitcast_convert_type(ints[:, tail + 2], jnp.uint32), ints[:, tail + 3], floats[:, 0],
-                ints[:, tail + 4], floats[:, 1])
-    return inputs, sampling
+class CompiledSteps:
+    """The device step of one model structure, compiled ahead of time once per step shape and shared by every
+    engine serving that structure (a benchmark's baseline, a restarted server, the next test reuse the first
+    one's executables). Counts the shapes and the seconds spent tracing and compiling them."""
 
+    def __init__(self, graphdef: nnx.GraphDef, decode_impl: str):
+        self._jitted = jax.jit(partial(_device_step, graphdef, decode_impl), donate_argnums=1)
+        self._compiled: dict[tuple, Callable] = {}
+        self.compile_s = 0.0
 
-def _device_step(graphdef: nnx.GraphDef, decode_impl: str, max_pages: int, params: nnx.State, cache: KVCache,
-                 ints: jax.Array, floats: jax.Array) -> tuple[jax.Array, KVCache]:
-    inputs, sampling = unpack(ints, floats, max_pages)
-    logits_BxV, cache = model_step(graphdef, params, cache, inputs, decode_impl=decode_impl)
-    return sample_rows(logits_BxV, *sampling), cache
+    def __call__(self, params: nnx.State, cache: KVCache, inputs: StepInputs, sampling: SamplingInputs
+                 ) -> tuple[jax.Array, KVCache]:
+        key = tuple(a.shape for a in inputs) + (cache.k.shape, str(cache.k.dtype))
+        fn = self._compiled.get(key)
+        if fn is None:
+            start = time.perf_counter()
+            with triton_deprecation_ignored():
+                fn = self._jitted.lower(params, cache, inputs, sampling).compile()
+            self.compile_s += time.perf_counter() - start
+            self._compiled[key] = fn
+        return fn(params, cache, inputs, sampling)
+
+    def cost(self, params: nnx.State, cache: KVCache, inputs: StepInputs, sampling: SamplingInputs) -> dict:
+        """XLA's cost analysis (flops, bytes accessed) of the step for these inputs' shapes."""
+        with triton_deprecation_ignored():
+            return self._jitted.lower(params, cache, inputs, sampling).compile().cost_analysis()
+
+    @property
+    def count(self) -> int:
+        return len(self._compiled)
 
 
 @functools.cache
-def _jitted_step(graphdef: nnx.GraphDef, decode_impl: str, max_pages: int) -> Callable:
-    """The jitted device step of one model structure, shared by every engine serving it, so a second engine (a
-    benchmark's baseline, a restarted server, the next test) reuses the first one's compiled shapes."""
-    return jax.jit(partial(_device_step, graphdef, decode_impl, max_pages), donate_argnums=1)
+def compiled_steps(graphdef: nnx.GraphDef, decode_impl: str) -> CompiledSteps:
+    """The shared `CompiledSteps` of this model structure and decode implementation."""
+    return CompiledSteps(graphdef, decode_impl)
 
 
 class Engine:
@@ -194,7 +212,13 @@ class Engine:
                                                    token_budget=cfg.token_budget,
                                                    max_prefill_chunk=cfg.max_prefill_chunk,
                                                    prefix_caching=cfg.prefix_caching), self.allocator)
-        self._step_fn = _jitted_step(self.graphdef, cfg.decode_impl, self.max_pages_per_seq)
+        self.decode_impl = resolve_decode_impl(cfg.decode_impl)
+        self.layout = StepLayout(page_size=cfg.page_size, max_decode_rows=bucket(cfg.max_running),
+                                 tile=cfg.prefill_tile,
+                                 min_pages=min(math.ceil(cfg.min_context_bucket / cfg.page_size),
+                                               self.max_pages_per_seq),
+                                 max_pages=self.max_pages_per_seq)
+        self._steps = compiled_steps(self.graphdef, self.decode_impl)
         self.completions: dict[str, Completion] = {}
         self._requests: dict[str, Request] = {}
         self._callbacks: dict[str, TokenCallback] = {}
@@ -268,15 +292,12 @@ class Engine:
     # --- the loop ------------------------------------------------------------------------------------------
 
     def step(self) -> list[tuple[str, int]]:
-        """One iteration: schedule, run the decodes and the prefill chunks, sample, stream. Returns the
-        (request id, token) pairs produced."""
+        """One iteration: schedule, run every scheduled chunk (decodes and prefill chunks) as one device call,
+        sample, stream. Returns the (request id, token) pairs produced."""
         schedule = self.scheduler.schedule()
         for seq in schedule.preempted:
             self.completions[seq.request_id].num_preemptions += 1
-        events: list[tuple[str, int]] = []
-        for group in (schedule.decodes, schedule.prefills):
-            if group:
-                events += self._run(list(group))
+        events = self._run(list(schedule.decodes), list(schedule.prefills)) if schedule.chunks else []
         running = self.scheduler.running
         if running and self.allocator.num_used:
             stored = sum(seq.num_computed for seq in running)
@@ -284,19 +305,26 @@ class Engine:
                                     len(running) * self.model_cfg.max_seq_len))
         return events
 
-    def _run(self, chunks: list[ScheduledChunk]) -> list[tuple[str, int]]:
-        ints, floats = self._inputs(chunks)
-        with triton_deprecation_ignored():  # a new bucket's first call lowers the kernel
-            tokens, self.cache = self._step_fn(self.params, self.cache, ints, floats)
+    def _row(self, chunk: ScheduledChunk) -> Row:
+        seq, s = chunk.seq, self._requests[chunk.seq.request_id].sampling
+        return Row(seq.all_ids[chunk.start:chunk.start + chunk.length], chunk.start, seq.block_table, seed=s.seed,
+                   counter=len(seq.output_ids), temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+
+    def _run(self, decodes: list[ScheduledChunk], prefills: list[ScheduledChunk]) -> list[tuple[str, int]]:
+        chunks = decodes + prefills
+        inputs, sampling, slots_of = build_step([self._row(c) for c in decodes], [self._row(c) for c in prefills],
+                                                self.layout)
+        tokens, self.cache = self._steps(self.params, self.cache, StepInputs(*map(jnp.asarray, inputs)),
+                                         SamplingInputs(*map(jnp.asarray, sampling)))
         tokens = np.asarray(tokens)
         now = time.perf_counter()
         events = []
-        for row, chunk in enumerate(chunks):
+        for chunk, slot in zip(chunks, slots_of, strict=True):
             seq = chunk.seq
             self.scheduler.after_step(chunk)
             if seq.num_computed < seq.num_tokens or seq.status == "finished":
                 continue  # a prompt chunk that does not reach the end yet: no token
-            token = int(tokens[row])
+            token = int(tokens[slot])
             self.scheduler.append_token(seq, token)
             done = self.completions[seq.request_id]
             done.token_ids.append(token)
@@ -319,46 +347,43 @@ class Engine:
         self.completions[rid].num_cached_tokens = seq.num_cached_tokens
         self._callbacks.pop(rid, None)
 
-    def _inputs(self, chunks: list[ScheduledChunk]) -> tuple[jax.Array, jax.Array]:
-        """The step's inputs for `chunks` (all decodes, or all prefills), bucketed and packed into one int32 and one
-        float32 array (see `unpack`) so that each step makes two small host-to-device copies."""
-        decode = all(c.is_decode for c in chunks)
-        B = bucket(len(chunks))
-        C = 1 if decode else bucket(max(c.length for c in chunks), self.cfg.min_chunk_bucket)
-        M = self.max_pages_per_seq
-        ints, floats = np.zeros((B, 4 * C + M + 5), np.int32), np.zeros((B, 2), np.float32)
-        floats[:, 1] = 1.0  # top_p of padding rows
-        for row, chunk in enumerate(chunks):
-            seq, n, start = chunk.seq, chunk.length, chunk.start
-            pos = np.arange(start, start + n)
-            ints[row, :n] = seq.all_ids[start:start + n]
-            ints[row, C:C + n] = pos
-            ints[row, 2 * C:2 * C + n], ints[row, 3 * C:3 * C + n] = slots(seq.block_table, pos, self.cfg.page_size)
-            ints[row, 4 * C:4 * C + len(seq.block_table)] = seq.block_table
-            s = self._requests[seq.request_id].sampling
-            ints[row, 4 * C + M:] = (start + n, n - 1, np.int32(np.uint32(s.seed)), len(seq.output_ids), s.top_k)
-            floats[row] = (s.temperature, s.top_p)
-        return jnp.asarray(ints), jnp.asarray(floats)
+    def step_shapes(self) -> list[tuple[int, int, int]]:
+        """Every (decode rows, prefill tiles, block-table pages) bucket this engine's steps can take."""
+        # prefill chunks share the token budget; each pads its last tile
+        max_tiles = tiles_for([self.cfg.token_budget], self.cfg.prefill_tile) + self.cfg.max_running - 1
+        return self.layout.all_shapes(max_tiles)
 
-    def warmup(self) -> int:
-        """Compile the device step for every bucket the scheduler can produce (decode rows; prefill rows x chunk
-        lengths) with all-padding inputs, so no request waits for a compile. Returns the number compiled."""
-        rows = [1 << i for i in range(bucket(self.cfg.max_running).bit_length())]
-        longest = min(self.cfg.token_budget, self.cfg.max_prefill_chunk or self.cfg.token_budget)
-        lengths = [c for c in (1 << i for i in range(bucket(longest).bit_length()))
-                   if c >= bucket(1, self.cfg.min_chunk_bucket)]
-        for B, C in [(b, 1) for b in rows] + [(b, c) for b in rows for c in lengths]:
-            ints = jnp.zeros((B, 4 * C + self.max_pages_per_seq + 5), jnp.int32)
-            floats = jnp.ones((B, 2), jnp.float32)
-            with triton_deprecation_ignored():
-                _, self.cache = self._step_fn(self.params, self.cache, ints, floats)
+    def warmup(self, max_context: int | None = None) -> int:
+        """Compile the step for every bucket whose block tables cover up to `max_context` tokens (default: the
+        smallest width, `min_context_bucket`), with all-padding inputs, so no request waits for those compiles;
+        wider steps compile when first needed. Returns the number of shapes compiled so far."""
+        pages = math.ceil((max_context or 1) / self.cfg.page_size)
+        widest = min(max(bucket(pages), self.layout.min_pages), self.layout.max_pages)
+        for bd, np_, w in self.step_shapes():
+            if w <= widest:
+                inputs, sampling = self._padding(bd, np_, w)
+                _, self.cache = self._steps(self.params, self.cache, inputs, sampling)
         return self.compile_count
+
+    def _padding(self, bd: int, np_: int, w: int) -> tuple[StepInputs, SamplingInputs]:
+        """All-padding inputs of one bucket (every token writes the null page, every row has length 0)."""
+        T, R = bd + np_ * self.cfg.prefill_tile, bd + np_
+        z = lambda *shape: jnp.zeros(shape, jnp.int32)  # noqa: E731
+        inputs = StepInputs(z(T), jnp.full((T,), -1, jnp.int32), z(T), z(T), z(bd, w), z(bd), z(np_, w), z(np_),
+                            z(R))
+        return inputs, SamplingInputs(jnp.zeros(R, jnp.uint32), z(R), jnp.zeros(R, jnp.float32), z(R),
+                                      jnp.ones(R, jnp.float32))
 
     @property
     def compile_count(self) -> int:
-        """How many shapes the device step has been compiled for, by any engine of this model structure (stops
-        growing in steady state)."""
-        return self._step_fn._cache_size()
+        """How many step shapes have been compiled for this model structure, by any engine serving it (bounded by
+        `step_shapes()`, and stops growing in steady state)."""
+        return self._steps.count
+
+    @property
+    def compile_s(self) -> float:
+        """Seconds spent tracing and compiling step shapes for this model structure, by any engine serving it."""
+        return self._steps.compile_s
 
     # --- conveniences --------------------------------------------------------------------------------------
 

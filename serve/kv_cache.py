@@ -1,15 +1,16 @@
-"""The paged KV cache on device: per-layer K and V page pools, sized from a memory budget.
+"""The paged KV cache on device: K and V page pools for every layer, sized from a memory budget.
 
-Layout: for each layer, `k` and `v` are [kv_heads, num_pages, page_size, head_dim]. The decode kernel runs one
-program per (sequence, kv head) and walks that sequence's pages, so the page for one kv head is a contiguous
-[page_size, head_dim] tile (one DMA/load per page, rows of head_dim elements for the matmul); keeping the kv head
-outermost makes those tiles contiguous for every head. Layers are separate arrays (a tuple, not one stacked
-array) so each layer's attention reads its own pool without slicing a copy out of a stacked one, and the jitted
-step updates each pool in place (the cache is donated).
+Layout: `k` and `v` are each one array [kv_heads, n_layers * num_pages, page_size, head_dim]: layer l's page p is
+pool page l * num_pages + p (`layer_pages`). The decode kernel runs one program per (sequence, kv head) and walks
+that sequence's pages, so the page for one kv head is a contiguous [page_size, head_dim] tile (one DMA/load per
+page, rows of head_dim elements for the matmul); keeping the kv head outermost makes those tiles contiguous for
+every head. One array for all layers lets the serving step scan its layers (compile time independent of depth)
+with the cache in the loop carry: each layer writes and reads its own pages by id offset -- no per-layer slice is
+copied out -- and the jitted step updates the pools in place (the cache is donated).
 
-Page 0 is the null page: padded tokens of a bucketed batch write there, and unused block-table entries point
-there. Which page belongs to whom is decided on the host (`serve/block_allocator.py`); this file only holds the
-arrays and says how many pages a budget buys.
+Page 0 of each layer is the null page: padded tokens of a bucketed batch write there, and unused block-table
+entries point there. Which page belongs to whom is decided on the host (`serve/block_allocator.py`); this file
+only holds the arrays and says how many pages a budget buys.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ from model.config import ModelConfig
 
 
 class KVCache(NamedTuple):
-    """K and V page pools, one [kv_heads, num_pages, page_size, head_dim] array per layer."""
+    """K and V page pools, each [kv_heads, n_layers * num_pages, page_size, head_dim]."""
 
-    k: tuple[jax.Array, ...]
-    v: tuple[jax.Array, ...]
+    k: jax.Array
+    v: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,9 +90,13 @@ def pages_for_budget(cfg: ModelConfig, page_size: int, *, memory_bytes: int | No
 
 def init_cache(shape: CacheShape) -> KVCache:
     """A zeroed cache."""
-    dims = (shape.n_kv_heads, shape.num_pages, shape.page_size, shape.head_dim)
-    zeros = tuple(jnp.zeros(dims, shape.dtype) for _ in range(shape.n_layers))
-    return KVCache(k=zeros, v=tuple(jnp.zeros(dims, shape.dtype) for _ in range(shape.n_layers)))
+    dims = (shape.n_kv_heads, shape.n_layers * shape.num_pages, shape.page_size, shape.head_dim)
+    return KVCache(k=jnp.zeros(dims, shape.dtype), v=jnp.zeros(dims, shape.dtype))
+
+
+def layer_pages(page_ids: jax.Array, layer: jax.Array | int, num_pages: int) -> jax.Array:
+    """Layer `layer`'s pool page ids for per-layer page ids (block tables, slots): offset by layer * num_pages."""
+    return page_ids + layer * num_pages
 
 
 def write_pages(pages_KxNxPxD: jax.Array, new_BxTxKxD: jax.Array, page_BxT: jax.Array,

@@ -1,9 +1,10 @@
 """Static batching, the baseline continuous batching is measured against: take up to `batch_size` waiting
-requests, prefill them padded to the longest prompt, decode every row until the longest output is done, and only
-then start the next batch. Each request reserves a contiguous max-length KV region (no paging).
+requests, prefill them together in one step, decode every row until the longest output is done (finished rows keep
+computing), and only then start the next batch. Each request reserves a contiguous max-length KV region (no
+paging).
 
 It runs the same device step as the engine (`serve/forward.py`, with each row's block table a fixed contiguous
-run of pages), so the two differ only in scheduling and memory reservation.
+run of pages, as wide as its tokens so far), so the two differ only in scheduling and memory reservation.
 """
 
 from __future__ import annotations
@@ -12,24 +13,22 @@ import math
 import time
 from collections.abc import Callable, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from model.kernels.triton import triton_deprecation_ignored
 from model.transformer import for_inference
-from serve.engine import Completion, Request, RequestError, bucket, request_problem
-from serve.forward import StepInputs, model_step
+from serve.engine import Completion, Request, RequestError, compiled_steps, request_problem
 from serve.kv_cache import CacheShape, init_cache
-from serve.sampling import sample_rows
+from serve.ragged_attention import resolve_decode_impl
+from serve.step_batch import Row, SamplingInputs, StepInputs, StepLayout, bucket, build_step
 
 
 class StaticBatcher:
     """Serve requests in fixed batches of up to `batch_size` (see the module docstring)."""
 
-    def __init__(self, model: nnx.Module, batch_size: int = 16, page_size: int = 16, decode_impl: str = "pallas",
-                 seed: int = 0):
+    def __init__(self, model: nnx.Module, batch_size: int = 16, page_size: int = 16, decode_impl: str = "auto",
+                 seed: int = 0, prefill_tile: int = 32):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         model = for_inference(model)
@@ -41,11 +40,9 @@ class StaticBatcher:
         self.reserved_slots = batch_size * self.pages_per_row * page_size
         self.kv_utilisation_samples: list[float] = []
 
-        def step(params, cache, inputs, sampling):
-            logits_BxV, cache = model_step(self.graphdef, params, cache, inputs, decode_impl=decode_impl)
-            return sample_rows(logits_BxV, *sampling), cache
-
-        self._step = jax.jit(step, donate_argnums=1)
+        self.layout = StepLayout(page_size=page_size, max_decode_rows=bucket(batch_size), tile=prefill_tile,
+                                 min_pages=1, max_pages=self.pages_per_row)
+        self._steps = compiled_steps(self.graphdef, resolve_decode_impl(decode_impl))
 
     def generate(self, requests: Sequence[Request], *, arrivals_s: Sequence[float] | None = None,
                  on_finish: Callable[[Completion], None] | None = None) -> list[Completion]:
@@ -78,57 +75,41 @@ class StaticBatcher:
         return results
 
     def _run_batch(self, requests: list[Request], done: list[Completion]) -> None:
-        B, P, M = bucket(len(requests)), self.page_size, self.pages_per_row
-        lengths = np.zeros(B, np.int32)
-        lengths[:len(requests)] = [len(r.prompt_ids) for r in requests]
-        tables = np.zeros((B, M), np.int32)
-        for row in range(len(requests)):
-            tables[row] = 1 + row * M + np.arange(M)
-        seeds = np.array([r.sampling.seed if r.sampling.seed is not None else self.seed + i
-                          for i, r in enumerate(requests)] + [0] * (B - len(requests)), np.uint32)
-        temperature = np.zeros(B, np.float32)
-        top_k, top_p = np.zeros(B, np.int32), np.ones(B, np.float32)
-        for row, r in enumerate(requests):
-            temperature[row], top_k[row], top_p[row] = r.sampling.temperature, r.sampling.top_k, r.sampling.top_p
-        longest_prompt = int(lengths.max())
-        steps = max(r.max_new_tokens for r in requests)
-        # Prefill: every row padded to the longest prompt.
-        C = longest_prompt
-        tokens, positions = np.zeros((B, C), np.int32), np.tile(np.arange(C, dtype=np.int32), (B, 1))
-        for row, r in enumerate(requests):
-            tokens[row, :len(r.prompt_ids)] = r.prompt_ids
-        positions = np.minimum(positions, np.maximum(lengths[:, None] - 1, 0))  # pads rewrite the last real slot
-        pages, offsets = np.take_along_axis(tables, positions // P, axis=1), positions % P
-        for row, r in enumerate(requests):  # the pad rows' and pad tokens' writes go to the null page
-            pages[row, len(r.prompt_ids):], offsets[row, len(r.prompt_ids):] = 0, 0
-        pages[len(requests):] = 0
-        last = np.maximum(lengths - 1, 0)
-        live = np.zeros(B, bool)
-        live[:len(requests)] = True
-        for t in range(steps):
-            counters = np.full(B, t, np.int32)
-            inputs = StepInputs(*(jnp.asarray(a) for a in (tokens, positions, pages, offsets, tables,
-                                                           np.where(live | (t == 0), lengths, 0), last)))
-            sampling = tuple(jnp.asarray(a) for a in (seeds, counters, temperature, top_k, top_p))
-            with triton_deprecation_ignored():
-                new, self.cache = self._step(self.params, self.cache, inputs, sampling)
+        P, M = self.page_size, self.pages_per_row
+        tables = [list(1 + row * M + np.arange(M)) for row in range(len(requests))]
+        seeds = [r.sampling.seed if r.sampling.seed is not None else (self.seed + i) % 2**32
+                 for i, r in enumerate(requests)]
+
+        def row(i: int, tokens: list[int], start: int) -> Row:
+            s = requests[i].sampling
+            return Row(tokens, start, tables[i][:-(-(start + len(tokens)) // P)], seed=seeds[i],
+                       counter=len(done[i].token_ids), temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+
+        # Prefill every prompt in one step, then decode every row until the longest output is done: a finished
+        # row keeps computing (rewriting its last slot), as a static batch does.
+        lengths = [len(r.prompt_ids) for r in requests]
+        live = [True] * len(requests)
+        decodes: list[Row] = []
+        prefills = [row(i, list(r.prompt_ids), 0) for i, r in enumerate(requests)]
+        while True:
+            inputs, sampling, slots_of = build_step(decodes, prefills, self.layout)
+            new, self.cache = self._steps(self.params, self.cache, StepInputs(*map(jnp.asarray, inputs)),
+                                          SamplingInputs(*map(jnp.asarray, sampling)))
             new, now = np.asarray(new), time.perf_counter()
-            for row, r in enumerate(requests):
-                if live[row]:
-                    token = int(new[row])
-                    done[row].token_ids.append(token)
-                    done[row].token_times_s.append(now)
+            last_tokens = []
+            for i, r in enumerate(requests):
+                token = int(new[slots_of[i]])
+                if live[i]:
+                    done[i].token_ids.append(token)
+                    done[i].token_times_s.append(now)
+                    lengths[i] += 1
                     if token in r.stop_ids:
-                        done[row].finish_reason, live[row] = "stop", False
-                    elif len(done[row].token_ids) >= r.max_new_tokens:
-                        done[row].finish_reason, live[row] = "length", False
-            self.kv_utilisation_samples.append(float(lengths[:len(requests)].sum()) / self.reserved_slots)
-            if not live.any():
-                break
-            # Decode: one token per row (finished rows keep computing, as static batching does, into the null page).
-            tokens = new[:, None].astype(np.int32)
-            positions = lengths[:, None].copy()
-            pages = np.where(live[:, None], np.take_along_axis(tables, positions // P, axis=1), 0)
-            offsets = np.where(live[:, None], positions % P, 0)
-            lengths = np.where(live, lengths + 1, lengths)
-            last = np.zeros(B, np.int32)
+                        done[i].finish_reason, live[i] = "stop", False
+                    elif len(done[i].token_ids) >= r.max_new_tokens:
+                        done[i].finish_reason, live[i] = "length", False
+                last_tokens.append(done[i].token_ids[-1])
+            self.kv_utilisation_samples.append(float(sum(lengths)) / self.reserved_slots)
+            if not any(live):
+                return
+            prefills = []
+            decodes = [row(i, [last_tokens[i]], lengths[i] - 1) for i in range(len(requests))]

@@ -76,7 +76,7 @@ def test_stale_nan_pages_are_unreachable():
     engine = Engine(model(), SERVE)
     serve_staggered(engine)
     poison = lambda pool: pool.at[:].set(jnp.nan)  # noqa: E731 -- every page is free now, the null page too
-    engine.cache = KVCache(tuple(map(poison, engine.cache.k)), tuple(map(poison, engine.cache.v)))
+    engine.cache = KVCache(poison(engine.cache.k), poison(engine.cache.v))
     assert serve_staggered(engine, seed=1) == list(naive_outputs(seed=1))
 
 

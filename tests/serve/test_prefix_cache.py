@@ -120,7 +120,7 @@ def test_cached_pages_are_what_the_engine_reads():
                                              decode_impl="reference", prefix_caching=caching))
         serve(engine, [first])
         poison = lambda pool: pool.at[:].set(jnp.nan)  # noqa: E731 -- no page is in use now
-        engine.cache = KVCache(tuple(map(poison, engine.cache.k)), tuple(map(poison, engine.cache.v)))
+        engine.cache = KVCache(poison(engine.cache.k), poison(engine.cache.v))
         outputs[caching] = serve(engine, [second])[0].token_ids
     assert outputs[False] == naive(list(second.prompt_ids), second.max_new_tokens)
     assert outputs[True] != outputs[False]

@@ -1,0 +1,57 @@
+"""Attention for one step's flat ragged batch (serve/step_batch.py): Bd decode tokens, then Np tiles of Q prefill
+tokens, each attending over its own row's pages.
+
+One function handles every mix: the decode tokens go to a decode attention -- the Pallas kernel
+(serve/kernels/paged_attention.py) on GPU, its plain-JAX reference elsewhere -- and the tiles to
+`paged_prefill_attention` with one block table per tile, causal by absolute position (vLLM's FlashInfer backend
+splits a batch the same way: decodes first, then prefill tokens). Both read only W pages per row, W the step's
+bucketed block-table width, so the cost follows the live tokens.
+
+Shapes: q [T, H, Dh], pools [K, N, P, Dh] (K kv heads, N pages, P tokens per page), tables [rows, W], T = Bd + Np*Q.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from serve.kernels.paged_attention import paged_attention, paged_attention_reference, paged_prefill_attention
+
+DECODE_IMPLS = ("auto", "pallas", "reference")
+
+
+def resolve_decode_impl(decode_impl: str, backend: str | None = None) -> str:
+    """"auto" is the Pallas kernel on GPU and the plain-JAX reference elsewhere (Pallas interpret mode on CPU is
+    for tests: it is orders of magnitude slower)."""
+    if decode_impl not in DECODE_IMPLS:
+        raise ValueError(f"decode_impl must be one of {DECODE_IMPLS}, got {decode_impl!r}")
+    if decode_impl != "auto":
+        return decode_impl
+    return "pallas" if (backend or jax.default_backend()) == "gpu" else "reference"
+
+
+def ragged_paged_attention(q_TxHxD: jax.Array, k_pages_KxNxPxD: jax.Array, v_pages_KxNxPxD: jax.Array,
+                           positions_T: jax.Array, decode_tables_BxW: jax.Array, decode_lengths_B: jax.Array,
+                           tile_tables_NxW: jax.Array, tile_lengths_N: jax.Array, *, decode_impl: str = "reference"
+                           ) -> jax.Array:
+    """Attention output [T, H, Dh] of the step's tokens over their rows' cached K/V (their own K/V written
+    already). A pad token (a pad decode row of length 0, a tile token at position -1) gives zeros."""
+    T, H, D = q_TxHxD.shape
+    Bd, Np = decode_tables_BxW.shape[0], tile_tables_NxW.shape[0]
+    Q = (T - Bd) // Np if Np else 0
+    parts = []
+    if Bd:
+        q_BxHxD = q_TxHxD[:Bd]
+        if decode_impl == "pallas":
+            out = paged_attention(q_BxHxD, k_pages_KxNxPxD, v_pages_KxNxPxD, decode_lengths_B, decode_tables_BxW,
+                                  interpret=jax.default_backend() == "cpu")
+        else:
+            out = paged_attention_reference(q_BxHxD, k_pages_KxNxPxD, v_pages_KxNxPxD, decode_lengths_B,
+                                            decode_tables_BxW)
+        parts.append(out)
+    if Np:
+        q_NxQxHxD = q_TxHxD[Bd:].reshape(Np, Q, H, D)
+        out = paged_prefill_attention(q_NxQxHxD, k_pages_KxNxPxD, v_pages_KxNxPxD, positions_T[Bd:].reshape(Np, Q),
+                                      tile_lengths_N, tile_tables_NxW)
+        parts.append(out.reshape(Np * Q, H, D))
+    return jnp.concatenate(parts) if len(parts) > 1 else parts[0]

@@ -1,0 +1,147 @@
+"""The host side of one device step: the rows a step computes, laid out as one flat, ragged token batch.
+
+A step's T tokens are Bd decode tokens (one per decoding row) followed by Np prefill tiles of Q tokens; a prefill
+chunk of n tokens fills ceil(n / Q) consecutive tiles, its last tile padded (pad tokens sit at position -1, see
+nothing and write to the null page). Linear layers and the MLP see only the flat [T] batch; attention reads each
+decode row's and each tile's pages through its own block table (serve/ragged_attention.py). Every row that samples
+(each decode, each prefill chunk) has one sampling slot; the R = Bd + Np slots are the step's output rows.
+
+Shapes are bucketed so the step compiles for a small fixed set: Bd a power of two up to the running limit (when a
+step has prefill tiles, Bd is that limit, so mixed steps vary in Np only), Np a power of two, and the block-table
+width W a power of two of pages, at least `min_pages`, covering the longest row of this step -- never the model's
+context. The step's cost follows the live tokens, not `max_seq_len`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+
+class StepInputs(NamedTuple):
+    """Device inputs of one step (see the module docstring); pad slots write to page 0 and have length 0."""
+
+    tokens_T: np.ndarray            # int32 token ids
+    positions_T: np.ndarray         # int32 absolute positions (-1: a pad token in a prefill tile)
+    pages_T: np.ndarray             # int32 page of each token's K/V slot (0: the null page)
+    offsets_T: np.ndarray           # int32 offset in that page
+    decode_tables_BxW: np.ndarray   # int32 block table of each decode row
+    decode_lengths_B: np.ndarray    # int32 tokens in the cache after this step (0: a pad row)
+    tile_tables_NxW: np.ndarray     # int32 block table of each prefill tile's row
+    tile_lengths_N: np.ndarray      # int32 that row's tokens in the cache after this step
+    last_R: np.ndarray              # int32 index in T of each sampling slot's last token
+
+
+class SamplingInputs(NamedTuple):
+    """Each sampling slot's parameters (serve/sampling.py `sample_rows`)."""
+
+    seeds_R: np.ndarray        # uint32
+    counters_R: np.ndarray     # int32: the request's output tokens so far (its random stream's position)
+    temperature_R: np.ndarray  # float32
+    top_k_R: np.ndarray        # int32
+    top_p_R: np.ndarray        # float32
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """Compute `token_ids` at positions [start, start + len) of a sequence whose pages are `block_table`, then
+    sample with (seed, counter, temperature, top_k, top_p)."""
+
+    token_ids: Sequence[int]
+    start: int
+    block_table: Sequence[int]
+    seed: int = 0
+    counter: int = 0
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class StepLayout:
+    """The bucket sizes: `max_decode_rows` (a power of two), the prefill tile `tile`, the smallest block-table
+    width `min_pages` and the widest `max_pages`, with `page_size` tokens per page."""
+
+    page_size: int
+    max_decode_rows: int
+    tile: int
+    min_pages: int
+    max_pages: int
+
+    def shape(self, num_decodes: int, num_tiles: int, num_pages: int) -> tuple[int, int, int]:
+        """The (Bd, Np, W) bucket for a step with these counts (W from the widest row's pages)."""
+        np_ = bucket(num_tiles) if num_tiles else 0
+        bd = self.max_decode_rows if np_ else (bucket(num_decodes) if num_decodes else 0)
+        w = min(max(bucket(num_pages), self.min_pages), self.max_pages)
+        return bd, np_, w
+
+    def all_shapes(self, max_tiles: int) -> list[tuple[int, int, int]]:
+        """Every (Bd, Np, W) bucket a step can take with at most `max_tiles` prefill tiles."""
+        widths = sorted({min(max(1 << i, self.min_pages), self.max_pages)
+                         for i in range(bucket(self.max_pages).bit_length())})
+        decodes = [1 << i for i in range(self.max_decode_rows.bit_length())]
+        tiles = [1 << i for i in range(bucket(max_tiles).bit_length())]
+        return [(b, 0, w) for w in widths for b in decodes] + [(self.max_decode_rows, n, w) for w in widths
+                                                                  for n in tiles]
+
+
+def bucket(n: int, smallest: int = 1) -> int:
+    """The power of two >= max(n, smallest)."""
+    return 1 << max(0, math.ceil(math.log2(max(n, smallest))))
+
+
+def tiles_for(lengths: Sequence[int], tile: int) -> int:
+    """Prefill tiles the chunks of these lengths fill."""
+    return sum(-(-n // tile) for n in lengths)
+
+
+def build_step(decodes: Sequence[Row], prefills: Sequence[Row], layout: StepLayout
+               ) -> tuple[StepInputs, SamplingInputs, list[int]]:
+    """The step's inputs for `decodes` (one token each) and `prefills` (chunks), and the sampling slot of each row
+    (decodes then prefills, in order)."""
+    Q, P = layout.tile, layout.page_size
+    if len(decodes) > layout.max_decode_rows:
+        raise ValueError(f"{len(decodes)} decode rows, more than the layout's {layout.max_decode_rows}")
+    widest = max([len(r.block_table) for r in (*decodes, *prefills)] or [1])
+    Bd, Np, W = layout.shape(len(decodes), tiles_for([len(r.token_ids) for r in prefills], Q), widest)
+    if widest > W:
+        raise ValueError(f"a row holds {widest} pages, more than the widest block table ({layout.max_pages})")
+    T, R = Bd + Np * Q, Bd + Np
+    tokens, positions = np.zeros(T, np.int32), np.full(T, -1, np.int32)
+    pages, offsets = np.zeros(T, np.int32), np.zeros(T, np.int32)
+    dec_tables, dec_lengths = np.zeros((Bd, W), np.int32), np.zeros(Bd, np.int32)
+    tile_tables, tile_lengths = np.zeros((Np, W), np.int32), np.zeros(Np, np.int32)
+    last = np.zeros(R, np.int32)
+    seeds, counters, top_k = np.zeros(R, np.uint32), np.zeros(R, np.int32), np.zeros(R, np.int32)
+    temperature, top_p = np.zeros(R, np.float32), np.ones(R, np.float32)
+    slots_of_rows = []
+
+    def place(row: Row, at: int, slot: int) -> None:
+        n = len(row.token_ids)
+        pos = np.arange(row.start, row.start + n)
+        table = np.asarray(row.block_table, np.int32)
+        tokens[at:at + n], positions[at:at + n] = row.token_ids, pos
+        pages[at:at + n], offsets[at:at + n] = table[pos // P], pos % P
+        last[slot] = at + n - 1
+        seeds[slot], counters[slot], top_k[slot] = np.uint32(row.seed), row.counter, row.top_k
+        temperature[slot], top_p[slot] = row.temperature, row.top_p
+        slots_of_rows.append(slot)
+
+    for b, row in enumerate(decodes):
+        place(row, b, b)
+        dec_tables[b, :len(row.block_table)] = row.block_table
+        dec_lengths[b] = row.start + 1
+    tile_index = 0
+    for row in prefills:
+        n = len(row.token_ids)
+        place(row, Bd + tile_index * Q, Bd + tile_index)
+        for t in range(tile_index, tile_index + -(-n // Q)):
+            tile_tables[t, :len(row.block_table)] = row.block_table
+            tile_lengths[t] = row.start + n
+        tile_index += -(-n // Q)
+    inputs = StepInputs(tokens, positions, pages, offsets, dec_tables, dec_lengths, tile_tables, tile_lengths, last)
+    return inputs, SamplingInputs(seeds, counters, temperature, top_k, top_p), slots_of_rows
