@@ -1,22 +1,20 @@
-"""Attention: one signature, implementations chosen by name (`ModelConfig.attention_impl`).
+"""Attention on one device: one signature, implementations chosen by name (`ModelConfig.attention_impl`).
 
 All take q [B, T, H, D], k and v [B, S, K, D] with H a multiple of K (grouped-query attention), and return
-[B, T, H, D] in q's dtype. Causal masking aligns the last query with the last key (T <= S).
+[B, T, H, D] in q's dtype. Causal masking aligns the last query with the last key (T <= S). Shape letters as in
+model/kernels/flash_attention.py; here D is the head dim.
+
+Nothing here looks at a device mesh except `auto`'s refusal of cuDNN under a sequence-sharded one. The versions
+that need the mesh (flash per shard, ring, Ulysses) live in `parallel/attention.py`, which gives the model the
+one to use (`Transformer(attend=...)`).
 """
 
 from __future__ import annotations
 
-import functools
-import math
-
 import jax
 import jax.numpy as jnp
-from flax.core import spmd
 
-from model import axes
 from model.kernels import flash_attention as kernels
-from parallel import ring_attention as parallel_ring
-from parallel import ulysses as parallel_ulysses
 
 
 def reference_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, *,
@@ -77,20 +75,7 @@ def auto_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Ar
     return xla_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, causal=causal)
 
 
-def _mesh_and_rules() -> tuple[jax.sharding.AbstractMesh, tuple] | None:
-    """The mesh and logical-axis rules of the training step being traced, or None outside one (one device)."""
-    rules = spmd.get_logical_axis_rules()
-    mesh = jax.sharding.get_abstract_mesh()
-    if not rules or mesh.empty or mesh.size == 1:
-        return None
-    return mesh, rules
-
-
-def _spec(names: tuple, rules: tuple) -> jax.sharding.PartitionSpec:
-    return jax.sharding.PartitionSpec(*spmd.from_sharding_rules(names, rules))
-
-
-def _kernel_interpret(impl: str) -> bool:
+def kernel_interpret(impl: str) -> bool:
     """Whether our Pallas kernels run interpreted (CPU) or compiled (NVIDIA GPUs, through Triton)."""
     backend = jax.default_backend()
     if backend not in ("gpu", "cpu"):
@@ -100,73 +85,19 @@ def _kernel_interpret(impl: str) -> bool:
 
 def flash_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, *,
                     causal: bool = True) -> jax.Array:
-    """Our Pallas flash-attention kernel (`model/kernels/flash_attention.py`): compiled through Triton on NVIDIA
-    GPUs, in interpret mode on CPU (slow; for tests). Under a device mesh with logical-axis rules active (the
-    training step), it runs per device through `shard_map` over the batch and head shards: XLA cannot partition
-    a Pallas call, and would otherwise gather every input onto every device. A sequence-sharded length is
-    gathered first (per-shard causal attention would be wrong; `ring` and `ulysses` are the scalable paths)."""
-    interpret = _kernel_interpret("flash")
-
-    def local(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array) -> jax.Array:
-        return kernels.flash_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, causal=causal, interpret=interpret)[0]
-
-    if (context := _mesh_and_rules()) is None:
-        return local(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD)
-    mesh, rules = context
-    q_spec, kv_spec = _spec((axes.BATCH, None, axes.HEADS, None), rules), _spec((axes.BATCH, None, axes.KV_HEADS, None),
-                                                                               rules)
-    return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
-                         check_vma=False)(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD)
+    """Our Pallas flash-attention kernel (`model/kernels/flash_attention.py`) on this device's arrays: compiled
+    through Triton on NVIDIA GPUs, in interpret mode on CPU (slow; for tests). On a device mesh `parallel/`
+    hands the model a version that runs it per shard (`parallel/attention.py`): XLA cannot partition a Pallas
+    call."""
+    return kernels.flash_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, causal=causal,
+                                   interpret=kernel_interpret("flash"))[0]
 
 
-def _sequence_parallel(impl: str, local, q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array,
-                       causal: bool) -> jax.Array | None:
-    """Runs `local(q, k, v, causal, axis_name, axis_size)` per device with the sequence sharded over the mesh
-    axes that `length` maps to; None when there is no such axis (then plain flash attention is the answer)."""
-    if q_BxTxHxD.shape[1] != k_BxSxKxD.shape[1]:
-        raise ValueError(f"attention_impl {impl!r} is self-attention over one sharded sequence: queries and keys "
-                         f"must have the same length, got {q_BxTxHxD.shape[1]} and {k_BxSxKxD.shape[1]}")
-    if (context := _mesh_and_rules()) is None:
-        return None
-    mesh, rules = context
-    seq_axes = spmd.from_sharding_rules((axes.LENGTH,), rules)[0]
-    seq_axes = () if seq_axes is None else (seq_axes,) if isinstance(seq_axes, str) else tuple(seq_axes)
-    n = math.prod(mesh.shape[a] for a in seq_axes)
-    if n == 1:
-        return None
-    q_spec = _spec((axes.BATCH, axes.LENGTH, axes.HEADS, None), rules)
-    kv_spec = _spec((axes.BATCH, axes.LENGTH, axes.KV_HEADS, None), rules)
-    fn = functools.partial(local, causal=causal, axis_name=seq_axes, axis_size=n)
-    return jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
-                         check_vma=False)(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD)
-
-
-def ring_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, *,
-                   causal: bool = True) -> jax.Array:
-    """Sequence-parallel attention (`parallel/ring_attention.py`): with the sequence sharded over the mesh's
-    `sequence` axis, key/value chunks go around the ring and each device attends its query chunk with our flash
-    kernel per block; nothing gathers the sequence. Without a sequence axis it is `flash`."""
-    interpret = _kernel_interpret("ring")
-    out = _sequence_parallel("ring", functools.partial(parallel_ring.ring_attention, interpret=interpret),
-                             q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, causal)
-    return flash_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, causal=causal) if out is None else out
-
-
-def ulysses_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, *,
-                      causal: bool = True) -> jax.Array:
-    """Sequence-parallel attention (`parallel/ulysses.py`, DeepSpeed-Ulysses): an all-to-all trades the sequence
-    shards for head shards, each device runs our flash kernel over the whole sequence for its heads, and a second
-    all-to-all trades back. Needs the (per-tensor-shard) heads divisible by the sequence axis. Without a sequence
-    axis it is `flash`."""
-    interpret = _kernel_interpret("ulysses")
-    out = _sequence_parallel("ulysses", functools.partial(parallel_ulysses.ulysses_attention, interpret=interpret),
-                             q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, causal)
-    return flash_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, causal=causal) if out is None else out
-
-
+# On one device there is no sequence to spread: `ring` and `ulysses` are `flash`. Their sequence-parallel forms
+# need a mesh, and `parallel/attention.py` passes them to the model (`Transformer(attend=...)`).
 IMPLEMENTATIONS = {"auto": auto_attention, "reference": reference_attention, "xla": xla_attention,
-                   "cudnn": cudnn_attention, "flash": flash_attention, "ring": ring_attention,
-                   "ulysses": ulysses_attention}
+                   "cudnn": cudnn_attention, "flash": flash_attention, "ring": flash_attention,
+                   "ulysses": flash_attention}
 
 
 def attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, *, impl: str = "auto",

@@ -1,4 +1,10 @@
-"""The decoder-only transformer: embedding, a stack of pre-norm blocks, final norm, LM head."""
+"""The decoder-only transformer: embedding, a stack of pre-norm blocks, final norm, LM head.
+
+The model runs on one device as it stands. How it is spread is decided outside it and handed in at construction
+(`create_model(cfg, attend=..., layer_stack=...)`, as `parallel/sharding.py` does from the mesh): `attend`, the
+causal self-attention every block uses, and `layer_stack`, what runs the stacked layers (in turn by default; a
+pipeline over the mesh's stages). The model never reads a mesh or sharding rules to choose either.
+"""
 
 from __future__ import annotations
 
@@ -16,9 +22,18 @@ from model.config import ModelConfig
 from model.layers import MLP, RMSNorm, apply_rope, normal, param, rope_tables
 from model.loss import cross_entropy, linear_cross_entropy
 from model.moe import MoE
-from parallel.pipeline import gpipe, pipeline_stages
 
-Attend = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # (q_BxTxHxD, k_BxTxKxD, v_BxTxKxD) -> out_BxTxHxD
+Attend = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # (q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh) -> out_BxTxHxDh
+StageFn = Callable[[nnx.State, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+# (some of the stacked layers' state [L', ...], x_BxTxD, positions_BxT) -> (x_BxTxD, their router losses summed)
+LayerStack = Callable[[StageFn, nnx.State, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+# (stage, the stacked layers' state [L, ...], x_BxTxD, positions_BxT) -> (x_BxTxD, router loss summed over layers)
+
+
+def layers_in_turn(stage: StageFn, stacked: nnx.State, x_BxTxD: jax.Array, positions_BxT: jax.Array
+                   ) -> tuple[jax.Array, jax.Array]:
+    """The default `LayerStack`: every layer in turn on this device (one stage holding them all)."""
+    return stage(stacked, x_BxTxD, positions_BxT)
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -51,21 +66,21 @@ class Attention(nnx.Module):
         """`attend(q, k, v) -> out` replaces causal self-attention over this call's tokens (the serving engine
         passes one that writes k, v into its paged cache and attends over the cached sequence)."""
         dt = self.dtype
-        q_BxTxHxK = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wq[...].astype(dt))
-        k_BxTxGxK = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wk[...].astype(dt))
-        v_BxTxGxK = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wv[...].astype(dt))
+        q_BxTxHxDh = jnp.einsum("btd,dhe->bthe", x_BxTxD, self.wq[...].astype(dt))
+        k_BxTxKxDh = jnp.einsum("btd,dke->btke", x_BxTxD, self.wk[...].astype(dt))
+        v_BxTxKxDh = jnp.einsum("btd,dke->btke", x_BxTxD, self.wv[...].astype(dt))
         if self.qkv_bias:
-            q_BxTxHxK = q_BxTxHxK + self.bq[...].astype(dt)
-            k_BxTxGxK = k_BxTxGxK + self.bk[...].astype(dt)
-            v_BxTxGxK = v_BxTxGxK + self.bv[...].astype(dt)
-        q_BxTxHxK = axes.constrain(apply_rope(q_BxTxHxK, cos, sin), (axes.BATCH, axes.LENGTH, axes.HEADS, None))
-        k_BxTxGxK = axes.constrain(apply_rope(k_BxTxGxK, cos, sin), (axes.BATCH, axes.LENGTH, axes.KV_HEADS, None))
-        v_BxTxGxK = axes.constrain(v_BxTxGxK, (axes.BATCH, axes.LENGTH, axes.KV_HEADS, None))
+            q_BxTxHxDh = q_BxTxHxDh + self.bq[...].astype(dt)
+            k_BxTxKxDh = k_BxTxKxDh + self.bk[...].astype(dt)
+            v_BxTxKxDh = v_BxTxKxDh + self.bv[...].astype(dt)
+        q_BxTxHxDh = axes.constrain(apply_rope(q_BxTxHxDh, cos, sin), (axes.BATCH, axes.LENGTH, axes.HEADS, None))
+        k_BxTxKxDh = axes.constrain(apply_rope(k_BxTxKxDh, cos, sin), (axes.BATCH, axes.LENGTH, axes.KV_HEADS, None))
+        v_BxTxKxDh = axes.constrain(v_BxTxKxDh, (axes.BATCH, axes.LENGTH, axes.KV_HEADS, None))
         if attend is None:
-            out_BxTxHxK = attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, impl=self.impl, causal=True)
+            out_BxTxHxDh = attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, impl=self.impl, causal=True)
         else:
-            out_BxTxHxK = attend(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK)
-        return jnp.einsum("bthk,hkd->btd", out_BxTxHxK, self.wo[...].astype(dt))
+            out_BxTxHxDh = attend(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh)
+        return jnp.einsum("bthe,hed->btd", out_BxTxHxDh, self.wo[...].astype(dt))
 
 
 class Block(nnx.Module):
@@ -92,8 +107,14 @@ class Transformer(nnx.Module):
     """Token ids [B, T] -> float32 logits [B, T, vocab]. Layers are stacked on a leading `layers` axis and run as
     an unrolled loop (`scan_layers=True`: one `jax.lax.scan`, whose compile time does not grow with depth)."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, attend: Attend | None = None,
+                 layer_stack: LayerStack | None = None):
+        """`attend`: every block's causal self-attention (None: `cfg.attention_impl` on one device);
+        `layer_stack`: what runs the stacked layers (None: `layers_in_turn`). Both are static (they live in the
+        graphdef, not the state), so they should be hashable values: functions or frozen dataclasses."""
         self.cfg = cfg
+        self.attend = attend
+        self.layer_stack = layer_stack
         pd = cfg.weight_dtype
         self.embed = param(rngs, normal(cfg.init_std), (cfg.vocab_size, cfg.d_model), (axes.VOCAB, axes.EMBED), pd)
 
@@ -142,11 +163,15 @@ class Transformer(nnx.Module):
             positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
         x_BxTxD = self.embed_tokens(tokens_BxT)
         graphdef, stacked = nnx.split(self.blocks)
-        if (stages := pipeline_stages()) is not None:
-            return self._pipelined(graphdef, stacked, x_BxTxD, positions_BxT, *stages)
-        layer = self._layer_fn(graphdef, positions_BxT)
-        x_BxTxD, router_losses = _run_layers(layer, x_BxTxD, stacked, cfg.scan_layers)
-        return x_BxTxD, jnp.mean(router_losses)
+
+        def stage(layers_state: nnx.State, x_BxTxD: jax.Array, positions_BxT: jax.Array
+                  ) -> tuple[jax.Array, jax.Array]:
+            layer = self._layer_fn(graphdef, positions_BxT)
+            x_BxTxD, router_losses = _run_layers(layer, x_BxTxD, layers_state, cfg.scan_layers)
+            return x_BxTxD, jnp.sum(router_losses)
+
+        x_BxTxD, router_loss_sum = (self.layer_stack or layers_in_turn)(stage, stacked, x_BxTxD, positions_BxT)
+        return x_BxTxD, router_loss_sum / cfg.n_layers
 
     def _layer_fn(self, graphdef: nnx.GraphDef, positions_BxT: jax.Array) -> Callable:
         """`layer(x, layer_state) -> (x, router loss)` for one block at these positions, rematerialised per
@@ -155,26 +180,11 @@ class Transformer(nnx.Module):
         cos, sin = rope_tables(positions_BxT, cfg.head_dim, cfg.rope_theta)
 
         def layer(x_BxTxD: jax.Array, layer_state: nnx.State) -> tuple[jax.Array, jax.Array]:
-            return nnx.merge(graphdef, layer_state)(x_BxTxD, cos, sin)
+            return nnx.merge(graphdef, layer_state)(x_BxTxD, cos, sin, self.attend)
 
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
         return layer
-
-    def _pipelined(self, graphdef: nnx.GraphDef, stacked: nnx.State, x_BxTxD: jax.Array, positions_BxT: jax.Array,
-                   axis: str | tuple[str, ...], n_stages: int) -> tuple[jax.Array, jax.Array]:
-        """The layer stack as a pipeline over the mesh's stage axis (`parallel/pipeline.py`)."""
-        cfg = self.cfg
-
-        def stage(stage_state: nnx.State, x_bxTxD: jax.Array, positions_bxT: jax.Array
-                  ) -> tuple[jax.Array, jax.Array]:
-            layer = self._layer_fn(graphdef, positions_bxT)
-            x_bxTxD, router_losses = _run_layers(layer, x_bxTxD, stage_state, cfg.scan_layers)
-            return x_bxTxD, jnp.sum(router_losses)
-
-        x_BxTxD, router_loss_sum = gpipe(stage, stacked, x_BxTxD, positions_BxT, n_stages=n_stages,
-                                         n_microbatches=cfg.pipeline_microbatches or n_stages, axis=axis)
-        return x_BxTxD, router_loss_sum / cfg.n_layers
 
     def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None) -> jax.Array:
         return self.logits(self.hidden(tokens_BxT, positions_BxT))
@@ -242,10 +252,12 @@ def for_inference(model: Transformer) -> Transformer:
     if not cfg.moe.enabled or cfg.moe.dispatch == "dropless":
         return model
     dropless = cfg.replace(moe=dataclasses.replace(cfg.moe, dispatch="dropless"))
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(dropless, rngs=nnx.Rngs(params=0))))
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(dropless, rngs=nnx.Rngs(params=0),
+                                                               attend=model.attend, layer_stack=model.layer_stack)))
     return nnx.merge(graphdef, nnx.state(model))
 
 
-def create_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
-    """A freshly initialised model."""
-    return Transformer(cfg, rngs=nnx.Rngs(params=seed))
+def create_model(cfg: ModelConfig, seed: int = 0, *, attend: Attend | None = None,
+                 layer_stack: LayerStack | None = None) -> Transformer:
+    """A freshly initialised model (`attend`, `layer_stack`: see `Transformer`)."""
+    return Transformer(cfg, rngs=nnx.Rngs(params=seed), attend=attend, layer_stack=layer_stack)

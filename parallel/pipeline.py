@@ -13,36 +13,55 @@ Bubbles: at iteration t stage s works on micro-batch t - s, which exists only fo
 are zeroed before the stage runs, so whatever a bubble holds (the buffer's initial fill, a finished
 micro-batch's leftovers) never reaches a valid output, a loss, or a gradient; `bubble` sets the initial fill so
 tests can poison it with NaN. The idle fraction of the schedule is (p - 1) / (m + p - 1).
+
+A model runs its layers this way when it is built with `layer_stack=GPipe(...)`: parallel/sharding.py does so
+where the rules put the `layers` axis on a mesh axis of more than one device (`pipeline_on_mesh`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from flax.core import spmd
-from jax.sharding import PartitionSpec
+from jax.sharding import Mesh, PartitionSpec
 
 from model import axes
+from model.config import ModelConfig
+from parallel.rules import Rules, logical_to_spec
 
 StageFn = Callable[[object, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 # (this stage's layer params [L/p, ...], x [b, T, D], positions [b, T]) -> (x [b, T, D], summed aux loss [])
 
 
-def pipeline_stages() -> tuple[str | tuple[str, ...], int] | None:
-    """(the mesh axes the stacked layers are sharded over, how many stages they make) in the step being traced
-    under a mesh and logical-axis rules (parallel/sharding.py's MeshFunction); None without a pipeline."""
-    rules = spmd.get_logical_axis_rules()
-    mesh = jax.sharding.get_abstract_mesh()
-    if not rules or mesh.empty:
-        return None
-    axis = spmd.from_sharding_rules((axes.LAYERS,), rules)[0]
+@dataclasses.dataclass(frozen=True)
+class GPipe:
+    """The model's `LayerStack` (`Transformer(layer_stack=...)`) as a GPipe pipeline of `n_stages` stages over
+    the mesh axes `axis`, each micro-step's batch cut into `n_microbatches`. A frozen dataclass: it lives in the
+    model's graphdef, so it compares by value."""
+
+    axis: str | tuple[str, ...]
+    n_stages: int
+    n_microbatches: int
+
+    def __call__(self, stage_fn: StageFn, stacked_params: object, x_BxTxD: jax.Array, positions_BxT: jax.Array
+                 ) -> tuple[jax.Array, jax.Array]:
+        return gpipe(stage_fn, stacked_params, x_BxTxD, positions_BxT, n_stages=self.n_stages,
+                     n_microbatches=self.n_microbatches, axis=self.axis)
+
+
+def pipeline_on_mesh(model_cfg: ModelConfig, mesh: Mesh, rules: Rules) -> GPipe | None:
+    """The pipeline for the model's stacked layers where `rules` spread the `layers` axis over more than one
+    device of `mesh` (the `stage` axis); None otherwise (the layers run in turn)."""
+    axis = logical_to_spec((axes.LAYERS,), rules)[0]
     if axis is None:
         return None
     n = math.prod(mesh.shape[a] for a in ((axis,) if isinstance(axis, str) else axis))
-    return (axis, n) if n > 1 else None
+    if n == 1:
+        return None
+    return GPipe(axis, n, model_cfg.pipeline_microbatches or n)
 
 
 def bubble_fraction(n_stages: int, n_microbatches: int) -> float:

@@ -1,12 +1,19 @@
-"""Shardings for parameters, optimizer state and batches, and the training step jitted over a mesh.
+"""A model's plan on a device mesh: the model built for the mesh, its parameters' shardings, the shardings of a
+state built from them and of batches, and functions traced on the mesh.
 
-Parameters are created already sharded (`jax.jit(init, out_shardings=...)`): no device ever holds a full copy.
-The step is train/step.py's step function, jitted with in/out shardings and traced under the mesh and the
-activation rules, so `model.axes.constrain` pins activations and GSPMD inserts the collectives.
+One plan per run, computed once and passed on: `plan_params(model_cfg, mesh, rules)` builds the abstract model
+once (`nnx.eval_shape`), with the attention and layer stack chosen for the mesh (parallel/attention.py,
+parallel/pipeline.py), and reads each parameter's sharding from its logical axis names (parallel/rules.py);
+`ParamsPlan.init(seed)` creates the parameters straight into those shardings (`jax.jit(init, out_shardings=...)`),
+so no device ever holds a full copy. `state_shardings` extends the parameters' shardings to a state built from
+them (an optimizer's moments) by tree structure. `MeshFunction` traces a jitted function with the mesh set and
+the activation rules active, so the model's `axes.constrain` calls pin activations and GSPMD inserts the
+collectives.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -19,8 +26,17 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from model import axes
 from model.config import ModelConfig
 from model.kernels.triton import triton_deprecation_ignored
-from model.transformer import create_model
+from model.transformer import Transformer, create_model
+from parallel.attention import attention_on_mesh
+from parallel.pipeline import pipeline_on_mesh
 from parallel.rules import Rules, activation_rules, logical_to_spec
+
+
+def model_on_mesh(model_cfg: ModelConfig, mesh: Mesh, rules: Rules, seed: int = 0) -> Transformer:
+    """`create_model(model_cfg, seed)` with the attention and the layer stack that `mesh` and `rules` call for
+    (a per-shard or sequence-parallel kernel, a pipeline over stages; the model's own where nothing is needed)."""
+    return create_model(model_cfg, seed, attend=attention_on_mesh(model_cfg.attention_impl, mesh, rules),
+                        layer_stack=pipeline_on_mesh(model_cfg, mesh, rules))
 
 
 def fit_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
@@ -32,10 +48,6 @@ def fit_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> Partiti
         ways = math.prod(mesh.shape[a] for a in mesh_axes)
         entries.append(entry if dim % ways == 0 else None)
     return PartitionSpec(*entries)
-
-
-def _is_variable(x: Any) -> bool:
-    return isinstance(x, nnx.Variable)
 
 
 def param_shardings(abstract_params: nnx.State, mesh: Mesh, rules: Rules) -> dict:
@@ -55,42 +67,56 @@ def param_shardings(abstract_params: nnx.State, mesh: Mesh, rules: Rules) -> dic
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class ParamsPlan:
+    """A model's parameters on a mesh, decided before anything is compiled: the graphdef (with the mesh's
+    attention and layer stack), the abstract parameters (a pure dict of ShapeDtypeStructs) and their shardings
+    (a pure dict of NamedShardings of the same shape)."""
+
+    model_cfg: ModelConfig
+    mesh: Mesh
+    rules: Rules
+    graphdef: nnx.GraphDef
+    abstract: dict
+    shardings: dict
+
+    def init(self, seed: int = 0) -> dict:
+        """The parameters of `create_model(model_cfg, seed)`, initialised straight into their shardings."""
+        def init() -> dict:
+            return nnx.to_pure_dict(nnx.split(model_on_mesh(self.model_cfg, self.mesh, self.rules, seed))[1])
+
+        return jax.jit(init, out_shardings=self.shardings)()
+
+
+def plan_params(model_cfg: ModelConfig, mesh: Mesh, rules: Rules) -> ParamsPlan:
+    """The model on `mesh` traced once for its shapes, and every parameter's sharding."""
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: model_on_mesh(model_cfg, mesh, rules)))
+    return ParamsPlan(model_cfg, mesh, rules, graphdef, nnx.to_pure_dict(abstract),
+                      param_shardings(abstract, mesh, rules))
+
+
 def create_sharded_params(model_cfg: ModelConfig, mesh: Mesh, rules: Rules,
                           seed: int = 0) -> tuple[nnx.GraphDef, dict, dict]:
-    """(graphdef, params, shardings): the model of `create_model(model_cfg, seed)` initialised straight into its
-    shardings, params as a pure dict."""
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: create_model(model_cfg, seed)))
-    shardings = param_shardings(abstract, mesh, rules)
-
-    def init() -> dict:
-        return nnx.to_pure_dict(nnx.split(create_model(model_cfg, seed))[1])
-
-    return graphdef, jax.jit(init, out_shardings=shardings)(), shardings
+    """(graphdef, params, shardings): `plan_params` and `ParamsPlan.init` in one call, params as a pure dict."""
+    plan = plan_params(model_cfg, mesh, rules)
+    return plan.graphdef, plan.init(seed), plan.shardings
 
 
-def _key(k: Any) -> Any:
-    return getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))
-
-
-def state_shardings(params_shardings: dict, abstract_params: dict, abstract_state: Any, mesh: Mesh) -> Any:
-    """Shardings for a state pytree built from params (e.g. a train state with optimizer moments): a leaf whose
-    path ends with a parameter's path and has its shape (Adam's mu and nu) is sharded like that parameter; every
-    other leaf (counts, the step) is replicated. `abstract_*`: pytrees of arrays or ShapeDtypeStructs."""
-    by_path = {}
-    for (path, sharding), shaped in zip(jax.tree_util.tree_flatten_with_path(params_shardings)[0],
-                                        jax.tree.leaves(abstract_params), strict=True):
-        by_path[tuple(_key(k) for k in path)] = (sharding, tuple(shaped.shape))
+def state_shardings(params_shardings: dict, abstract_params: Any, abstract_state: Any, mesh: Mesh) -> Any:
+    """Shardings for a state pytree built from params (e.g. a train state with an optimizer's moments): every
+    subtree with the params' tree structure and leaf shapes (the params themselves, Adam's mu and nu) is sharded
+    like the params; every other leaf (counts, the step) is replicated. `abstract_*`: pytrees of arrays or
+    ShapeDtypeStructs."""
+    params_def = jax.tree.structure(abstract_params)
+    shapes = [tuple(x.shape) for x in jax.tree.leaves(abstract_params)]
     replicated = NamedSharding(mesh, PartitionSpec())
 
-    def one(path: tuple, leaf: jax.ShapeDtypeStruct) -> NamedSharding:
-        keys = tuple(_key(k) for k in path)
-        for start in range(len(keys)):
-            match = by_path.get(keys[start:])
-            if match is not None and match[1] == tuple(leaf.shape):
-                return match[0]
-        return replicated
+    def like_params(node: Any) -> bool:
+        return (jax.tree.structure(node) == params_def
+                and [tuple(x.shape) for x in jax.tree.leaves(node)] == shapes)
 
-    return jax.tree_util.tree_map_with_path(one, abstract_state)
+    return jax.tree.map(lambda node: params_shardings if like_params(node) else replicated, abstract_state,
+                        is_leaf=like_params)
 
 
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:

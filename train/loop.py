@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from parallel.mesh import MeshConfig
-from parallel.sharding import batch_sharding, create_sharded_params
+from parallel.sharding import batch_sharding
 from train.checkpoint import Checkpointer, CheckpointError, one_line, restore_newest
 from train.config import RunConfig
 from train.data import Corpus, check_corpus, load_corpus
@@ -27,7 +27,6 @@ from train.run_dir import RunLock, check_run_dir
 from train.sharded import (
     MeshPlan,
     global_batch,
-    init_sharded_train_state,
     plan_mesh,
     rows_sharding,
     sharded_eval_step,
@@ -90,8 +89,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, flops_per_token: float | None 
                          f"{ByteTokenizer.vocab_size} ids")
     micro = t.batch_size // t.grad_accum
     optimizer, schedule = make_optimizer(t), lr_schedule(t)
-    plan = plan_mesh(cfg.model, cfg.mesh, optimizer, micro_batch=micro, seq_len=t.seq_len, seed=t.seed,
-                     devices=devices)
+    plan = plan_mesh(cfg.model, cfg.mesh, optimizer, micro_batch=micro, seq_len=t.seq_len, devices=devices)
     corpus = load_corpus(t.data, val_fraction=t.val_fraction)
     check_corpus(corpus, t.seq_len, t.data)
 
@@ -103,7 +101,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, flops_per_token: float | None 
             (out / "config.json").write_text(cfg.to_json())
         ckpt = Checkpointer(out / "checkpoints", keep=t.keep_checkpoints)
         cleanup.callback(ckpt.close)
-        resumed = restore_newest(ckpt, lambda step: ckpt.restore(step, plan.abstract_state(optimizer)),
+        resumed = restore_newest(ckpt, lambda step: ckpt.restore(step, plan.train_state),
                                  lambda restored: _not_finite(restored[0]))
         if resumed:
             start, (state, record) = resumed
@@ -112,8 +110,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, flops_per_token: float | None 
             log.info("resumed from step %d", start)
         else:
             start = 0
-            _, params, _ = create_sharded_params(cfg.model, plan.mesh, plan.rules, seed=t.seed)
-            state = init_sharded_train_state(params, optimizer, plan.state_shardings)
+            state = plan.init_state(optimizer, seed=t.seed)
         last_finite = start or None  # the newest checkpoint known to be finite (the restored one was checked)
         metrics_log = MetricsLog(out / "metrics.jsonl", resume_step=start) if primary else None
         if metrics_log:
@@ -122,7 +119,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, flops_per_token: float | None 
         batch_shape = (t.grad_accum, micro, t.seq_len + 1)
         train_step = sharded_train_step(plan.graphdef, optimizer, schedule, plan.mesh, plan.rules,
                                         plan.state_shardings)
-        train_step = train_step.lower(plan.abstract_state(optimizer),
+        train_step = train_step.lower(plan.train_state,
                                       jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=batches)).compile()
         if on_compiled:
             on_compiled(train_step, plan)
@@ -194,7 +191,7 @@ def load_params(run_dir: str | Path, step: int | None = None,
     optimizer = make_optimizer(cfg.train)
     plan = plan_mesh(cfg.model, MeshConfig(data=-1), optimizer, micro_batch=len(devices),
                      seq_len=cfg.train.seq_len, devices=devices)
-    like = plan.abstract_state(optimizer)["params"]
+    like = plan.train_state["params"]
     ckpt = Checkpointer(run / "checkpoints", read_only=True)
     try:
         steps = ckpt.all_steps()

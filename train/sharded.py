@@ -15,10 +15,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from model import axes
 from model.config import ModelConfig
-from model.transformer import create_model
 from parallel.mesh import MeshConfig, make_mesh
 from parallel.rules import Rules, logical_to_spec, rules_for
-from parallel.sharding import MeshFunction, batch_sharding, param_shardings, state_shardings
+from parallel.sharding import MeshFunction, ParamsPlan, batch_sharding, plan_params, state_shardings
 from train.data import windows_at
 from train.step import TrainState, init_train_state, loss_fn, train_step_fn
 
@@ -83,7 +82,9 @@ def global_batch(tokens: np.ndarray, sharding: NamedSharding, shape: tuple[int, 
 
 @dataclasses.dataclass(frozen=True)
 class MeshPlan:
-    """A run's mesh, rules and shardings, decided before anything is compiled."""
+    """A run's mesh, rules and shardings, decided once before anything is compiled and passed on: the model's
+    graphdef for the mesh, its abstract params (ShapeDtypeStructs) and their shardings, and the train state's
+    shardings and abstract value (what a checkpoint restores into)."""
 
     mesh_cfg: MeshConfig
     mesh: Mesh
@@ -92,26 +93,36 @@ class MeshPlan:
     abstract_params: dict
     params_shardings: dict
     state_shardings: TrainState
+    params: ParamsPlan
+    train_state: TrainState  # ShapeDtypeStructs carrying their shardings
 
-    def abstract_state(self, optimizer: optax.GradientTransformation) -> TrainState:
-        """The train state as ShapeDtypeStructs carrying their shardings: what a checkpoint restores into."""
-        shapes = jax.eval_shape(lambda p: init_train_state(p, optimizer), self.abstract_params)
-        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
-                            self.state_shardings)
+    def abstract_state(self, optimizer: optax.GradientTransformation | None = None) -> TrainState:
+        """The train state as ShapeDtypeStructs carrying their shardings: what a checkpoint restores into. (The
+        plan's optimizer decided it; `optimizer` is accepted for older callers and must be that one.)"""
+        return self.train_state
+
+    def init_state(self, optimizer: optax.GradientTransformation, seed: int = 0) -> TrainState:
+        """A fresh train state: the params of `create_model(model_cfg, seed)` and the optimizer's initial state,
+        created straight into their shardings."""
+        return init_sharded_train_state(self.params.init(seed), optimizer, self.state_shardings)
 
 
 def plan_mesh(model_cfg: ModelConfig, mesh_cfg: MeshConfig, optimizer: optax.GradientTransformation, *,
               micro_batch: int, seq_len: int, seed: int = 0,
               devices: Sequence[jax.Device] | None = None) -> MeshPlan:
     """Resolve and validate `mesh_cfg` against `devices` (default: all, every process's) and the model, build the
-    mesh, and derive every sharding from the abstract model. Raises ValueError naming the numbers on a bad
-    layout, before anything is compiled."""
+    mesh, and derive every sharding from the abstract model and train state (each traced once). Raises
+    ValueError naming the numbers on a bad layout, before anything is compiled. (`seed` does not change the
+    plan; it is accepted for older callers: pass it to `init_state`.)"""
+    del seed
     devices = list(jax.devices() if devices is None else devices)
     resolved = mesh_cfg.resolve(len(devices))
     resolved.validate_for(model_cfg, micro_batch, seq_len)
     mesh, rules = make_mesh(resolved, devices), rules_for(resolved)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: create_model(model_cfg, seed)))
-    params_shardings = param_shardings(abstract, mesh, rules)
-    abstract_params = nnx.to_pure_dict(abstract)
-    return MeshPlan(resolved, mesh, rules, graphdef, abstract_params, params_shardings,
-                    train_state_shardings(params_shardings, abstract_params, optimizer, mesh))
+    params = plan_params(model_cfg, mesh, rules)
+    abstract_state = jax.eval_shape(lambda p: init_train_state(p, optimizer), params.abstract)
+    shardings = state_shardings(params.shardings, params.abstract, abstract_state, mesh)
+    train_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
+                               shardings)
+    return MeshPlan(resolved, mesh, rules, params.graphdef, params.abstract, params.shardings, shardings, params,
+                    train_state)
