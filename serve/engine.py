@@ -227,6 +227,8 @@ class Engine:
         # per step: (tokens with K/V stored, token slots in allocated pages, slots a contiguous max-length
         # reservation would hold for the same running sequences)
         self.kv_samples: list[tuple[int, int, int]] = []
+        self.last_step: tuple[StepInputs, SamplingInputs] | None = None
+        self.shapes_seen: set[tuple[int, int, int]] = set()  # (Bd, Np, W) buckets this engine has run
 
     # --- requests ------------------------------------------------------------------------------------------
 
@@ -314,8 +316,9 @@ class Engine:
         chunks = decodes + prefills
         inputs, sampling, slots_of = build_step([self._row(c) for c in decodes], [self._row(c) for c in prefills],
                                                 self.layout)
-        tokens, self.cache = self._steps(self.params, self.cache, StepInputs(*map(jnp.asarray, inputs)),
-                                         SamplingInputs(*map(jnp.asarray, sampling)))
+        self.last_step = (StepInputs(*map(jnp.asarray, inputs)), SamplingInputs(*map(jnp.asarray, sampling)))
+        self.shapes_seen.add(self.layout.shape_of(inputs))
+        tokens, self.cache = self._steps(self.params, self.cache, *self.last_step)
         tokens = np.asarray(tokens)
         now = time.perf_counter()
         events = []
@@ -373,6 +376,12 @@ class Engine:
                             z(R))
         return inputs, SamplingInputs(jnp.zeros(R, jnp.uint32), z(R), jnp.zeros(R, jnp.float32), z(R),
                                       jnp.ones(R, jnp.float32))
+
+    def last_step_cost(self) -> dict:
+        """XLA's cost analysis (flops, bytes accessed, ...) of the last step this engine ran."""
+        if self.last_step is None:
+            raise ValueError("no step has run yet")
+        return self._steps.cost(self.params, self.cache, *self.last_step)
 
     @property
     def compile_count(self) -> int:

@@ -79,6 +79,10 @@ class StepLayout:
         w = min(max(bucket(num_pages), self.min_pages), self.max_pages)
         return bd, np_, w
 
+    def shape_of(self, inputs: StepInputs) -> tuple[int, int, int]:
+        """The (Bd, Np, W) bucket of built inputs."""
+        return inputs.decode_tables_BxW.shape[0], inputs.tile_tables_NxW.shape[0], inputs.decode_tables_BxW.shape[1]
+
     def all_shapes(self, max_tiles: int) -> list[tuple[int, int, int]]:
         """Every (Bd, Np, W) bucket a step can take with at most `max_tiles` prefill tiles."""
         widths = sorted({min(max(1 << i, self.min_pages), self.max_pages)

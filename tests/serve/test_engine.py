@@ -163,3 +163,24 @@ def test_an_moe_model_is_served_dropless_and_matches_the_naive_decoder():
     pairs = list(zip(prompts()[:3], MAX_NEW[:3], strict=True))
     served = engine.generate([Request(tuple(p), n) for p, n in pairs])
     assert [c.token_ids for c in served] == [generate(moe_model, [p], n)[0] for p, n in pairs]
+
+
+def test_step_cost_follows_live_tokens_not_the_context():
+    """The same requests on the same weights declared with a 96- and a 1,536-token context (the same cache size):
+    the steps compile to the same FLOPs and bytes, because block tables are as wide as the longest live row."""
+    costs = []
+    for max_seq_len in (96, 1536):
+        engine = Engine(create_model(dataclasses.replace(CFG, max_seq_len=max_seq_len), seed=3),
+                        dataclasses.replace(SERVE, num_pages=40, min_context_bucket=8))
+        engine.generate([Request(tuple(p), 3) for p in prompts()[:2]])
+        cost = engine.last_step_cost()
+        costs.append((cost["flops"], cost["bytes accessed"], engine.layout.shape_of(engine.last_step[0])))
+    assert costs[0] == costs[1]
+    assert costs[0][2][2] < 96 // SERVE.page_size  # a block table narrower than even the short context
+
+
+def test_compiled_shapes_stay_within_the_bucket_set():
+    engine = Engine(model(), SERVE)
+    serve_staggered(engine)
+    assert engine.shapes_seen and engine.shapes_seen <= set(engine.step_shapes())
+    assert len(engine.step_shapes()) <= 40
