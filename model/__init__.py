@@ -1,7 +1,18 @@
-"""What a model IS: configuration, layers, attention, the transformer, and HF weight import/export."""
+"""What a model IS: configuration, layers, attention, the transformer, and HF weight import/export.
 
-from model.config import ModelConfig
-from model.presets import PRESETS, get_preset
-from model.transformer import Transformer, create_model
+The names below load on first use (PEP 562), so `import model.config` stays light: no layers, no kernels."""
 
-__all__ = ["ModelConfig", "PRESETS", "Transformer", "create_model", "get_preset"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {"ModelConfig": "model.config", "PRESETS": "model.presets", "get_preset": "model.presets",
+            "Transformer": "model.transformer", "create_model": "model.transformer"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'model' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -9,6 +9,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from model.checks import check_bool, check_int, check_ints, check_number, check_one_of
+
 ATTENTION_IMPLS = ("auto", "reference", "xla", "cudnn", "flash", "ring", "ulysses")
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -36,22 +38,14 @@ class MoEConfig:
     z_loss_weight: float = 0.001
 
     def __post_init__(self) -> None:
-        for name in ("n_experts", "top_k"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"model.moe.{name} must be a non-negative integer, got {value!r}")
+        check_ints("model.moe.", self, ("n_experts", "top_k"), minimum=0)
         if self.n_experts and not 1 <= self.top_k <= self.n_experts:
             raise ValueError(f"model.moe.top_k must be between 1 and model.moe.n_experts ({self.n_experts}), "
                              f"got {self.top_k}")
-        if self.dispatch not in MOE_DISPATCH:
-            raise ValueError(f"model.moe.dispatch must be one of {MOE_DISPATCH}, got {self.dispatch!r}")
-        value = self.capacity_factor
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-            raise ValueError(f"model.moe.capacity_factor must be a positive number, got {value!r}")
+        check_one_of("model.moe.dispatch", self.dispatch, MOE_DISPATCH)
+        check_number("model.moe.capacity_factor", self.capacity_factor)
         for name in ("aux_loss_weight", "z_loss_weight"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
-                raise ValueError(f"model.moe.{name} must be a non-negative number, got {value!r}")
+            check_number(f"model.moe.{name}", getattr(self, name), strict=False)
 
     @property
     def enabled(self) -> bool:
@@ -105,44 +99,26 @@ class ModelConfig:
     moe: MoEConfig = MoEConfig()
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
-                     "max_seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
-        value = self.pipeline_microbatches
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"model.pipeline_microbatches must be a non-negative integer (0: one per stage), "
-                             f"got {value!r}")
-        if not isinstance(self.loss_chunks, int) or isinstance(self.loss_chunks, bool) or self.loss_chunks < 0:
-            raise ValueError(f"model.loss_chunks must be a non-negative integer (0: whole logits), "
-                             f"got {self.loss_chunks!r}")
+        check_ints("model.", self, ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                                    "d_ff", "max_seq_len"))
+        check_int("model.pipeline_microbatches", self.pipeline_microbatches, 0, " (0: one per stage)")
+        check_int("model.loss_chunks", self.loss_chunks, 0, " (0: whole logits)")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:
             raise ValueError(f"model.head_dim must be even for rotary embeddings, got {self.head_dim}")
         for name in ("rope_theta", "norm_eps", "init_std"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                raise ValueError(f"model.{name} must be a positive number, got {value!r}")
-        for name in ("dtype", "param_dtype"):
-            value = getattr(self, name)
-            allowed = DTYPES if name == "dtype" else DTYPES[1:]
-            if value not in allowed:
-                raise ValueError(f"model.{name} must be one of {allowed}, got {value!r}")
-        if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"model.attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"model.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
-        if self.logits_grad_dtype not in LOGITS_GRAD_DTYPES:
-            raise ValueError(f"model.logits_grad_dtype must be one of {LOGITS_GRAD_DTYPES}, got "
-                             f"{self.logits_grad_dtype!r}")
+            check_number(f"model.{name}", getattr(self, name))
+        check_one_of("model.dtype", self.dtype, DTYPES)
+        check_one_of("model.param_dtype", self.param_dtype, DTYPES[1:])
+        check_one_of("model.attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        check_one_of("model.remat", self.remat, REMAT_POLICIES)
+        check_one_of("model.logits_grad_dtype", self.logits_grad_dtype, LOGITS_GRAD_DTYPES)
         if not isinstance(self.moe, MoEConfig):
             raise ValueError(f"model.moe must be a MoEConfig, got {self.moe!r}")
         for name in ("tie_embeddings", "qkv_bias", "scan_layers"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"model.{name} must be true or false, got {getattr(self, name)!r}")
+            check_bool(f"model.{name}", getattr(self, name))
 
     @property
     def compute_dtype(self) -> jnp.dtype:

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import jax
 
+from model.checks import check_bool, check_int, is_int, parse_axis_sizes
 from model.config import ModelConfig
 
 MESH_AXES = ("data", "fsdp", "stage", "expert", "sequence", "tensor")
@@ -36,12 +37,11 @@ class MeshConfig:
     vocab_parallel: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.vocab_parallel, bool):
-            raise ValueError(f"mesh.vocab_parallel must be true or false, got {self.vocab_parallel!r}")
+        check_bool("mesh.vocab_parallel", self.vocab_parallel)
         for name in MESH_AXES:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or (value < 1 and value != -1):
-                raise ValueError(f"mesh.{name} must be a positive integer or -1 (the rest), got {value!r}")
+            if not (is_int(value) and value == -1):
+                check_int(f"mesh.{name}", value, note=" or -1 (the rest)")
         rest = [name for name in MESH_AXES if getattr(self, name) == -1]
         if len(rest) > 1:
             raise ValueError(f"only one mesh axis may be -1 (the rest of the devices), got {len(rest)}: "
@@ -119,26 +119,6 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> j
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     # jax.make_mesh places devices topology-aware on accelerators (mesh_utils) and in id order on CPU.
     return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
-
-
-def parse_axis_sizes(text: str, axes: tuple[str, ...], what: str = "mesh") -> dict[str, int]:
-    """"data=2,fsdp=2" -> {"data": 2, "fsdp": 2}, each name one of `axes`; errors name the bad part."""
-    sizes: dict[str, int] = {}
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        name, sep, value = (s.strip() for s in part.partition("="))
-        if not sep:
-            raise ValueError(f"{what} part {part!r} is not of the form axis=size")
-        if name not in axes:
-            raise ValueError(f"{what} part {part!r}: unknown axis {name!r}; axes are {', '.join(axes)}")
-        if name in sizes:
-            raise ValueError(f"{what} part {part!r}: axis {name!r} given twice")
-        try:
-            sizes[name] = int(value)
-        except ValueError:
-            raise ValueError(f"{what} part {part!r}: size {value!r} is not an integer") from None
-    return sizes
 
 
 def parse_mesh(text: str, vocab_parallel: bool = False) -> MeshConfig:

@@ -18,8 +18,8 @@ import math
 
 import jax.numpy as jnp
 
+from model.checks import check_int, is_int, parse_axis_sizes
 from model.config import ModelConfig
-from parallel.mesh import MeshConfig, parse_axis_sizes
 
 LAYOUT_AXES = ("data", "fsdp", "tensor", "stage", "sequence", "expert")
 REMATS = ("none", "selective", "full", "dots")  # "dots" = ModelConfig.remat's name for (about) selective
@@ -30,9 +30,10 @@ SEQUENCE_IMPLS = ("ulysses", "ring")
 # --- the parallel layout -------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class Layout(MeshConfig):
-    """A resolved `MeshConfig` (every size given, no -1): how many devices split each parallel dimension; the job
-    uses `devices` = their product.
+class Layout:
+    """The sizes of a resolved `parallel.mesh.MeshConfig` (every size given, no -1), as plain numbers: how many
+    devices split each parallel dimension; the job uses `devices` = their product. (Its own class, not a
+    MeshConfig, so that the accounting imports nothing from parallel/.)
 
     data: replicas that all-reduce gradients; fsdp: ZeRO-3 shards of params, grads and optimizer state (and of
     the batch); tensor: Megatron tensor parallelism (heads and d_ff); stage: pipeline stages (layers); sequence:
@@ -40,10 +41,17 @@ class Layout(MeshConfig):
     expert devices are extra data-parallel replicas).
     """
 
+    data: int = 1
+    fsdp: int = 1
+    tensor: int = 1
+    sequence: int = 1
+    stage: int = 1
+    expert: int = 1
+
     def __post_init__(self) -> None:
         for name in LAYOUT_AXES:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"layout.{name} must be an integer >= 1, got {value!r}")
 
     @property
@@ -55,11 +63,6 @@ class Layout(MeshConfig):
         """`"data=2,fsdp=4"` -> Layout(data=2, fsdp=4); unnamed dimensions are 1. Raises ValueError naming the
         bad part."""
         return cls(**parse_axis_sizes(text, LAYOUT_AXES, "layout"))
-
-
-def _positive_int(name: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 # --- parameters ----------------------------------------------------------------------------------------------
@@ -129,7 +132,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, *, causal_halved: bool = Fal
     what bench_train's MFU uses); MaxText halves the attention term, since only the lower triangle is needed
     (`causal_halved=True`). No recomputation is counted: this is model FLOPs (MFU), not hardware FLOPs (HFU).
     """
-    _positive_int("seq_len", seq_len)
+    check_int("seq_len", seq_len)
     attention = 4 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim
     if causal_halved:
         attention /= 2
@@ -155,9 +158,9 @@ def activation_bytes_per_layer(cfg: ModelConfig, micro_batch: int, seq_len: int,
     over V are recomputed); "dots" (`ModelConfig.remat`, which saves only weight-matmul outputs) counts as
     selective.
     """
-    _positive_int("micro_batch", micro_batch)
-    _positive_int("seq_len", seq_len)
-    _positive_int("tensor", tensor)
+    check_int("micro_batch", micro_batch)
+    check_int("seq_len", seq_len)
+    check_int("tensor", tensor)
     if remat not in REMATS:
         raise ValueError(f"remat must be one of {REMATS}, got {remat!r}")
     s, b, h, a, t = seq_len, micro_batch, cfg.d_model, cfg.n_heads, tensor
@@ -213,9 +216,9 @@ def train_memory(cfg: ModelConfig, layout: Layout, micro_batch: int, seq_len: in
     `micro_batch` is sequences per device per micro-step (the global batch / (data * fsdp * expert * grad_accum)),
     and with a pipeline per pipeline micro-batch (that, / `pipeline_microbatches`).
     """
-    _positive_int("pipeline_microbatches", pipeline_microbatches)
-    _positive_int("micro_batch", micro_batch)
-    _positive_int("seq_len", seq_len)
+    check_int("pipeline_microbatches", pipeline_microbatches)
+    check_int("micro_batch", micro_batch)
+    check_int("seq_len", seq_len)
     _check_layout(cfg, layout, seq_len)
     if optimizer not in OPTIMIZER_MOMENTS:
         raise ValueError(f"optimizer must be one of {sorted(OPTIMIZER_MOMENTS)}, got {optimizer!r}")
@@ -245,8 +248,7 @@ def train_memory(cfg: ModelConfig, layout: Layout, micro_batch: int, seq_len: in
 def kv_cache_bytes(cfg: ModelConfig, tokens: int, dtype: str = "bfloat16") -> int:
     """Bytes of K and V for `tokens` cached tokens: 2 * L * k * d * bytes_per_element * tokens
     (Llama-2-7B in bfloat16: 2 * 32 * 32 * 128 * 2 = 524,288 bytes = 0.5 MiB per token)."""
-    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
-        raise ValueError(f"tokens must be a non-negative integer, got {tokens!r}")
+    check_int("tokens", tokens, minimum=0)
     try:
         itemsize = jnp.dtype(dtype).itemsize
     except TypeError:
@@ -309,10 +311,10 @@ def comm_bytes(cfg: ModelConfig, layout: Layout, micro_batch: int, seq_len: int,
     embedding/LM-head all-reduces under tensor parallelism, recomputed forwards' collectives under remat, and
     the small scalar all-reduces (loss, grad norm).
     """
-    _positive_int("micro_batch", micro_batch)
-    _positive_int("seq_len", seq_len)
-    _positive_int("n_microbatches", n_microbatches)
-    _positive_int("pipeline_flushes", pipeline_flushes)
+    check_int("micro_batch", micro_batch)
+    check_int("seq_len", seq_len)
+    check_int("n_microbatches", n_microbatches)
+    check_int("pipeline_flushes", pipeline_flushes)
     if n_microbatches % pipeline_flushes:
         raise ValueError(f"n_microbatches ({n_microbatches}) must be a multiple of pipeline_flushes "
                          f"({pipeline_flushes})")

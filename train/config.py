@@ -8,6 +8,7 @@ import types
 import typing
 from typing import Any
 
+from model.checks import check_ints, is_number
 from model.config import ModelConfig
 from parallel.mesh import MeshConfig
 
@@ -43,21 +44,15 @@ class TrainConfig:
     log_every: int = 10
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "keep_checkpoints",
-                     "log_every", "eval_every", "ckpt_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"train.{name} must be a positive integer, got {value!r}")
-        for name in ("warmup_steps", "seed", "data_seed"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"train.{name} must be a non-negative integer, got {value!r}")
+        check_ints("train.", self, ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches",
+                                    "keep_checkpoints", "log_every", "eval_every", "ckpt_every"))
+        check_ints("train.", self, ("warmup_steps", "seed", "data_seed"), minimum=0)
         if self.batch_size % self.grad_accum:
             raise ValueError(f"train.batch_size ({self.batch_size}) must be a multiple of train.grad_accum "
                              f"({self.grad_accum})")
         for name in ("lr", "eps", "clip_norm", "min_lr_ratio", "beta1", "beta2", "weight_decay", "val_fraction"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
+            if not is_number(value):
                 raise ValueError(f"train.{name} must be a number, got {value!r}")
             if not abs(value) <= FLOAT32_MAX:  # NaN fails this too; the optimizer computes in float32
                 raise ValueError(f"train.{name} must be a finite number (in float32, as the optimizer uses it), "

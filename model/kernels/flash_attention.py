@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from model.checks import check_ints
 from model.kernels.triton import compiler_params, triton_deprecation_ignored
 
 _MIN_TILE = 16  # Triton's `dot` needs every dimension >= 16
@@ -67,10 +68,7 @@ class BlockSizes:
             value = getattr(self, name)
             if value is not None and not _power_of_two(value):
                 raise ValueError(f"BlockSizes.{name} must be a power of two, got {value!r}")
-        for name in ("num_stages", "num_stages_bwd"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"BlockSizes.{name} must be a positive integer, got {value!r}")
+        check_ints("BlockSizes.", self, ("num_stages", "num_stages_bwd"))
 
 
 def default_block_sizes(head_dim: int) -> BlockSizes:
