@@ -4,18 +4,33 @@
     python -m scripts.generate --run runs/demo --prompts prompts.jsonl --out out.jsonl  # a batch, to JSONL
     python -m scripts.generate --hf path/to/llama --prompts prompts.jsonl --out out.jsonl --static
 
+    python -m scripts.generate --run runs/demo --prompt "def parse(" --stream --set serve.page_size=8
+
 Prompts files: `.jsonl` lines `{"prompt": "..."}` or `{"prompt_ids": [...]}` with optional per-request `id`,
 `max_new_tokens`, `temperature`, `top_k`, `top_p`, `seed`, `stop`; any other file is one prompt per line. Results:
-one JSON line per request (`id, text, token_ids, finish_reason, error, ttft_s, tokens_per_s,
+one JSON line per request (`id, text, token_ids, finish_reason, error, warning, ttft_s, tokens_per_s,
 cached_tokens`) in input order.
+A request generates up to its own `max_new_tokens`, else `--max-new-tokens`, else up to the model's context. When
+the command line's value would overflow the context it is clamped to the room the prompt leaves, with a `warning`
+in that result; a request's own value that overflows is that request's error.
+`--stream` prints each request's text as it is produced (UTF-8-safe: a character split over tokens appears once
+whole), one request after another in input order: all are served together, the first unfinished one is printed
+live and the later ones are printed, caught up, when their turn comes.
 `--static` serves the same requests with static batching (the baseline). A bad request (serve/request_checks.py
 says what each field may hold) gets its error in its own result line and the rest are served; a request without
-an id is named `req-<its index>`. The exit code is 0 when the batch was served, whatever some requests' errors;
-if serving itself stops, the finished results are still written and the exit code is 1."""
+an id is named `req-<its index>`.
+Engine settings: every ServeConfig field as `--set serve.FIELD=VALUE` (the shorthand flags are the same settings).
+Compiled steps are kept in JAX's persistent compilation cache (~/.cache/meshlm/jax, or $MESHLM_COMPILATION_CACHE, or
+--compilation-cache DIR; --no-compilation-cache for none), so a second start reuses them. On stderr: the load
+time, the compile time (JAX's tracing + compiling, or reading from the cache, after the model is loaded) and the
+serving time, and one `summary: {json}` line with them.
+Exit code: 0 when the batch was served and at least one request succeeded; 1 when every request failed, or if
+serving itself stops (the finished results are still written); 2 for a bad command line."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -25,7 +40,16 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from scripts.common import fail, setup_logging
+from scripts.common import (
+    CompileClock,
+    add_compilation_cache_args,
+    compilation_cache_path,
+    enable_compilation_cache,
+    fail,
+    setup_logging,
+)
+from scripts.serve_flags import add_serve_args
+from scripts.stream_text import IncrementalText
 
 DEFAULT_PROMPTS = ["def ", "import os\n", "class Stack:\n    def __init__(self", "if __name__ == "]
 
@@ -39,18 +63,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt", action="append", help="prompt text (repeatable; default: a few code openings)")
     p.add_argument("--prompts", help="a prompts file: .jsonl, or text with one prompt per line")
     p.add_argument("--out", help="write results as JSONL here (default: print the texts)")
-    p.add_argument("--max-new-tokens", type=int, default=160)
+    p.add_argument("--stream", action="store_true",
+                   help="print each request's text as its tokens are produced, one request after another")
+    p.add_argument("--max-new-tokens", type=int,
+                   help="tokens per request at most (default: up to the model's context); a request whose prompt "
+                        "leaves less room is clamped to it, with a warning in its result")
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=0, help="the engine's seed (requests without their own)")
-    p.add_argument("--page-size", type=int, default=16)
-    p.add_argument("--max-running", type=int, default=16, help="sequences decoded together at most")
-    p.add_argument("--token-budget", type=int, default=512, help="tokens per engine step at most")
-    p.add_argument("--kv-pages", type=int, help="KV cache pages (default: enough for --max-running full contexts)")
-    p.add_argument("--decode-impl", default="pallas", choices=("pallas", "reference"))
+    p.add_argument("--seed", type=int, help="the engine's seed for requests without their own (= --set serve.seed)")
+    add_serve_args(p)
+    p.add_argument("--warmup", action="store_true",
+                   help="compile every step shape before serving (timed as compile time, not serving time)")
     p.add_argument("--static", action="store_true", help="static batching (the baseline) instead of the engine")
-    p.add_argument("--no-prefix-caching", action="store_true", help="recompute prompts' shared prefixes")
+    p.add_argument("--no-prefix-caching", action="store_true", help="= --set serve.prefix_caching=false")
+    add_compilation_cache_args(p)
     p.add_argument("--log-level", default="WARNING")
     return p.parse_args(argv)
 
@@ -82,9 +109,133 @@ def check_defaults(args: argparse.Namespace) -> None:
     from serve.request_checks import field_problem
 
     for name in ("max_new_tokens", "temperature", "top_k", "top_p", "seed"):
-        problem = field_problem(name, getattr(args, name))
+        value = getattr(args, name)
+        problem = field_problem(name, value) if value is not None else None
         if problem:
             fail(f"--{name.replace('_', '-')}: {problem}")
+
+
+def serving_config(args: argparse.Namespace):
+    """The ServeConfig of the command line (exit 2 naming a bad --set field or value)."""
+    from scripts.serve_flags import serve_config, split_overrides
+
+    try:
+        overrides = split_overrides(args.overrides)["serve"]
+        implied = ([f"serve.seed={args.seed}"] if args.seed is not None else []) + \
+                  (["serve.prefix_caching=false"] if args.no_prefix_caching else [])
+        return serve_config(args, implied + overrides)
+    except ValueError as e:
+        fail(str(e))
+
+
+def fit_to_context(items: list, default: int | None, max_seq_len: int) -> tuple[list, list[str | None]]:
+    """Give every request without its own max_new_tokens (None) the command line's, or all the room its prompt
+    leaves in the context if none was given; a command-line value that would overflow the context is clamped to
+    the room, with a warning for that request's result. A request that gave its own value keeps it (the engine
+    refuses it if it overflows). Returns the items and each one's warning (or None)."""
+    from serve.engine import Request
+    from serve.prompts import rejected
+    from serve.request_checks import RequestError
+
+    fitted, warnings = [], []
+    for item in items:
+        warning = None
+        if isinstance(item, Request) and item.max_new_tokens is None:
+            n, rid = len(item.prompt_ids), item.request_id
+            room = max_seq_len - n
+            if room < 1 and n:
+                item = rejected(RequestError(f"request {rid!r}: the prompt ({n} tokens) fills the model's context "
+                                             f"of {max_seq_len}: no room for a new token", rid))
+            elif default is not None and default > room:
+                warning = (f"max_new_tokens clamped from {default} to {room}: prompt ({n} tokens) + {default} would "
+                           f"exceed the model's context of {max_seq_len}")
+                item = dataclasses.replace(item, max_new_tokens=room)
+            else:
+                item = dataclasses.replace(item, max_new_tokens=default if default is not None else max(room, 1))
+        fitted.append(item)
+        warnings.append(warning)
+    return fitted, warnings
+
+
+class StreamPrinter:
+    """`--stream`: each request's text printed as its tokens come, in input order: the first unfinished request
+    streams live while the later ones (served at the same time) are held, and each is printed, caught up, when
+    the one before it finishes. Text is detokenized incrementally (scripts/stream_text.py): a character split over
+    several tokens is printed once whole. Without a tokenizer the token ids are printed."""
+
+    def __init__(self, items: list, decode, out=None):
+        from serve.engine import Completion
+
+        self.items, self.decode, self.out = items, decode, out or sys.stdout
+        self.texts = [None if isinstance(item, Completion) else
+                      IncrementalText(decode if decode else _ids_text, item.prompt_ids) for item in items]
+        self.held: list[list[str]] = [[] for _ in items]
+        self.done = [isinstance(item, Completion) for item in items]
+        self.seen = [0] * len(items)
+        self.by_id: dict[str, list[int]] = {}
+        for i, item in enumerate(items):
+            if not self.done[i]:
+                self.by_id.setdefault(item.request_id, []).append(i)
+        self.current = -1
+        self._advance()
+
+    def _index(self, rid: str) -> int | None:
+        return next((i for i in self.by_id.get(rid, ()) if not self.done[i]), None)
+
+    def _write(self, i: int, piece: str) -> None:
+        if not piece:
+            return
+        if i == self.current:
+            self.out.write(piece)
+            self.out.flush()
+        else:
+            self.held[i].append(piece)
+
+    def _header(self, i: int) -> str:
+        item = self.items[i]
+        if self.texts[i] is None:
+            return "=" * 72 + f"\n[error: {item.error}]\n"
+        prompt = self.decode(list(item.prompt_ids)) if self.decode else str(list(item.prompt_ids))
+        return "=" * 72 + "\n" + prompt
+
+    def _advance(self) -> None:
+        """Move to the next request: print it (what it has so far), and go on past every finished one."""
+        while self.current + 1 < len(self.items):
+            self.current += 1
+            i = self.current
+            self.out.write(self._header(i) + "".join(self.held[i]))
+            self.held[i] = []
+            if not self.done[i]:
+                self.out.flush()
+                return
+            if self.texts[i] is not None:
+                self.out.write("\n")
+        self.out.write("=" * 72 + "\n")
+        self.out.flush()
+
+    def on_token(self, rid: str, token: int) -> None:
+        i = self._index(rid)
+        if i is not None:
+            self.seen[i] += 1
+            self._write(i, self.texts[i].push(token))
+
+    def on_finish(self, c) -> None:
+        i = self._index(c.request_id)
+        if i is None:
+            return
+        for token in c.token_ids[self.seen[i]:]:  # tokens no callback brought (static batching, an error)
+            self.on_token(c.request_id, token)
+        self._write(i, self.texts[i].finish())
+        if c.error is not None:
+            self._write(i, f"[error: {c.error}]")
+        self.done[i] = True
+        if i == self.current:
+            self.out.write("\n")
+            self._advance()
+
+
+def _ids_text(ids: list[int]) -> str:
+    return "".join(f" {t}" for t in ids)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,15 +244,25 @@ def main(argv: list[str] | None = None) -> int:
     check_defaults(args)
     if args.prompt and args.prompts:
         fail("give --prompt or --prompts, not both")
+    serve_cfg = serving_config(args)
+    cache_dir = compilation_cache_path(args)
+    enable_compilation_cache(cache_dir)
+    with CompileClock() as clock:
+        return serve_and_report(args, serve_cfg, cache_dir, clock)
 
-    from serve.engine import Completion, Engine, Request, ServeConfig
+
+def serve_and_report(args: argparse.Namespace, serve_cfg, cache_dir: str | None, clock: CompileClock) -> int:
+    """Load, serve, write the results and the summary; the exit code."""
+    from serve.engine import Completion, Engine, Request
     from serve.prompts import default_request, read_requests, rejected, request_from, result_record
     from serve.request_checks import RequestError
     from serve.static import StaticBatcher
 
     try:
+        start = time.perf_counter()
         model, encode, decode, stop = load(args)
-        defaults = default_request(args.max_new_tokens, args.temperature, args.top_k, args.top_p, None, stop)
+        load_s = time.perf_counter() - start
+        defaults = default_request(None, args.temperature, args.top_k, args.top_p, None, stop)
         if args.prompts:
             items = read_requests(args.prompts, defaults, encode)
         elif encode is None:
@@ -113,30 +274,41 @@ def main(argv: list[str] | None = None) -> int:
                     items.append(request_from({"prompt": text}, defaults, encode, f"--prompt {i}", f"req-{i}"))
                 except RequestError as e:
                     items.append(rejected(e))
+        items, warnings = fit_to_context(items, args.max_new_tokens, model.cfg.max_seq_len)
+        before = clock.snapshot()  # what loading compiled is load time
+        start = time.perf_counter()
         if args.static:
-            server = StaticBatcher(model, batch_size=args.max_running, page_size=args.page_size,
-                                   decode_impl=args.decode_impl, seed=args.seed)
+            server = StaticBatcher(model, batch_size=serve_cfg.max_running, page_size=serve_cfg.page_size,
+                                   decode_impl=serve_cfg.decode_impl, seed=serve_cfg.seed)
         else:
-            server = Engine(model, ServeConfig(page_size=args.page_size, num_pages=args.kv_pages,
-                                               max_running=args.max_running, token_budget=args.token_budget,
-                                               decode_impl=args.decode_impl, seed=args.seed,
-                                               prefix_caching=not args.no_prefix_caching))
+            server = Engine(model, serve_cfg)
+        engine_compile_start = getattr(server, "compile_s", None)
+        if args.warmup and not args.static:
+            server.warmup()
+        setup_s = time.perf_counter() - start
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
 
     requests = [item for item in items if isinstance(item, Request)]  # the rest are already error results
-    bar = tqdm(total=len(items), initial=len(items) - len(requests), desc="generate", unit="req",
-               dynamic_ncols=True)
+    printer = StreamPrinter(items, decode) if args.stream else None
+    bar = None if args.stream else tqdm(total=len(items), initial=len(items) - len(requests), desc="generate",
+                                        unit="req", dynamic_ncols=True)
     finished: dict[str, Completion] = {}
 
     def on_finish(c: Completion) -> None:
         finished[c.request_id] = c
-        bar.update(1)
+        if printer:
+            printer.on_finish(c)
+        else:
+            bar.update(1)
 
     start = time.perf_counter()
     stopped: BaseException | None = None
     try:
-        served = server.generate(requests, on_finish=on_finish)
+        if args.static:
+            served = server.generate(requests, on_finish=on_finish)
+        else:
+            served = server.generate(requests, on_token=printer.on_token if printer else None, on_finish=on_finish)
     except (Exception, KeyboardInterrupt) as e:  # not one request's fault: keep every finished result
         stopped = e
         logging.getLogger(__name__).error("generation stopped", exc_info=e)
@@ -144,17 +316,18 @@ def main(argv: list[str] | None = None) -> int:
                                                            error=f"not finished: generation stopped ({e!r})")
                   for r in requests]
     seconds = time.perf_counter() - start
-    bar.close()
+    if bar is not None:
+        bar.close()
 
     answers = iter(served)
     results = [item if isinstance(item, Completion) else next(answers) for item in items]
-    records = [result_record(c, decode) for c in results]
+    records = [{**result_record(c, decode), "warning": w} for c, w in zip(results, warnings, strict=True)]
     if args.out:
         out = Path(args.out)
         partial = out.with_name(out.name + ".partial")
         partial.write_text("".join(json.dumps(record) + "\n" for record in records))
         os.replace(partial, out)  # a reader never sees half a results file
-    else:
+    elif not args.stream:
         for item, record in zip(items, records, strict=True):
             print("=" * 72)
             if isinstance(item, Completion):
@@ -163,15 +336,35 @@ def main(argv: list[str] | None = None) -> int:
             prompt = decode(list(item.prompt_ids)) if decode else str(list(item.prompt_ids))
             print(prompt + (record["text"] or f"[error: {record['error']}]"))
         print("=" * 72)
+    for record in records:
+        if record["warning"]:
+            print(f"warning: request {record['id']!r}: {record['warning']}", file=sys.stderr)
     n_tokens = sum(len(c.token_ids) for c in results)
     errors = sum(c.error is not None for c in results)
-    print(f"{'static' if args.static else 'engine'}: {len(results)} requests ({errors} errors), {n_tokens} output "
-          f"tokens in {seconds:.2f} s = {n_tokens / seconds:.1f} tokens/s", file=sys.stderr)
+    compiled = clock.snapshot()
+    engine_compile_s = getattr(server, "compile_s", None)
+    if engine_compile_s is not None:  # the engine's own clock (of every engine of this model: the difference)
+        engine_compile_s = round(engine_compile_s - (engine_compile_start or 0.0), 3)
+    compile_s = compiled["compile_s"] - before["compile_s"]
+    summary = {"server": "static" if args.static else "engine", "requests": len(results), "errors": errors,
+               "output_tokens": n_tokens, "load_s": round(load_s, 3), "setup_s": round(setup_s, 3),
+               "compile_s": round(compile_s, 3), "engine_compile_s": engine_compile_s,
+               "serve_s": round(seconds, 3), "tokens_per_s": round(n_tokens / seconds, 1) if seconds else None,
+               **{k: compiled[k] - before[k] for k in ("compiles", "cache_hits", "cache_misses")},
+               "compilation_cache": cache_dir}
+    print(f"{summary['server']}: {len(results)} requests ({errors} errors), {n_tokens} output tokens in "
+          f"{seconds:.2f} s = {n_tokens / seconds:.1f} tokens/s; load {load_s:.2f} s, compile {compile_s:.2f} s "
+          f"({summary['compiles']} compiles, {summary['cache_hits']} from the compilation cache "
+          f"{cache_dir or '(off)'})", file=sys.stderr)
+    print("summary: " + json.dumps(summary), file=sys.stderr)
     if stopped is not None:
         done = sum(c.error is None for c in results)
         print(f"error: generation stopped after {done} of {len(results)} requests finished ({stopped!r}); "
               f"{'their results are in ' + args.out if args.out else 'their texts are above'}", file=sys.stderr)
         return 130 if isinstance(stopped, KeyboardInterrupt) else 1
+    if errors == len(results):
+        print(f"error: every request failed ({errors} of {len(results)})", file=sys.stderr)
+        return 1
     return 0
 
 

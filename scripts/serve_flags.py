@@ -1,0 +1,134 @@
+"""The serving engine's settings on a command line: every `ServeConfig` field as `--set serve.FIELD=value`, a few
+shorthands (`--page-size`, `--max-running`, `--token-budget`, `--kv-pages`, `--decode-impl`), and nothing else.
+
+There is one set of defaults, `ServeConfig`'s own: a flag not given leaves its field alone. Values are parsed by the
+field's declared type (int, float, bool, str, or an optional of those, where `none`/`null` is None); a shorthand is
+the same as its `--set`, and a later `--set` of the same field wins. A bad field name or value is a `ValueError`
+naming it, which the scripts turn into exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any
+
+SHORTHANDS = {"page_size": "--page-size", "max_running": "--max-running", "token_budget": "--token-budget",
+              "num_pages": "--kv-pages", "decode_impl": "--decode-impl"}
+
+
+def serve_fields() -> dict[str, Any]:
+    """ServeConfig's field names -> their declared types (resolved), in declaration order."""
+    from serve.engine import ServeConfig
+
+    hints = typing.get_type_hints(ServeConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(ServeConfig)}
+
+
+def serve_default(name: str) -> Any:
+    """ServeConfig's default for field `name` (for help texts and for scripts that need it before a config)."""
+    from serve.engine import ServeConfig
+
+    return {f.name: f.default for f in dataclasses.fields(ServeConfig)}[name]
+
+
+def decode_impls() -> tuple[str, ...]:
+    """The choices of serve.decode_impl, as the engine checks them."""
+    from serve.engine import DECODE_IMPLS
+
+    return tuple(DECODE_IMPLS)
+
+
+def add_serve_args(p: argparse.ArgumentParser, *, other_sections: str = "") -> None:
+    """`--set` (serve.FIELD=VALUE; plus `other_sections`, e.g. "model", if the script reads those too) and the
+    shorthands, all defaulting to None (= ServeConfig's default)."""
+    sections = "serve" + (f" or {other_sections}" if other_sections else "")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help=f"override a setting ({sections}); repeatable; serve fields: {', '.join(serve_fields())}")
+    p.add_argument("--page-size", type=int, help=f"= --set serve.page_size (default {serve_default('page_size')})")
+    p.add_argument("--max-running", type=int,
+                   help=f"sequences decoded together at most: = --set serve.max_running "
+                        f"(default {serve_default('max_running')})")
+    p.add_argument("--token-budget", type=int,
+                   help=f"tokens per engine step at most: = --set serve.token_budget "
+                        f"(default {serve_default('token_budget')})")
+    p.add_argument("--kv-pages", type=int,
+                   help="KV cache pages: = --set serve.num_pages (default: enough for --max-running full contexts)")
+    p.add_argument("--decode-impl", choices=decode_impls(),
+                   help=f"= --set serve.decode_impl (default {serve_default('decode_impl')})")
+
+
+def parse_value(text: str, annotation: Any, key: str) -> Any:
+    """`text` as a value of the declared type `annotation` (int, float, bool, str, or optional of those)."""
+    hint, optional = annotation, False
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional, hint = len(args) < len(typing.get_args(hint)), args[0]
+    if optional and text.strip().lower() in ("none", "null"):
+        return None
+    text = text.strip()
+    try:
+        if hint is bool:
+            if text.lower() in ("true", "1", "yes", "on"):
+                return True
+            if text.lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if hint is int:
+            return int(text)
+        if hint is float:
+            return float(text)
+        if hint is str:
+            return text
+    except ValueError:
+        kind = hint.__name__ + (" or none" if optional else "")
+        raise ValueError(f"--set {key}={text}: expected a value of type {kind}") from None
+    raise ValueError(f"--set {key}: a field of type {annotation} cannot be set from the command line")
+
+
+def split_overrides(items: list[str], sections: tuple[str, ...] = ("serve",)) -> dict[str, list[str]]:
+    """`--set` items grouped by section; raises ValueError naming an item without `section.field=` or of a section
+    this script does not read."""
+    groups: dict[str, list[str]] = {s: [] for s in sections}
+    for item in items:
+        key, sep, _ = item.partition("=")
+        section, dot, field = key.strip().partition(".")
+        if not sep or not dot or not field:
+            raise ValueError(f"--set {item!r}: expected SECTION.FIELD=VALUE, e.g. serve.page_size=8")
+        if section not in groups:
+            raise ValueError(f"--set {item!r}: unknown section {section!r}; this command reads "
+                             f"{', '.join(s + '.*' for s in sections)}")
+        groups[section].append(item)
+    return groups
+
+
+def serve_changes(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
+    """The ServeConfig fields the command line sets: shorthands first, then the `serve.*` overrides in order.
+    Raises ValueError naming an unknown field or a value of the wrong type."""
+    fields = serve_fields()
+    changes: dict[str, Any] = {}
+    for name, flag in SHORTHANDS.items():
+        value = getattr(args, flag[2:].replace("-", "_"), None)
+        if value is not None and name in fields:
+            changes[name] = value
+    for item in overrides:
+        key, _, text = item.partition("=")
+        name = key.strip().partition(".")[2]
+        if name not in fields:
+            raise ValueError(f"--set {item!r}: unknown field serve.{name}; the serve fields are {', '.join(fields)}")
+        changes[name] = parse_value(text, fields[name], key.strip())
+    return changes
+
+
+def serve_config(args: argparse.Namespace, overrides: list[str], **base: Any):
+    """The ServeConfig of the command line: `base` (a script's own settings, e.g. a benchmark's memory) under the
+    command line's changes; validated by ServeConfig itself (its ValueError names field and value)."""
+    from serve.engine import ServeConfig
+
+    user = serve_changes(args, overrides)
+    memory = ("num_pages", "memory_bytes", "memory_fraction")
+    if any(user.get(k) is not None for k in memory):  # the user's cache size replaces the script's
+        base = {k: v for k, v in base.items() if k not in memory}
+    return ServeConfig(**{**base, **user})
