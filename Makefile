@@ -11,7 +11,7 @@ DEMO_OUT ?= runs/demo
 DEMO_ARGS ?= --preset small --steps 640 --set train.batch_size=16 --set train.seq_len=256 --set train.lr=5e-3 \
              --set train.warmup_steps=50 --set train.eval_every=320 --set train.ckpt_every=320 --set train.eval_batches=16
 
-.PHONY: demo test test-slow bench bench-gpu clean
+.PHONY: demo lint test test-slow bench bench-gpu clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(BIN)/python -m scripts.train $(DEMO_ARGS) --out $(DEMO_OUT)
 	$(BIN)/python -m scripts.generate --run $(DEMO_OUT)
+
+# The packages' dependency direction: pyproject.toml's import-linter contracts (seconds).
+lint: $(VENV)/.installed-dev
+	$(BIN)/lint-imports
 
 # The fast suite, one worker per core (pytest-xdist), slowest 15 listed; docs/BENCHMARKS.md has its time beside the
 # machine's speed (the matmul GFLOP/s in pytest's header). `make test-slow` runs the real-model and whole-run tests
