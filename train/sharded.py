@@ -22,11 +22,20 @@ from train.data import windows_at
 from train.step import TrainState, init_train_state, loss_fn, train_step_fn
 
 
+def abstract_train_state(params_shardings: dict, abstract_params: dict, optimizer: optax.GradientTransformation,
+                         mesh: Mesh) -> TrainState:
+    """`init_train_state(params, optimizer)` as ShapeDtypeStructs carrying their shardings (traced, not run):
+    Adam's moments sharded like their params, the rest replicated. What a checkpoint restores into."""
+    shapes = jax.eval_shape(lambda p: init_train_state(p, optimizer), abstract_params)
+    shardings = state_shardings(params_shardings, abstract_params, shapes, mesh)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
+
+
 def train_state_shardings(params_shardings: dict, abstract_params: dict, optimizer: optax.GradientTransformation,
                           mesh: Mesh) -> TrainState:
     """Shardings for `init_train_state(params, optimizer)`: Adam's moments like their params, the rest replicated."""
-    abstract_state = jax.eval_shape(lambda p: init_train_state(p, optimizer), abstract_params)
-    return state_shardings(params_shardings, abstract_params, abstract_state, mesh)
+    return jax.tree.map(lambda a: a.sharding,
+                        abstract_train_state(params_shardings, abstract_params, optimizer, mesh))
 
 
 def init_sharded_train_state(params: dict, optimizer: optax.GradientTransformation,
@@ -82,19 +91,32 @@ def global_batch(tokens: np.ndarray, sharding: NamedSharding, shape: tuple[int, 
 
 @dataclasses.dataclass(frozen=True)
 class MeshPlan:
-    """A run's mesh, rules and shardings, decided once before anything is compiled and passed on: the model's
-    graphdef for the mesh, its abstract params (ShapeDtypeStructs) and their shardings, and the train state's
-    shardings and abstract value (what a checkpoint restores into)."""
+    """A run's mesh and shardings, decided once before anything is compiled and passed on: the resolved mesh
+    config, the mesh and its rules, the model's parameters on it (`params`: graphdef, abstract params, their
+    shardings) and the train state as ShapeDtypeStructs carrying their shardings (what a checkpoint restores
+    into)."""
 
     mesh_cfg: MeshConfig
     mesh: Mesh
     rules: Rules
-    graphdef: nnx.GraphDef
-    abstract_params: dict
-    params_shardings: dict
-    state_shardings: TrainState
     params: ParamsPlan
-    train_state: TrainState  # ShapeDtypeStructs carrying their shardings
+    train_state: TrainState
+
+    @property
+    def graphdef(self) -> nnx.GraphDef:
+        return self.params.graphdef
+
+    @property
+    def abstract_params(self) -> dict:
+        return self.params.abstract
+
+    @property
+    def params_shardings(self) -> dict:
+        return self.params.shardings
+
+    @property
+    def state_shardings(self) -> TrainState:
+        return jax.tree.map(lambda a: a.sharding, self.train_state)
 
     def abstract_state(self, optimizer: optax.GradientTransformation | None = None) -> TrainState:
         """The train state as ShapeDtypeStructs carrying their shardings: what a checkpoint restores into. (The
@@ -120,9 +142,5 @@ def plan_mesh(model_cfg: ModelConfig, mesh_cfg: MeshConfig, optimizer: optax.Gra
     resolved.validate_for(model_cfg, micro_batch, seq_len)
     mesh, rules = make_mesh(resolved, devices), rules_for(resolved)
     params = plan_params(model_cfg, mesh, rules)
-    abstract_state = jax.eval_shape(lambda p: init_train_state(p, optimizer), params.abstract)
-    shardings = state_shardings(params.shardings, params.abstract, abstract_state, mesh)
-    train_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
-                               shardings)
-    return MeshPlan(resolved, mesh, rules, params.graphdef, params.abstract, params.shardings, shardings, params,
-                    train_state)
+    train_state = abstract_train_state(params.shardings, params.abstract, optimizer, mesh)
+    return MeshPlan(resolved, mesh, rules, params, train_state)
