@@ -64,8 +64,7 @@ def cudnn_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.A
 def auto_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, *,
                    causal: bool = True) -> jax.Array:
     """cuDNN's fused kernel where it runs (an NVIDIA GPU, bfloat16 or float16, head dim a multiple of 8 up to
-    128, no sequence-sharded mesh), the XLA path elsewhere: on one H100, 350m trains at 44% MFU with cudnn and
-    20% with xla (docs/BENCHMARKS.md)."""
+    128, no sequence-sharded mesh), the XLA path elsewhere (docs/BENCHMARKS.md compares the two)."""
     mesh = jax.sharding.get_abstract_mesh()
     sequence_sharded = not mesh.empty and dict(mesh.shape).get("sequence", 1) > 1
     D = q_BxTxHxD.shape[-1]

@@ -67,13 +67,11 @@ class ModelConfig:
     GEMMs), and the layer stack runs as an unrolled loop (`scan_layers=True`: one `jax.lax.scan` over the stacked
     layers: shorter compiles for deep models, and under FSDP one layer's gathered weights at a time, where the
     unrolled loop keeps every forward gather for the backward; but per-layer dynamic slices and gradient updates
-    of the stacked weights). On one H100 these defaults take 350m from 31% to 44% MFU (docs/BENCHMARKS.md).
-    `loss_chunks=n` fuses the LM head with the cross-entropy over n chunks of the sequence (model/loss.py), so
-    the float32 [B, T, vocab] logits and their gradient are never materialised whole (6.6 GB at 350m, batch 16):
-    off by default, it gains ~1-2% of step time. `pipeline_microbatches` cuts each micro-step's batch into that
-    many micro-batches when the mesh has pipeline stages (0: one per stage); GPipe's idle share is
-    (stages - 1) / (pipeline_microbatches + stages - 1).
-    """
+    of the stacked weights); docs/BENCHMARKS.md has what these defaults gain. `loss_chunks=n` fuses the LM head
+    with the cross-entropy over n chunks of the sequence (model/loss.py), so the float32 [B, T, vocab] logits
+    and their gradient are never materialised whole; off by default. `pipeline_microbatches` cuts each
+    micro-step's batch into that many micro-batches when the mesh has pipeline stages (0: one per stage); GPipe's
+    idle share is (stages - 1) / (pipeline_microbatches + stages - 1)."""
 
     vocab_size: int = 259
     d_model: int = 256

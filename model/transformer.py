@@ -210,8 +210,8 @@ def _run_layers(layer: Callable, x_BxTxD: jax.Array, stacked: nnx.State, scan: b
     if scan:
         return jax.lax.scan(layer, x_BxTxD, stacked)
     # One split per weight, not a slice per layer: the transpose of a split is a single concatenate, while each
-    # slice's transpose pads its layer's gradient to the whole stack and XLA re-adds 24 such pads inside every
-    # consumer (~13 ms a step on 350m, one H100; docs/BENCHMARKS.md).
+    # slice's transpose pads its layer's gradient to the whole stack and XLA re-adds those pads inside every
+    # consumer (docs/BENCHMARKS.md has the cost).
     leaves, treedef = jax.tree.flatten(stacked)
     n_layers = leaves[0].shape[0]
     split = [[part.reshape(part.shape[1:]) for part in jnp.split(a, n_layers)] for a in leaves]

@@ -1,5 +1,6 @@
-"""The train state, step, eval step and batches on a device mesh: `parallel/` decides the shardings, this file
-applies them to train/step.py's state and step (the same math as the single-device step)."""
+"""The train state, step, eval step and batches on a device mesh: `parallel/` decides the model's shardings, this
+file applies them to train/step.py's state and step (the same math as the single-device step). `plan_mesh` makes
+a run's `MeshPlan` once, before anything compiles; the loop and the checkpoints use it from then on."""
 
 from __future__ import annotations
 
