@@ -181,9 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         static_batch = args.max_running or serve_default("max_running")
         pages_per_seq = -(-cfg.max_seq_len // (args.page_size or serve_default("page_size")))
         base = {"num_pages": 1 + static_batch * pages_per_seq, "prefix_caching": not args.no_prefix_caching}
-        if args.engine_max_running:
-            base["max_running"] = args.engine_max_running
         serve_cfg = serve_config(args, groups["serve"], **base)
+        if args.engine_max_running:  # the engine's own, beyond --max-running (the static batch)
+            serve_cfg = dataclasses.replace(serve_cfg, max_running=args.engine_max_running)
     except ValueError as e:
         fail(str(e))
     if "hf" in servers and float("inf") not in rates:

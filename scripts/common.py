@@ -80,6 +80,18 @@ def out_of_memory(error: BaseException) -> str | None:
             f"model.remat=full (or dots), or shard the state with a mesh (e.g. --mesh fsdp=N)")
 
 
+def process_age_s() -> float | None:
+    """Seconds since this process started (from Linux's /proc; None where that is not available)."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime, after "pid (comm)"
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 DEFAULT_COMPILATION_CACHE = "~/.cache/meshlm/jax"
 COMPILATION_CACHE_ENV = "MESHLM_COMPILATION_CACHE"
 

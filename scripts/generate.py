@@ -22,8 +22,8 @@ an id is named `req-<its index>`.
 Engine settings: every ServeConfig field as `--set serve.FIELD=VALUE` (the shorthand flags are the same settings).
 Compiled steps are kept in JAX's persistent compilation cache (~/.cache/meshlm/jax, or $MESHLM_COMPILATION_CACHE, or
 --compilation-cache DIR; --no-compilation-cache for none), so a second start reuses them. On stderr: the load
-time, the compile time (JAX's tracing + compiling, or reading from the cache, after the model is loaded) and the
-serving time, and one `summary: {json}` line with them.
+time, the compile time (JAX's tracing + compiling, or reading from the cache, after the model is loaded), the
+serving time and the first output token's time since the process started, and one `summary: {json}` line with them.
 Exit code: 0 when the batch was served and at least one request succeeded; 1 when every request failed, or if
 serving itself stops (the finished results are still written); 2 for a bad command line."""
 
@@ -46,6 +46,7 @@ from scripts.common import (
     compilation_cache_path,
     enable_compilation_cache,
     fail,
+    process_age_s,
     setup_logging,
 )
 from scripts.serve_flags import add_serve_args
@@ -346,16 +347,21 @@ def serve_and_report(args: argparse.Namespace, serve_cfg, cache_dir: str | None,
     if engine_compile_s is not None:  # the engine's own clock (of every engine of this model: the difference)
         engine_compile_s = round(engine_compile_s - (engine_compile_start or 0.0), 3)
     compile_s = compiled["compile_s"] - before["compile_s"]
+    firsts = [c.token_times_s[0] for c in results if c.token_times_s]
+    age = process_age_s()
+    first_token_s = round(age - (time.perf_counter() - min(firsts)), 2) if firsts and age is not None else None
     summary = {"server": "static" if args.static else "engine", "requests": len(results), "errors": errors,
                "output_tokens": n_tokens, "load_s": round(load_s, 3), "setup_s": round(setup_s, 3),
                "compile_s": round(compile_s, 3), "engine_compile_s": engine_compile_s,
-               "serve_s": round(seconds, 3), "tokens_per_s": round(n_tokens / seconds, 1) if seconds else None,
+               "serve_s": round(seconds, 3), "first_token_s": first_token_s,
+               "tokens_per_s": round(n_tokens / seconds, 1) if seconds else None,
                **{k: compiled[k] - before[k] for k in ("compiles", "cache_hits", "cache_misses")},
                "compilation_cache": cache_dir}
+    since_start = f" (first token {first_token_s:.1f} s after the process started)" if first_token_s else ""
     print(f"{summary['server']}: {len(results)} requests ({errors} errors), {n_tokens} output tokens in "
-          f"{seconds:.2f} s = {n_tokens / seconds:.1f} tokens/s; load {load_s:.2f} s, compile {compile_s:.2f} s "
-          f"({summary['compiles']} compiles, {summary['cache_hits']} from the compilation cache "
-          f"{cache_dir or '(off)'})", file=sys.stderr)
+          f"{seconds:.2f} s = {n_tokens / seconds:.1f} tokens/s{since_start}; load {load_s:.2f} s, "
+          f"compile {compile_s:.2f} s ({summary['compiles']} compiles, {summary['cache_hits']} from the "
+          f"compilation cache {cache_dir or '(off)'})", file=sys.stderr)
     print("summary: " + json.dumps(summary), file=sys.stderr)
     if stopped is not None:
         done = sum(c.error is None for c in results)

@@ -61,6 +61,7 @@ def test_up_to_the_context_by_default_and_an_explicit_overflow_is_an_error(model
     assert summary["errors"] == 1 and summary["output_tokens"] == 9
     for key in ("load_s", "compile_s", "serve_s"):
         assert isinstance(summary[key], float) and summary[key] >= 0
+    assert summary["first_token_s"] > 0  # since this process (pytest's) started
     assert summary["compilation_cache"] is not None  # on by default (in a temporary folder: tests/scripts/conftest.py)
 
 
