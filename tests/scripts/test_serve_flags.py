@@ -37,7 +37,7 @@ def a_different_value(name, value, hint):
     if isinstance(value, bool):
         return not value
     if isinstance(value, int):
-        return value + 3
+        return value * 2 if value else 3  # powers of two stay powers of two (page sizes, tiles, buckets)
     if isinstance(value, float):
         return value / 2
     if value is None:  # an optional int (e.g. max_prefill_chunk)
