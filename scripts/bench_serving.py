@@ -268,7 +268,8 @@ def serve_hf(model, requests: list, batch_size: int) -> dict:
     useful = sum(len(t) for t in result.token_ids)
     return {"server": "hf", "requests": len(requests), "output_tokens": useful, "seconds": round(result.seconds, 2),
             "tokens_per_s": round(useful / result.seconds, 1), "generated_tokens": result.padded_tokens,
-            "batches": result.batches, "load_s": round(result.load_s, 3), "_tokens": result.token_ids}
+            "batches": result.batches, "load_s": round(result.load_s, 3), "torch_threads": peer.torch.get_num_threads(),
+            "_tokens": result.token_ids}
 
 
 if __name__ == "__main__":
