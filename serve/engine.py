@@ -1,13 +1,16 @@
 """The continuous-batching engine: requests in, tokens streamed out, one scheduler iteration per `step()`.
 
-Each iteration the scheduler (serve/scheduler.py) picks decodes for the running sequences and prefill chunks for
-newly admitted or partly prefilled ones under a token budget; the engine runs the decodes as one device call and
-the prefill chunks as another (`serve/forward.py`), samples every row's next token on the device with that
-request's own parameters and random stream, and hands tokens back to the scheduler, which frees a finished
-sequence's pages at once. With prefix caching (the default) a newly admitted sequence first takes the cached
-pages of its prompt's longest already-computed prefix of full pages, and its prefill starts after them
-(serve/block_allocator.py). Device calls have bucketed shapes -- rows and chunk lengths rounded up to powers of
-two, block tables as wide as the model's context -- so the loop stops compiling once each bucket has been seen.
+Each iteration the scheduler (serve/scheduler.py) picks decodes for the running requests and prefill chunks for
+newly admitted or partly prefilled ones under one token budget; the engine runs them all as ONE device call over a
+flat ragged token batch (serve/step_batch.py, serve/forward.py), which samples every row's next token on the device
+with that request's own parameters and random stream. With `overlap` (the default) the host does not wait for a
+step's tokens: it launches step n, then reads back step n-1's tokens while step n runs, so scheduling, input
+building and streaming hide behind the device (vLLM's async scheduling, SGLang's overlap scheduler). A decode whose
+input is the token still in flight takes it from the previous step's output on the device. A request that hit a
+stop token is found one step late; the token computed for it in the meantime is dropped. With prefix caching
+(the default) a newly admitted request first takes the cached pages of its prompt's longest already-computed
+prefix of full pages, and its prefill starts after them (serve/block_allocator.py). Device calls have bucketed
+shapes (serve/step_batch.py), so the loop stops compiling once each bucket has been seen.
 """
 
 from __future__ import annotations
@@ -34,64 +37,13 @@ from serve.block_allocator import BlockAllocator
 from serve.forward import model_step
 from serve.kv_cache import CacheShape, KVCache, init_cache, pages_for_budget
 from serve.ragged_attention import DECODE_IMPLS, resolve_decode_impl
+from serve.request import PENDING, Completion, Request, RequestState, SamplingParams
 from serve.request_checks import RequestError
 from serve.sampling import sample_rows
-from serve.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
-from serve.scheduler import Sequence as Seq
+from serve.scheduler import Schedule, ScheduledChunk, Scheduler, SchedulerConfig
 from serve.step_batch import Row, SamplingInputs, StepInputs, StepLayout, bucket, build_step, tiles_for
 
 TokenCallback = Callable[[str, int], None]
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    """temperature 0 = greedy; top_k 0 = no cut; `seed` None = derived from the engine seed and request order."""
-
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Request:
-    """What to generate: up to `max_new_tokens` after `prompt_ids`, stopping early at any of `stop_ids`."""
-
-    prompt_ids: tuple[int, ...]
-    max_new_tokens: int = 64
-    stop_ids: tuple[int, ...] = ()
-    sampling: SamplingParams = SamplingParams()
-    request_id: str | None = None
-
-
-@dataclasses.dataclass
-class Completion:
-    """A request's result and timings (seconds on `time.perf_counter`'s clock)."""
-
-    request_id: str
-    prompt_ids: list[int]
-    token_ids: list[int] = dataclasses.field(default_factory=list)
-    finish_reason: str | None = None  # "stop" | "length" | "error" | "aborted"
-    error: str | None = None
-    arrival_s: float = 0.0
-    token_times_s: list[float] = dataclasses.field(default_factory=list)
-    num_preemptions: int = 0
-    num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (at the latest admission)
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    @property
-    def ttft_s(self) -> float | None:
-        """Time from arrival to the first output token."""
-        return self.token_times_s[0] - self.arrival_s if self.token_times_s else None
-
-    @property
-    def tpot_s(self) -> float | None:
-        """Mean time per output token after the first."""
-        times = self.token_times_s
-        return (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None
 
 
 def request_problem(request: Request, model_cfg: ModelConfig) -> str | None:
@@ -115,7 +67,8 @@ class ServeConfig:
     """Engine settings. The cache holds `num_pages` pages, or as many as `memory_bytes` or `memory_fraction` of
     free device memory buys; with none given, enough for `max_running` sequences of the model's full context.
     `prefix_caching` lets a request reuse the K/V pages of full blocks an earlier request computed for the same
-    prefix (a shared system prompt, a multi-turn chat), so its prefill starts after them. `decode_impl` "auto" is
+    prefix (a shared system prompt, a multi-turn chat), so its prefill starts after them. `overlap` reads each
+    step's tokens back while the next step runs (see the module docstring). `decode_impl` "auto" is
     the Pallas decode kernel on GPU and the plain-JAX path elsewhere. Step shapes (serve/step_batch.py): prefill
     chunks go in tiles of `prefill_tile` tokens; block tables are at least `min_context_bucket` tokens wide."""
 
@@ -131,6 +84,7 @@ class ServeConfig:
     min_context_bucket: int = 256
     seed: int = 0
     prefix_caching: bool = True
+    overlap: bool = True
 
     def __post_init__(self) -> None:
         for name in ("page_size", "max_running", "token_budget", "prefill_tile", "min_context_bucket"):
@@ -139,16 +93,26 @@ class ServeConfig:
                 raise ValueError(f"serve.{name} must be a positive integer, got {value!r}")
         if sum(x is not None for x in (self.num_pages, self.memory_bytes, self.memory_fraction)) > 1:
             raise ValueError("give at most one of serve.num_pages, serve.memory_bytes, serve.memory_fraction")
-        if not isinstance(self.prefix_caching, bool):
-            raise ValueError(f"serve.prefix_caching must be true or false, got {self.prefix_caching!r}")
+        for name in ("prefix_caching", "overlap"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"serve.{name} must be true or false, got {getattr(self, name)!r}")
         if self.decode_impl not in DECODE_IMPLS:
             raise ValueError(f"serve.decode_impl must be one of {DECODE_IMPLS}, got {self.decode_impl!r}")
 
 
-def _device_step(graphdef: nnx.GraphDef, decode_impl: str, params: nnx.State, cache: KVCache, inputs: StepInputs,
-                 sampling: SamplingInputs) -> tuple[jax.Array, KVCache]:
-    logits_RxV, cache = model_step(graphdef, params, cache, inputs, decode_impl=decode_impl)
-    return sample_rows(logits_RxV, *sampling), cache
+def _device_step(graphdef: nnx.GraphDef, decode_impl: str, params: nnx.State, cache: KVCache,
+                 prev_tokens: jax.Array, inputs: StepInputs, sampling: SamplingInputs
+                 ) -> tuple[jax.Array, KVCache, jax.Array]:
+    """The model step and the sampler. Tokens marked `from_prev_T` >= 0 are the previous step's sampled tokens
+    (`prev_tokens`, that step's output padded to a fixed length), which the host has not read yet. Returns the
+    sampled tokens [R], the cache, and the tokens padded for the next step."""
+    from_prev_T = inputs.from_prev_T
+    tokens_T = jnp.where(from_prev_T >= 0, prev_tokens[jnp.maximum(from_prev_T, 0)], inputs.tokens_T)
+    logits_RxV, cache = model_step(graphdef, params, cache, inputs._replace(tokens_T=tokens_T),
+                                   decode_impl=decode_impl)
+    tokens_R = sample_rows(logits_RxV, *sampling)
+    R = min(tokens_R.shape[0], prev_tokens.shape[0])
+    return tokens_R, cache, jnp.zeros_like(prev_tokens).at[:R].set(tokens_R[:R])
 
 
 class CompiledSteps:
@@ -157,26 +121,27 @@ class CompiledSteps:
     one's executables). Counts the shapes and the seconds spent tracing and compiling them."""
 
     def __init__(self, graphdef: nnx.GraphDef, decode_impl: str):
-        self._jitted = jax.jit(partial(_device_step, graphdef, decode_impl), donate_argnums=1)
+        self._jitted = jax.jit(partial(_device_step, graphdef, decode_impl), donate_argnums=(1, 2))
         self._compiled: dict[tuple, Callable] = {}
         self.compile_s = 0.0
 
-    def __call__(self, params: nnx.State, cache: KVCache, inputs: StepInputs, sampling: SamplingInputs
-                 ) -> tuple[jax.Array, KVCache]:
-        key = tuple(a.shape for a in inputs) + (cache.k.shape, str(cache.k.dtype))
+    def __call__(self, params: nnx.State, cache: KVCache, prev_tokens: jax.Array, inputs: StepInputs,
+                 sampling: SamplingInputs) -> tuple[jax.Array, KVCache, jax.Array]:
+        key = tuple(a.shape for a in inputs) + (cache.k.shape, str(cache.k.dtype), prev_tokens.shape)
         fn = self._compiled.get(key)
         if fn is None:
             start = time.perf_counter()
             with triton_deprecation_ignored():
-                fn = self._jitted.lower(params, cache, inputs, sampling).compile()
+                fn = self._jitted.lower(params, cache, prev_tokens, inputs, sampling).compile()
             self.compile_s += time.perf_counter() - start
             self._compiled[key] = fn
-        return fn(params, cache, inputs, sampling)
+        return fn(params, cache, prev_tokens, inputs, sampling)
 
-    def cost(self, params: nnx.State, cache: KVCache, inputs: StepInputs, sampling: SamplingInputs) -> dict:
+    def cost(self, params: nnx.State, cache: KVCache, prev_tokens: jax.Array, inputs: StepInputs,
+             sampling: SamplingInputs) -> dict:
         """XLA's cost analysis (flops, bytes accessed) of the step for these inputs' shapes."""
         with triton_deprecation_ignored():
-            return self._jitted.lower(params, cache, inputs, sampling).compile().cost_analysis()
+            return self._jitted.lower(params, cache, prev_tokens, inputs, sampling).compile().cost_analysis()
 
     @property
     def count(self) -> int:
@@ -187,6 +152,19 @@ class CompiledSteps:
 def compiled_steps(graphdef: nnx.GraphDef, decode_impl: str) -> CompiledSteps:
     """The shared `CompiledSteps` of this model structure and decode implementation."""
     return CompiledSteps(graphdef, decode_impl)
+
+
+@dataclasses.dataclass
+class _Launched:
+    """A step on the device: the requests it samples for, and where each one's token is in its output."""
+
+    tokens_R: jax.Array
+    sampled: list[tuple[RequestState, int]]  # (request, sampling slot)
+
+    @property
+    def slot_of(self) -> dict[int, int]:
+        """id(request) -> its sampling slot."""
+        return {id(seq): slot for seq, slot in self.sampled}
 
 
 class Engine:
@@ -219,16 +197,21 @@ class Engine:
                                                self.max_pages_per_seq),
                                  max_pages=self.max_pages_per_seq)
         self._steps = compiled_steps(self.graphdef, self.decode_impl)
+        shapes = self.step_shapes()
+        self._prev_tokens = jnp.zeros(max(bd + np_ for bd, np_, _ in shapes), jnp.int32)
         self.completions: dict[str, Completion] = {}
-        self._requests: dict[str, Request] = {}
+        self._states: dict[str, RequestState] = {}
         self._callbacks: dict[str, TokenCallback] = {}
-        self._seqs: dict[str, Seq] = {}
         self._ids = itertools.count()
+        self._in_flight: _Launched | None = None
         # per step: (tokens with K/V stored, token slots in allocated pages, slots a contiguous max-length
-        # reservation would hold for the same running sequences)
+        # reservation would hold for the same running requests)
         self.kv_samples: list[tuple[int, int, int]] = []
         self.last_step: tuple[StepInputs, SamplingInputs] | None = None
         self.shapes_seen: set[tuple[int, int, int]] = set()  # (Bd, Np, W) buckets this engine has run
+        self.last_host_s = 0.0  # the last step's host time: scheduling, input building, output handling
+        self.host_s = self.wait_s = 0.0  # totals: host work, and time blocked reading tokens back
+        self.num_steps = 0
 
     # --- requests ------------------------------------------------------------------------------------------
 
@@ -259,34 +242,39 @@ class Engine:
         problem = self._problem(request)
         if problem:
             raise RequestError(f"request {rid!r}: {problem}", rid)
-        if rid in self.completions and not self.completions[rid].finished:
+        if rid in self._states and self._states[rid].status != "finished":
             raise RequestError(f"request {rid!r}: a request with this id is already in progress", rid)
-        if request.sampling.seed is None:
-            seed = zlib.crc32(f"{self.cfg.seed}:{rid}".encode("utf-8", "surrogatepass"))
-            request = dataclasses.replace(request, sampling=dataclasses.replace(request.sampling, seed=seed))
-        seq = Seq(request_id=rid, prompt_ids=[int(t) for t in request.prompt_ids],
-                  max_new_tokens=request.max_new_tokens)
-        self.scheduler.add(seq)
-        self._requests[rid], self._seqs[rid] = request, seq
-        self.completions[rid] = Completion(rid, list(seq.prompt_ids),
-                                           arrival_s=time.perf_counter() if arrival_s is None else arrival_s)
+        sampling = request.sampling
+        if sampling.seed is None:
+            sampling = dataclasses.replace(sampling, seed=zlib.crc32(f"{self.cfg.seed}:{rid}".encode(
+                "utf-8", "surrogatepass")))
+        state = RequestState(rid, [int(t) for t in request.prompt_ids], request.max_new_tokens,
+                             stop_ids=tuple(int(t) for t in request.stop_ids), sampling=sampling,
+                             arrival_s=time.perf_counter() if arrival_s is None else arrival_s)
+        self.scheduler.add(state)
+        self._states[rid] = state
+        self.completions[rid] = Completion.of(state)
         if on_token:
             self._callbacks[rid] = on_token
+        else:
+            self._callbacks.pop(rid, None)
         return rid
 
     def abort(self, request_id: str) -> None:
-        """Stop a request now; its pages are freed."""
-        if request_id in self._seqs and not self.completions[request_id].finished:
-            self.scheduler.abort(request_id)
-            self._finish(request_id, "aborted")
+        """Stop a request now; its pages are freed (a token of it still in flight is dropped)."""
+        state = self._states.get(request_id)
+        if state is not None and state.status != "finished":
+            self.scheduler.finish(state, "aborted")
+            self._callbacks.pop(request_id, None)
 
     @property
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished
+        """Requests waiting or running, or tokens still in flight."""
+        return self.scheduler.has_unfinished or self._in_flight is not None
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix block (e.g. between a benchmark's warm-up and its timed run). Running
-        sequences keep their pages; blocks they complete later are cached again."""
+        requests keep their pages; blocks they complete later are cached again."""
         self.allocator.reset_cache()
         for seq in self.scheduler.running:
             seq.num_registered = len(seq.block_table)  # their current blocks stay out of the cache
@@ -294,61 +282,80 @@ class Engine:
     # --- the loop ------------------------------------------------------------------------------------------
 
     def step(self) -> list[tuple[str, int]]:
-        """One iteration: schedule, run every scheduled chunk (decodes and prefill chunks) as one device call,
-        sample, stream. Returns the (request id, token) pairs produced."""
+        """One iteration: schedule, launch every scheduled chunk (decodes and prefill chunks) as one device call,
+        and read back the tokens of the step before it (with `overlap`; without, of this one). Returns the
+        (request id, token) pairs read back."""
+        start = time.perf_counter()
+        self._waited = 0.0
         schedule = self.scheduler.schedule()
-        for seq in schedule.preempted:
-            self.completions[seq.request_id].num_preemptions += 1
-        events = self._run(list(schedule.decodes), list(schedule.prefills)) if schedule.chunks else []
+        launched = self._launch(schedule) if schedule.chunks else None
+        events = self._read_back(self._in_flight) if self._in_flight else []
+        if launched:
+            self._advance(schedule, launched)
+        self._in_flight = launched
+        if launched and not self.cfg.overlap:
+            events += self._read_back(launched)
+            self._in_flight = None
         running = self.scheduler.running
         if running and self.allocator.num_used:
             stored = sum(seq.num_computed for seq in running)
             self.kv_samples.append((stored, self.allocator.num_used * self.cfg.page_size,
                                     len(running) * self.model_cfg.max_seq_len))
+        self.last_host_s = time.perf_counter() - start - self._waited
+        self.host_s += self.last_host_s
+        self.wait_s += self._waited
+        self.num_steps += 1
         return events
 
     def _row(self, chunk: ScheduledChunk) -> Row:
-        seq, s = chunk.seq, self._requests[chunk.seq.request_id].sampling
-        return Row(seq.all_ids[chunk.start:chunk.start + chunk.length], chunk.start, seq.block_table, seed=s.seed,
-                   counter=len(seq.output_ids), temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+        seq, s = chunk.seq, chunk.seq.sampling
+        tokens = seq.all_ids[chunk.start:chunk.start + chunk.length]
+        prev_slot = -1
+        if tokens[-1] == PENDING:  # a decode of the token in flight: the device has it
+            prev_slot = self._in_flight.slot_of[id(seq)]
+            tokens = tokens[:-1] + [0]
+        return Row(tokens, chunk.start, seq.block_table, seed=s.seed, counter=len(seq.output_ids),
+                   temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, prev_slot=prev_slot)
 
-    def _run(self, decodes: list[ScheduledChunk], prefills: list[ScheduledChunk]) -> list[tuple[str, int]]:
-        chunks = decodes + prefills
+    def _launch(self, schedule: Schedule) -> _Launched:
+        """Build the step's inputs and dispatch it (asynchronously: nothing here waits for the device)."""
+        decodes, prefills = list(schedule.decodes), list(schedule.prefills)
         inputs, sampling, slots_of = build_step([self._row(c) for c in decodes], [self._row(c) for c in prefills],
                                                 self.layout)
         self.last_step = (StepInputs(*map(jnp.asarray, inputs)), SamplingInputs(*map(jnp.asarray, sampling)))
         self.shapes_seen.add(self.layout.shape_of(inputs))
-        tokens, self.cache = self._steps(self.params, self.cache, *self.last_step)
-        tokens = np.asarray(tokens)
-        now = time.perf_counter()
-        events = []
-        for chunk, slot in zip(chunks, slots_of, strict=True):
+        tokens_R, self.cache, self._prev_tokens = self._steps(self.params, self.cache, self._prev_tokens,
+                                                              *self.last_step)
+        chunks = decodes + prefills
+        return _Launched(tokens_R, [(c.seq, slot) for c, slot in zip(chunks, slots_of, strict=True)])
+
+    def _advance(self, schedule: Schedule, launched: _Launched) -> None:
+        """Tell the scheduler what the launched step computes: its chunks' tokens have K/V, and each request
+        whose known tokens are all computed now has a sampled token in flight."""
+        by_seq = {id(seq): slot for seq, slot in launched.sampled}
+        sampled = []
+        for chunk in (*schedule.decodes, *schedule.prefills):
             seq = chunk.seq
             self.scheduler.after_step(chunk)
-            if seq.num_computed < seq.num_tokens or seq.status == "finished":
-                continue  # a prompt chunk that does not reach the end yet: no token
-            token = int(tokens[slot])
-            self.scheduler.append_token(seq, token)
-            done = self.completions[seq.request_id]
-            done.token_ids.append(token)
-            done.token_times_s.append(now)
-            events.append((seq.request_id, token))
-            if seq.request_id in self._callbacks:
-                self._callbacks[seq.request_id](seq.request_id, token)
-            request = self._requests[seq.request_id]
-            if token in request.stop_ids:
-                self._finish(seq.request_id, "stop")
-            elif len(seq.output_ids) >= request.max_new_tokens:
-                self._finish(seq.request_id, "length")
-        return events
+            if seq.status == "finished" or seq.num_computed < seq.num_tokens:
+                continue  # finished meanwhile (a stop read back late), or a prompt chunk short of the end
+            self.scheduler.sampled(seq)
+            sampled.append((seq, by_seq[id(seq)]))
+        launched.sampled = sampled
 
-    def _finish(self, rid: str, reason: str) -> None:
-        seq = self._seqs[rid]
-        if seq.status != "finished":
-            self.scheduler.finish(seq, reason)
-        self.completions[rid].finish_reason = reason
-        self.completions[rid].num_cached_tokens = seq.num_cached_tokens
-        self._callbacks.pop(rid, None)
+    def _read_back(self, launched: _Launched) -> list[tuple[str, int]]:
+        """Wait for a launched step's tokens and hand them to the scheduler; stream them."""
+        waiting = time.perf_counter()
+        tokens = np.asarray(launched.tokens_R)
+        now = time.perf_counter()
+        self._waited += now - waiting
+        events = self.scheduler.update_from_output([(seq, int(tokens[slot])) for seq, slot in launched.sampled], now)
+        for rid, token in events:
+            if rid in self._callbacks:
+                self._callbacks[rid](rid, token)
+                if self._states[rid].status == "finished":
+                    del self._callbacks[rid]
+        return events
 
     def step_shapes(self) -> list[tuple[int, int, int]]:
         """Every (decode rows, prefill tiles, block-table pages) bucket this engine's steps can take."""
@@ -360,12 +367,14 @@ class Engine:
         """Compile the step for every bucket whose block tables cover up to `max_context` tokens (default: the
         smallest width, `min_context_bucket`), with all-padding inputs, so no request waits for those compiles;
         wider steps compile when first needed. Returns the number of shapes compiled so far."""
+        if self._in_flight is not None:
+            raise RuntimeError("warm up before serving: a step is in flight")
         pages = math.ceil((max_context or 1) / self.cfg.page_size)
         widest = min(max(bucket(pages), self.layout.min_pages), self.layout.max_pages)
         for bd, np_, w in self.step_shapes():
             if w <= widest:
-                inputs, sampling = self._padding(bd, np_, w)
-                _, self.cache = self._steps(self.params, self.cache, inputs, sampling)
+                _, self.cache, self._prev_tokens = self._steps(self.params, self.cache, self._prev_tokens,
+                                                               *self._padding(bd, np_, w))
         return self.compile_count
 
     def _padding(self, bd: int, np_: int, w: int) -> tuple[StepInputs, SamplingInputs]:
@@ -373,7 +382,7 @@ class Engine:
         T, R = bd + np_ * self.cfg.prefill_tile, bd + np_
         z = lambda *shape: jnp.zeros(shape, jnp.int32)  # noqa: E731
         inputs = StepInputs(z(T), jnp.full((T,), -1, jnp.int32), z(T), z(T), z(bd, w), z(bd), z(np_, w), z(np_),
-                            z(R))
+                            z(R), jnp.full((T,), -1, jnp.int32))
         return inputs, SamplingInputs(jnp.zeros(R, jnp.uint32), z(R), jnp.zeros(R, jnp.float32), z(R),
                                       jnp.ones(R, jnp.float32))
 
@@ -381,7 +390,7 @@ class Engine:
         """XLA's cost analysis (flops, bytes accessed, ...) of the last step this engine ran."""
         if self.last_step is None:
             raise ValueError("no step has run yet")
-        return self._steps.cost(self.params, self.cache, *self.last_step)
+        return self._steps.cost(self.params, self.cache, self._prev_tokens, *self.last_step)
 
     @property
     def compile_count(self) -> int:

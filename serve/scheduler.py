@@ -19,8 +19,10 @@ step gives some sequences a chunk [num_computed, num_computed + n) to compute un
 Budget goes in admission order, so an older sequence's long prefill can hold back younger decodes for a step;
 `max_prefill_chunk` < `token_budget` keeps room for them. The returned chunks list decodes first.
 
-The engine reports back with `after_step` (the chunk ran), `append_token` (a chunk reached the end of the known
-tokens and the model sampled the next one), and `finish` (pages freed at once).
+The engine reports back with `after_step` (the chunk was launched), `sampled` (a chunk reached the end of the known
+tokens, so the step samples the next one: its place is held until it is read back), `update_from_output` (the
+sampled tokens read back: stop tokens finish their requests) and `finish` (pages freed at once). Each request's one
+record is its `RequestState` (serve/request.py).
 """
 
 from __future__ import annotations
@@ -31,33 +33,7 @@ import math
 from collections import deque
 
 from serve.block_allocator import BlockAllocator, block_keys
-
-
-@dataclasses.dataclass(eq=False)  # identity equality: two requests with equal fields are still two requests
-class Sequence:
-    """One request's state on the host."""
-
-    request_id: str
-    prompt_ids: list[int]
-    max_new_tokens: int
-    output_ids: list[int] = dataclasses.field(default_factory=list)
-    num_computed: int = 0  # tokens (of prompt + outputs) with K/V in the cache
-    block_table: list[int] = dataclasses.field(default_factory=list)  # page ids, in token order
-    status: str = "waiting"  # waiting | running | finished
-    finish_reason: str | None = None
-    num_preemptions: int = 0
-    admitted_at: int = -1  # admission counter: higher = admitted more recently; -1 = never admitted
-    num_cached_tokens: int = 0  # tokens found in the prefix cache at the latest admission
-    block_keys: list = dataclasses.field(default_factory=list)  # prefix-cache keys of full blocks, as far as known
-    num_registered: int = 0  # blocks of block_table registered in the prefix cache
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
-
-    @property
-    def all_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
+from serve.request import PENDING, RequestState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +41,7 @@ class ScheduledChunk:
     """Compute tokens [start, start + length) of `seq` this step. `is_decode` is fixed when the chunk is made: one
     token, the last sampled output (a 1-token prompt or a prompt's 1-token last chunk is a prefill)."""
 
-    seq: Sequence
+    seq: RequestState
     start: int
     length: int
     is_decode: bool = dataclasses.field(init=False)
@@ -83,7 +59,7 @@ class Schedule:
     making it (already back in the waiting queue, not scheduled this step)."""
 
     chunks: tuple[ScheduledChunk, ...]
-    preempted: tuple[Sequence, ...]
+    preempted: tuple[RequestState, ...]
 
     @property
     def decodes(self) -> tuple[ScheduledChunk, ...]:
@@ -126,18 +102,18 @@ class Scheduler:
 
     def __init__(self, cfg: SchedulerConfig, allocator: BlockAllocator) -> None:
         self.cfg, self.allocator = cfg, allocator
-        self._waiting: deque[Sequence] = deque()
-        self._running: list[Sequence] = []  # in admission order: the last one is the most recently admitted
+        self._waiting: deque[RequestState] = deque()
+        self._running: list[RequestState] = []  # in admission order: the last one is the most recently admitted
         self._admissions = itertools.count()
 
     # --- bookkeeping -------------------------------------------------------------------------------------
 
     @property
-    def waiting(self) -> tuple[Sequence, ...]:
+    def waiting(self) -> tuple[RequestState, ...]:
         return tuple(self._waiting)
 
     @property
-    def running(self) -> tuple[Sequence, ...]:
+    def running(self) -> tuple[RequestState, ...]:
         return tuple(self._running)
 
     @property
@@ -161,7 +137,7 @@ class Scheduler:
         slots = sum(len(s.block_table) for s in self._running) * self.cfg.page_size
         return sum(s.num_computed for s in self._running) / slots if slots else 1.0
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: RequestState) -> None:
         """Queue `seq` (first come first served). Raises ValueError naming it if it is malformed, its id is already
         queued or running, or prompt + max_new_tokens could never fit in the whole pool."""
         rid = seq.request_id
@@ -192,15 +168,38 @@ class Scheduler:
                 self.allocator.register(seq.block_table[i], key)
             seq.num_registered = max(seq.num_registered, full)
 
-    def append_token(self, seq: Sequence, token_id: int) -> None:
-        """The engine sampled `token_id` for `seq`, whose known tokens all have K/V now."""
+    def sampled(self, seq: RequestState) -> None:
+        """A step that computed all of `seq`'s known tokens sampled its next one, not read back yet: hold its place
+        (`PENDING`), so the next step can be scheduled now. A request that reaches `max_new_tokens` finishes at once
+        ("length", its pages freed: the device runs steps in order, so no later step sees them before this one
+        is done); its Completion shows it finished once the token is read back."""
         if seq.num_computed != seq.num_tokens:
             raise ValueError(f"request {seq.request_id!r}: a token was sampled after {seq.num_computed} of "
                              f"{seq.num_tokens} tokens were computed")
-        seq.output_ids.append(token_id)
+        seq.output_ids.append(PENDING)
+        if len(seq.output_ids) >= seq.max_new_tokens:
+            self.finish(seq, "length")
 
-    def finish(self, seq: Sequence, reason: str) -> None:
-        """`seq` is done (length, stop, aborted, ...): its pages go back to the pool now."""
+    def update_from_output(self, sampled: list[tuple[RequestState, int]], now: float) -> list[tuple[str, int]]:
+        """The sampled tokens of a step, read back: each replaces its request's `PENDING` place; a stop token
+        finishes its request (pages freed). Requests aborted meanwhile are skipped. Returns the (request id,
+        token) outputs."""
+        outputs = []
+        for seq, token in sampled:
+            if not seq.num_pending:
+                continue  # aborted since the step was launched
+            seq.output_ids[-1] = token
+            seq.token_times_s.append(now)
+            outputs.append((seq.request_id, token))
+            if token in seq.stop_ids and seq.status != "finished":
+                self.finish(seq, "stop")
+        return outputs
+
+    def finish(self, seq: RequestState, reason: str) -> None:
+        """`seq` is done (length, stop, aborted, ...): its pages go back to the pool now. An aborted request drops
+        the token in flight."""
+        if reason == "aborted" and seq.num_pending:
+            seq.output_ids.pop()
         self._release(seq)
         if seq in self._running:
             self._running.remove(seq)
@@ -221,7 +220,7 @@ class Scheduler:
         """This step's chunks under the token budget (see the module docstring for the rules)."""
         budget = self.cfg.token_budget
         chunks: list[ScheduledChunk] = []
-        preempted: list[Sequence] = []
+        preempted: list[RequestState] = []
         for seq in list(self._running):
             if budget == 0:
                 break
@@ -257,14 +256,14 @@ class Scheduler:
         chunks.sort(key=lambda c: not c.is_decode)  # stable: decodes first, each group in scheduling order
         return Schedule(tuple(chunks), tuple(preempted))
 
-    def _keys(self, seq: Sequence, n_blocks: int) -> list:
+    def _keys(self, seq: RequestState, n_blocks: int) -> list:
         """The prefix-cache keys of `seq`'s first `n_blocks` full blocks (computed once per sequence)."""
         keys, ps = seq.block_keys, self.cfg.page_size
         if len(keys) < n_blocks:
             keys += block_keys(seq.all_ids[len(keys) * ps:n_blocks * ps], ps, keys[-1] if keys else None)
         return keys[:n_blocks]
 
-    def _take_cached_prefix(self, seq: Sequence) -> None:
+    def _take_cached_prefix(self, seq: RequestState) -> None:
         """Start a sequence that holds no pages on the cached pages of its longest cached prefix of full blocks,
         leaving at least its last token to compute."""
         ps = self.cfg.page_size
@@ -273,10 +272,10 @@ class Scheduler:
         seq.num_computed = seq.num_cached_tokens = len(pages) * ps
         seq.num_registered = len(pages)
 
-    def _chunk_length(self, seq: Sequence, budget: int) -> int:
+    def _chunk_length(self, seq: RequestState, budget: int) -> int:
         return min(seq.num_tokens - seq.num_computed, budget, self.cfg.max_prefill_chunk or budget)
 
-    def _grow(self, seq: Sequence, n_tokens: int) -> bool:
+    def _grow(self, seq: RequestState, n_tokens: int) -> bool:
         """Give `seq` pages for its first `n_tokens` tokens if the pool has them; False (nothing taken) if not."""
         missing = self.pages_needed(n_tokens) - len(seq.block_table)
         if missing > 0:
@@ -285,12 +284,12 @@ class Scheduler:
             seq.block_table += self.allocator.allocate(missing)
         return True
 
-    def _release(self, seq: Sequence) -> None:
+    def _release(self, seq: RequestState) -> None:
         if seq.block_table:
             self.allocator.free(seq.block_table)
         seq.block_table = []
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _preempt(self, seq: RequestState) -> None:
         """Preemption by recompute: drop its K/V and queue it first; its outputs are kept and re-prefilled."""
         self._release(seq)
         self._running.remove(seq)

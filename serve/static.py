@@ -21,6 +21,7 @@ from model.transformer import for_inference
 from serve.engine import Completion, Request, RequestError, compiled_steps, request_problem
 from serve.kv_cache import CacheShape, init_cache
 from serve.ragged_attention import resolve_decode_impl
+from serve.request import RequestState
 from serve.step_batch import Row, SamplingInputs, StepInputs, StepLayout, bucket, build_step
 
 
@@ -43,6 +44,7 @@ class StaticBatcher:
         self.layout = StepLayout(page_size=page_size, max_decode_rows=bucket(batch_size), tile=prefill_tile,
                                  min_pages=1, max_pages=self.pages_per_row)
         self._steps = compiled_steps(self.graphdef, resolve_decode_impl(decode_impl))
+        self._prev_tokens = jnp.zeros(1, jnp.int32)  # the engine's overlap buffer; static batching reads every step
 
     def generate(self, requests: Sequence[Request], *, arrivals_s: Sequence[float] | None = None,
                  on_finish: Callable[[Completion], None] | None = None) -> list[Completion]:
@@ -65,7 +67,8 @@ class StaticBatcher:
                     results[i] = Completion(rid, list(requests[i].prompt_ids), finish_reason="error",
                                             error=str(RequestError(f"request {rid!r}: {problem}")))
                 else:
-                    results[i] = Completion(rid, list(requests[i].prompt_ids), arrival_s=start + arrivals[i])
+                    results[i] = Completion.of(RequestState(rid, list(requests[i].prompt_ids),
+                                                            requests[i].max_new_tokens, arrival_s=start + arrivals[i]))
                     batch.append(i)
             if batch:
                 self._run_batch([requests[i] for i in batch], [results[i] for i in batch])
@@ -93,20 +96,22 @@ class StaticBatcher:
         prefills = [row(i, list(r.prompt_ids), 0) for i, r in enumerate(requests)]
         while True:
             inputs, sampling, slots_of = build_step(decodes, prefills, self.layout)
-            new, self.cache = self._steps(self.params, self.cache, StepInputs(*map(jnp.asarray, inputs)),
-                                          SamplingInputs(*map(jnp.asarray, sampling)))
+            new, self.cache, self._prev_tokens = self._steps(
+                self.params, self.cache, self._prev_tokens, StepInputs(*map(jnp.asarray, inputs)),
+                SamplingInputs(*map(jnp.asarray, sampling)))
             new, now = np.asarray(new), time.perf_counter()
             last_tokens = []
             for i, r in enumerate(requests):
                 token = int(new[slots_of[i]])
+                state = done[i].state
                 if live[i]:
-                    done[i].token_ids.append(token)
-                    done[i].token_times_s.append(now)
+                    state.output_ids.append(token)
+                    state.token_times_s.append(now)
                     lengths[i] += 1
                     if token in r.stop_ids:
-                        done[i].finish_reason, live[i] = "stop", False
-                    elif len(done[i].token_ids) >= r.max_new_tokens:
-                        done[i].finish_reason, live[i] = "length", False
+                        state.status, state.finish_reason, live[i] = "finished", "stop", False
+                    elif len(state.output_ids) >= r.max_new_tokens:
+                        state.status, state.finish_reason, live[i] = "finished", "length", False
                 last_tokens.append(done[i].token_ids[-1])
             self.kv_utilisation_samples.append(float(sum(lengths)) / self.reserved_slots)
             if not any(live):

@@ -34,6 +34,7 @@ class StepInputs(NamedTuple):
     tile_tables_NxW: np.ndarray     # int32 block table of each prefill tile's row
     tile_lengths_N: np.ndarray      # int32 that row's tokens in the cache after this step
     last_R: np.ndarray              # int32 index in T of each sampling slot's last token
+    from_prev_T: np.ndarray         # int32 the previous step's sampling slot whose token this is (-1: tokens_T's)
 
 
 class SamplingInputs(NamedTuple):
@@ -49,7 +50,8 @@ class SamplingInputs(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class Row:
     """Compute `token_ids` at positions [start, start + len) of a sequence whose pages are `block_table`, then
-    sample with (seed, counter, temperature, top_k, top_p)."""
+    sample with (seed, counter, temperature, top_k, top_p). With `prev_slot`, the last token is still on the
+    device (the engine's overlap), and `token_ids[-1]` is a stand-in."""
 
     token_ids: Sequence[int]
     start: int
@@ -59,6 +61,7 @@ class Row:
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
+    prev_slot: int = -1  # >= 0: the last token is the previous step's sampled token in this slot, not read back
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +122,7 @@ def build_step(decodes: Sequence[Row], prefills: Sequence[Row], layout: StepLayo
     pages, offsets = np.zeros(T, np.int32), np.zeros(T, np.int32)
     dec_tables, dec_lengths = np.zeros((Bd, W), np.int32), np.zeros(Bd, np.int32)
     tile_tables, tile_lengths = np.zeros((Np, W), np.int32), np.zeros(Np, np.int32)
-    last = np.zeros(R, np.int32)
+    last, from_prev = np.zeros(R, np.int32), np.full(T, -1, np.int32)
     seeds, counters, top_k = np.zeros(R, np.uint32), np.zeros(R, np.int32), np.zeros(R, np.int32)
     temperature, top_p = np.zeros(R, np.float32), np.ones(R, np.float32)
     slots_of_rows = []
@@ -131,6 +134,7 @@ def build_step(decodes: Sequence[Row], prefills: Sequence[Row], layout: StepLayo
         tokens[at:at + n], positions[at:at + n] = row.token_ids, pos
         pages[at:at + n], offsets[at:at + n] = table[pos // P], pos % P
         last[slot] = at + n - 1
+        from_prev[at + n - 1] = row.prev_slot
         seeds[slot], counters[slot], top_k[slot] = np.uint32(row.seed), row.counter, row.top_k
         temperature[slot], top_p[slot] = row.temperature, row.top_p
         slots_of_rows.append(slot)
@@ -147,5 +151,6 @@ def build_step(decodes: Sequence[Row], prefills: Sequence[Row], layout: StepLayo
             tile_tables[t, :len(row.block_table)] = row.block_table
             tile_lengths[t] = row.start + n
         tile_index += -(-n // Q)
-    inputs = StepInputs(tokens, positions, pages, offsets, dec_tables, dec_lengths, tile_tables, tile_lengths, last)
+    inputs = StepInputs(tokens, positions, pages, offsets, dec_tables, dec_lengths, tile_tables, tile_lengths, last,
+                        from_prev)
     return inputs, SamplingInputs(seeds, counters, temperature, top_k, top_p), slots_of_rows

@@ -63,17 +63,19 @@ def test_greedy_matches_the_naive_decoder():
     assert all(c.finish_reason == "length" for c in engine.completions.values())
 
 
-def test_forced_preemption_still_matches_and_frees_every_page():
+@pytest.mark.parametrize("overlap", [True, False])
+def test_forced_preemption_still_matches_and_frees_every_page(overlap):
     # 12 usable pages of 4 tokens: fewer than the requests need together, so running ones get preempted.
     engine = Engine(model(), ServeConfig(page_size=4, num_pages=13, max_running=6, token_budget=24,
-                                         max_prefill_chunk=16, decode_impl="reference"))
+                                         max_prefill_chunk=16, decode_impl="reference", overlap=overlap))
     assert serve_staggered(engine) == list(naive_outputs())
     assert sum(c.num_preemptions for c in engine.completions.values()) > 0
     assert engine.allocator.num_free == engine.allocator.num_usable
 
 
-def test_stale_nan_pages_are_unreachable():
-    engine = Engine(model(), SERVE)
+@pytest.mark.parametrize("overlap", [True, False])
+def test_stale_nan_pages_are_unreachable(overlap):
+    engine = Engine(model(), dataclasses.replace(SERVE, overlap=overlap))
     serve_staggered(engine)
     poison = lambda pool: pool.at[:].set(jnp.nan)  # noqa: E731 -- every page is free now, the null page too
     engine.cache = KVCache(poison(engine.cache.k), poison(engine.cache.v))
@@ -122,8 +124,9 @@ def test_bad_requests_are_rejected_by_name_and_the_rest_are_served():
     assert all(r.request_id in r.error for r in results[1:])
 
 
-def test_streaming_and_stop_tokens():
-    engine = Engine(model(), SERVE)
+@pytest.mark.parametrize("overlap", [True, False])
+def test_streaming_and_stop_tokens(overlap):
+    engine = Engine(model(), dataclasses.replace(SERVE, overlap=overlap))
     expected = list(naive_outputs()[2])
     streamed = list(engine.stream(Request(tuple(prompts()[2]), MAX_NEW[2])))
     assert streamed == expected
@@ -184,3 +187,34 @@ def test_compiled_shapes_stay_within_the_bucket_set():
     serve_staggered(engine)
     assert engine.shapes_seen and engine.shapes_seen <= set(engine.step_shapes())
     assert len(engine.step_shapes()) <= 40
+
+
+def test_overlap_reads_each_steps_tokens_back_one_step_later():
+    """With overlap the first step launches the prefill and returns nothing; each later step returns the token the
+    step before it sampled, while its own is in flight (the decode's input taken from the device)."""
+    request = Request(tuple(prompts()[0]), MAX_NEW[0])
+    engine = Engine(model(), SERVE)
+    engine.submit(request)
+    assert engine.step() == [] and engine.has_unfinished and engine.completions["req-0"].token_ids == []
+    events = []
+    while engine.has_unfinished:
+        events.append(engine.step())
+    assert [e for step in events for _, e in step] == list(naive_outputs()[0])
+    assert all(len(step) == 1 for step in events) and engine.host_s > 0 and engine.wait_s > 0
+    sync = Engine(model(), dataclasses.replace(SERVE, overlap=False))
+    sync.submit(request)
+    assert sync.step() == [("req-0", naive_outputs()[0][0])]
+
+
+def test_aborting_a_request_with_a_token_in_flight_drops_it_and_frees_its_pages():
+    engine = Engine(model(), SERVE)
+    engine.submit(Request(tuple(prompts()[1]), MAX_NEW[1], request_id="a"))
+    engine.submit(Request(tuple(prompts()[2]), MAX_NEW[2], request_id="b"))
+    for _ in range(3):
+        engine.step()
+    engine.abort("a")
+    while engine.has_unfinished:
+        engine.step()
+    a, b = engine.completions["a"], engine.completions["b"]
+    assert a.finish_reason == "aborted" and a.token_ids == list(naive_outputs()[1][:len(a.token_ids)])
+    assert b.token_ids == list(naive_outputs()[2]) and engine.allocator.num_free == engine.allocator.num_usable

@@ -134,8 +134,8 @@ def test_bad_prefix_caching_values_are_refused_by_name():
 
 
 def test_scheduler_shares_computed_full_pages_and_undoes_a_failed_admission():
+    from serve.request import RequestState as Seq
     from serve.scheduler import Scheduler
-    from serve.scheduler import Sequence as Seq
 
     sched = Scheduler(SchedulerConfig(page_size=4, max_running=4, token_budget=64, prefix_caching=True),
                       BlockAllocator(6))  # 5 usable pages of 4 tokens
@@ -145,7 +145,8 @@ def test_scheduler_shares_computed_full_pages_and_undoes_a_failed_admission():
     (chunk,) = sched.schedule().chunks
     assert (chunk.start, chunk.length) == (0, 10)
     sched.after_step(chunk)  # two full pages computed: cached
-    sched.append_token(a, 99)
+    sched.sampled(a)
+    sched.update_from_output([(a, 99)], now=0.0)
     b = Seq("b", prefix + [11, 12, 13], 1)
     sched.add(b)
     chunks = sched.schedule().chunks

@@ -11,7 +11,8 @@ import random
 import pytest
 
 from serve.block_allocator import BlockAllocator
-from serve.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, Sequence
+from serve.request import RequestState
+from serve.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 
 
 def next_token(context):
@@ -81,15 +82,21 @@ def run(scheduler, seqs, max_steps=10_000):
             scheduler.after_step(chunk)
             if seq.num_computed == seq.num_tokens:
                 context = [slots.get(slot(seq, pos), -1) for pos in range(seq.num_tokens)]
-                scheduler.append_token(seq, next_token(context))
+                append(scheduler, seq, next_token(context))
                 if len(seq.output_ids) == seq.max_new_tokens:
                     scheduler.finish(seq, "length")
     return schedules
 
 
+def append(scheduler, seq, token):
+    """The engine's two reports for one sampled token: its place held at launch, then the token read back."""
+    scheduler.sampled(seq)
+    scheduler.update_from_output([(seq, token)], now=0.0)
+
+
 def make_seqs(lengths, max_new, rng=None):
     rng = rng or random.Random(0)
-    return [Sequence(f"s{i}", [rng.randrange(997) for _ in range(n)], m)
+    return [RequestState(f"s{i}", [rng.randrange(997) for _ in range(n)], m)
             for i, (n, m) in enumerate(zip(lengths, max_new, strict=True))]
 
 
@@ -175,13 +182,13 @@ def test_running_out_of_pages_preempts_the_newest_and_recomputes_its_outputs():
     for _ in range(2):  # prefill both (2 pages each, the pool is full), then one decode each
         for chunk in scheduler.schedule().chunks:
             scheduler.after_step(chunk)
-            scheduler.append_token(chunk.seq, 7)
+            append(scheduler, chunk.seq, 7)
     schedule = scheduler.schedule()  # a's decode at position 4 needs a third page: b, the newest, makes way
     assert schedule.preempted == (b,) and [(c.seq, c.is_decode) for c in schedule.chunks] == [(a, True)]
     assert scheduler.waiting == (b,) and b.block_table == [] and b.num_computed == 0 and b.num_preemptions == 1
     assert b.output_ids == [7, 7] and len(a.block_table) == 3
     scheduler.after_step(schedule.chunks[0])
-    scheduler.append_token(a, 7)
+    append(scheduler, a, 7)
     scheduler.finish(a, "length")
     [chunk] = scheduler.schedule().chunks  # b comes back and re-prefills prompt + outputs so far
     assert (chunk.seq, chunk.start, chunk.length, chunk.is_decode) == (b, 0, 5, False)
@@ -194,7 +201,7 @@ def test_the_newest_sequence_preempts_itself_when_it_is_the_one_short_of_pages()
         scheduler.add(seq)
     for chunk in scheduler.schedule().chunks:  # a: 2 pages, b: 1 page
         scheduler.after_step(chunk)
-        scheduler.append_token(chunk.seq, 7)
+        append(scheduler, chunk.seq, 7)
     schedule = scheduler.schedule()  # a's decode fits its pages; b's needs a second page and b is the newest
     assert schedule.preempted == (b,) and [c.seq for c in schedule.chunks] == [a]
     assert len(a.block_table) == 2 and scheduler.allocator.num_free == 1 and scheduler.waiting == (b,)
@@ -203,14 +210,14 @@ def test_the_newest_sequence_preempts_itself_when_it_is_the_one_short_of_pages()
 def test_requests_are_checked_on_arrival_by_name():
     scheduler = Scheduler(SchedulerConfig(page_size=4), BlockAllocator(5))
     with pytest.raises(ValueError, match="request 'big' needs 5 pages but the pool has 4"):
-        scheduler.add(Sequence("big", list(range(10)), 10))
+        scheduler.add(RequestState("big", list(range(10)), 10))
     with pytest.raises(ValueError, match="request 'empty': the prompt is empty"):
-        scheduler.add(Sequence("empty", [], 1))
+        scheduler.add(RequestState("empty", [], 1))
     with pytest.raises(ValueError, match="request 'none': max_new_tokens must be >= 1, got 0"):
-        scheduler.add(Sequence("none", [1], 0))
-    scheduler.add(Sequence("a", [1], 1))
+        scheduler.add(RequestState("none", [1], 0))
+    scheduler.add(RequestState("a", [1], 1))
     with pytest.raises(ValueError, match="request 'a' is already queued or running"):
-        scheduler.add(Sequence("a", [2], 1))
+        scheduler.add(RequestState("a", [2], 1))
     assert scheduler.num_waiting == 1
 
 
@@ -235,7 +242,7 @@ def test_kv_utilisation_by_hand():
         scheduler.add(seq)
     for chunk in scheduler.schedule().chunks:
         scheduler.after_step(chunk)
-        scheduler.append_token(chunk.seq, 1)
+        append(scheduler, chunk.seq, 1)
     assert scheduler.kv_utilisation() == (5 + 8) / ((2 + 2) * 4)
     for chunk in scheduler.schedule().chunks:  # decodes: 6 tokens in 2 pages, 9 tokens in 3 pages
         scheduler.after_step(chunk)
@@ -244,12 +251,12 @@ def test_kv_utilisation_by_hand():
 
 def test_engine_misuse_is_caught():
     scheduler = Scheduler(SchedulerConfig(page_size=4), BlockAllocator(5))
-    seq = Sequence("a", [1], 2)
+    seq = RequestState("a", [1], 2)
     scheduler.add(seq)
     [chunk] = scheduler.schedule().chunks
     assert not chunk.is_decode  # a one-token prompt is a prefill
     with pytest.raises(ValueError, match="request 'a': a token was sampled after 0 of 1 tokens were computed"):
-        scheduler.append_token(seq, 5)
+        scheduler.sampled(seq)
     scheduler.after_step(chunk)
     with pytest.raises(ValueError, match="request 'a': chunk starts at 0 but 1 tokens are computed"):
         scheduler.after_step(chunk)
