@@ -44,13 +44,13 @@ def rope_tables(positions_BxT: jax.Array, head_dim: int, theta: float) -> tuple[
     return jnp.cos(angles), jnp.sin(angles)
 
 
-def apply_rope(x_BxTxNxD: jax.Array, cos_BxTxF: jax.Array, sin_BxTxF: jax.Array) -> jax.Array:
-    """Rotate pairs (i, i + D/2): the "rotate half" convention of HF Llama, so its weights load unpermuted."""
-    x = x_BxTxNxD.astype(jnp.float32)
+def apply_rope(x_BxTxNxDh: jax.Array, cos_BxTxDr: jax.Array, sin_BxTxDr: jax.Array) -> jax.Array:
+    """Rotate pairs (i, i + Dh/2): the "rotate half" convention of HF Llama, so its weights load unpermuted."""
+    x = x_BxTxNxDh.astype(jnp.float32)
     x1, x2 = jnp.split(x, 2, axis=-1)
-    cos, sin = cos_BxTxF[:, :, None, :], sin_BxTxF[:, :, None, :]
+    cos, sin = cos_BxTxDr[:, :, None, :], sin_BxTxDr[:, :, None, :]
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x_BxTxNxD.dtype)
+    return out.astype(x_BxTxNxDh.dtype)
 
 
 class MLP(nnx.Module):

@@ -47,9 +47,9 @@ def _to_chunks(a_BxTx_: jax.Array, chunks: int) -> jax.Array:
     return jnp.moveaxis(a, 2, 0)
 
 
-def _from_chunks(a_CxBxTcx_: jax.Array) -> jax.Array:
+def _from_chunks(a_NcxBxTcx_: jax.Array) -> jax.Array:
     """The inverse of `_to_chunks`."""
-    a = jnp.moveaxis(a_CxBxTcx_, 0, 2)
+    a = jnp.moveaxis(a_NcxBxTcx_, 0, 2)
     return a.reshape(a.shape[0], -1, *a.shape[3:])
 
 

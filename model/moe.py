@@ -36,8 +36,8 @@ from model.layers import normal, param
 
 
 class Routing(NamedTuple):
-    weights_BxTxK: jax.Array  # float32 combine weights of the chosen experts
-    experts_BxTxK: jax.Array  # int32 expert ids, best first
+    weights_BxTxJ: jax.Array  # float32 combine weights of the chosen experts
+    experts_BxTxJ: jax.Array  # int32 expert ids, best first
     probs_BxTxE: jax.Array    # float32 router probabilities
     logits_BxTxE: jax.Array   # float32 router logits
 
@@ -46,10 +46,10 @@ def route(x_BxTxD: jax.Array, router_DxE: jax.Array, top_k: int) -> Routing:
     """The router's choice for every token (float32 throughout)."""
     logits_BxTxE = jnp.einsum("btd,de->bte", x_BxTxD.astype(jnp.float32), router_DxE.astype(jnp.float32))
     probs_BxTxE = jax.nn.softmax(logits_BxTxE, axis=-1)
-    weights_BxTxK, experts_BxTxK = _top_k(probs_BxTxE, top_k)
+    weights_BxTxJ, experts_BxTxJ = _top_k(probs_BxTxE, top_k)
     if top_k > 1:
-        weights_BxTxK = weights_BxTxK / jnp.sum(weights_BxTxK, axis=-1, keepdims=True)
-    return Routing(weights_BxTxK, experts_BxTxK.astype(jnp.int32), probs_BxTxE, logits_BxTxE)
+        weights_BxTxJ = weights_BxTxJ / jnp.sum(weights_BxTxJ, axis=-1, keepdims=True)
+    return Routing(weights_BxTxJ, experts_BxTxJ.astype(jnp.int32), probs_BxTxE, logits_BxTxE)
 
 
 def _top_k(x_BxTxE: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -67,8 +67,8 @@ def _top_k(x_BxTxE: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 def load_balance_loss(routing: Routing) -> jax.Array:
     """Switch's auxiliary loss E * sum_e f_e * P_e over all top-k assignments (1 when balanced)."""
     n_experts = routing.probs_BxTxE.shape[-1]
-    assigned_BxTxKxE = jax.nn.one_hot(routing.experts_BxTxK, n_experts, dtype=jnp.float32)
-    fraction_E = jnp.mean(assigned_BxTxKxE, axis=(0, 1, 2))
+    assigned_BxTxJxE = jax.nn.one_hot(routing.experts_BxTxJ, n_experts, dtype=jnp.float32)
+    fraction_E = jnp.mean(assigned_BxTxJxE, axis=(0, 1, 2))
     mean_prob_E = jnp.mean(routing.probs_BxTxE, axis=(0, 1))
     return n_experts * jnp.sum(fraction_E * mean_prob_E)
 
@@ -78,16 +78,16 @@ def router_z_loss(routing: Routing) -> jax.Array:
     return jnp.mean(jax.nn.logsumexp(routing.logits_BxTxE, axis=-1) ** 2)
 
 
-def capacity_slots(experts_BxTxK: jax.Array, n_experts: int, capacity: int) -> jax.Array:
-    """One-hot slot assignment [B, T, K, E, C] (float32): token t's k-th choice takes slot c of its expert iff
+def capacity_slots(experts_BxTxJ: jax.Array, n_experts: int, capacity: int) -> jax.Array:
+    """One-hot slot assignment [B, T, J, E, C] (float32): token t's k-th choice takes slot c of its expert iff
     it is among the first `capacity` assignments to that expert in its sequence, first choices before second."""
-    B, T, K = experts_BxTxK.shape
-    chosen_BxKTxE = jax.nn.one_hot(experts_BxTxK.transpose(0, 2, 1).reshape(B, K * T), n_experts,
+    B, T, J = experts_BxTxJ.shape
+    chosen_BxJTxE = jax.nn.one_hot(experts_BxTxJ.transpose(0, 2, 1).reshape(B, J * T), n_experts,
                                    dtype=jnp.int32)
-    position_BxKTxE = jnp.cumsum(chosen_BxKTxE, axis=1) - 1  # this assignment's rank at its expert
-    kept_BxKTxE = chosen_BxKTxE * (position_BxKTxE < capacity)
-    slots_BxKTxExC = jax.nn.one_hot(position_BxKTxE, capacity, dtype=jnp.float32) * kept_BxKTxE[..., None]
-    return slots_BxKTxExC.reshape(B, K, T, n_experts, capacity).transpose(0, 2, 1, 3, 4)
+    position_BxJTxE = jnp.cumsum(chosen_BxJTxE, axis=1) - 1  # this assignment's rank at its expert
+    kept_BxJTxE = chosen_BxJTxE * (position_BxJTxE < capacity)
+    slots_BxJTxExC = jax.nn.one_hot(position_BxJTxE, capacity, dtype=jnp.float32) * kept_BxJTxE[..., None]
+    return slots_BxJTxExC.reshape(B, J, T, n_experts, capacity).transpose(0, 2, 1, 3, 4)
 
 
 class MoE(nnx.Module):
@@ -116,9 +116,9 @@ class MoE(nnx.Module):
     def _capacity(self, x_BxTxD: jax.Array, routing: Routing) -> jax.Array:
         dt = self.dtype
         capacity = self.moe.capacity(x_BxTxD.shape[1])
-        slots_BxTxKxExC = capacity_slots(routing.experts_BxTxK, self.moe.n_experts, capacity)
-        dispatch_BxTxExC = jnp.sum(slots_BxTxKxExC, axis=2).astype(dt)  # a token picks an expert at most once
-        combine_BxTxExC = jnp.einsum("btkec,btk->btec", slots_BxTxKxExC, routing.weights_BxTxK)
+        slots_BxTxJxExC = capacity_slots(routing.experts_BxTxJ, self.moe.n_experts, capacity)
+        dispatch_BxTxExC = jnp.sum(slots_BxTxJxExC, axis=2).astype(dt)  # a token picks an expert at most once
+        combine_BxTxExC = jnp.einsum("btjec,btj->btec", slots_BxTxJxExC, routing.weights_BxTxJ)
         # Dispatch where the tokens are (every expert's slots of the local sequences), then move the slots to
         # their experts' devices: a change of layout GSPMD makes an all-to-all. The combine goes back the same way.
         token_names, expert_names = (None, axes.BATCH, None, axes.EMBED), (axes.EXPERT, axes.EXPERT_BATCH, None,
@@ -136,14 +136,14 @@ class MoE(nnx.Module):
 
     def _dropless(self, x_BxTxD: jax.Array, routing: Routing) -> jax.Array:
         dt = self.dtype
-        (B, T, D), K, E = x_BxTxD.shape, self.moe.top_k, self.moe.n_experts
-        experts_A = routing.experts_BxTxK.reshape(B * T * K)  # A = B*T*K assignments, token-major
-        order_A = jnp.argsort(experts_A, stable=True)
-        sizes_E = jnp.bincount(experts_A, length=E).astype(jnp.int32)
-        x_AxD = x_BxTxD.reshape(B * T, D).astype(dt)[order_A // K]
-        gate_AxF = jax.lax.ragged_dot(x_AxD, self.w_gate[...].astype(dt), sizes_E)
-        up_AxF = jax.lax.ragged_dot(x_AxD, self.w_up[...].astype(dt), sizes_E)
-        out_AxD = jax.lax.ragged_dot(jax.nn.silu(gate_AxF) * up_AxF, self.w_down[...].astype(dt), sizes_E)
-        out_AxD = out_AxD[jnp.argsort(order_A)]  # back to token-major order
-        weights_BxTxK = routing.weights_BxTxK.astype(dt)
-        return jnp.einsum("btkd,btk->btd", out_AxD.reshape(B, T, K, D), weights_BxTxK)
+        (B, T, D), J, E = x_BxTxD.shape, self.moe.top_k, self.moe.n_experts
+        experts_R = routing.experts_BxTxJ.reshape(B * T * J)  # R = B*T*J routed rows, token-major
+        order_R = jnp.argsort(experts_R, stable=True)
+        sizes_E = jnp.bincount(experts_R, length=E).astype(jnp.int32)
+        x_RxD = x_BxTxD.reshape(B * T, D).astype(dt)[order_R // J]
+        gate_RxF = jax.lax.ragged_dot(x_RxD, self.w_gate[...].astype(dt), sizes_E)
+        up_RxF = jax.lax.ragged_dot(x_RxD, self.w_up[...].astype(dt), sizes_E)
+        out_RxD = jax.lax.ragged_dot(jax.nn.silu(gate_RxF) * up_RxF, self.w_down[...].astype(dt), sizes_E)
+        out_RxD = out_RxD[jnp.argsort(order_R)]  # back to token-major order
+        weights_BxTxJ = routing.weights_BxTxJ.astype(dt)
+        return jnp.einsum("btjd,btj->btd", out_RxD.reshape(B, T, J, D), weights_BxTxJ)

@@ -29,15 +29,15 @@ import jax.numpy as jnp
 from model.kernels.flash_attention import flash_attention, flash_attention_block_grads, merge_blocks
 
 
-def ring_attention(q_BxTxHxD: jax.Array, k_BxTxKxD: jax.Array, v_BxTxKxD: jax.Array, *,
+def ring_attention(q_BxTxHxDh: jax.Array, k_BxTxKxDh: jax.Array, v_BxTxKxDh: jax.Array, *,
                    axis_name: str | tuple[str, ...], axis_size: int, causal: bool = True,
                    interpret: bool = False) -> jax.Array:
     """Attention of this device's query chunk over the whole ring's keys and values. Call inside `shard_map`
     with the sequence dimension split over `axis_name` (`axis_size` devices, chunk i on the device of index i).
-    Returns [B, T, H, D] in q's dtype. `interpret` runs the flash kernels interpreted (CPU)."""
+    Returns [B, T, H, Dh] in q's dtype. `interpret` runs the flash kernels interpreted (CPU)."""
     ring = _Ring(axis_name if isinstance(axis_name, str) else tuple(axis_name), int(axis_size), bool(causal),
                  bool(interpret))
-    return _ring_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, ring)
+    return _ring_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, ring)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,32 +65,32 @@ def _ring_attention(q, k, v, ring: _Ring):
     return _forward(q, k, v, ring)[0]
 
 
-def _forward(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, ring: _Ring):
-    out, lse = flash_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, causal=ring.causal, interpret=ring.interpret)
+def _forward(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, ring: _Ring):
+    out, lse = flash_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, causal=ring.causal, interpret=ring.interpret)
     out = out.astype(jnp.float32)
 
     def attend(q, k, v) -> tuple[jax.Array, jax.Array]:
         return flash_attention(q, k, v, causal=False, interpret=ring.interpret)
 
     def skip(q, k, v) -> tuple[jax.Array, jax.Array]:
-        B, T, H, D = q.shape
-        return jnp.zeros((B, T, H, D), q.dtype), jnp.full((B, H, T), -jnp.inf, jnp.float32)
+        B, T, H, Dh = q.shape
+        return jnp.zeros((B, T, H, Dh), q.dtype), jnp.full((B, H, T), -jnp.inf, jnp.float32)
 
-    k_cur, v_cur = k_BxTxKxD, v_BxTxKxD
+    k_cur, v_cur = k_BxTxKxDh, v_BxTxKxDh
     for step in range(1, ring.axis_size):
         k_cur, v_cur = ring.shift(k_cur, v_cur)
-        out_b, lse_b = jax.lax.cond(ring.sees(step), attend, skip, q_BxTxHxD, k_cur, v_cur)
+        out_b, lse_b = jax.lax.cond(ring.sees(step), attend, skip, q_BxTxHxDh, k_cur, v_cur)
         out, lse = merge_blocks(out, lse, out_b, lse_b)
-    out = out.astype(q_BxTxHxD.dtype)
-    return out, (q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, out, lse)
+    out = out.astype(q_BxTxHxDh.dtype)
+    return out, (q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, out, lse)
 
 
-def _backward(ring: _Ring, residuals, do_BxTxHxD):
+def _backward(ring: _Ring, residuals, do_BxTxHxDh):
     q, k, v, out, lse = residuals
-    delta_BxHxT = jnp.sum(out.astype(jnp.float32) * do_BxTxHxD.astype(jnp.float32), axis=-1).transpose(0, 2, 1)
+    delta_BxHxT = jnp.sum(out.astype(jnp.float32) * do_BxTxHxDh.astype(jnp.float32), axis=-1).transpose(0, 2, 1)
 
     def grads(q, k, v, causal: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
-        return flash_attention_block_grads(q, k, v, do_BxTxHxD, lse, delta_BxHxT, causal=causal,
+        return flash_attention_block_grads(q, k, v, do_BxTxHxDh, lse, delta_BxHxT, causal=causal,
                                            interpret=ring.interpret)
 
     def skip(q, k, v) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -47,7 +47,7 @@ def init_sharded_train_state(params: dict, optimizer: optax.GradientTransformati
 
 def sharded_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
                        mesh: Mesh, rules: Rules, shardings: TrainState) -> MeshFunction:
-    """train/step.py's `step(state, tokens_AxBxL1) -> (state, metrics)` jitted over `mesh`: state in and out in
+    """train/step.py's `step(state, tokens_AxBxT1) -> (state, metrics)` jitted over `mesh`: state in and out in
     `shardings` (donated), tokens in `batch_sharding`, metrics replicated."""
     replicated = NamedSharding(mesh, PartitionSpec())
     jitted = jax.jit(train_step_fn(graphdef, optimizer, schedule),
@@ -62,8 +62,8 @@ def rows_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
 
 
 def sharded_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, rules: Rules, params_shardings: dict) -> MeshFunction:
-    """`eval(params, tokens_BxL1) -> mean loss in nats` jitted over `mesh`, the loss replicated."""
-    jitted = jax.jit(lambda params, tokens_BxL1: loss_fn(params, graphdef, tokens_BxL1),
+    """`eval(params, tokens_BxT1) -> mean loss in nats` jitted over `mesh`, the loss replicated."""
+    jitted = jax.jit(lambda params, tokens_BxT1: loss_fn(params, graphdef, tokens_BxT1),
                      in_shardings=(params_shardings, rows_sharding(mesh, rules)),
                      out_shardings=NamedSharding(mesh, PartitionSpec()))
     return MeshFunction(jitted, mesh, rules)

@@ -1,13 +1,32 @@
 """Flash attention in Pallas: forward and backward kernels under a custom VJP, returning the log-sum-exp too.
 
-Layout is the model's: q [B, T, H, D], k and v [B, S, K, D], H = K * G (grouped-query attention: query head h
-reads kv head h // G). `flash_attention` returns out [B, T, H, D] in q's dtype and lse [B, H, T] in float32, the
+Shape letters, the legend for every array name in model/, parallel/ and train/ (`x_BxTxD` is [B, T, D]; the
+letters of one name are joined by `x`; a trailing `_` stands for any further dimensions):
+
+    B   batch: sequences                          b   one pipeline micro-batch's rows (B / M)
+    T   length: this call's tokens (queries)      S   key/value length (S >= T; S = T in self-attention)
+    T1  T + 1: a token window with its targets    Tc  one chunk of T (a device's shard, a loss chunk)
+    D   model width (d_model)                     Dh  head dim (head_dim); Dr = Dh / 2 rotary frequencies
+    H   query heads                               K   key/value heads;  G = H / K query heads per kv head
+    N   heads of either kind (H or K)             Hn  heads per device (H / n)
+    F   MLP width (d_ff)                          V   vocabulary
+    L   layers (the stacked axis)                 E   experts
+    C   expert capacity (slots per sequence)      J   experts chosen per token (top_k)
+    R   routed rows (B * T * J, dropless MoE)     Nc  number of loss chunks
+    A   gradient-accumulation micro-batches       P   pipeline stages
+    M   pipeline micro-batches                    I   pipeline iterations (M + P - 1)
+    Tq  a kernel's query tile (block_q)           Sk  a kernel's key/value tile (block_k)
+
+Lower-case names in comments and formulas (bq, bk, n) are plain numbers: tile sizes, a device count.
+
+Layout is the model's: q [B, T, H, Dh], k and v [B, S, K, Dh], H = K * G (grouped-query attention: query head h
+reads kv head h // G). `flash_attention` returns out [B, T, H, Dh] in q's dtype and lse [B, H, T] in float32, the
 natural log of each query's softmax denominator over the scaled scores, so ring attention can merge partial
 results; the backward accepts a cotangent for lse as well as for out. Causal: query t sees key s iff
 s <= t + (S - T), the last query aligned with the last key (as in model/attention.py), so T <= S.
 
-Forward. Grid (B, H, T / bq). A program holds one [bq, D] query tile and walks the key/value tiles [bk, D] of
-its kv head with an online softmax in float32 (running max, sum and [bq, D] accumulator). Causal programs stop
+Forward. Grid (B, H, T / bq). A program holds one [bq, Dh] query tile and walks the key/value tiles [bk, Dh] of
+its kv head with an online softmax in float32 (running max, sum and [bq, Dh] accumulator). Causal programs stop
 at the diagonal. Tiles wholly visible to every query of the tile take a loop without any masking; only the
 diagonal tiles (and a ragged last tile) are masked, with `jnp.where` to -inf, so no key outside the mask ever
 weighs in.
@@ -18,7 +37,7 @@ delta: d lse / d s = P.) Two kernels: dQ on grid (B, H, T / bq) walking key tile
 (B, H, S / bk) walking query tiles, both recomputing P from the saved lse. dK/dV are computed per query head;
 with G > 1 they are written in float32 and summed over each kv head's G query heads afterwards.
 
-Ragged shapes. T and S are padded with zeros up to whole tiles and D up to a power of two >= 16 (what Triton's
+Ragged shapes. T and S are padded with zeros up to whole tiles and Dh up to a power of two >= 16 (what Triton's
 `dot` needs); padded keys are masked, padded queries and head-dim columns are sliced off, and a padded query
 contributes nothing to dK/dV (its dO and delta are zero).
 
@@ -96,32 +115,32 @@ class _Static:
         return self.kv_len - self.q_len
 
 
-def flash_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, *, causal: bool = True,
+def flash_attention(q_BxTxHxDh: jax.Array, k_BxSxKxDh: jax.Array, v_BxSxKxDh: jax.Array, *, causal: bool = True,
                     scale: float | None = None, block_sizes: BlockSizes | None = None,
                     interpret: bool = False) -> tuple[jax.Array, jax.Array]:
-    """Attention of q over k, v: (out [B, T, H, D] in q's dtype, lse [B, H, T] float32). Differentiable in q, k,
-    v through the Pallas backward; `scale` defaults to D ** -0.5. See the module docstring."""
-    if q_BxTxHxD.ndim != 4 or k_BxSxKxD.ndim != 4 or v_BxSxKxD.shape != k_BxSxKxD.shape:
-        raise ValueError(f"need q [B, T, H, D] and k, v [B, S, K, D] alike; got q {q_BxTxHxD.shape}, "
-                         f"k {k_BxSxKxD.shape}, v {v_BxSxKxD.shape}")
-    (B, T, H, D), (Bk, S, K, Dk) = q_BxTxHxD.shape, k_BxSxKxD.shape
-    if B != Bk or D != Dk or H % K or T < 1 or S < 1:
-        raise ValueError(f"need equal batch and head dims, H a multiple of K, T, S >= 1; got q {q_BxTxHxD.shape}, "
-                         f"k {k_BxSxKxD.shape}")
+    """Attention of q over k, v: (out [B, T, H, Dh] in q's dtype, lse [B, H, T] float32). Differentiable in q, k,
+    v through the Pallas backward; `scale` defaults to Dh ** -0.5. See the module docstring."""
+    if q_BxTxHxDh.ndim != 4 or k_BxSxKxDh.ndim != 4 or v_BxSxKxDh.shape != k_BxSxKxDh.shape:
+        raise ValueError(f"need q [B, T, H, Dh] and k, v [B, S, K, Dh] alike; got q {q_BxTxHxDh.shape}, "
+                         f"k {k_BxSxKxDh.shape}, v {v_BxSxKxDh.shape}")
+    (B, T, H, Dh), (Bk, S, K, Dk) = q_BxTxHxDh.shape, k_BxSxKxDh.shape
+    if B != Bk or Dh != Dk or H % K or T < 1 or S < 1:
+        raise ValueError(f"need equal batch and head dims, H a multiple of K, T, S >= 1; got q {q_BxTxHxDh.shape}, "
+                         f"k {k_BxSxKxDh.shape}")
     if causal and T > S:
         raise ValueError(f"causal attention aligns the last query with the last key, so it needs T <= S; got "
                          f"T = {T}, S = {S}")
-    if not (q_BxTxHxD.dtype == k_BxSxKxD.dtype == v_BxSxKxD.dtype):
-        raise ValueError(f"q, k, v must share a dtype; got {q_BxTxHxD.dtype}, {k_BxSxKxD.dtype}, "
-                         f"{v_BxSxKxD.dtype}")
-    static = _Static(causal=bool(causal), scale=float(D ** -0.5 if scale is None else scale), q_len=T, kv_len=S,
-                     blocks=block_sizes or default_block_sizes(D), interpret=bool(interpret))
+    if not (q_BxTxHxDh.dtype == k_BxSxKxDh.dtype == v_BxSxKxDh.dtype):
+        raise ValueError(f"q, k, v must share a dtype; got {q_BxTxHxDh.dtype}, {k_BxSxKxDh.dtype}, "
+                         f"{v_BxSxKxDh.dtype}")
+    static = _Static(causal=bool(causal), scale=float(Dh ** -0.5 if scale is None else scale), q_len=T, kv_len=S,
+                     blocks=block_sizes or default_block_sizes(Dh), interpret=bool(interpret))
     with triton_deprecation_ignored():
-        return _flash(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, static)
+        return _flash(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, static)
 
 
-def flash_attention_block_grads(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array,
-                                do_BxTxHxD: jax.Array, lse_BxHxT: jax.Array, delta_BxHxT: jax.Array, *,
+def flash_attention_block_grads(q_BxTxHxDh: jax.Array, k_BxSxKxDh: jax.Array, v_BxSxKxDh: jax.Array,
+                                do_BxTxHxDh: jax.Array, lse_BxHxT: jax.Array, delta_BxHxT: jax.Array, *,
                                 causal: bool = True, scale: float | None = None,
                                 block_sizes: BlockSizes | None = None, interpret: bool = False
                                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -129,43 +148,43 @@ def flash_attention_block_grads(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_Bx
     given the whole attention's lse [B, H, T] and delta = rowsum(dO * O) - dlse [B, H, T] (float32). Summed
     over the blocks they give the gradients of the whole; this is how ring attention's backward runs without
     keeping the blocks it saw. dq is in q's dtype, dk and dv in k's."""
-    (_, T, _, D), S = q_BxTxHxD.shape, k_BxSxKxD.shape[1]
-    static = _Static(causal=bool(causal), scale=float(D ** -0.5 if scale is None else scale), q_len=T, kv_len=S,
-                     blocks=block_sizes or default_block_sizes(D), interpret=bool(interpret))
-    t, s, d = _padded_dims(static, D)
+    (_, T, _, Dh), S = q_BxTxHxDh.shape, k_BxSxKxDh.shape[1]
+    static = _Static(causal=bool(causal), scale=float(Dh ** -0.5 if scale is None else scale), q_len=T, kv_len=S,
+                     blocks=block_sizes or default_block_sizes(Dh), interpret=bool(interpret))
+    t, s, d = _padded_dims(static, Dh)
     rows = {2: t}
     with triton_deprecation_ignored():
-        dq, dk, dv = _backward(_pad_to(q_BxTxHxD, {1: t, 3: d}), _pad_to(k_BxSxKxD, {1: s, 3: d}),
-                               _pad_to(v_BxSxKxD, {1: s, 3: d}), _pad_to(do_BxTxHxD.astype(q_BxTxHxD.dtype),
+        dq, dk, dv = _backward(_pad_to(q_BxTxHxDh, {1: t, 3: d}), _pad_to(k_BxSxKxDh, {1: s, 3: d}),
+                               _pad_to(v_BxSxKxDh, {1: s, 3: d}), _pad_to(do_BxTxHxDh.astype(q_BxTxHxDh.dtype),
                                                                          {1: t, 3: d}),
                                _pad_to(lse_BxHxT, rows), _pad_to(delta_BxHxT, rows), static)
-    return dq[:, :T, :, :D], dk[:, :S, :, :D], dv[:, :S, :, :D]
+    return dq[:, :T, :, :Dh], dk[:, :S, :, :Dh], dv[:, :S, :, :Dh]
 
 
-def flash_attention_reference(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, *,
+def flash_attention_reference(q_BxTxHxDh: jax.Array, k_BxSxKxDh: jax.Array, v_BxSxKxDh: jax.Array, *,
                               causal: bool = True, scale: float | None = None, block_sizes: BlockSizes | None = None,
                               interpret: bool = False) -> tuple[jax.Array, jax.Array]:
     """The kernel's pure-JAX reference, same signature (tiles and interpret ignored): dense float32 scores, the
     same causal alignment, (out in q's dtype, lse [B, H, T] float32)."""
     del block_sizes, interpret
-    B, T, H, D = q_BxTxHxD.shape
-    S, K = k_BxSxKxD.shape[1], k_BxSxKxD.shape[2]
-    scale = D ** -0.5 if scale is None else scale
-    q_BxTxKxGxD = q_BxTxHxD.reshape(B, T, K, H // K, D)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxSxKxD, preferred_element_type=jnp.float32,
+    B, T, H, Dh = q_BxTxHxDh.shape
+    S, K = k_BxSxKxDh.shape[1], k_BxSxKxDh.shape[2]
+    scale = Dh ** -0.5 if scale is None else scale
+    q_BxTxKxGxDh = q_BxTxHxDh.reshape(B, T, K, H // K, Dh)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxDh, k_BxSxKxDh, preferred_element_type=jnp.float32,
                         precision=jax.lax.Precision.HIGHEST) * scale
     if causal:
         scores = jnp.where(jnp.arange(T)[:, None] + (S - T) >= jnp.arange(S)[None, :], scores, -jnp.inf)
     lse_BxKxGxT = jax.nn.logsumexp(scores, axis=-1)
     probs = jnp.exp(scores - lse_BxKxGxT[..., None])
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxD.astype(jnp.float32),
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxDh.astype(jnp.float32),
                      precision=jax.lax.Precision.HIGHEST)
-    return out.reshape(B, T, H, D).astype(q_BxTxHxD.dtype), lse_BxKxGxT.reshape(B, H, T)
+    return out.reshape(B, T, H, Dh).astype(q_BxTxHxDh.dtype), lse_BxKxGxT.reshape(B, H, T)
 
 
 def merge_blocks(out_a: jax.Array, lse_a: jax.Array, out_b: jax.Array, lse_b: jax.Array
                  ) -> tuple[jax.Array, jax.Array]:
-    """Attention over two disjoint key blocks from each block's (out [B, T, H, D], lse [B, H, T]): the softmax
+    """Attention over two disjoint key blocks from each block's (out [B, T, H, Dh], lse [B, H, T]): the softmax
     over their union, as ring attention combines the blocks it receives. Differentiable (through both lse). The
     merged out is float32 whatever the inputs' dtype, so a chain of merges does not round at every step; cast
     once at the end."""
@@ -183,7 +202,7 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 def _padded_dims(static: _Static, head_dim: int) -> tuple[int, int, int]:
-    """(T, S, D) after padding: whole tiles of both the forward's and the backward's sizes, D a power of two."""
+    """(T, S, Dh) after padding: whole tiles of both the forward's and the backward's sizes, Dh a power of two."""
     b = static.blocks
     t = _round_up(static.q_len, max(b.block_q, b.block_q_bwd))
     s = _round_up(static.kv_len, max(b.block_k, b.block_k_bwd))
@@ -205,15 +224,15 @@ def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
                                precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
 
 
-def _mask(s_QxK: jax.Array, q_start, k_start, static: _Static) -> jax.Array:
+def _mask(s_TqxSk: jax.Array, q_start, k_start, static: _Static) -> jax.Array:
     """-inf where key k_start + j is invisible to query q_start + i (past the diagonal, or a padded key)."""
-    bq, bk = s_QxK.shape
+    bq, bk = s_TqxSk.shape
     q_pos = q_start + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
     k_pos = k_start + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
     visible = k_pos < static.kv_len
     if static.causal:
         visible = visible & (k_pos <= q_pos + static.offset)
-    return jnp.where(visible, s_QxK, -jnp.inf)
+    return jnp.where(visible, s_TqxSk, -jnp.inf)
 
 
 def _kv_blocks(q_start, bq: int, bk: int, n_kv: int, static: _Static):
@@ -229,61 +248,61 @@ def _kv_blocks(q_start, bq: int, bk: int, n_kv: int, static: _Static):
 def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, static: _Static):
     bq, bk = static.blocks.block_q, static.blocks.block_k
     q_start = pl.program_id(2) * bq
-    q_QxD = q_ref[...]
+    q_TqxDh = q_ref[...]
     whole, needed = _kv_blocks(q_start, bq, bk, k_ref.shape[0] // bk, static)
 
     def body(masked: bool):
         def step(j, carry):
-            m_Q, l_Q, acc_QxD = carry
-            k_KxD = k_ref[pl.ds(j * bk, bk), :]
-            v_KxD = v_ref[pl.ds(j * bk, bk), :]
-            s_QxK = _dot(q_QxD, k_KxD, (1, 1)) * static.scale
+            m_Tq, l_Tq, acc_TqxDh = carry
+            k_SkxDh = k_ref[pl.ds(j * bk, bk), :]
+            v_SkxDh = v_ref[pl.ds(j * bk, bk), :]
+            s_TqxSk = _dot(q_TqxDh, k_SkxDh, (1, 1)) * static.scale
             if masked:
-                s_QxK = _mask(s_QxK, q_start, j * bk, static)
-            m_new = jnp.maximum(m_Q, jnp.max(s_QxK, axis=1))  # finite: key 0 is visible to every query
-            p_QxK = jnp.exp(s_QxK - m_new[:, None])
-            alpha_Q = jnp.exp(m_Q - m_new)
-            acc_QxD = alpha_Q[:, None] * acc_QxD + _dot(p_QxK.astype(v_KxD.dtype), v_KxD, (1, 0))
-            return m_new, alpha_Q * l_Q + jnp.sum(p_QxK, axis=1), acc_QxD
+                s_TqxSk = _mask(s_TqxSk, q_start, j * bk, static)
+            m_new = jnp.maximum(m_Tq, jnp.max(s_TqxSk, axis=1))  # finite: key 0 is visible to every query
+            p_TqxSk = jnp.exp(s_TqxSk - m_new[:, None])
+            alpha_Tq = jnp.exp(m_Tq - m_new)
+            acc_TqxDh = alpha_Tq[:, None] * acc_TqxDh + _dot(p_TqxSk.astype(v_SkxDh.dtype), v_SkxDh, (1, 0))
+            return m_new, alpha_Tq * l_Tq + jnp.sum(p_TqxSk, axis=1), acc_TqxDh
         return step
 
-    D = q_QxD.shape[1]
-    carry = (jnp.full((bq,), -jnp.inf, jnp.float32), jnp.zeros((bq,), jnp.float32), jnp.zeros((bq, D), jnp.float32))
+    Dh = q_TqxDh.shape[1]
+    carry = (jnp.full((bq,), -jnp.inf, jnp.float32), jnp.zeros((bq,), jnp.float32), jnp.zeros((bq, Dh), jnp.float32))
     carry = jax.lax.fori_loop(0, whole, body(False), carry)
-    m_Q, l_Q, acc_QxD = jax.lax.fori_loop(whole, needed, body(True), carry)
-    o_ref[...] = (acc_QxD / l_Q[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = m_Q + jnp.log(l_Q)
+    m_Tq, l_Tq, acc_TqxDh = jax.lax.fori_loop(whole, needed, body(True), carry)
+    o_ref[...] = (acc_TqxDh / l_Tq[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = m_Tq + jnp.log(l_Tq)
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, static: _Static):
     bq, bk = static.blocks.block_q_bwd, static.blocks.block_k_bwd
     q_start = pl.program_id(2) * bq
-    q_QxD, do_QxD = q_ref[...], do_ref[...]
-    lse_Q, delta_Q = lse_ref[...], delta_ref[...]
+    q_TqxDh, do_TqxDh = q_ref[...], do_ref[...]
+    lse_Tq, delta_Tq = lse_ref[...], delta_ref[...]
     whole, needed = _kv_blocks(q_start, bq, bk, k_ref.shape[0] // bk, static)
 
     def body(masked: bool):
-        def step(j, dq_QxD):
-            k_KxD = k_ref[pl.ds(j * bk, bk), :]
-            v_KxD = v_ref[pl.ds(j * bk, bk), :]
-            s_QxK = _dot(q_QxD, k_KxD, (1, 1)) * static.scale
+        def step(j, dq_TqxDh):
+            k_SkxDh = k_ref[pl.ds(j * bk, bk), :]
+            v_SkxDh = v_ref[pl.ds(j * bk, bk), :]
+            s_TqxSk = _dot(q_TqxDh, k_SkxDh, (1, 1)) * static.scale
             if masked:
-                s_QxK = _mask(s_QxK, q_start, j * bk, static)
-            p_QxK = jnp.exp(s_QxK - lse_Q[:, None])
-            ds_QxK = p_QxK * (_dot(do_QxD, v_KxD, (1, 1)) - delta_Q[:, None])
-            return dq_QxD + _dot(ds_QxK.astype(k_KxD.dtype), k_KxD, (1, 0))
+                s_TqxSk = _mask(s_TqxSk, q_start, j * bk, static)
+            p_TqxSk = jnp.exp(s_TqxSk - lse_Tq[:, None])
+            ds_TqxSk = p_TqxSk * (_dot(do_TqxDh, v_SkxDh, (1, 1)) - delta_Tq[:, None])
+            return dq_TqxDh + _dot(ds_TqxSk.astype(k_SkxDh.dtype), k_SkxDh, (1, 0))
         return step
 
-    dq_QxD = jnp.zeros(q_QxD.shape, jnp.float32)
-    dq_QxD = jax.lax.fori_loop(0, whole, body(False), dq_QxD)
-    dq_QxD = jax.lax.fori_loop(whole, needed, body(True), dq_QxD)
-    dq_ref[...] = (dq_QxD * static.scale).astype(dq_ref.dtype)
+    dq_TqxDh = jnp.zeros(q_TqxDh.shape, jnp.float32)
+    dq_TqxDh = jax.lax.fori_loop(0, whole, body(False), dq_TqxDh)
+    dq_TqxDh = jax.lax.fori_loop(whole, needed, body(True), dq_TqxDh)
+    dq_ref[...] = (dq_TqxDh * static.scale).astype(dq_ref.dtype)
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, static: _Static):
     bq, bk = static.blocks.block_q_bwd, static.blocks.block_k_bwd
     k_start = pl.program_id(2) * bk
-    k_KxD, v_KxD = k_ref[...], v_ref[...]
+    k_SkxDh, v_SkxDh = k_ref[...], v_ref[...]
     n_q = q_ref.shape[0] // bq
     if static.causal:  # query tiles before `first` see none of these keys; from `whole` on they see all
         first = jnp.maximum(k_start - static.offset, 0) // bq
@@ -296,26 +315,26 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
 
     def body(masked: bool):
         def step(i, carry):
-            dk_KxD, dv_KxD = carry
-            q_QxD = q_ref[pl.ds(i * bq, bq), :]
-            do_QxD = do_ref[pl.ds(i * bq, bq), :]
-            lse_Q = lse_ref[pl.ds(i * bq, bq)]
-            delta_Q = delta_ref[pl.ds(i * bq, bq)]
-            s_QxK = _dot(q_QxD, k_KxD, (1, 1)) * static.scale
+            dk_SkxDh, dv_SkxDh = carry
+            q_TqxDh = q_ref[pl.ds(i * bq, bq), :]
+            do_TqxDh = do_ref[pl.ds(i * bq, bq), :]
+            lse_Tq = lse_ref[pl.ds(i * bq, bq)]
+            delta_Tq = delta_ref[pl.ds(i * bq, bq)]
+            s_TqxSk = _dot(q_TqxDh, k_SkxDh, (1, 1)) * static.scale
             if masked:
-                s_QxK = _mask(s_QxK, i * bq, k_start, static)
-            p_QxK = jnp.exp(s_QxK - lse_Q[:, None])
-            dv_KxD = dv_KxD + _dot(p_QxK.astype(do_QxD.dtype), do_QxD, (0, 0))
-            ds_QxK = p_QxK * (_dot(do_QxD, v_KxD, (1, 1)) - delta_Q[:, None])
-            dk_KxD = dk_KxD + _dot(ds_QxK.astype(q_QxD.dtype), q_QxD, (0, 0))
-            return dk_KxD, dv_KxD
+                s_TqxSk = _mask(s_TqxSk, i * bq, k_start, static)
+            p_TqxSk = jnp.exp(s_TqxSk - lse_Tq[:, None])
+            dv_SkxDh = dv_SkxDh + _dot(p_TqxSk.astype(do_TqxDh.dtype), do_TqxDh, (0, 0))
+            ds_TqxSk = p_TqxSk * (_dot(do_TqxDh, v_SkxDh, (1, 1)) - delta_Tq[:, None])
+            dk_SkxDh = dk_SkxDh + _dot(ds_TqxSk.astype(q_TqxDh.dtype), q_TqxDh, (0, 0))
+            return dk_SkxDh, dv_SkxDh
         return step
 
-    zeros = jnp.zeros(k_KxD.shape, jnp.float32)
+    zeros = jnp.zeros(k_SkxDh.shape, jnp.float32)
     carry = jax.lax.fori_loop(first, whole, body(True), (zeros, zeros))
-    dk_KxD, dv_KxD = jax.lax.fori_loop(whole, n_q, body(False), carry)
-    dk_ref[...] = (dk_KxD * static.scale).astype(dk_ref.dtype)
-    dv_ref[...] = dv_KxD.astype(dv_ref.dtype)
+    dk_SkxDh, dv_SkxDh = jax.lax.fori_loop(whole, n_q, body(False), carry)
+    dk_ref[...] = (dk_SkxDh * static.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv_SkxDh.astype(dv_ref.dtype)
 
 
 # ----------------------------------------------------------------------------------------------- pallas calls
@@ -326,20 +345,20 @@ def _warps(n: int | None, head_dim: int) -> int:
 
 
 def _forward(q, k, v, static: _Static):
-    """Padded inputs -> padded (out [B, T, H, D], lse [B, H, T])."""
-    (B, T, H, D), K = q.shape, k.shape[2]
+    """Padded inputs -> padded (out [B, T, H, Dh], lse [B, H, T])."""
+    (B, T, H, Dh), K = q.shape, k.shape[2]
     G, S, b = H // K, k.shape[1], static.blocks
     bq = b.block_q
     return pl.pallas_call(
         functools.partial(_fwd_kernel, static=static),
         grid=(B, H, T // bq),
-        in_specs=[pl.BlockSpec((None, bq, None, D), lambda i, h, t: (i, t, h, 0)),
-                  pl.BlockSpec((None, S, None, D), lambda i, h, t: (i, 0, h // G, 0)),
-                  pl.BlockSpec((None, S, None, D), lambda i, h, t: (i, 0, h // G, 0))],
-        out_specs=[pl.BlockSpec((None, bq, None, D), lambda i, h, t: (i, t, h, 0)),
+        in_specs=[pl.BlockSpec((None, bq, None, Dh), lambda i, h, t: (i, t, h, 0)),
+                  pl.BlockSpec((None, S, None, Dh), lambda i, h, t: (i, 0, h // G, 0)),
+                  pl.BlockSpec((None, S, None, Dh), lambda i, h, t: (i, 0, h // G, 0))],
+        out_specs=[pl.BlockSpec((None, bq, None, Dh), lambda i, h, t: (i, t, h, 0)),
                    pl.BlockSpec((None, None, bq), lambda i, h, t: (i, h, t))],
-        out_shape=[jax.ShapeDtypeStruct((B, T, H, D), q.dtype), jax.ShapeDtypeStruct((B, H, T), jnp.float32)],
-        compiler_params=compiler_params(_warps(b.num_warps, D), b.num_stages),
+        out_shape=[jax.ShapeDtypeStruct((B, T, H, Dh), q.dtype), jax.ShapeDtypeStruct((B, H, T), jnp.float32)],
+        compiler_params=compiler_params(_warps(b.num_warps, Dh), b.num_stages),
         interpret=static.interpret,
         name="flash_attention_fwd",
     )(q, k, v)
@@ -347,12 +366,12 @@ def _forward(q, k, v, static: _Static):
 
 def _backward(q, k, v, do, lse, delta, static: _Static):
     """Padded inputs -> padded (dq, dk, dv)."""
-    (B, T, H, D), K = q.shape, k.shape[2]
+    (B, T, H, Dh), K = q.shape, k.shape[2]
     G, S, b = H // K, k.shape[1], static.blocks
     bq, bk = b.block_q_bwd, b.block_k_bwd
-    params = compiler_params(_warps(b.num_warps_bwd, D), b.num_stages_bwd)
-    q_tile = pl.BlockSpec((None, bq, None, D), lambda i, h, t: (i, t, h, 0))
-    kv_whole = pl.BlockSpec((None, S, None, D), lambda i, h, t: (i, 0, h // G, 0))
+    params = compiler_params(_warps(b.num_warps_bwd, Dh), b.num_stages_bwd)
+    q_tile = pl.BlockSpec((None, bq, None, Dh), lambda i, h, t: (i, t, h, 0))
+    kv_whole = pl.BlockSpec((None, S, None, Dh), lambda i, h, t: (i, 0, h // G, 0))
     row_tile = pl.BlockSpec((None, None, bq), lambda i, h, t: (i, h, t))
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, static=static),
@@ -365,9 +384,9 @@ def _backward(q, k, v, do, lse, delta, static: _Static):
         name="flash_attention_dq",
     )(q, k, v, do, lse, delta)
 
-    q_whole = pl.BlockSpec((None, T, None, D), lambda i, h, s: (i, 0, h, 0))
-    kv_tile = pl.BlockSpec((None, bk, None, D), lambda i, h, s: (i, s, h // G, 0))
-    dkv_tile = pl.BlockSpec((None, bk, None, D), lambda i, h, s: (i, s, h, 0))
+    q_whole = pl.BlockSpec((None, T, None, Dh), lambda i, h, s: (i, 0, h, 0))
+    kv_tile = pl.BlockSpec((None, bk, None, Dh), lambda i, h, s: (i, s, h // G, 0))
+    dkv_tile = pl.BlockSpec((None, bk, None, Dh), lambda i, h, s: (i, s, h, 0))
     row_whole = pl.BlockSpec((None, None, T), lambda i, h, s: (i, h, 0))
     dkv_dtype = k.dtype if G == 1 else jnp.float32  # per query head; summed over the group below
     dk, dv = pl.pallas_call(
@@ -375,14 +394,14 @@ def _backward(q, k, v, do, lse, delta, static: _Static):
         grid=(B, H, S // bk),
         in_specs=[q_whole, kv_tile, kv_tile, q_whole, row_whole, row_whole],
         out_specs=[dkv_tile, dkv_tile],
-        out_shape=[jax.ShapeDtypeStruct((B, S, H, D), dkv_dtype)] * 2,
+        out_shape=[jax.ShapeDtypeStruct((B, S, H, Dh), dkv_dtype)] * 2,
         compiler_params=params,
         interpret=static.interpret,
         name="flash_attention_dkv",
     )(q, k, v, do, lse, delta)
     if G > 1:
-        dk = dk.reshape(B, S, K, G, D).sum(axis=3).astype(k.dtype)
-        dv = dv.reshape(B, S, K, G, D).sum(axis=3).astype(v.dtype)
+        dk = dk.reshape(B, S, K, G, Dh).sum(axis=3).astype(k.dtype)
+        dv = dv.reshape(B, S, K, G, Dh).sum(axis=3).astype(v.dtype)
     return dq, dk, dv
 
 
@@ -396,11 +415,11 @@ def _flash(q, k, v, static: _Static):
 
 
 def _flash_fwd_padded(q, k, v, static: _Static):
-    (B, T, H, D) = q.shape
-    t, s, d = _padded_dims(static, D)
+    (B, T, H, Dh) = q.shape
+    t, s, d = _padded_dims(static, Dh)
     qp, kp, vp = _pad_to(q, {1: t, 3: d}), _pad_to(k, {1: s, 3: d}), _pad_to(v, {1: s, 3: d})
     out_p, lse_p = _forward(qp, kp, vp, static)
-    out, lse = out_p[:, :T, :, :D], lse_p[:, :, :T]
+    out, lse = out_p[:, :T, :, :Dh], lse_p[:, :, :T]
     return out, lse, (qp, kp, vp, out_p, lse_p)
 
 
@@ -412,13 +431,13 @@ def _flash_fwd(q, k, v, static: _Static):
 def _flash_bwd(static: _Static, residuals, cotangents):
     qp, kp, vp, out_p, lse_p = residuals
     d_out, d_lse = cotangents
-    T, D, S = d_out.shape[1], d_out.shape[3], static.kv_len
+    T, Dh, S = d_out.shape[1], d_out.shape[3], static.kv_len
     t, d = qp.shape[1], qp.shape[3]
     do_p = _pad_to(d_out.astype(qp.dtype), {1: t, 3: d})
     delta_BxTxH = jnp.sum(out_p.astype(jnp.float32) * do_p.astype(jnp.float32), axis=-1)
     delta_BxHxT = jnp.transpose(delta_BxTxH, (0, 2, 1)) - _pad_to(d_lse.astype(jnp.float32), {2: t})
     dq, dk, dv = _backward(qp, kp, vp, do_p, lse_p, delta_BxHxT, static)
-    return dq[:, :T, :, :D], dk[:, :S, :, :D], dv[:, :S, :, :D]
+    return dq[:, :T, :, :Dh], dk[:, :S, :, :Dh], dv[:, :S, :, :Dh]
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
