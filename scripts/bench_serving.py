@@ -31,7 +31,9 @@ compilation cache, on by default: see scripts/common.py), `engine_compile_s` (th
 
 `--peer hf` serves the same requests with transformers (scripts/hf_peer.py: the same weights through
 `save_hf`/`from_pretrained`, float32 on the CPU, static batches of `--max-running`, left padding, greedy, EOS off)
-at rate inf, and prints a last line comparing useful output tokens/s (each request's own tokens only, not its
+at rate inf (torch's threads: `--hf-threads`, by default the faster of one and torch's default on the warm-up
+batch: on a busy 2-core machine two OpenMP threads ran a forward 10x slower than one), and prints a last line
+comparing useful output tokens/s (each request's own tokens only, not its
 batch's padding) of the engine and HF, their ratio, and how many requests got the same greedy tokens from both.
 """
 
@@ -97,6 +99,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--servers", default="engine,static", help="comma-separated: engine, static, hf")
     p.add_argument("--peer", choices=("hf",), help="also serve the workload with this peer (hf: transformers "
                                                    "generate, static batches of --max-running; at rate inf)")
+    p.add_argument("--hf-threads", default="auto",
+                   help="torch threads of the hf peer: a number, or auto (the faster of 1 and torch's default on "
+                        "the warm-up batch)")
     p.add_argument("--tokens-out", help="write every request's output tokens here (JSONL: server, rate, id, "
                                         "token_ids)")
     p.add_argument("--shared-prefix", type=int, default=0, help="tokens every prompt starts with")
@@ -216,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             if name == "hf":
                 if arrivals is not None:
                     continue
-                result = serve_hf(model, requests, static_batch)
+                result = serve_hf(model, requests, static_batch, args.hf_threads)
             else:
                 if name == "engine":
                     server = Engine(model, serve_cfg)
@@ -256,21 +261,31 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def serve_hf(model, requests: list, batch_size: int) -> dict:
-    """The transformers peer's row (scripts/hf_peer.py): useful tokens only, as the engine's."""
+def serve_hf(model, requests: list, batch_size: int, threads: str) -> dict:
+    """The transformers peer's row (scripts/hf_peer.py): useful tokens only, as the engine's. `threads` "auto" times
+    the warm-up batch with one thread and with torch's default and keeps the faster: on a busy machine torch's
+    OpenMP threads can be several times slower than one (they wait on each other), and the peer should be at its
+    best."""
     from scripts.hf_peer import HFPeer
 
     peer = HFPeer(model)
     prompts = [list(r.prompt_ids) for r in requests]
     lengths = [r.max_new_tokens for r in requests]
-    peer.generate_batch(prompts[:min(batch_size, len(prompts))], 2)  # warm-up: first-call costs out of the clock
+    warm = prompts[:min(batch_size, len(prompts))]
+    tried: dict[int, float] = {}
+    for n in sorted({1, peer.torch.get_num_threads()}) if threads == "auto" else [int(threads)]:
+        peer.torch.set_num_threads(n)
+        peer.generate_batch(warm, 2)  # warm-up: first-call costs out of the clock
+        start = time.perf_counter()
+        peer.generate_batch(warm, 2)
+        tried[n] = round(time.perf_counter() - start, 3)
+    peer.torch.set_num_threads(min(tried, key=tried.get))
     result = peer.serve(prompts, lengths, batch_size)
     useful = sum(len(t) for t in result.token_ids)
     return {"server": "hf", "requests": len(requests), "output_tokens": useful, "seconds": round(result.seconds, 2),
             "tokens_per_s": round(useful / result.seconds, 1), "generated_tokens": result.padded_tokens,
             "batches": result.batches, "load_s": round(result.load_s, 3), "torch_threads": peer.torch.get_num_threads(),
-            "_tokens": result.token_ids}
-
+            "warm_batch_s_by_threads": tried, "_tokens": result.token_ids}
 
 if __name__ == "__main__":
     sys.exit(main())
