@@ -245,6 +245,17 @@ def _kv_blocks(q_start, bq: int, bk: int, n_kv: int, static: _Static):
     return jnp.minimum(whole, static.kv_len // bk), needed
 
 
+def _key_tile_scores(q_TqxDh, k_ref, v_ref, q_start, j, bk: int, masked: bool, static: _Static):
+    """Key/value tile j of this kv head and the query tile's scaled scores against it (masked where needed):
+    what the forward and the dQ kernels both start each step with."""
+    k_SkxDh = k_ref[pl.ds(j * bk, bk), :]
+    v_SkxDh = v_ref[pl.ds(j * bk, bk), :]
+    s_TqxSk = _dot(q_TqxDh, k_SkxDh, (1, 1)) * static.scale
+    if masked:
+        s_TqxSk = _mask(s_TqxSk, q_start, j * bk, static)
+    return k_SkxDh, v_SkxDh, s_TqxSk
+
+
 def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, static: _Static):
     bq, bk = static.blocks.block_q, static.blocks.block_k
     q_start = pl.program_id(2) * bq
@@ -254,11 +265,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, static: _Static):
     def body(masked: bool):
         def step(j, carry):
             m_Tq, l_Tq, acc_TqxDh = carry
-            k_SkxDh = k_ref[pl.ds(j * bk, bk), :]
-            v_SkxDh = v_ref[pl.ds(j * bk, bk), :]
-            s_TqxSk = _dot(q_TqxDh, k_SkxDh, (1, 1)) * static.scale
-            if masked:
-                s_TqxSk = _mask(s_TqxSk, q_start, j * bk, static)
+            k_SkxDh, v_SkxDh, s_TqxSk = _key_tile_scores(q_TqxDh, k_ref, v_ref, q_start, j, bk, masked, static)
             m_new = jnp.maximum(m_Tq, jnp.max(s_TqxSk, axis=1))  # finite: key 0 is visible to every query
             p_TqxSk = jnp.exp(s_TqxSk - m_new[:, None])
             alpha_Tq = jnp.exp(m_Tq - m_new)
@@ -283,11 +290,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, stati
 
     def body(masked: bool):
         def step(j, dq_TqxDh):
-            k_SkxDh = k_ref[pl.ds(j * bk, bk), :]
-            v_SkxDh = v_ref[pl.ds(j * bk, bk), :]
-            s_TqxSk = _dot(q_TqxDh, k_SkxDh, (1, 1)) * static.scale
-            if masked:
-                s_TqxSk = _mask(s_TqxSk, q_start, j * bk, static)
+            k_SkxDh, v_SkxDh, s_TqxSk = _key_tile_scores(q_TqxDh, k_ref, v_ref, q_start, j, bk, masked, static)
             p_TqxSk = jnp.exp(s_TqxSk - lse_Tq[:, None])
             ds_TqxSk = p_TqxSk * (_dot(do_TqxDh, v_SkxDh, (1, 1)) - delta_Tq[:, None])
             return dq_TqxDh + _dot(ds_TqxSk.astype(k_SkxDh.dtype), k_SkxDh, (1, 0))
