@@ -52,6 +52,7 @@ from scripts.common import (
 from scripts.serve_flags import add_serve_args
 from scripts.stream_text import StreamPrinter
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 DEFAULT_PROMPTS = ["def ", "import os\n", "class Stack:\n    def __init__(self", "if __name__ == "]
 
 
@@ -95,6 +96,8 @@ def load(args: argparse.Namespace):
     from model.hf import load_hf
 
     model = load_hf(args.hf)
+    if not any((Path(args.hf) / name).exists() for name in TOKENIZER_FILES):
+        return model, None, None, ()  # token-id prompts only (and no seconds spent importing transformers)
     try:
         from transformers import AutoTokenizer
 
@@ -279,6 +282,7 @@ def serve_and_report(args: argparse.Namespace, serve_cfg, cache_dir: str | None,
     since_start = f" (first token {first_token_s:.1f} s after the process started)" if first_token_s else ""
     print(f"{summary['server']}: {len(results)} requests ({errors} errors), {n_tokens} output tokens in "
           f"{seconds:.2f} s = {n_tokens / seconds:.1f} tokens/s{since_start}; load {load_s:.2f} s, "
+          f"setup (KV cache{', warm-up' if args.warmup else ''}) {setup_s:.2f} s, "
           f"compile {compile_s:.2f} s ({summary['compiles']} compiles, {summary['cache_hits']} from the "
           f"compilation cache {cache_dir or '(off)'})", file=sys.stderr)
     print("summary: " + json.dumps(summary), file=sys.stderr)
