@@ -6,9 +6,10 @@ declared context, and time to the first token from process start with a cold and
 
 `steps`: for each context the same weights serve `--rows` requests of `--prompt` tokens; once all are decoding,
 `--decode-steps` steps are timed (median, and the host's share: scheduling, input building and output handling).
-`startup`: runs `first-token` twice in fresh processes sharing one new compilation cache directory (cold, then
-warm) and reports the seconds from spawning each process to its first output token, with the child's own split
-into imports, model build, and compile.
+`startup`: saves the weights as a Hugging Face directory, then runs `first-token` twice in fresh processes sharing
+one new compilation cache directory (cold, then warm) and reports the seconds from spawning each process to its
+first output token (a 32-token prompt), with the child's own split into imports, weight loading (`load_hf`) and
+compiling.
 """
 
 from __future__ import annotations
@@ -61,18 +62,17 @@ def bench_steps(contexts: list[int], rows: int, prompt: int, decode_steps: int, 
     return results
 
 
-def first_token(cache_dir: str) -> dict:
-    imported = time.perf_counter()
+def first_token(cache_dir: str, weights: str) -> dict:
     import jax
 
     jax.config.update("jax_compilation_cache_dir", cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    from model.transformer import create_model
+    from model.hf import load_hf
     from serve.engine import Engine, Request, ServeConfig
 
     imported = time.perf_counter()
-    model = create_model(smollm2_135m_shape(), seed=0)
+    model = load_hf(weights)
     jax.block_until_ready(jax.tree.leaves(model))
     built = time.perf_counter()
     engine = Engine(model, ServeConfig(max_running=4))
@@ -80,17 +80,22 @@ def first_token(cache_dir: str) -> dict:
     while not engine.step():
         pass
     first = time.perf_counter()
-    return {"imports_s": round(imported - PROCESS_START, 2), "model_build_s": round(built - imported, 2),
+    return {"imports_s": round(imported - PROCESS_START, 2), "load_s": round(built - imported, 2),
             "compile_s": round(engine.compile_s, 2), "first_token_s": round(first - PROCESS_START, 2)}
 
 
 def startup() -> list[dict]:
+    from model.hf import save_hf
+    from model.transformer import create_model
+
     results = []
-    with tempfile.TemporaryDirectory() as cache_dir:
+    with tempfile.TemporaryDirectory() as cache_dir, tempfile.TemporaryDirectory() as weights:
+        save_hf(create_model(smollm2_135m_shape(), seed=0), weights)
         for label in ("cold", "warm"):
             spawned = time.perf_counter()
             out = subprocess.run([sys.executable, "-m", "scripts.bench_engine", "first-token", "--cache-dir",
-                                  cache_dir], check=True, capture_output=True, text=True).stdout
+                                  cache_dir, "--weights", weights], check=True, capture_output=True,
+                                 text=True).stdout
             child = json.loads(out.strip().splitlines()[-1])
             results.append({"cache": label, "first_token_from_spawn_s": round(time.perf_counter() - spawned, 2),
                             **child})
@@ -109,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("startup")
     f = sub.add_parser("first-token")
     f.add_argument("--cache-dir", required=True)
+    f.add_argument("--weights", required=True, help="a Hugging Face model directory")
     args = p.parse_args(argv)
     if args.mode == "steps":
         overrides = {k.removeprefix("serve."): int(v) for k, v in (o.split("=", 1) for o in args.overrides)}
@@ -117,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.mode == "startup":
         rows = startup()
     else:
-        rows = [first_token(args.cache_dir)]
+        rows = [first_token(args.cache_dir, args.weights)]
     for row in rows:
         print(json.dumps(row))
     return 0

@@ -45,4 +45,10 @@ def sample_rows(logits_BxV: jax.Array, seeds_B: jax.Array, counters_B: jax.Array
         drawn = jax.random.categorical(key, masked_V)
         return jnp.where(temperature == 0, jnp.argmax(logits_V), drawn).astype(jnp.int32)
 
-    return jax.vmap(one)(logits_BxV, seeds_B, counters_B, temperature_B, top_k_B, top_p_B)
+    def drawn() -> jax.Array:
+        return jax.vmap(one)(logits_BxV, seeds_B, counters_B, temperature_B, top_k_B, top_p_B)
+
+    # An all-greedy batch (the common case) skips the per-row sort of the vocabulary: on a CPU that sort costs as
+    # much as a small model's forward pass.
+    greedy_B = jnp.argmax(logits_BxV.astype(jnp.float32), axis=-1).astype(jnp.int32)
+    return jax.lax.cond(jnp.any(temperature_B != 0), drawn, lambda: greedy_B)
