@@ -29,6 +29,7 @@ demo: $(VENV)/.installed
 # The packages' dependency direction: pyproject.toml's import-linter contracts (seconds).
 lint: $(VENV)/.installed-dev
 	$(BIN)/lint-imports
+	$(BIN)/ruff check .
 
 # The fast suite, one worker per core (pytest-xdist), slowest 15 listed; docs/BENCHMARKS.md has its time beside the
 # machine's speed (the matmul GFLOP/s in pytest's header). `make test-slow` runs the real-model and whole-run tests
