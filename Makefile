@@ -26,7 +26,7 @@ demo: $(VENV)/.installed
 	$(BIN)/python -m scripts.train $(DEMO_ARGS) --out $(DEMO_OUT)
 	$(BIN)/python -m scripts.generate --run $(DEMO_OUT)
 
-# The packages' dependency direction: pyproject.toml's import-linter contracts (seconds).
+# The packages' dependency direction (pyproject.toml's import-linter contracts) and ruff: seconds.
 lint: $(VENV)/.installed-dev
 	$(BIN)/lint-imports
 	$(BIN)/ruff check .

@@ -55,7 +55,8 @@ def add_serve_args(p: argparse.ArgumentParser, *, other_sections: str = "") -> N
                    help=f"tokens per engine step at most: = --set serve.token_budget "
                         f"(default {serve_default('token_budget')})")
     p.add_argument("--kv-pages", type=int,
-                   help="KV cache pages: = --set serve.num_pages (default: enough for --max-running full contexts)")
+                   help="KV cache pages: = --set serve.num_pages (default: enough for --max-running full contexts, "
+                        "up to 2 GiB)")
     p.add_argument("--decode-impl", choices=decode_impls(),
                    help=f"= --set serve.decode_impl (default {serve_default('decode_impl')})")
 

@@ -44,6 +44,7 @@ from serve.scheduler import Schedule, ScheduledChunk, Scheduler, SchedulerConfig
 from serve.step_batch import Row, SamplingInputs, StepInputs, StepLayout, bucket, build_step, tiles_for
 
 TokenCallback = Callable[[str, int], None]
+DEFAULT_KV_BYTES = 2 << 30  # the default cache's cap: 16 full 8,192-token contexts of a 135M model would be 6 GB
 
 
 def request_problem(request: Request, model_cfg: ModelConfig) -> str | None:
@@ -65,7 +66,8 @@ def request_problem(request: Request, model_cfg: ModelConfig) -> str | None:
 @dataclasses.dataclass(frozen=True)
 class ServeConfig:
     """Engine settings. The cache holds `num_pages` pages, or as many as `memory_bytes` or `memory_fraction` of
-    free device memory buys; with none given, enough for `max_running` sequences of the model's full context.
+    free device memory buys; with none given, enough for `max_running` sequences of the model's full context, up to
+    `DEFAULT_KV_BYTES` (beyond that, sequences share the pages and the scheduler preempts when they run out).
     `prefix_caching` lets a request reuse the K/V pages of full blocks an earlier request computed for the same
     prefix (a shared system prompt, a multi-turn chat), so its prefill starts after them. `overlap` reads each
     step's tokens back while the next step runs (see the module docstring). `decode_impl` "auto" is
@@ -182,7 +184,8 @@ class Engine:
             num_pages = pages_for_budget(mc, cfg.page_size, memory_bytes=cfg.memory_bytes,
                                          memory_fraction=cfg.memory_fraction)
         else:
-            num_pages = 1 + cfg.max_running * self.max_pages_per_seq
+            full = 1 + cfg.max_running * self.max_pages_per_seq
+            num_pages = min(full, pages_for_budget(mc, cfg.page_size, memory_bytes=DEFAULT_KV_BYTES))
         self.cache_shape = CacheShape.for_model(mc, cfg.page_size, num_pages)
         self.cache = init_cache(self.cache_shape)
         self.allocator = BlockAllocator(num_pages)
