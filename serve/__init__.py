@@ -1,1 +1,5 @@
-"""How a model ANSWERS: generation (the paged engine arrives with the serving issue)."""
+"""How a model ANSWERS: requests and their state (`request`, `request_checks`), the paged KV cache and its page
+allocator with prefix caching (`kv_cache`, `block_allocator`), the scheduler (`scheduler`), one step's flat ragged
+batch and its attention (`step_batch`, `ragged_attention`, the Pallas decode kernel in `kernels/`), the model step
+over the cache (`forward`), sampling (`sampling`), the continuous-batching engine (`engine`), static batching, the
+baseline (`static`), the cache-free reference decoder (`naive`), and prompt files (`prompts`)."""
