@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from model.checks import check_bool, check_ints, check_one_of
 from model.config import ModelConfig
 from model.kernels.triton import triton_deprecation_ignored
 from model.transformer import for_inference
@@ -89,17 +90,12 @@ class ServeConfig:
     overlap: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("page_size", "max_running", "token_budget", "prefill_tile", "min_context_bucket"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"serve.{name} must be a positive integer, got {value!r}")
+        check_ints("serve.", self, ("page_size", "max_running", "token_budget", "prefill_tile", "min_context_bucket"))
         if sum(x is not None for x in (self.num_pages, self.memory_bytes, self.memory_fraction)) > 1:
             raise ValueError("give at most one of serve.num_pages, serve.memory_bytes, serve.memory_fraction")
         for name in ("prefix_caching", "overlap"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"serve.{name} must be true or false, got {getattr(self, name)!r}")
-        if self.decode_impl not in DECODE_IMPLS:
-            raise ValueError(f"serve.decode_impl must be one of {DECODE_IMPLS}, got {self.decode_impl!r}")
+            check_bool(f"serve.{name}", getattr(self, name))
+        check_one_of("serve.decode_impl", self.decode_impl, DECODE_IMPLS)
 
 
 def _device_step(graphdef: nnx.GraphDef, decode_impl: str, params: nnx.State, cache: KVCache,

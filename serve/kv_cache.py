@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from model.checks import check_ints
 from model.config import ModelConfig
 
 
@@ -44,10 +45,7 @@ class CacheShape:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        for name in ("n_layers", "n_kv_heads", "head_dim", "page_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"cache {name} must be a positive integer, got {value!r}")
+        check_ints("cache ", self, ("n_layers", "n_kv_heads", "head_dim", "page_size"))
         if not isinstance(self.num_pages, int) or self.num_pages < 2:
             raise ValueError(f"the KV cache needs at least 2 pages (page 0 is reserved), got {self.num_pages!r}")
 

@@ -32,6 +32,7 @@ import itertools
 import math
 from collections import deque
 
+from model.checks import check_bool, check_int, check_ints
 from serve.block_allocator import BlockAllocator, block_keys
 from serve.request import PENDING, RequestState
 
@@ -87,14 +88,10 @@ class SchedulerConfig:
     prefix_caching: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("page_size", "max_running", "token_budget", "max_prefill_chunk"):
-            value = getattr(self, name)
-            if name == "max_prefill_chunk" and value is None:
-                continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"scheduler.{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.prefix_caching, bool):
-            raise ValueError(f"scheduler.prefix_caching must be true or false, got {self.prefix_caching!r}")
+        check_ints("scheduler.", self, ("page_size", "max_running", "token_budget"))
+        if self.max_prefill_chunk is not None:
+            check_int("scheduler.max_prefill_chunk", self.max_prefill_chunk)
+        check_bool("scheduler.prefix_caching", self.prefix_caching)
 
 
 class Scheduler:
