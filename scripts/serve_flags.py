@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import types
 import typing
 from typing import Any
+
+from train.config import parse_value
 
 SHORTHANDS = {"page_size": "--page-size", "max_running": "--max-running", "token_budget": "--token-budget",
               "num_pages": "--kv-pages", "decode_impl": "--decode-impl"}
@@ -59,34 +60,6 @@ def add_serve_args(p: argparse.ArgumentParser, *, other_sections: str = "") -> N
                         "up to 2 GiB)")
     p.add_argument("--decode-impl", choices=decode_impls(),
                    help=f"= --set serve.decode_impl (default {serve_default('decode_impl')})")
-
-
-def parse_value(text: str, annotation: Any, key: str) -> Any:
-    """`text` as a value of the declared type `annotation` (int, float, bool, str, or optional of those)."""
-    hint, optional = annotation, False
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        optional, hint = len(args) < len(typing.get_args(hint)), args[0]
-    if optional and text.strip().lower() in ("none", "null"):
-        return None
-    text = text.strip()
-    try:
-        if hint is bool:
-            if text.lower() in ("true", "1", "yes", "on"):
-                return True
-            if text.lower() in ("false", "0", "no", "off"):
-                return False
-            raise ValueError
-        if hint is int:
-            return int(text)
-        if hint is float:
-            return float(text)
-        if hint is str:
-            return text
-    except ValueError:
-        kind = hint.__name__ + (" or none" if optional else "")
-        raise ValueError(f"--set {key}={text}: expected a value of type {kind}") from None
-    raise ValueError(f"--set {key}: a field of type {annotation} cannot be set from the command line")
 
 
 def split_overrides(items: list[str], sections: tuple[str, ...] = ("serve",)) -> dict[str, list[str]]:

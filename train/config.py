@@ -107,13 +107,14 @@ class RunConfig:
                    mesh=mesh)
 
 
-def _parse_value(text: str, annotation: Any, key: str) -> Any:
-    """Parse `text` as the field's declared type (int, float, bool, str, or optional of those)."""
-    hint = annotation
-    optional = False
+def parse_value(text: str, annotation: Any, key: str) -> Any:
+    """`text` as a value of the declared type `annotation` (int, float, bool, str, or optional of those): the one
+    parser of every `--set section.field=value` (train, model, mesh here; serve in scripts/serve_flags.py)."""
+    hint, optional = annotation, False
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         optional, hint = len(args) < len(typing.get_args(hint)), args[0]
+    text = text.strip()
     if optional and text.lower() in ("none", "null", ""):
         return None
     try:
@@ -127,9 +128,10 @@ def _parse_value(text: str, annotation: Any, key: str) -> Any:
             return int(text)
         if hint is float:
             return float(text)
-        return text
+        return text  # str, or a type the config's own validation checks
     except ValueError:
-        raise ValueError(f"--set {key}={text}: expected a value of type {hint.__name__}") from None
+        kind = hint.__name__ + (" or none" if optional else "")
+        raise ValueError(f"--set {key}={text}: expected a value of type {kind}") from None
 
 
 def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
@@ -149,12 +151,12 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
         if field not in hints or bool(dot) != dataclasses.is_dataclass(hints[field]):
             raise ValueError(f"--set {item!r}: unknown key {key!r}; {section} keys are {sorted(hints)}")
         if not dot:
-            changes[section][field] = _parse_value(text.strip(), hints[field], key)
+            changes[section][field] = parse_value(text.strip(), hints[field], key)
             continue
         nested = changes[section].get(field, getattr(sections[section], field))  # e.g. model.moe.n_experts
         sub_hints = typing.get_type_hints(type(nested))
         if subfield not in sub_hints:
             raise ValueError(f"--set {item!r}: unknown key {key!r}; {section}.{field} keys are {sorted(sub_hints)}")
         changes[section][field] = dataclasses.replace(
-            nested, **{subfield: _parse_value(text.strip(), sub_hints[subfield], key)})
+            nested, **{subfield: parse_value(text.strip(), sub_hints[subfield], key)})
     return RunConfig(**{name: dataclasses.replace(sections[name], **changes[name]) for name in SECTIONS})
