@@ -141,6 +141,8 @@ def test_streaming_and_stop_tokens(overlap):
 def test_sample_rows_follows_each_rows_parameters():
     from serve.sampling import sample_rows
 
+    sample_rows = jax.jit(sample_rows)  # one compile for the 31 calls below, not one trace of each op per call
+
     logits = jax.random.normal(jax.random.key(0), (4, 50)) * 3
     greedy = np.asarray(jnp.argmax(logits, -1))
     args = (jnp.array([1, 2, 3, 4], jnp.uint32), jnp.zeros(4, jnp.int32))
