@@ -40,7 +40,7 @@ from serve.kv_cache import CacheShape, KVCache, init_cache, pages_for_budget
 from serve.ragged_attention import DECODE_IMPLS, resolve_decode_impl
 from serve.request import PENDING, Completion, Request, RequestState, SamplingParams
 from serve.request_checks import RequestError
-from serve.sampling import sample_rows
+from serve.sampling import sample_rows, token_logprobs
 from serve.scheduler import Schedule, ScheduledChunk, Scheduler, SchedulerConfig
 from serve.step_batch import Row, SamplingInputs, StepInputs, StepLayout, bucket, build_step, tiles_for
 
@@ -58,8 +58,8 @@ def request_problem(request: Request, model_cfg: ModelConfig) -> str | None:
         return f"sampling must be a SamplingParams, got {request_checks.shown(s)}"
     prompt = request.prompt_ids.tolist() if isinstance(request.prompt_ids, np.ndarray) else request.prompt_ids
     fields = {"id": request.request_id, "prompt_ids": prompt, "max_new_tokens": request.max_new_tokens,
-              "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p, "seed": s.seed,
-              "stop": request.stop_ids}
+              "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p, "min_p": s.min_p, "seed": s.seed,
+              "stop": request.stop_ids, "logprobs": request.logprobs}
     return request_checks.request_problem(fields, vocab_size=model_cfg.vocab_size,
                                           max_seq_len=model_cfg.max_seq_len)
 
@@ -100,17 +100,19 @@ class ServeConfig:
 
 def _device_step(graphdef: nnx.GraphDef, decode_impl: str, params: nnx.State, cache: KVCache,
                  prev_tokens: jax.Array, inputs: StepInputs, sampling: SamplingInputs
-                 ) -> tuple[jax.Array, KVCache, jax.Array]:
+                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array], KVCache, jax.Array]:
     """The model step and the sampler. Tokens marked `from_prev_T` >= 0 are the previous step's sampled tokens
     (`prev_tokens`, that step's output padded to a fixed length), which the host has not read yet. Returns the
-    sampled tokens [R], the cache, and the tokens padded for the next step."""
+    sampled tokens [R], their log-probabilities and the top ones (serve/sampling.py `token_logprobs`; zeros when
+    no slot asked), the cache, and the tokens padded for the next step."""
     from_prev_T = inputs.from_prev_T
     tokens_T = jnp.where(from_prev_T >= 0, prev_tokens[jnp.maximum(from_prev_T, 0)], inputs.tokens_T)
     logits_RxV, cache = model_step(graphdef, params, cache, inputs._replace(tokens_T=tokens_T),
                                    decode_impl=decode_impl)
-    tokens_R = sample_rows(logits_RxV, *sampling)
+    tokens_R = sample_rows(logits_RxV, *sampling[:-1])
+    logprobs = token_logprobs(logits_RxV, tokens_R, jnp.any(sampling.logprobs_R))
     R = min(tokens_R.shape[0], prev_tokens.shape[0])
-    return tokens_R, cache, jnp.zeros_like(prev_tokens).at[:R].set(tokens_R[:R])
+    return tokens_R, logprobs, cache, jnp.zeros_like(prev_tokens).at[:R].set(tokens_R[:R])
 
 
 class CompiledSteps:
@@ -124,7 +126,7 @@ class CompiledSteps:
         self.compile_s = 0.0
 
     def __call__(self, params: nnx.State, cache: KVCache, prev_tokens: jax.Array, inputs: StepInputs,
-                 sampling: SamplingInputs) -> tuple[jax.Array, KVCache, jax.Array]:
+                 sampling: SamplingInputs) -> tuple[jax.Array, tuple, KVCache, jax.Array]:
         key = tuple(a.shape for a in inputs) + (cache.k.shape, str(cache.k.dtype), prev_tokens.shape)
         fn = self._compiled.get(key)
         if fn is None:
@@ -157,6 +159,7 @@ class _Launched:
     """A step on the device: the requests it samples for, and where each one's token is in its output."""
 
     tokens_R: jax.Array
+    logprobs: tuple[jax.Array, jax.Array, jax.Array]  # serve/sampling.py token_logprobs
     sampled: list[tuple[RequestState, int]]  # (request, sampling slot)
 
     @property
@@ -249,6 +252,7 @@ class Engine:
                 "utf-8", "surrogatepass")))
         state = RequestState(rid, [int(t) for t in request.prompt_ids], request.max_new_tokens,
                              stop_ids=tuple(int(t) for t in request.stop_ids), sampling=sampling,
+                             logprobs=request.logprobs,
                              arrival_s=time.perf_counter() if arrival_s is None else arrival_s)
         self.scheduler.add(state)
         self._states[rid] = state
@@ -314,7 +318,8 @@ class Engine:
             prev_slot = self._in_flight.slot_of[id(seq)]
             tokens = tokens[:-1] + [0]
         return Row(tokens, chunk.start, seq.block_table, seed=s.seed, counter=len(seq.output_ids),
-                   temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, prev_slot=prev_slot)
+                   temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
+                   logprobs=seq.logprobs is not None, prev_slot=prev_slot)
 
     def _launch(self, schedule: Schedule) -> _Launched:
         """Build the step's inputs and dispatch it (asynchronously: nothing here waits for the device)."""
@@ -323,10 +328,10 @@ class Engine:
                                                 self.layout)
         self.last_step = (StepInputs(*map(jnp.asarray, inputs)), SamplingInputs(*map(jnp.asarray, sampling)))
         self.shapes_seen.add(self.layout.shape_of(inputs))
-        tokens_R, self.cache, self._prev_tokens = self._steps(self.params, self.cache, self._prev_tokens,
-                                                              *self.last_step)
+        tokens_R, logprobs, self.cache, self._prev_tokens = self._steps(self.params, self.cache,
+                                                                        self._prev_tokens, *self.last_step)
         chunks = decodes + prefills
-        return _Launched(tokens_R, [(c.seq, slot) for c, slot in zip(chunks, slots_of, strict=True)])
+        return _Launched(tokens_R, logprobs, [(c.seq, slot) for c, slot in zip(chunks, slots_of, strict=True)])
 
     def _advance(self, schedule: Schedule, launched: _Launched) -> None:
         """Tell the scheduler what the launched step computes: its chunks' tokens have K/V, and each request
@@ -349,12 +354,23 @@ class Engine:
         now = time.perf_counter()
         self._waited += now - waiting
         events = self.scheduler.update_from_output([(seq, int(tokens[slot])) for seq, slot in launched.sampled], now)
+        if any(seq.logprobs is not None for seq, _ in launched.sampled):
+            self._record_logprobs(launched, {rid for rid, _ in events})
         for rid, token in events:
             if rid in self._callbacks:
                 self._callbacks[rid](rid, token)
                 if self._states[rid].status == "finished":
                     del self._callbacks[rid]
         return events
+
+    def _record_logprobs(self, launched: _Launched, accepted: set[str]) -> None:
+        """Append each accepted token's log-probabilities to its request's `output_logprobs`."""
+        token_lp, top_ids, top_lps = (np.asarray(a) for a in launched.logprobs)
+        for seq, slot in launched.sampled:
+            if seq.logprobs is not None and seq.request_id in accepted:
+                top = tuple((int(i), float(lp)) for i, lp in zip(top_ids[slot, :seq.logprobs],
+                                                                  top_lps[slot, :seq.logprobs], strict=True))
+                seq.output_logprobs.append((float(token_lp[slot]), top))
 
     def step_shapes(self) -> list[tuple[int, int, int]]:
         """Every (decode rows, prefill tiles, block-table pages) bucket this engine's steps can take."""
@@ -372,7 +388,7 @@ class Engine:
         widest = min(max(bucket(pages), self.layout.min_pages), self.layout.max_pages)
         for bd, np_, w in self.step_shapes():
             if w <= widest:
-                _, self.cache, self._prev_tokens = self._steps(self.params, self.cache, self._prev_tokens,
+                _, _, self.cache, self._prev_tokens = self._steps(self.params, self.cache, self._prev_tokens,
                                                                *self._padding(bd, np_, w))
         return self.compile_count
 
@@ -383,7 +399,7 @@ class Engine:
         inputs = StepInputs(z(T), jnp.full((T,), -1, jnp.int32), z(T), z(T), z(bd, w), z(bd), z(np_, w), z(np_),
                             z(R), jnp.full((T,), -1, jnp.int32))
         return inputs, SamplingInputs(jnp.zeros(R, jnp.uint32), z(R), jnp.zeros(R, jnp.float32), z(R),
-                                      jnp.ones(R, jnp.float32))
+                                      jnp.ones(R, jnp.float32), jnp.zeros(R, jnp.float32), jnp.zeros(R, bool))
 
     def last_step_cost(self) -> dict:
         """XLA's cost analysis (flops, bytes accessed, ...) of the last step this engine ran."""

@@ -16,23 +16,27 @@ PENDING = -1  # an output token sampled by a step whose result has not been read
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 = greedy; top_k 0 = no cut; `seed` None = derived from the engine seed and request order."""
+    """temperature 0 = greedy; top_k 0 = no cut; `seed` None = derived from the engine seed and request order;
+    min_p 0 = no cut (serve/sampling.py)."""
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
+    min_p: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-    """What to generate: up to `max_new_tokens` after `prompt_ids`, stopping early at any of `stop_ids`."""
+    """What to generate: up to `max_new_tokens` after `prompt_ids`, stopping early at any of `stop_ids`. With
+    `logprobs` k (0..20), each output token comes with its log-probability and the k most likely ids'."""
 
     prompt_ids: tuple[int, ...]
     max_new_tokens: int = 64
     stop_ids: tuple[int, ...] = ()
     sampling: SamplingParams = SamplingParams()
     request_id: str | None = None
+    logprobs: int | None = None
 
 
 @dataclasses.dataclass(eq=False)  # identity equality: two requests with equal fields are still two requests
@@ -45,7 +49,10 @@ class RequestState:
     stop_ids: tuple[int, ...] = ()
     sampling: SamplingParams = SamplingParams()
     arrival_s: float = 0.0
+    logprobs: int | None = None
     output_ids: list[int] = dataclasses.field(default_factory=list)
+    # with `logprobs`: per output token read back, (its log-probability, ((id, log-probability), ...) top first)
+    output_logprobs: list[tuple[float, tuple[tuple[int, float], ...]]] = dataclasses.field(default_factory=list)
     token_times_s: list[float] = dataclasses.field(default_factory=list)  # when each output was read back
     num_computed: int = 0  # tokens (of prompt + outputs) with K/V in the cache
     block_table: list[int] = dataclasses.field(default_factory=list)  # page ids, in token order

@@ -12,6 +12,8 @@ strings and lists. A problem is one line naming the field and its value; None me
     temperature     a finite number in [0, float32 max]; 0 = greedy
     top_k           an integer in [0, 2**31 - 1]; 0 = no cut
     top_p           a finite number in (0, 1]
+    min_p           a finite number in [0, 1]; 0 = no cut (ids below min_p x the top id's probability are dropped)
+    logprobs        null or an integer in [0, 20]: the sampled token's log-probability and that many top ones
     seed            null or an integer in [0, 2**32)
     stop            a list of token ids in [0, vocab_size)
 """
@@ -24,7 +26,9 @@ from typing import Any
 
 import numpy as np
 
-FIELDS = ("id", "prompt", "prompt_ids", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop")
+FIELDS = ("id", "prompt", "prompt_ids", "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "stop",
+          "logprobs")
+MAX_LOGPROBS = 20
 INT32_MAX = 2**31 - 1
 SEED_LIMIT = 2**32
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -102,6 +106,8 @@ def field_problem(name: str, value: Any, *, vocab_size: int | None = None) -> st
         return _int_problem(name, value, 0, INT32_MAX)
     if name == "seed":
         return None if value is None else _int_problem(name, value, 0, SEED_LIMIT - 1)
+    if name == "logprobs":
+        return None if value is None else _int_problem(name, value, 0, MAX_LOGPROBS)
     if name == "temperature":
         problem = _number_problem(name, value)
         if problem is None and not 0 <= value <= FLOAT32_MAX:
@@ -111,6 +117,11 @@ def field_problem(name: str, value: Any, *, vocab_size: int | None = None) -> st
         problem = _number_problem(name, value)
         if problem is None and not 0 < value <= 1:
             problem = f"top_p must be in (0, 1], got {shown(value)}"
+        return problem
+    if name == "min_p":
+        problem = _number_problem(name, value)
+        if problem is None and not 0 <= value <= 1:
+            problem = f"min_p must be in [0, 1], got {shown(value)}"
         return problem
     return f"unknown field {shown(name)}; the fields are {list(FIELDS)}"
 

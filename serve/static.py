@@ -86,7 +86,8 @@ class StaticBatcher:
         def row(i: int, tokens: list[int], start: int) -> Row:
             s = requests[i].sampling
             return Row(tokens, start, tables[i][:-(-(start + len(tokens)) // P)], seed=seeds[i],
-                       counter=len(done[i].token_ids), temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+                       counter=len(done[i].token_ids), temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                       min_p=s.min_p)
 
         # Prefill every prompt in one step, then decode every row until the longest output is done: a finished
         # row keeps computing (rewriting its last slot), as a static batch does.
@@ -96,7 +97,7 @@ class StaticBatcher:
         prefills = [row(i, list(r.prompt_ids), 0) for i, r in enumerate(requests)]
         while True:
             inputs, sampling, slots_of = build_step(decodes, prefills, self.layout)
-            new, self.cache, self._prev_tokens = self._steps(
+            new, _, self.cache, self._prev_tokens = self._steps(
                 self.params, self.cache, self._prev_tokens, StepInputs(*map(jnp.asarray, inputs)),
                 SamplingInputs(*map(jnp.asarray, sampling)))
             new, now = np.asarray(new), time.perf_counter()

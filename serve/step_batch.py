@@ -45,13 +45,15 @@ class SamplingInputs(NamedTuple):
     temperature_R: np.ndarray  # float32
     top_k_R: np.ndarray        # int32
     top_p_R: np.ndarray        # float32
+    min_p_R: np.ndarray        # float32
+    logprobs_R: np.ndarray     # bool: the slot's request wants log-probabilities
 
 
 @dataclasses.dataclass(frozen=True)
 class Row:
     """Compute `token_ids` at positions [start, start + len) of a sequence whose pages are `block_table`, then
-    sample with (seed, counter, temperature, top_k, top_p). With `prev_slot`, the last token is still on the
-    device (the engine's overlap), and `token_ids[-1]` is a stand-in."""
+    sample with (seed, counter, temperature, top_k, top_p, min_p), with log-probabilities if `logprobs`. With
+    `prev_slot`, the last token is still on the device (the engine's overlap), and `token_ids[-1]` is a stand-in."""
 
     token_ids: Sequence[int]
     start: int
@@ -61,6 +63,8 @@ class Row:
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0
+    logprobs: bool = False
     prev_slot: int = -1  # >= 0: the last token is the previous step's sampled token in this slot, not read back
 
 
@@ -125,6 +129,7 @@ def build_step(decodes: Sequence[Row], prefills: Sequence[Row], layout: StepLayo
     last, from_prev = np.zeros(R, np.int32), np.full(T, -1, np.int32)
     seeds, counters, top_k = np.zeros(R, np.uint32), np.zeros(R, np.int32), np.zeros(R, np.int32)
     temperature, top_p = np.zeros(R, np.float32), np.ones(R, np.float32)
+    min_p, logprobs = np.zeros(R, np.float32), np.zeros(R, bool)
     slots_of_rows = []
 
     def place(row: Row, at: int, slot: int) -> None:
@@ -137,6 +142,7 @@ def build_step(decodes: Sequence[Row], prefills: Sequence[Row], layout: StepLayo
         from_prev[at + n - 1] = row.prev_slot
         seeds[slot], counters[slot], top_k[slot] = np.uint32(row.seed), row.counter, row.top_k
         temperature[slot], top_p[slot] = row.temperature, row.top_p
+        min_p[slot], logprobs[slot] = row.min_p, row.logprobs
         slots_of_rows.append(slot)
 
     for b, row in enumerate(decodes):
@@ -153,4 +159,4 @@ def build_step(decodes: Sequence[Row], prefills: Sequence[Row], layout: StepLayo
         tile_index += -(-n // Q)
     inputs = StepInputs(tokens, positions, pages, offsets, dec_tables, dec_lengths, tile_tables, tile_lengths, last,
                         from_prev)
-    return inputs, SamplingInputs(seeds, counters, temperature, top_k, top_p), slots_of_rows
+    return inputs, SamplingInputs(seeds, counters, temperature, top_k, top_p, min_p, logprobs), slots_of_rows

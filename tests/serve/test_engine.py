@@ -220,3 +220,39 @@ def test_aborting_a_request_with_a_token_in_flight_drops_it_and_frees_its_pages(
     a, b = engine.completions["a"], engine.completions["b"]
     assert a.finish_reason == "aborted" and a.token_ids == list(naive_outputs()[1][:len(a.token_ids)])
     assert b.token_ids == list(naive_outputs()[2]) and engine.allocator.num_free == engine.allocator.num_usable
+
+
+def test_min_p_keeps_only_ids_near_the_top():
+    """min_p 0.2 at temperature 1: every draw's probability is at least 0.2 x the top id's (computed here in
+    numpy); min_p 1 keeps only the top id."""
+    from serve.sampling import sample_rows
+
+    sample_rows = jax.jit(sample_rows)
+    logits = jax.random.normal(jax.random.key(1), (4, 50)) * 2
+    probs = np.asarray(jax.nn.softmax(logits, -1))
+    ones, zeros = jnp.ones(4), jnp.zeros(4, jnp.int32)
+    draws = np.stack([np.asarray(sample_rows(logits, jnp.full(4, s, jnp.uint32), zeros, ones, zeros, ones,
+                                             jnp.full(4, 0.2))) for s in range(40)])
+    kept = probs >= 0.2 * probs.max(-1, keepdims=True)
+    assert all(kept[b, draws[:, b]].all() for b in range(4))
+    assert any(len(set(draws[:, b])) > 1 for b in range(4))  # it still samples
+    top = sample_rows(logits, jnp.arange(4, dtype=jnp.uint32), zeros, ones, zeros, ones, jnp.ones(4))
+    np.testing.assert_array_equal(np.asarray(top), np.asarray(jnp.argmax(logits, -1)))
+
+
+def test_logprobs_equal_the_models_own_log_softmax():
+    """Each output token's log-probability and its top-5 alternatives equal log_softmax of the model's logits over
+    the whole sequence (one plain forward, no cache), at fp32 precision; a request without logprobs gets none."""
+    p, n = prompts()[1], 6
+    engine = Engine(model(), SERVE)
+    with_lp, without = engine.generate([Request(tuple(p), n, logprobs=5), Request(tuple(p), n)])
+    assert without.state.output_logprobs == []
+    tokens = with_lp.token_ids
+    logits = model()(jnp.asarray([p + tokens[:-1]]))[0, len(p) - 1:]
+    expected = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), -1))
+    assert len(with_lp.state.output_logprobs) == n
+    for i, (lp, top) in enumerate(with_lp.state.output_logprobs):
+        np.testing.assert_allclose(lp, expected[i, tokens[i]], atol=1e-4)
+        ids = [t for t, _ in top]
+        assert ids == list(np.argsort(-expected[i])[:5]) and ids[0] == tokens[i]  # greedy: the top id
+        np.testing.assert_allclose([v for _, v in top], expected[i, ids], atol=1e-4)

@@ -43,6 +43,8 @@ def rule_allows(name, value, vocab=None):
         "seed": value is None or (integer(value) and 0 <= value < 2**32),
         "temperature": finite_number(value) and 0 <= value <= 3.4028234663852886e38,
         "top_p": finite_number(value) and 0 < value <= 1,
+        "min_p": finite_number(value) and 0 <= value <= 1,
+        "logprobs": value is None or (integer(value) and 0 <= value <= 20),
     }[name]
 
 
