@@ -1,8 +1,9 @@
 """The OpenAI-compatible server (scripts/serve.py) as a subprocess on 127.0.0.1, driven by the official `openai`
 client: streamed text equals the whole response's, one finish_reason per choice, seeded n=3 is reproducible, stop
 strings (split across tokens) end the text before them, logprobs within their limit, every bad request its 4xx
-while /health stays 200, a disconnect frees its pages, and 64 concurrent streams get exactly the offline
-engine's tokens with no page left allocated."""
+while /health stays 200, 401 without the API key, 503 with Retry-After when the queue is full, a disconnect frees
+its pages, 64 concurrent streams get exactly the offline engine's tokens with no page left allocated, and SIGTERM
+drains (the last test: it ends the server). One server for the module: its start and compiles dominate the time."""
 
 import asyncio
 import dataclasses
@@ -27,6 +28,7 @@ SERVE_ARGS = ["--decode-impl", "reference", "--set", "serve.page_size=8", "--set
               "--set", "serve.token_budget=32", "--set", "serve.prefill_tile=32",
               "--set", "serve.min_context_bucket=128"]
 ROOT = Path(__file__).resolve().parents[2]
+KEY = "sesame"
 
 
 def serve_config():
@@ -57,7 +59,8 @@ def free_port() -> int:
 class Server:
     """scripts.serve in a subprocess; `url` once /health is 200."""
 
-    def __init__(self, tmp: Path, *extra: str, env: dict | None = None):
+    def __init__(self, tmp: Path, *extra: str, env: dict | None = None, api_key: str = "none"):
+        self.api_key = api_key
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tmp / f"server-{self.port}.log"
@@ -72,7 +75,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the server exited ({self.proc.returncode}):\n{self.log.read_text()[-3000:]}")
             try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                if self.healthy():
                     return
             except httpx.HTTPError:
                 pass
@@ -81,14 +84,17 @@ class Server:
         raise RuntimeError(f"the server did not become healthy:\n{self.log.read_text()[-3000:]}")
 
     def client(self, **kw) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0, **kw)
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", self.api_key), max_retries=0, **kw)
+
+    def post(self, path: str, **kw) -> httpx.Response:
+        return httpx.post(self.url + path, headers={"Authorization": f"Bearer {self.api_key}"}, **kw)
 
     def metric(self, name: str) -> float:
         text = httpx.get(self.url + "/metrics").text
         return float(re.search(rf"^{name} (\S+)$", text, re.MULTILINE).group(1))
 
     def healthy(self) -> bool:
-        return httpx.get(self.url + "/health").status_code == 200
+        return httpx.get(self.url + "/health", timeout=5).status_code == 200
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -98,16 +104,17 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = Server(tmp_path_factory.mktemp("serve"), "--max-body-bytes", "65536")
+    s = Server(tmp_path_factory.mktemp("serve"), "--max-body-bytes", "65536", "--max-waiting", "64",
+               "--drain-timeout", "0", env={"MESHLM_API_KEY": KEY}, api_key=KEY)
     yield s
     s.stop()
 
 
 def test_models_tokenize_detokenize(server):
     assert [m.id for m in server.client().models.list().data] == ["tiny"]
-    tokens = httpx.post(server.url + "/tokenize", json={"prompt": "héllo"}).json()["tokens"]
+    tokens = server.post("/tokenize", json={"prompt": "héllo"}).json()["tokens"]
     assert tokens == list("héllo".encode())
-    assert httpx.post(server.url + "/detokenize", json={"tokens": tokens}).json() == {"prompt": "héllo"}
+    assert server.post("/detokenize", json={"tokens": tokens}).json() == {"prompt": "héllo"}
 
 
 def test_streamed_chunks_join_to_the_whole_text(server):
@@ -198,7 +205,7 @@ BAD = [  # (endpoint, body, status, param)
 
 @pytest.mark.parametrize("endpoint, body, status, param", BAD, ids=[f"{b[0]}-{b[3]}" for b in BAD])
 def test_bad_request_gets_its_4xx_and_the_server_keeps_serving(server, endpoint, body, status, param):
-    r = httpx.post(f"{server.url}/v1/{endpoint}", json={"model": "tiny", **body})
+    r = server.post(f"/v1/{endpoint}", json={"model": "tiny", **body})
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert error["param"] == param and error["message"] and error["type"] == "invalid_request_error"
@@ -206,18 +213,18 @@ def test_bad_request_gets_its_4xx_and_the_server_keeps_serving(server, endpoint,
 
 
 def test_oversized_body_bad_json_and_unknown_route(server):
-    r = httpx.post(server.url + "/v1/completions", json={"prompt": "a" * 70000})
+    r = server.post("/v1/completions", json={"prompt": "a" * 70000})
     assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
-    r = httpx.post(server.url + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    r = server.post("/v1/completions", content=b"{not json")
     assert r.status_code == 400 and "not JSON" in r.json()["error"]["message"]
-    assert httpx.get(server.url + "/v1/nothing").status_code == 404
+    assert server.post("/v1/nothing").status_code == 404
     assert server.healthy()
     r = server.client().completions.create(model="tiny", prompt="still here", max_tokens=2, temperature=0)
     assert r.usage.completion_tokens == 2
 
 
 def test_a_disconnect_frees_the_pages(server):
-    with httpx.Client(base_url=server.url, timeout=60) as client:
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as client:
         with client.stream("POST", "/v1/completions", json={"prompt": "abc", "max_tokens": 120, "stream": True,
                                                             "ignore_eos": True}) as r:
             for i, _ in enumerate(r.iter_lines()):
@@ -252,7 +259,7 @@ def test_64_concurrent_streams_get_the_offline_engines_tokens(server, tmp_path_f
         return text, reasons
 
     async def all_of_them():
-        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=600)
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=600)
         return await asyncio.gather(*(one(client, p, n) for p, n in zip(prompts, max_tokens, strict=True)))
 
     served = asyncio.run(all_of_them())
@@ -264,3 +271,49 @@ def test_64_concurrent_streams_get_the_offline_engines_tokens(server, tmp_path_f
     assert all(reasons == ["length"] for _, reasons in served)
     assert server.metric("meshlm_kv_cache_pages_used") == 0
     assert server.metric("meshlm_num_requests_running") == server.metric("meshlm_num_requests_waiting") == 0
+
+
+def test_401_without_the_key(server):
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "a"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError) as info:
+        server.client(api_key="wrong").models.list()
+    assert info.value.status_code == 401
+    assert httpx.get(server.url + "/health").status_code == 200
+    assert server.client().completions.create(model="tiny", prompt="a", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_a_full_queue_gets_503_with_retry_after(server):
+    async def one(client):
+        r = await client.post("/v1/completions", json={"prompt": "q", "max_tokens": 10, "temperature": 0,
+                                                       "ignore_eos": True})
+        return r.status_code, r.headers.get("retry-after"), r.json()
+
+    async def many():
+        async with httpx.AsyncClient(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"},
+                                     timeout=300) as client:
+            return await asyncio.gather(*(one(client) for _ in range(100)))
+
+    results = asyncio.run(many())
+    busy = [r for r in results if r[0] == 503]
+    assert busy and all(r[1] == "1" and r[2]["error"]["code"] == "queue_full" for r in busy)
+    assert {r[0] for r in results} == {200, 503}
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_sigterm_drains_then_exits(server):
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as client:
+        with client.stream("POST", "/v1/completions", json={"prompt": "abc", "max_tokens": 120, "stream": True,
+                                                            "ignore_eos": True, "temperature": 0}) as r:
+            lines = []
+            for line in r.iter_lines():
+                if len(lines) == 2:
+                    server.proc.send_signal(signal.SIGTERM)
+                lines.append(line)
+    reasons = [line for line in lines if '"finish_reason": "' in line]
+    assert len(reasons) == 1 and ('"abort"' in reasons[0] or '"length"' in reasons[0]) and lines[-2:] == \
+        ["data: [DONE]", ""]
+    deadline = time.monotonic() + 30
+    while server.proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.proc.returncode == 0
