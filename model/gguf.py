@@ -18,7 +18,8 @@ from model.config import ModelConfig
 from model.hf import _from_hf, _hf_names, _hf_shape, _tensors
 from model.transformer import Transformer
 
-ARCHITECTURES = ("llama",)
+ARCHITECTURES = ("llama", "qwen2")  # general.architecture values load_gguf reads (Mistral converts as "llama")
+_MODEL_ARCH = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}  # gguf-py's tensor name tables
 OUTPUT_TENSOR = "output.weight"  # the untied LM head; llama.cpp leaves it out when the embedding is tied
 Q = gguf.GGMLQuantizationType
 TENSOR_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1)  # what load_gguf dequantizes
@@ -133,6 +134,7 @@ def config_from_gguf(metadata: Mapping[str, Any], tensor_names: Collection[str])
         rope_theta=float(_value(metadata, f"{arch}.rope.freq_base", 10000.0)),
         norm_eps=float(_value(metadata, f"{arch}.attention.layer_norm_rms_epsilon")),
         tie_embeddings=OUTPUT_TENSOR not in tensor_names,
+        qkv_bias=arch == "qwen2",
         dtype="auto",
         param_dtype="float32",
     )
@@ -170,8 +172,10 @@ def load_gguf(path: str | Path, dtype: str = "auto", param_dtype: str = "float32
     path = Path(path)
     reader = gguf.GGUFReader(path)
     tensors = {t.name: t for t in reader.tensors}
-    cfg = config_from_gguf(_metadata(reader), tensors).replace(dtype=dtype, param_dtype=param_dtype)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.n_layers)
+    metadata = _metadata(reader)
+    cfg = config_from_gguf(metadata, tensors).replace(dtype=dtype, param_dtype=param_dtype)
+    arch = metadata["general.architecture"]
+    names = gguf.get_tensor_name_map(_MODEL_ARCH[arch], cfg.n_layers)
     specs = _tensors(cfg)
     gguf_names = {t.path: [_gguf_name(n, names) for n in _hf_names(t, cfg.n_layers)] for t in specs}
 
@@ -198,7 +202,8 @@ def load_gguf(path: str | Path, dtype: str = "auto", param_dtype: str = "float32
                 raise ValueError(f"tensor {name!r} in {str(path)!r} has shape {list(shape)}, expected {list(want)} "
                                  "from its header")
 
-    rope_heads = {("attn", "wq"): cfg.n_heads, ("attn", "wk"): cfg.n_kv_heads}
+    # Only the llama converter permutes q/k rows (and transformers un-permutes only llama's); qwen2's are as in HF.
+    rope_heads = {("attn", "wq"): cfg.n_heads, ("attn", "wk"): cfg.n_kv_heads} if arch == "llama" else {}
     for t in specs:
         layered = "{i}" in t.hf_name
         out = np.empty((cfg.n_layers, *shapes[t.path]) if layered else shapes[t.path], cfg.weight_dtype)

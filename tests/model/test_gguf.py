@@ -37,8 +37,9 @@ def _llama_cpp_permute(w_OxI: np.ndarray, n_heads: int) -> np.ndarray:
         w_OxI.shape)
 
 
-def _hf_weights(tie: bool, seed: int = 0) -> dict[str, np.ndarray]:
-    """A random tiny llama in GGUF names and HF [out, in] layouts; norm scales away from 1."""
+def _hf_weights(tie: bool, qkv_bias: bool = False, seed: int = 0) -> dict[str, np.ndarray]:
+    """A random tiny llama (qwen2 with `qkv_bias`) in GGUF names and HF [out, in] layouts; norm scales away
+    from 1."""
     rng = np.random.default_rng(seed)
     hd = D // HEADS
     shapes = {"attn_q": (HEADS * hd, D), "attn_k": (KV_HEADS * hd, D), "attn_v": (KV_HEADS * hd, D),
@@ -51,6 +52,8 @@ def _hf_weights(tie: bool, seed: int = 0) -> dict[str, np.ndarray]:
         out[f"blk.{i}.ffn_norm.weight"] = 1 + 0.1 * rng.normal(size=D)
         for name, shape in shapes.items():
             out[f"blk.{i}.{name}.weight"] = rng.normal(0, 1 / math.sqrt(shape[1]), shape)
+            if qkv_bias and name in ("attn_q", "attn_k", "attn_v"):
+                out[f"blk.{i}.{name}.bias"] = rng.normal(0, 0.5, shape[0])
     return {name: w.astype(np.float32) for name, w in out.items()}
 
 
@@ -65,10 +68,11 @@ def _add_tensor(writer: gguf.GGUFWriter, name: str, w: np.ndarray, qtype: Q) -> 
 
 def _write_gguf(path: Path, qtype: Q = Q.F32, *, tie: bool = True, arch: str = "llama",
                 types: dict[str, Q] | None = None, extra: dict[str, np.ndarray] | None = None) -> Path:
-    """A llama.cpp-style file: matrices in `qtype` (per-tensor overrides in `types`), 1-D norms in F32, q/k rows
-    permuted; `extra` tensors are added as they are."""
+    """A llama.cpp-style file: matrices in `qtype` (per-tensor overrides in `types`), 1-D norms and biases in F32,
+    q/k rows permuted for "llama" (llama.cpp's qwen2 converter leaves them); `extra` tensors are added as they
+    are."""
     writer = gguf.GGUFWriter(path, arch)
-    writer.add_name("meshlm tiny test llama")
+    writer.add_name(f"meshlm tiny test {arch}")
     writer.add_block_count(LAYERS)
     writer.add_context_length(64)
     writer.add_embedding_length(D)
@@ -79,10 +83,10 @@ def _write_gguf(path: Path, qtype: Q = Q.F32, *, tie: bool = True, arch: str = "
     writer.add_rope_freq_base(500000.0)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_vocab_size(VOCAB)
-    for name, w in _hf_weights(tie).items():
-        if ".attn_q." in name:
+    for name, w in _hf_weights(tie, qkv_bias=arch == "qwen2").items():
+        if arch == "llama" and ".attn_q." in name:
             w = _llama_cpp_permute(w, HEADS)
-        elif ".attn_k." in name:
+        elif arch == "llama" and ".attn_k." in name:
             w = _llama_cpp_permute(w, KV_HEADS)
         _add_tensor(writer, name, w, (types or {}).get(name, Q.F32 if w.ndim == 1 else qtype))
     for name, w in (extra or {}).items():
@@ -165,9 +169,19 @@ def test_load_gguf_untied_head_and_param_dtype(tmp_path):
     model = load_gguf(path, dtype="float32")
     assert not model.cfg.tie_embeddings
     assert _max_rel_diff(_logits(model, TOKENS), _torch_logits(_transformers_model(path), TOKENS)) < 1e-5
-    bf16 = load_gguf(path, dtype="float32", param_dtype="bfloat16")
+    bf16 = load_gguf(path, dtype="float32", param_dtype="bfloat16")  # cast after dequantizing, as load_hf does
     assert bf16.lm_head[...].dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(bf16.lm_head[...]), np.asarray(model.lm_head[...].astype(jnp.bfloat16)))
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_load_gguf_qwen2_matches_transformers(tmp_path, tie):
+    path = _write_gguf(tmp_path / "qwen2.gguf", Q.Q8_0, tie=tie, arch="qwen2")
+    model = load_gguf(path, dtype="float32")
+    assert model.cfg.qkv_bias and model.cfg.tie_embeddings == tie
+    hf_model = _transformers_model(path)
+    assert type(hf_model).__name__ == "Qwen2ForCausalLM"
+    assert _max_rel_diff(_logits(model, TOKENS), _torch_logits(hf_model, TOKENS)) < 1e-5
 
 
 # --- named errors --------------------------------------------------------------------------------------------
@@ -181,7 +195,7 @@ def test_load_gguf_names_an_unsupported_tensor_type(tmp_path):
 
 def test_load_gguf_names_an_unsupported_architecture(tmp_path):
     path = _write_gguf(tmp_path / "falcon.gguf", arch="falcon")
-    with pytest.raises(ValueError, match=r"unsupported GGUF architecture 'falcon' \(supported: llama\)"):
+    with pytest.raises(ValueError, match=r"unsupported GGUF architecture 'falcon' \(supported: llama, qwen2\)"):
         load_gguf(path)
 
 
@@ -205,7 +219,7 @@ SMOLLM2_HEADER = {
     ({"llama.attention.head_count_kv": [3, 3, 9]}, r"'llama.attention.head_count_kv' is a per-layer list \[3, 3, 9\]"),
     ({"llama.expert_count": 8}, r"expert_count 8 is not supported"),
     ({"llama.context_length": None}, r"no 'llama.context_length'"),
-    ({"general.architecture": "gpt2"}, r"unsupported GGUF architecture 'gpt2' \(supported: llama\)"),
+    ({"general.architecture": "gpt2"}, r"unsupported GGUF architecture 'gpt2' \(supported: llama, qwen2\)"),
 ], ids=["rope-scaling", "partial-rope", "per-layer-heads", "experts", "no-context", "arch"])
 def test_config_from_gguf_names_what_it_cannot_express(change, message):
     header = {k: v for k, v in {**SMOLLM2_HEADER, **change}.items() if v is not None}
@@ -243,3 +257,43 @@ def test_smollm2_metadata_and_config(smollm2):
     assert (cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff,
             cfg.max_seq_len) == (49152, 576, 30, 9, 3, 64, 1536, 8192)
     assert cfg.rope_theta == 100000.0 and cfg.norm_eps == pytest.approx(1e-5) and cfg.tie_embeddings
+
+
+TEXT = ("The Eiffel Tower was completed in 1889 for the World's Fair in Paris. It is made of wrought iron and was, "
+        "for forty years, the tallest structure in the world.")
+PROMPTS = ("The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a small village by the sea,")
+
+
+@pytest.fixture(scope="module")
+def smollm2_pair(smollm2):
+    """(meshlm's float32 model, transformers' float32 model, its GGUF tokenizer) of the real file, loaded once."""
+    transformers = pytest.importorskip("transformers")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2.parent, gguf_file=smollm2.name)
+    return load_gguf(smollm2, dtype="float32"), _transformers_model(smollm2), tokenizer
+
+
+@pytest.mark.slow
+def test_smollm2_logits_match_transformers(smollm2_pair):
+    model, hf_model, tokenizer = smollm2_pair
+    tokens = np.asarray([tokenizer(TEXT)["input_ids"]])
+    assert tokens.shape[1] == 40
+    ours, ref = _logits(model, tokens), _torch_logits(hf_model, tokens)
+    assert _max_rel_diff(ours, ref) < 1e-4
+    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_matches_transformers_generate(smollm2_pair):
+    import torch
+
+    from serve.naive import generate
+
+    model, hf_model, tokenizer = smollm2_pair
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    eos = tokenizer.eos_token_id
+    ours = generate(model, prompts, 16, stop_ids=(eos,), pad_id=eos)
+    for prompt, got in zip(prompts, ours, strict=True):
+        with torch.no_grad():
+            out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=eos,
+                                    pad_token_id=eos)
+        assert got == out[0, len(prompt):].tolist()
