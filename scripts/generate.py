@@ -1,15 +1,23 @@
-"""Generate with the continuous-batching engine from a meshlm run directory or a Hugging Face model directory.
+"""Generate with the continuous-batching engine from a meshlm run directory, a Hugging Face model directory or a
+GGUF file.
 
     python -m scripts.generate --run runs/demo --prompt "def parse("                 # print continuations
     python -m scripts.generate --run runs/demo --prompts prompts.jsonl --out out.jsonl  # a batch, to JSONL
     python -m scripts.generate --hf path/to/llama --prompts prompts.jsonl --out out.jsonl --static
+    python -m scripts.generate --gguf SmolLM2-135M-Instruct.Q4_1.gguf --chat "What is a prime?" --stream
 
     python -m scripts.generate --run runs/demo --prompt "def parse(" --stream --set serve.page_size=8
 
-Prompts files: `.jsonl` lines `{"prompt": "..."}` or `{"prompt_ids": [...]}` with optional per-request `id`,
-`max_new_tokens`, `temperature`, `top_k`, `top_p`, `seed`, `stop`; any other file is one prompt per line. Results:
-one JSON line per request (`id, text, token_ids, finish_reason, error, warning, ttft_s, tokens_per_s,
-cached_tokens`) in input order.
+Prompts files: `.jsonl` lines `{"prompt": "..."}`, `{"prompt_ids": [...]}` or `{"messages": [{"role": "user",
+"content": "..."}]}` (a chat, rendered with the model's chat template; a model without one gets an error for that
+request) with optional per-request `id`, `max_new_tokens`, `temperature`, `top_k`, `top_p`, `min_p`, `seed`,
+`logprobs` and `stop`: stop strings (`"stop": ["\n\n", "User:"]`, the text ends right before the first one
+generated; finish_reason "stop") or a list of token ids (as before). Any other file is one prompt per line;
+`--chat TEXT` is a one-message chat. The whole file is read and checked before the model loads. The tokenizer is
+the source's own (train/tokenizer.py: a tokenizer.json, the GGUF vocabulary, the byte tokenizer of a run) or
+`--tokenizer`; generation ends at its EOS and end-of-turn tokens. Results: one JSON line per request (`id, text,
+token_ids, finish_reason, error, warning, ttft_s, tokens_per_s, cached_tokens`) in input order; `token_ids` are
+every token generated, through a stop string's.
 A request generates up to its own `max_new_tokens`, else `--max-new-tokens`, else up to the model's context. When
 the command line's value would overflow the context it is clamped to the room the prompt leaves, with a `warning`
 in that result; a request's own value that overflows is that request's error.
@@ -36,7 +44,9 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from tqdm import tqdm
 
@@ -52,7 +62,6 @@ from scripts.common import (
 from scripts.serve_flags import add_serve_args
 from scripts.stream_text import StreamPrinter
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 DEFAULT_PROMPTS = ["def ", "import os\n", "class Stack:\n    def __init__(self", "if __name__ == "]
 
 
@@ -60,9 +69,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="a meshlm run directory (config.json + checkpoints/)")
-    src.add_argument("--hf", help="a Hugging Face model directory (config.json + safetensors [+ tokenizer])")
+    src.add_argument("--hf", help="a Hugging Face model directory (config.json + safetensors [+ tokenizer.json])")
+    src.add_argument("--gguf", help="a GGUF file (llama.cpp's format: weights and vocabulary)")
     p.add_argument("--step", type=int, help="checkpoint step of --run (default: the newest)")
+    p.add_argument("--tokenizer", help="'bytes', a tokenizer.json, a model directory or a .gguf file (default: the "
+                                       "model source's own)")
     p.add_argument("--prompt", action="append", help="prompt text (repeatable; default: a few code openings)")
+    p.add_argument("--chat", action="append", help="a user message, answered as a chat (repeatable)")
+    p.add_argument("--stop", action="append", help="a stop string for every request without its own (repeatable)")
     p.add_argument("--prompts", help="a prompts file: .jsonl, or text with one prompt per line")
     p.add_argument("--out", help="write results as JSONL here (default: print the texts)")
     p.add_argument("--stream", action="store_true",
@@ -84,39 +98,66 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load(args: argparse.Namespace):
-    """(model, encode, decode, stop ids) for --run or --hf."""
+class Loaded(NamedTuple):
+    """A model and its text functions (None without a tokenizer: token-id prompts only)."""
+
+    model: Any
+    encode: Callable[[str], list[int]] | None
+    decode: Callable[[list[int]], str] | None
+    stop_ids: tuple[int, ...]
+    encode_chat: Callable[[list[dict[str, Any]]], list[int]] | None = None
+
+
+def load_tokenizer_of(args: argparse.Namespace):
+    """The command line's tokenizer: --tokenizer, else the source's own; None for an HF directory without a
+    tokenizer.json. Raises FileNotFoundError or ValueError naming the problem."""
+    from train.tokenizer import load_tokenizer
+
+    if args.tokenizer:
+        return load_tokenizer(args.tokenizer)
+    if args.run:
+        return load_tokenizer("bytes")
+    if args.gguf:
+        return load_tokenizer(args.gguf)
+    return load_tokenizer(args.hf) if (Path(args.hf) / "tokenizer.json").is_file() else None
+
+
+def load(args: argparse.Namespace) -> Loaded:
+    """The model of --run, --hf or --gguf, and its tokenizer's functions."""
+    tok = load_tokenizer_of(args)
     if args.run:
         from train.loop import load_params
-        from train.tokenizer import ByteTokenizer
 
-        _, model = load_params(args.run, args.step)
-        tok = ByteTokenizer()
-        return model, lambda text: tok.encode(text).tolist(), tok.decode, (tok.EOS,)
-    from model.hf import load_hf
+        model = load_params(args.run, args.step)[1]
+    elif args.hf:
+        from model.hf import load_hf
 
-    model = load_hf(args.hf)
-    if not any((Path(args.hf) / name).exists() for name in TOKENIZER_FILES):
-        return model, None, None, ()  # token-id prompts only (and no seconds spent importing transformers)
-    try:
-        from transformers import AutoTokenizer
+        model = load_hf(args.hf)
+    else:
+        from model.gguf import load_gguf
 
-        tok = AutoTokenizer.from_pretrained(args.hf)
-    except Exception:  # no tokenizer files, or transformers not installed: token-id prompts only
-        return model, None, None, ()
-    stop = (tok.eos_token_id,) if tok.eos_token_id is not None else ()
-    return model, lambda text: tok.encode(text), lambda ids: tok.decode(ids), stop
+        model = load_gguf(args.gguf)
+    if tok is None:
+        return Loaded(model, None, None, ())
+    encode_chat = tok.encode_chat if tok.chat_template else None
+    return Loaded(model, tok.encode, tok.decode, tuple(tok.eos_ids), encode_chat)
 
 
 def check_defaults(args: argparse.Namespace) -> None:
     """Exit 2 naming the flag and value if a command-line request default fails the requests' own field check."""
     from serve.request_checks import field_problem
+    from serve.stop_strings import stop_strings_problem
 
     for name in ("max_new_tokens", "temperature", "top_k", "top_p", "seed"):
         value = getattr(args, name)
         problem = field_problem(name, value) if value is not None else None
         if problem:
             fail(f"--{name.replace('_', '-')}: {problem}")
+    problem = stop_strings_problem(args.stop) if args.stop else None
+    if problem:
+        fail(f"--stop: {problem}")
+    if sum(bool(x) for x in (args.prompt, args.prompts, args.chat)) > 1:
+        fail("give one of --prompt, --prompts and --chat")
 
 
 def serving_config(args: argparse.Namespace):
@@ -161,12 +202,68 @@ def fit_to_context(items: list, default: int | None, max_seq_len: int) -> tuple[
     return fitted, warnings
 
 
+def command_line_records(args: argparse.Namespace) -> list[tuple[str, dict]] | None:
+    """The requests of --prompt or --chat (or the default prompts) as prompts-file records; None with --prompts."""
+    if args.prompts:
+        return None
+    if args.chat:
+        return [(f"--chat {i}", {"messages": [{"role": "user", "content": text}]}) for i, text in enumerate(args.chat)]
+    return [(f"--prompt {i}", {"prompt": text}) for i, text in enumerate(args.prompt or DEFAULT_PROMPTS)]
+
+
+def serve_with_stop_strings(engine, requests: list, stops: list[tuple[str, ...]],
+                            decode: Callable[[list[int]], str] | None, on_token: Callable[[str, int], None] | None,
+                            on_finish: Callable) -> list:
+    """`Engine.generate` for requests all arriving now, except that a request whose text reaches one of its stop
+    strings is aborted after the step that showed it (its result is cut at the stop string afterwards)."""
+    from serve.engine import Completion
+    from serve.request_checks import RequestError
+    from serve.stop_strings import TextStream
+
+    streams: dict[str, TextStream] = {}
+    to_abort: list[str] = []
+
+    def token(rid: str, t: int) -> None:
+        text = streams.get(rid)
+        if text is not None and not text.stopped:
+            text.push(t)
+            if text.stopped:
+                to_abort.append(rid)  # not here: the engine is still handing out this step's tokens
+        if on_token:
+            on_token(rid, t)
+
+    ids: list[str | None] = []
+    results: list = []
+    for request, st in zip(requests, stops, strict=True):
+        try:
+            rid = engine.submit(request, token)
+        except RequestError as e:
+            prompt = getattr(request, "prompt_ids", None)
+            results.append(Completion(e.request_id, list(prompt) if isinstance(prompt, (list, tuple)) else [],
+                                      finish_reason="error", error=str(e)))
+            ids.append(None)
+            on_finish(results[-1])
+            continue
+        if st and decode is not None:
+            streams[rid] = TextStream(decode, st, request.prompt_ids)
+        ids.append(rid)
+        results.append(engine.completions[rid])
+    reported: set[int] = set()
+    while engine.has_unfinished:
+        engine.step()
+        while to_abort:
+            engine.abort(to_abort.pop())
+        for i, rid in enumerate(ids):
+            if rid is not None and i not in reported and results[i].finished:
+                reported.add(i)
+                on_finish(results[i])
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.log_level)
     check_defaults(args)
-    if args.prompt and args.prompts:
-        fail("give --prompt or --prompts, not both")
     serve_cfg = serving_config(args)
     cache_dir = compilation_cache_path(args)
     enable_compilation_cache(cache_dir)
@@ -177,27 +274,25 @@ def main(argv: list[str] | None = None) -> int:
 def serve_and_report(args: argparse.Namespace, serve_cfg, cache_dir: str | None, clock: CompileClock) -> int:
     """Load, serve, write the results and the summary; the exit code."""
     from serve.engine import Completion, Engine, Request
-    from serve.prompts import default_request, read_requests, rejected, request_from, result_record
-    from serve.request_checks import RequestError
+    from serve.prompts import default_request, read_records, requests_from, result_record
     from serve.static import StaticBatcher
+    from serve.stop_strings import truncate_at_stop
 
     try:
+        lines = command_line_records(args) or read_records(args.prompts)  # checked before the model loads
         start = time.perf_counter()
-        model, encode, decode, stop = load(args)
+        model, encode, decode, stop, encode_chat = Loaded(*load(args))
         load_s = time.perf_counter() - start
+        if encode is None and not args.prompts:
+            fail("this model has no tokenizer for --prompt or --chat text; give --prompts with 'prompt_ids'")
+        if decode is None and args.stop:
+            fail("this model has no tokenizer for --stop strings")
         defaults = default_request(None, args.temperature, args.top_k, args.top_p, None, stop)
-        if args.prompts:
-            items = read_requests(args.prompts, defaults, encode)
-        elif encode is None:
-            fail("this model has no tokenizer for --prompt text; give --prompts with 'prompt_ids'")
-        else:
-            items = []
-            for i, text in enumerate(args.prompt or DEFAULT_PROMPTS):
-                try:
-                    items.append(request_from({"prompt": text}, defaults, encode, f"--prompt {i}", f"req-{i}"))
-                except RequestError as e:
-                    items.append(rejected(e))
-        items, warnings = fit_to_context(items, args.max_new_tokens, model.cfg.max_seq_len)
+        batch = requests_from(lines, defaults, encode, encode_chat)
+        stops = [item.stop_strings or (() if "stop" in line else tuple(args.stop or ()))
+                 for item, (_, line) in zip(batch, lines, strict=True)]
+        items, warnings = fit_to_context([item.request for item in batch], args.max_new_tokens,
+                                         model.cfg.max_seq_len)
         before = clock.snapshot()  # what loading compiled is load time
         start = time.perf_counter()
         if args.static:
@@ -213,7 +308,7 @@ def serve_and_report(args: argparse.Namespace, serve_cfg, cache_dir: str | None,
         fail(str(e))
 
     requests = [item for item in items if isinstance(item, Request)]  # the rest are already error results
-    printer = StreamPrinter(items, decode) if args.stream else None
+    printer = StreamPrinter(items, decode, stops) if args.stream else None
     bar = None if args.stream else tqdm(total=len(items), initial=len(items) - len(requests), desc="generate",
                                         unit="req", dynamic_ncols=True)
     finished: dict[str, Completion] = {}
@@ -231,7 +326,9 @@ def serve_and_report(args: argparse.Namespace, serve_cfg, cache_dir: str | None,
         if args.static:
             served = server.generate(requests, on_finish=on_finish)
         else:
-            served = server.generate(requests, on_token=printer.on_token if printer else None, on_finish=on_finish)
+            served_stops = [st for item, st in zip(items, stops, strict=True) if isinstance(item, Request)]
+            served = serve_with_stop_strings(server, requests, served_stops, decode,
+                                             printer.on_token if printer else None, on_finish)
     except (Exception, KeyboardInterrupt) as e:  # not one request's fault: keep every finished result
         stopped = e
         logging.getLogger(__name__).error("generation stopped", exc_info=e)
@@ -244,7 +341,10 @@ def serve_and_report(args: argparse.Namespace, serve_cfg, cache_dir: str | None,
 
     answers = iter(served)
     results = [item if isinstance(item, Completion) else next(answers) for item in items]
-    records = [{**result_record(c, decode), "warning": w} for c, w in zip(results, warnings, strict=True)]
+    records = []
+    for c, w, st in zip(results, warnings, stops, strict=True):
+        text, matched = truncate_at_stop(decode(c.token_ids), st) if st and c.token_ids else (None, None)
+        records.append({**result_record(c, decode, text, "stop" if matched else None), "warning": w})
     if args.out:
         out = Path(args.out)
         partial = out.with_name(out.name + ".partial")
@@ -257,7 +357,7 @@ def serve_and_report(args: argparse.Namespace, serve_cfg, cache_dir: str | None,
                 print(f"[error: {record['error']}]")
                 continue
             prompt = decode(list(item.prompt_ids)) if decode else str(list(item.prompt_ids))
-            print(prompt + (record["text"] or f"[error: {record['error']}]"))
+            print(prompt + (f"[error: {record['error']}]" if record["error"] else record["text"]))
         print("=" * 72)
     for record in records:
         if record["warning"]:

@@ -1,14 +1,16 @@
 """`scripts.generate --stream`'s printer: each request's text as its tokens come, one request after another
-(`StreamPrinter`), detokenized incrementally by serve/detokenize.py's `IncrementalText`.
+(`StreamPrinter`), detokenized incrementally by serve/detokenize.py's `IncrementalText` and cut at the request's
+stop strings (serve/stop_strings.py's `TextStream`).
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TextIO
 
 from serve.detokenize import REPLACEMENT, IncrementalText
+from serve.stop_strings import TextStream
 
 __all__ = ["REPLACEMENT", "IncrementalText", "StreamPrinter"]
 
@@ -17,14 +19,18 @@ class StreamPrinter:
     """`--stream`: each request's text printed as its tokens come, in input order: the first unfinished request
     streams live while the later ones (served at the same time) are held, and each is printed, caught up, when
     the one before it finishes. Text is detokenized incrementally (`IncrementalText`): a character split over
-    several tokens is printed once whole. Without a tokenizer the token ids are printed."""
+    several tokens is printed once whole, and nothing from a stop string on (`stops[i]`: request i's stop strings)
+    is printed. Without a tokenizer the token ids are printed."""
 
-    def __init__(self, items: list, decode: Callable[[list[int]], str] | None, out: TextIO | None = None):
+    def __init__(self, items: list, decode: Callable[[list[int]], str] | None,
+                 stops: Sequence[Sequence[str]] | None = None, out: TextIO | None = None):
         from serve.engine import Completion
 
         self.items, self.decode, self.out = items, decode, out or sys.stdout
+        stops = stops if stops is not None and decode else [()] * len(items)
         self.texts = [None if isinstance(item, Completion) else
-                      IncrementalText(decode if decode else _ids_text, item.prompt_ids) for item in items]
+                      TextStream(decode if decode else _ids_text, st, item.prompt_ids)
+                      for item, st in zip(items, stops, strict=True)]
         self.held: list[list[str]] = [[] for _ in items]
         self.done = [isinstance(item, Completion) for item in items]
         self.seen = [0] * len(items)

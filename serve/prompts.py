@@ -1,11 +1,14 @@
 """Batch files for `scripts/generate.py`: prompts in (text, one per line; or JSONL), results out (JSONL).
 
-JSONL lines hold `{"prompt": "text"}` or `{"prompt_ids": [ids]}`, optionally with `id`, `max_new_tokens`,
-`temperature`, `top_k`, `top_p`, `seed` and `stop` (a list of token ids) for that request alone; the command
+A JSONL line holds one prompt: `{"prompt": "text"}`, `{"prompt_ids": [ids]}` or `{"messages": [{"role": ...,
+"content": ...}, ...]}` (a chat, rendered by the model's chat template with the assistant's turn opened), and
+optionally `id`, `max_new_tokens`, `temperature`, `top_k`, `top_p`, `min_p`, `seed`, `logprobs` and `stop` for that
+request alone. `stop` is either stop strings -- a string or a list of strings: the output ends right before the
+first one it contains -- or, as before, a list of token ids that end the request when generated. The command
 line's values are the defaults; serve/request_checks.py says what each field may hold. A line whose request is
-bad becomes an error result of its own, naming the line, and the others are served; only a line that is not a
-JSON object at all (a file that is not a batch) is refused, before anything runs. A request without an id is
-named `req-<its index in the batch>`.
+bad becomes an error result of its own, naming the line, and the others are served; only a line that is not a JSON
+object at all (a file that is not a batch) is refused, before anything runs. A request without an id is named
+`req-<its index in the batch>`.
 """
 
 from __future__ import annotations
@@ -19,33 +22,86 @@ from typing import Any
 from serve import request_checks
 from serve.engine import Completion, Request, SamplingParams
 from serve.request_checks import RequestError
+from serve.stop_strings import stop_strings_problem
 
-PER_REQUEST = request_checks.FIELDS
+PER_REQUEST = (*request_checks.FIELDS, "messages")
+SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "seed")
+Encode = Callable[[str], list[int]]
+EncodeChat = Callable[[list[dict[str, Any]]], list[int]]
 
 
-def request_from(record: Any, defaults: Request, encode: Callable[[str], list[int]] | None, where: str,
-                 default_id: str) -> Request:
-    """One Request from a JSON record, the missing fields from `defaults`, named `default_id` if it has no id.
+@dataclasses.dataclass(frozen=True)
+class BatchItem:
+    """One line of a batch: its Request (or, refused before serving, its error result) and its stop strings."""
+
+    request: Request | Completion
+    stop_strings: tuple[str, ...] = ()
+
+
+def _is_stop_strings(value: Any) -> bool:
+    """`stop` given as text (a string, or a list holding a string) rather than as token ids."""
+    return isinstance(value, str) or (isinstance(value, list) and any(isinstance(v, str) for v in value))
+
+
+def _checked_fields(record: Any) -> tuple[dict[str, Any], tuple[str, ...], str | None]:
+    """The record's engine fields (stop strings and messages taken out), its stop strings, and its problem."""
+    if not isinstance(record, dict):
+        return {}, (), request_checks.request_problem(record)
+    fields, stops = dict(record), ()
+    if "stop" in fields and _is_stop_strings(fields["stop"]):
+        problem = stop_strings_problem(fields["stop"])
+        if problem is not None:
+            return fields, (), problem
+        stop = fields.pop("stop")
+        stops = (stop,) if isinstance(stop, str) else tuple(stop)
+    if "messages" in fields:
+        if "prompt" in fields or "prompt_ids" in fields:
+            return fields, stops, "give exactly one of 'prompt', 'prompt_ids' and 'messages'"
+        if not isinstance(fields["messages"], list):
+            return fields, stops, f"messages must be a list of messages, got {request_checks.shown(fields['messages'])}"
+        # the other fields are checked as for a text prompt; the messages themselves by the chat template's renderer
+        others = {k: v for k, v in fields.items() if k != "messages"}
+        return fields, stops, request_checks.request_problem({**others, "prompt": ""})
+    return fields, stops, request_checks.request_problem(fields)
+
+
+def request_from(record: Any, defaults: Request, encode: Encode | None, where: str, default_id: str,
+                 encode_chat: EncodeChat | None = None) -> BatchItem:
+    """One request from a JSON record, the missing fields from `defaults`, named `default_id` if it has no id.
+    `encode` tokenizes a text prompt, `encode_chat` renders and tokenizes messages (None: the model has none).
     Raises RequestError (its message naming the request and `where`) if the record is not a servable request."""
     rid = record.get("id") if isinstance(record, dict) else None
     rid = rid if request_checks.field_problem("id", rid) is None and rid is not None else default_id
-    problem = request_checks.request_problem(record)
+    fields, stops, problem = _checked_fields(record)
     ids = None
-    if problem is None and "prompt" in record:
+    if problem is None and "prompt" in fields:
         if encode is None:
             problem = "this model has no tokenizer for text prompts; give 'prompt_ids'"
         else:
             try:
-                ids = [int(t) for t in encode(record["prompt"])]
+                ids = [int(t) for t in encode(fields["prompt"])]
             except Exception as e:  # a tokenizer's failure on this text is this request's problem alone
                 problem = f"the prompt cannot be tokenized ({type(e).__name__}: {request_checks.shown(str(e))})"
+    if problem is None and "messages" in fields:
+        if encode_chat is None:
+            problem = "this model has no chat template for 'messages'; give 'prompt' or 'prompt_ids'"
+        else:
+            try:
+                ids = [int(t) for t in encode_chat(fields["messages"])]
+            except Exception as e:  # bad messages, or the template refused them: this request's problem alone
+                problem = f"the messages cannot be rendered ({e})"
+            if problem is None and not ids:
+                problem = "the chat template rendered the messages as an empty prompt"
+    if problem is None and stops and encode is None:
+        problem = "this model has no tokenizer for stop strings; give 'stop' as token ids"
     if problem is not None:
         raise RequestError(f"request {rid!r}: {where}: {problem}", rid)
-    sampling = dataclasses.replace(defaults.sampling, **{k: record[k] for k in ("temperature", "top_k", "top_p",
-                                                                                  "seed") if k in record})
-    return Request(tuple(record["prompt_ids"] if ids is None else ids),
-                   record.get("max_new_tokens", defaults.max_new_tokens),
-                   tuple(record["stop"]) if "stop" in record else defaults.stop_ids, sampling, rid)
+    sampling = dataclasses.replace(defaults.sampling, **{k: fields[k] for k in SAMPLING_FIELDS if k in fields})
+    request = Request(tuple(fields["prompt_ids"] if ids is None else ids),
+                      fields.get("max_new_tokens", defaults.max_new_tokens),
+                      tuple(fields["stop"]) if "stop" in fields else defaults.stop_ids, sampling, rid,
+                      logprobs=fields.get("logprobs", defaults.logprobs))
+    return BatchItem(request, stops)
 
 
 def rejected(error: RequestError) -> Completion:
@@ -53,15 +109,15 @@ def rejected(error: RequestError) -> Completion:
     return Completion(error.request_id, [], finish_reason="error", error=str(error))
 
 
-def read_requests(path: str | Path, defaults: Request,
-                  encode: Callable[[str], list[int]] | None) -> list[Request | Completion]:
-    """Requests from a `.jsonl` file (one JSON object per line) or any other text file (one prompt per line;
-    escapes like \\n are not interpreted), in order; a bad request's place holds its error result (see `rejected`).
-    Empty lines are skipped. Raises FileNotFoundError, or ValueError naming a line that is not a JSON object."""
+def read_records(path: str | Path) -> list[tuple[str, Any]]:
+    """The lines of a prompts file as (where, record) pairs: a `.jsonl` file's JSON objects, any other text file's
+    lines as {"prompt": line} (escapes like \\n are not interpreted). Empty lines are skipped. Reads no model: a
+    file that is not a batch is refused before anything loads. Raises FileNotFoundError, or ValueError naming a
+    line that is not a JSON object."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no prompts file at {path}")
-    items: list[Request | Completion] = []
+    records = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -75,25 +131,44 @@ def read_requests(path: str | Path, defaults: Request,
                 raise ValueError(f"{where}: expected a JSON object, got {request_checks.shown(record)}")
         else:
             record = {"prompt": line}
-        try:
-            items.append(request_from(record, defaults, encode, where, f"req-{len(items)}"))
-        except RequestError as e:
-            items.append(rejected(e))
-    if not items:
+        records.append((where, record))
+    if not records:
         raise ValueError(f"{path} holds no prompts")
+    return records
+
+
+def requests_from(records: list[tuple[str, Any]], defaults: Request, encode: Encode | None,
+                  encode_chat: EncodeChat | None = None) -> list[BatchItem]:
+    """The batch of `read_records`, in order; a bad request's place holds its error result (see `rejected`)."""
+    items = []
+    for where, record in records:
+        try:
+            items.append(request_from(record, defaults, encode, where, f"req-{len(items)}", encode_chat))
+        except RequestError as e:
+            items.append(BatchItem(rejected(e)))
     return items
 
 
+def read_requests(path: str | Path, defaults: Request, encode: Encode | None,
+                  encode_chat: EncodeChat | None = None) -> list[BatchItem]:
+    """`requests_from(read_records(path), ...)`."""
+    return requests_from(read_records(path), defaults, encode, encode_chat)
+
+
 def default_request(max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int | None,
-                    stop_ids: tuple[int, ...]) -> Request:
+                    stop_ids: tuple[int, ...], min_p: float = 0.0) -> Request:
     """The request whose fields a batch line falls back on (the command line's values); no prompt."""
-    return Request((), max_new_tokens, stop_ids, SamplingParams(temperature, top_k, top_p, seed))
+    return Request((), max_new_tokens, stop_ids, SamplingParams(temperature, top_k, top_p, seed, min_p))
 
 
-def result_record(c: Completion, decode: Callable[[list[int]], str] | None) -> dict[str, Any]:
-    """The JSONL record of a completion: id, text, token_ids, finish_reason, error, ttft_s, tokens_per_s,
-    cached_tokens (prompt tokens the prefix cache supplied)."""
+def result_record(c: Completion, decode: Callable[[list[int]], str] | None, text: str | None = None,
+                  finish_reason: str | None = None) -> dict[str, Any]:
+    """The JSONL record of a completion: id, text (`text` if given: cut at a stop string), token_ids,
+    finish_reason (`finish_reason` if given), error, ttft_s, tokens_per_s, cached_tokens (prompt tokens the
+    prefix cache supplied)."""
     elapsed = c.token_times_s[-1] - c.arrival_s if c.token_times_s else None
-    return {"id": c.request_id, "text": decode(c.token_ids) if decode and c.token_ids else "",
-            "token_ids": c.token_ids, "finish_reason": c.finish_reason, "error": c.error, "ttft_s": c.ttft_s,
+    if text is None:
+        text = decode(c.token_ids) if decode and c.token_ids else ""
+    return {"id": c.request_id, "text": text, "token_ids": c.token_ids,
+            "finish_reason": finish_reason or c.finish_reason, "error": c.error, "ttft_s": c.ttft_s,
             "tokens_per_s": len(c.token_ids) / elapsed if elapsed else None, "cached_tokens": c.num_cached_tokens}

@@ -59,3 +59,116 @@ def test_bad_prompts_file_line_is_named(run_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["--run", str(run_dir), "--prompts", str(prompts)])
     assert info.value.code == 2 and f"{prompts}:2: expected a JSON object" in capsys.readouterr().err
+
+
+# --- chats and stop strings (issue 18, item 6), in-process on a tiny random model with the byte tokenizer --------
+
+TINY = dataclasses.replace(get_preset("tiny"), dtype="float32", init_std=0.1)
+FLAGS = ["--run", "unused (load is replaced)", "--temperature", "0", "--page-size", "8", "--max-running", "4",
+         "--token-budget", "64", "--decode-impl", "reference"]
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from model.transformer import create_model
+
+    return create_model(TINY, seed=3)
+
+
+def patch_load(monkeypatch, model, chat=True):
+    import scripts.generate
+    from train.tokenizer import ByteTextTokenizer
+
+    tok = ByteTextTokenizer()
+    monkeypatch.setattr(scripts.generate, "load", lambda args: (model, tok.encode, tok.decode, (),
+                                                                tok.encode_chat if chat else None))
+    return tok
+
+
+def run_batch(tmp_path, records, *flags):
+    prompts, out = tmp_path / "p.jsonl", tmp_path / "out.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
+    code = main(FLAGS + list(flags) + ["--prompts", str(prompts), "--out", str(out)])
+    return code, [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def a_stop_string(text: str) -> str:
+    """An ASCII character of the greedy output after its first two characters: a stop string that will occur."""
+    return next(ch for ch in text[2:] if ch.isascii())
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_chats_and_stop_strings_against_the_naive_decoder(tiny, tmp_path, monkeypatch, static):
+    tok = patch_load(monkeypatch, tiny)
+    plain = tok.encode("def f(")
+    greedy = generate(tiny, [tok.encode_chat(CHAT), plain], 16)
+    text = tok.decode(greedy[1])
+    stop = a_stop_string(text)
+    code, results = run_batch(tmp_path, [
+        {"messages": CHAT, "max_new_tokens": 16, "id": "chat"},
+        {"prompt": "def f(", "max_new_tokens": 16, "stop": [stop, "never in it \u2603"], "id": "stop"},
+        {"prompt_ids": plain, "max_new_tokens": 4, "stop": [], "id": "old"},  # token-id stops, as before
+    ], *(["--static"] if static else []))
+    assert code == 0
+    chat, stopped, old = results
+    assert chat["token_ids"] == greedy[0] and chat["text"] == tok.decode(greedy[0]) and chat["error"] is None
+    assert stopped["text"] == text[:text.index(stop)] and stopped["finish_reason"] == "stop"
+    n = len(stopped["token_ids"])
+    assert stopped["token_ids"] == greedy[1][:n] and stop in tok.decode(stopped["token_ids"])
+    if static:
+        assert n == 16  # static batching decodes on; the text is cut afterwards
+    assert old["token_ids"] == greedy[1][:4] and old["finish_reason"] == "length"
+
+
+def test_bad_chat_and_stop_fields_are_errors_of_their_own_requests(tiny, tmp_path, monkeypatch):
+    patch_load(monkeypatch, tiny)
+    code, results = run_batch(tmp_path, [
+        {"messages": "hi"},
+        {"messages": [{"role": "user"}]},
+        {"messages": CHAT, "prompt": "x"},
+        {"prompt": "x", "stop": ["ok", 3]},
+        {"prompt": "x", "stop": ""},
+        {"messages": CHAT, "max_new_tokens": 2, "temperature": "hot"},
+        {"prompt": "x", "max_new_tokens": 2},
+    ])
+    assert code == 0 and [r["error"] is None for r in results] == [False] * 6 + [True]
+    where = f"{tmp_path / 'p.jsonl'}"
+    assert f"request 'req-0': {where}:1: messages must be a list of messages, got 'hi'" == results[0]["error"]
+    assert "messages[0].content must be a string, got None" in results[1]["error"]
+    assert "give exactly one of 'prompt', 'prompt_ids' and 'messages'" in results[2]["error"]
+    assert "stop[1] must be a string, got 3" in results[3]["error"]
+    assert "stop[0] is empty" in results[4]["error"]
+    assert "temperature must be a number, got 'hot'" in results[5]["error"]
+
+
+def test_a_model_without_a_chat_template_refuses_messages_only(tiny, tmp_path, monkeypatch):
+    patch_load(monkeypatch, tiny, chat=False)
+    code, results = run_batch(tmp_path, [{"messages": CHAT, "max_new_tokens": 2}, {"prompt": "x", "max_new_tokens": 2}])
+    assert code == 0 and "this model has no chat template for 'messages'" in results[0]["error"]
+    assert results[1]["error"] is None and len(results[1]["token_ids"]) == 2
+
+
+def test_chat_flag_and_default_stop_strings_stream(tiny, monkeypatch, capsys):
+    tok = patch_load(monkeypatch, tiny)
+    chat, plain = generate(tiny, [tok.encode_chat([{"role": "user", "content": "Hi"}]), tok.encode("def f(")], 12)
+    assert main(FLAGS + ["--chat", "Hi", "--max-new-tokens", "12", "--stream"]) == 0
+    assert "user: Hi\n\nassistant:" + tok.decode(chat) + "\n" + "=" * 72 in capsys.readouterr().out
+    text = tok.decode(plain)
+    stop = a_stop_string(text)
+    assert main(FLAGS + ["--prompt", "def f(", "--max-new-tokens", "12", "--stop", stop, "--stream"]) == 0
+    assert "def f(" + text[:text.index(stop)] + "\n" + "=" * 72 in capsys.readouterr().out
+
+
+def test_a_prompts_file_that_is_not_a_batch_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    import scripts.generate
+
+    def load(args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(scripts.generate, "load", load)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"messages": [{"role": "user", "content": "hi"}]}\nnot json\n')
+    with pytest.raises(SystemExit) as info:
+        main(FLAGS + ["--prompts", str(prompts)])
+    assert info.value.code == 2 and f"{prompts}:2: not JSON" in capsys.readouterr().err
