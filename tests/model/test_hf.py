@@ -183,37 +183,24 @@ def _rewrite(directory, tensors) -> None:
     save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
 
 
-def test_load_hf_names_a_missing_tensor(saved_tiny):
+@pytest.mark.parametrize("name, tensor, pattern", [
+    ("model.layers.1.mlp.up_proj.weight", None,  # missing
+     r"missing tensor 'model.layers.1.mlp.up_proj.weight' in .*model.safetensors"),
+    ("model.layers.0.self_attn.k_proj.weight", np.zeros((16, 64), np.float32),  # one kv head, not two
+     r"'model.layers.0.self_attn.k_proj.weight' in .*model.safetensors' has shape \[16, 64\], expected \[32, 64\]"),
+    ("model.layers.0.self_attn.o_proj.bias", np.zeros((64,), np.float32),  # unexpected
+     r"unexpected tensors \['model.layers.0.self_attn.o_proj.bias'\] in \['model.safetensors'\]"),
+    ("model.norm.weight", np.zeros((64,), np.int32), r"'model.norm.weight' in .*model.safetensors' has dtype I32"),
+])
+def test_load_hf_names_a_bad_tensor(saved_tiny, name, tensor, pattern):
+    """A missing, misshaped, unexpected or non-float tensor: the error names it and its file."""
     directory, tensors = saved_tiny
-    del tensors["model.layers.1.mlp.up_proj.weight"]
+    if tensor is None:
+        del tensors[name]
+    else:
+        tensors[name] = tensor
     _rewrite(directory, tensors)
-    with pytest.raises(ValueError, match=r"missing tensor 'model.layers.1.mlp.up_proj.weight' in .*model.safetensors"):
-        load_hf(directory)
-
-
-def test_load_hf_names_a_misshaped_tensor(saved_tiny):
-    directory, tensors = saved_tiny
-    tensors["model.layers.0.self_attn.k_proj.weight"] = np.zeros((16, 64), np.float32)  # one kv head, not two
-    _rewrite(directory, tensors)
-    with pytest.raises(ValueError, match=r"'model.layers.0.self_attn.k_proj.weight' in .*model.safetensors' has "
-                                         r"shape \[16, 64\], expected \[32, 64\]"):
-        load_hf(directory)
-
-
-def test_load_hf_names_an_unexpected_tensor(saved_tiny):
-    directory, tensors = saved_tiny
-    tensors["model.layers.0.self_attn.o_proj.bias"] = np.zeros((64,), np.float32)
-    _rewrite(directory, tensors)
-    with pytest.raises(ValueError, match=r"unexpected tensors \['model.layers.0.self_attn.o_proj.bias'\] in "
-                                         r"\['model.safetensors'\]"):
-        load_hf(directory)
-
-
-def test_load_hf_names_a_non_float_tensor(saved_tiny):
-    directory, tensors = saved_tiny
-    tensors["model.norm.weight"] = np.zeros((64,), np.int32)
-    _rewrite(directory, tensors)
-    with pytest.raises(ValueError, match=r"'model.norm.weight' in .*model.safetensors' has dtype I32"):
+    with pytest.raises(ValueError, match=pattern):
         load_hf(directory)
 
 

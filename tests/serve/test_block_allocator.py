@@ -47,16 +47,13 @@ def test_shared_pages_live_until_the_last_owner_frees_them():
 def test_misuse_names_the_page_and_changes_nothing():
     pool = BlockAllocator(4)
     [page] = pool.allocate(1)
-    with pytest.raises(ValueError, match="page 0 is the null page"):
-        pool.free([0])
-    with pytest.raises(ValueError, match="page 3 is not allocated"):
-        pool.free([3])
-    with pytest.raises(ValueError, match="page 7 is not allocated"):
-        pool.free([7])
-    with pytest.raises(ValueError, match="page 3 is not allocated"):
-        pool.share([3])
-    with pytest.raises(ValueError, match=f"page {page} freed 2 times but it has 1 owner"):
-        pool.free([page, page])
+    for misuse, pages, pattern in [(pool.free, [0], "page 0 is the null page"),
+                                   (pool.free, [3], "page 3 is not allocated"),
+                                   (pool.free, [7], "page 7 is not allocated"),
+                                   (pool.share, [3], "page 3 is not allocated"),
+                                   (pool.free, [page, page], f"page {page} freed 2 times but it has 1 owner")]:
+        with pytest.raises(ValueError, match=pattern):
+            misuse(pages)
     assert pool.refcount(page) == 1 and pool.num_free == 2  # the bad calls changed nothing
     pool.free([page])
     with pytest.raises(ValueError, match=f"page {page} is not allocated"):

@@ -94,6 +94,21 @@ def append(scheduler, seq, token):
     scheduler.update_from_output([(seq, token)], now=0.0)
 
 
+def scheduler_with(num_pages, seqs, **cfg):
+    """A scheduler over `num_pages` pages (page 0 is the null page) with `seqs` added in order."""
+    scheduler = Scheduler(SchedulerConfig(**cfg), BlockAllocator(num_pages))
+    for seq in seqs:
+        scheduler.add(seq)
+    return scheduler
+
+
+def step_all(scheduler, token):
+    """One step of everything `scheduler` schedules, every sequence then sampling `token`."""
+    for chunk in scheduler.schedule().chunks:
+        scheduler.after_step(chunk)
+        append(scheduler, chunk.seq, token)
+
+
 def make_seqs(lengths, max_new, rng=None):
     rng = rng or random.Random(0)
     return [RequestState(f"s{i}", [rng.randrange(997) for _ in range(n)], m)
@@ -147,10 +162,7 @@ def test_a_long_prompt_is_prefilled_in_budget_sized_chunks():
 
 
 def test_max_prefill_chunk_caps_a_chunk_and_leaves_budget_for_others():
-    scheduler = Scheduler(SchedulerConfig(page_size=4, token_budget=64, max_prefill_chunk=5), BlockAllocator(20))
-    a, b = make_seqs([12, 3], [1, 1])
-    for seq in (a, b):
-        scheduler.add(seq)
+    scheduler = scheduler_with(20, make_seqs([12, 3], [1, 1]), page_size=4, token_budget=64, max_prefill_chunk=5)
     assert [(c.seq.request_id, c.length) for c in scheduler.schedule().chunks] == [("s0", 5), ("s1", 3)]
 
 
@@ -165,24 +177,18 @@ def test_max_running_holds_the_rest_in_the_queue():
 
 
 def test_admission_is_strictly_first_come_first_served():
-    scheduler = Scheduler(SchedulerConfig(page_size=4, token_budget=64), BlockAllocator(5))  # 4 usable pages
     a, b, c = make_seqs([8, 12, 2], [4, 4, 4])
-    for seq in (a, b, c):
-        scheduler.add(seq)
+    scheduler = scheduler_with(5, (a, b, c), page_size=4, token_budget=64)  # 4 usable pages
     # a takes 2 pages; b needs 3 for its prompt, so it waits, and c (1 page would do) must not overtake it.
     assert [ch.seq for ch in scheduler.schedule().chunks] == [a]
     assert scheduler.waiting == (b, c) and scheduler.allocator.num_free == 2
 
 
 def test_running_out_of_pages_preempts_the_newest_and_recomputes_its_outputs():
-    scheduler = Scheduler(SchedulerConfig(page_size=2, token_budget=16), BlockAllocator(5))  # 4 usable pages
     a, b = make_seqs([3, 3], [3, 3])
-    for seq in (a, b):
-        scheduler.add(seq)
+    scheduler = scheduler_with(5, (a, b), page_size=2, token_budget=16)  # 4 usable pages
     for _ in range(2):  # prefill both (2 pages each, the pool is full), then one decode each
-        for chunk in scheduler.schedule().chunks:
-            scheduler.after_step(chunk)
-            append(scheduler, chunk.seq, 7)
+        step_all(scheduler, 7)
     schedule = scheduler.schedule()  # a's decode at position 4 needs a third page: b, the newest, makes way
     assert schedule.preempted == (b,) and [(c.seq, c.is_decode) for c in schedule.chunks] == [(a, True)]
     assert scheduler.waiting == (b,) and b.block_table == [] and b.num_computed == 0 and b.num_preemptions == 1
@@ -195,13 +201,9 @@ def test_running_out_of_pages_preempts_the_newest_and_recomputes_its_outputs():
 
 
 def test_the_newest_sequence_preempts_itself_when_it_is_the_one_short_of_pages():
-    scheduler = Scheduler(SchedulerConfig(page_size=2, token_budget=16), BlockAllocator(4))  # 3 usable pages
     a, b = make_seqs([3, 2], [3, 3])
-    for seq in (a, b):
-        scheduler.add(seq)
-    for chunk in scheduler.schedule().chunks:  # a: 2 pages, b: 1 page
-        scheduler.after_step(chunk)
-        append(scheduler, chunk.seq, 7)
+    scheduler = scheduler_with(4, (a, b), page_size=2, token_budget=16)  # 3 usable pages
+    step_all(scheduler, 7)  # a: 2 pages, b: 1 page
     schedule = scheduler.schedule()  # a's decode fits its pages; b's needs a second page and b is the newest
     assert schedule.preempted == (b,) and [c.seq for c in schedule.chunks] == [a]
     assert len(a.block_table) == 2 and scheduler.allocator.num_free == 1 and scheduler.waiting == (b,)
@@ -222,10 +224,8 @@ def test_requests_are_checked_on_arrival_by_name():
 
 
 def test_abort_frees_pages_of_running_and_waiting_requests():
-    scheduler = Scheduler(SchedulerConfig(page_size=4, max_running=1), BlockAllocator(5))
     a, b = make_seqs([6, 2], [3, 3])
-    for seq in (a, b):
-        scheduler.add(seq)
+    scheduler = scheduler_with(5, (a, b), page_size=4, max_running=1)
     scheduler.schedule()
     assert scheduler.allocator.num_used == 2 and scheduler.num_running == 1 and scheduler.num_waiting == 1
     scheduler.abort("s0")
@@ -240,9 +240,7 @@ def test_kv_utilisation_by_hand():
     assert scheduler.kv_utilisation() == 1.0  # nothing allocated
     for seq in make_seqs([5, 8], [3, 3]):
         scheduler.add(seq)
-    for chunk in scheduler.schedule().chunks:
-        scheduler.after_step(chunk)
-        append(scheduler, chunk.seq, 1)
+    step_all(scheduler, 1)
     assert scheduler.kv_utilisation() == (5 + 8) / ((2 + 2) * 4)
     for chunk in scheduler.schedule().chunks:  # decodes: 6 tokens in 2 pages, 9 tokens in 3 pages
         scheduler.after_step(chunk)
