@@ -11,13 +11,13 @@ GGUF file.
 Prompts files: `.jsonl` lines `{"prompt": "..."}`, `{"prompt_ids": [...]}` or `{"messages": [{"role": "user",
 "content": "..."}]}` (a chat, rendered with the model's chat template; a model without one gets an error for that
 request) with optional per-request `id`, `max_new_tokens`, `temperature`, `top_k`, `top_p`, `min_p`, `seed`,
-`logprobs` and `stop`: stop strings (`"stop": ["\n\n", "User:"]`, the text ends right before the first one
+`logprobs` and `stop`: stop strings (`"stop": ["\\n\\n", "User:"]`, the text ends right before the first one
 generated; finish_reason "stop") or a list of token ids (as before). Any other file is one prompt per line;
-`--chat TEXT` is a one-message chat. The whole file is read and checked before the model loads. The tokenizer is
-the source's own (train/tokenizer.py: a tokenizer.json, the GGUF vocabulary, the byte tokenizer of a run) or
-`--tokenizer`; generation ends at its EOS and end-of-turn tokens. Results: one JSON line per request (`id, text,
-token_ids, finish_reason, error, warning, ttft_s, tokens_per_s, cached_tokens`) in input order; `token_ids` are
-every token generated, through a stop string's.
+`--chat TEXT` is a one-message chat. The whole file is read (each line a JSON object) before the model loads.
+The tokenizer is the source's own (train/tokenizer.py: a tokenizer.json, the GGUF vocabulary, the byte tokenizer
+of a run) or `--tokenizer`; generation ends at its EOS and end-of-turn tokens. Results: one JSON line per request
+(`id, text, token_ids, finish_reason, error, warning, ttft_s, tokens_per_s, cached_tokens`) in input order;
+`token_ids` are every token generated, through a stop string's.
 A request generates up to its own `max_new_tokens`, else `--max-new-tokens`, else up to the model's context. When
 the command line's value would overflow the context it is clamped to the room the prompt leaves, with a `warning`
 in that result; a request's own value that overflows is that request's error.
@@ -59,6 +59,7 @@ from scripts.common import (
     process_age_s,
     setup_logging,
 )
+from scripts.model_source import add_source_args, load_source
 from scripts.serve_flags import add_serve_args
 from scripts.stream_text import StreamPrinter
 
@@ -67,13 +68,7 @@ DEFAULT_PROMPTS = ["def ", "import os\n", "class Stack:\n    def __init__(self",
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run", help="a meshlm run directory (config.json + checkpoints/)")
-    src.add_argument("--hf", help="a Hugging Face model directory (config.json + safetensors [+ tokenizer.json])")
-    src.add_argument("--gguf", help="a GGUF file (llama.cpp's format: weights and vocabulary)")
-    p.add_argument("--step", type=int, help="checkpoint step of --run (default: the newest)")
-    p.add_argument("--tokenizer", help="'bytes', a tokenizer.json, a model directory or a .gguf file (default: the "
-                                       "model source's own)")
+    add_source_args(p)  # --run, --hf, --gguf, --step, --tokenizer
     p.add_argument("--prompt", action="append", help="prompt text (repeatable; default: a few code openings)")
     p.add_argument("--chat", action="append", help="a user message, answered as a chat (repeatable)")
     p.add_argument("--stop", action="append", help="a stop string for every request without its own (repeatable)")
@@ -108,35 +103,9 @@ class Loaded(NamedTuple):
     encode_chat: Callable[[list[dict[str, Any]]], list[int]] | None = None
 
 
-def load_tokenizer_of(args: argparse.Namespace):
-    """The command line's tokenizer: --tokenizer, else the source's own; None for an HF directory without a
-    tokenizer.json. Raises FileNotFoundError or ValueError naming the problem."""
-    from train.tokenizer import load_tokenizer
-
-    if args.tokenizer:
-        return load_tokenizer(args.tokenizer)
-    if args.run:
-        return load_tokenizer("bytes")
-    if args.gguf:
-        return load_tokenizer(args.gguf)
-    return load_tokenizer(args.hf) if (Path(args.hf) / "tokenizer.json").is_file() else None
-
-
 def load(args: argparse.Namespace) -> Loaded:
-    """The model of --run, --hf or --gguf, and its tokenizer's functions."""
-    tok = load_tokenizer_of(args)
-    if args.run:
-        from train.loop import load_params
-
-        model = load_params(args.run, args.step)[1]
-    elif args.hf:
-        from model.hf import load_hf
-
-        model = load_hf(args.hf)
-    else:
-        from model.gguf import load_gguf
-
-        model = load_gguf(args.gguf)
+    """The model of --run, --hf or --gguf (scripts/model_source.py), and its tokenizer's functions."""
+    model, tok = load_source(args)
     if tok is None:
         return Loaded(model, None, None, ())
     encode_chat = tok.encode_chat if tok.chat_template else None
