@@ -9,11 +9,13 @@ L(N, D) = ((N_c/N)^(alpha_N/alpha_D) + D_c/D)^alpha_D. N counts all parameters, 
 
 from __future__ import annotations
 
+import csv
 import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -260,6 +262,19 @@ def _padded(*columns: np.ndarray, bucket: int = 256) -> tuple[np.ndarray, ...]:
     pad = -n % bucket
     weights = np.concatenate([np.ones(n), np.zeros(pad)])
     return (*(np.concatenate([c, np.full(pad, c[0])]) for c in columns), weights)
+
+
+def chinchilla_points(path: str | Path, drop: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(N, D, L) of the digitised Chinchilla Figure-4 points (Besiroglu et al. 2024's CSV: "Model Size",
+    "Training FLOP", "loss"; D = C / 6N), sorted by loss, without the `drop` highest losses (the published protocol
+    drops 5 of 245)."""
+    with Path(path).open() as f:
+        rows = list(csv.DictReader(f))
+    n = np.array([float(r["Model Size"]) for r in rows])
+    c = np.array([float(r["Training FLOP"]) for r in rows])
+    loss = np.array([float(r["loss"]) for r in rows])
+    keep = np.argsort(loss, kind="stable")[: len(loss) - drop]
+    return n[keep], c[keep] / (6 * n[keep]), loss[keep]
 
 
 def fit_loss_law(n_params: Array, n_tokens: Array, losses: Array, *, delta: float = 1e-3,

@@ -9,7 +9,6 @@ unscreened protocol. Prints one JSON line: timings, the fitted law and Besiroglu
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
 import sys
@@ -38,17 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         fail("--repeats must be >= 1 and --drop >= 0")
 
     import jax
-    import numpy as np
 
-    from scaling.laws import fit_loss_law
+    from scaling.laws import chinchilla_points, fit_loss_law
 
-    with args.data.open() as f:
-        rows = list(csv.DictReader(f))
-    n = np.array([float(r["Model Size"]) for r in rows])
-    c = np.array([float(r["Training FLOP"]) for r in rows])
-    loss = np.array([float(r["loss"]) for r in rows])
-    keep = np.argsort(loss, kind="stable")[: len(loss) - args.drop]
-    n, d, loss = n[keep], c[keep] / (6 * n[keep]), loss[keep]
+    n, d, loss = chinchilla_points(args.data, drop=args.drop)
 
     times = []
     for _ in range(args.repeats + 1):

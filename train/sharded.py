@@ -19,7 +19,9 @@ from model.config import ModelConfig
 from parallel.mesh import MeshConfig, make_mesh
 from parallel.rules import Rules, logical_to_spec, rules_for
 from parallel.sharding import MeshFunction, ParamsPlan, batch_sharding, plan_params, state_shardings
+from train.config import TrainConfig
 from train.data import windows_at
+from train.optimizer import lr_schedule, make_optimizer
 from train.step import TrainState, init_train_state, loss_fn, train_step_fn
 
 
@@ -54,6 +56,17 @@ def sharded_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransfor
                      in_shardings=(shardings, batch_sharding(mesh, rules)),
                      out_shardings=(shardings, replicated), donate_argnums=0)
     return MeshFunction(jitted, mesh, rules)
+
+
+def sharded_training(graphdef: nnx.GraphDef, params: dict, params_shardings: dict, train_cfg: TrainConfig,
+                     mesh: Mesh, rules: Rules) -> tuple[TrainState, MeshFunction]:
+    """A fresh train state of `params` (already in `params_shardings`) and the jitted step over `mesh`, both with
+    `train_cfg`'s optimizer and learning-rate schedule: what `plan_mesh` + `init_state` + `sharded_train_step`
+    give, for params created outside a plan."""
+    optimizer = make_optimizer(train_cfg)
+    shardings = train_state_shardings(params_shardings, params, optimizer, mesh)
+    state = init_sharded_train_state(params, optimizer, shardings)
+    return state, sharded_train_step(graphdef, optimizer, lr_schedule(train_cfg), mesh, rules, shardings)
 
 
 def rows_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:

@@ -25,8 +25,7 @@ from parallel.sharding import batch_sharding, create_sharded_params
 from scaling.accounting import comm_bytes
 from scaling.measured import attribute, compare, format_comparison, layout_of
 from train.config import TrainConfig
-from train.optimizer import lr_schedule, make_optimizer
-from train.sharded import init_sharded_train_state, sharded_train_step, train_state_shardings
+from train.sharded import sharded_training
 
 DATA_FSDP = {"data": 2, "fsdp": 4}
 X = np.arange(8 * 16, dtype=np.float32).reshape(8, 16)  # over data=2 x fsdp=4: a [4, 4] float32 block = 64 bytes
@@ -258,10 +257,7 @@ def train_step(mesh_text, cfg=TINY):
     mesh_cfg = parse_mesh(mesh_text).resolve(len(jax.devices()))
     mesh, rules = make_mesh(mesh_cfg), rules_for(mesh_cfg)
     graphdef, params, shardings = create_sharded_params(cfg, mesh, rules, seed=0)
-    optimizer = make_optimizer(TCFG)
-    state_shardings = train_state_shardings(shardings, params, optimizer, mesh)
-    state = init_sharded_train_state(params, optimizer, state_shardings)
-    step = sharded_train_step(graphdef, optimizer, lr_schedule(TCFG), mesh, rules, state_shardings)
+    state, step = sharded_training(graphdef, params, shardings, TCFG, mesh, rules)
     tokens = np.zeros((ACCUM, ROWS, TCFG.seq_len + 1), np.int32)
     batch = jax.device_put(tokens, NamedSharding(mesh, batch_sharding(mesh, rules).spec))
     report = explain(step.lower(state, batch).compile(), mesh)

@@ -22,7 +22,7 @@ from parallel.rules import logical_to_spec, rules_for
 from parallel.sharding import MeshFunction, batch_sharding, create_sharded_params
 from train.config import TrainConfig
 from train.optimizer import lr_schedule, make_optimizer
-from train.sharded import init_sharded_train_state, sharded_train_step, train_state_shardings
+from train.sharded import sharded_training
 from train.step import init_train_state, loss_fn, make_train_step
 
 TINY = dataclasses.replace(PRESETS["tiny"], dtype="float32")  # n_heads 4, n_kv_heads 2, d_ff 192
@@ -77,10 +77,7 @@ def sharded_run(mesh_text):
                                    out_shardings=shardings), mesh, rules)
     grads = grad_fn(params, jax.device_put(tokens[0, 0], rows))
 
-    optimizer = make_optimizer(TCFG)
-    state_shardings = train_state_shardings(shardings, params, optimizer, mesh)
-    state = init_sharded_train_state(params, optimizer, state_shardings)
-    step = sharded_train_step(graphdef, optimizer, lr_schedule(TCFG), mesh, rules, state_shardings)
+    state, step = sharded_training(graphdef, params, shardings, TCFG, mesh, rules)
     batches = jax.device_put(tokens, NamedSharding(mesh, P(None, *batch_sharding(mesh, rules).spec)))
     compiled = step.lower(state, batches[0]).compile()
     opt_leaves = jax.tree.leaves(state["opt_state"])

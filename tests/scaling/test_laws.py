@@ -17,7 +17,6 @@ References and tolerances:
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 
@@ -37,14 +36,8 @@ TRUE = laws.LossLaw(E=1.8, A=400.0, B=1500.0, alpha=0.33, beta=0.30)
 @pytest.fixture(scope="module")
 def chinchilla():
     """(N, D, L) of the 240 points of the published protocol."""
-    with DATA.open() as f:
-        rows = list(csv.DictReader(f))
-    n = np.array([float(r["Model Size"]) for r in rows])
-    c = np.array([float(r["Training FLOP"]) for r in rows])
-    loss = np.array([float(r["loss"]) for r in rows])
-    assert len(rows) == 245
-    keep = np.argsort(loss, kind="stable")[:-5]
-    return n[keep], c[keep] / (6 * n[keep]), loss[keep]
+    assert len(laws.chinchilla_points(DATA, drop=0)[0]) == 245
+    return laws.chinchilla_points(DATA, drop=5)
 
 
 @pytest.fixture(scope="module")
