@@ -159,6 +159,18 @@ class TextTokenizer:
         (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
+def _set_bos_eos(backend: tokenizers.Tokenizer, bos: str | None, eos: str | None) -> None:
+    """Make encoding with special tokens add `bos` before and `eos` after the text (None: not that one), as
+    transformers' `update_post_processor` does (for a GGUF file's add_bos_token/add_eos_token)."""
+    bos = bos if bos is not None and backend.token_to_id(bos) is not None else None
+    eos = eos if eos is not None and backend.token_to_id(eos) is not None else None
+    single = f"{bos + ':0 ' if bos else ''}$A:0{' ' + eos + ':0' if eos else ''}"
+    pair = f"{single}{' ' + bos + ':1' if bos else ''} $B:1{' ' + eos + ':1' if eos else ''}"
+    specials = [(t, backend.token_to_id(t)) for t in (bos, eos) if t is not None]
+    backend.post_processor = tokenizers.processors.TemplateProcessing(single=single, pair=pair,
+                                                                      special_tokens=specials)
+
+
 def _clean_up_tokenization(text: str) -> str:
     # transformers' clean_up_tokenization, for tokenizers whose config asks for it
     for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
@@ -209,13 +221,16 @@ def tokenizer_from_json(path: str | Path, config_path: str | Path | None = None)
         backend = tokenizers.Tokenizer.from_file(str(path))
     except Exception as e:  # the library raises its own Exception type for a malformed file
         raise ValueError(f"{path} is not a tokenizer.json the tokenizers library can read ({e})") from None
+    # BOS/EOS on text come from tokenizer.json's post-processor alone (config's add_bos_token is not read): what
+    # transformers 5's generic tokenizer does with the same files
+    special = {k: _token_text(config.get(k)) for k in CONFIG_TOKENS}
     extra_eos: list[int] = []
     generation = directory / "generation_config.json"
     if generation.is_file():
         eos = _read_json(generation).get("eos_token_id")
         extra_eos = [eos] if isinstance(eos, int) else [i for i in eos or [] if isinstance(i, int)]
-    return TextTokenizer(backend, special_tokens={k: _token_text(config.get(k)) for k in CONFIG_TOKENS},
-                         chat_template=_chat_template_of(config, directory), extra_eos_ids=extra_eos,
+    return TextTokenizer(backend, special_tokens=special, chat_template=_chat_template_of(config, directory),
+                         extra_eos_ids=extra_eos,
                          clean_up_spaces=bool(config.get("clean_up_tokenization_spaces", False)))
 
 
@@ -254,7 +269,7 @@ def tokenizer_from_gguf_metadata(meta: dict[str, Any], where: str = "the GGUF fi
     (tokenizer.ggml.model "gpt2": GPT-2, Llama 3, Qwen2, SmolLM, ...) is built; other models raise
     UnsupportedTokenizer. Built as transformers' GGUF import builds it: BPE over the tokens and merges, control
     tokens (token_type 3) as special added tokens, user-defined ones (4) as plain added tokens, BOS prepended
-    when tokenizer.ggml.add_bos_token says so."""
+    (EOS appended) when tokenizer.ggml.add_bos_token (add_eos_token) says so."""
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
         raise UnsupportedTokenizer(f"{where}: tokenizer.ggml.model {kind!r} is not supported (only 'gpt2', "
@@ -297,12 +312,8 @@ def tokenizer_from_gguf_metadata(meta: dict[str, Any], where: str = "the GGUF fi
 
     special = {"bos_token": token("bos_token_id"), "eos_token": token("eos_token_id"),
                "unk_token": token("unknown_token_id"), "pad_token": token("padding_token_id")}
-    bos = special["bos_token"]
-    if meta.get("tokenizer.ggml.add_bos_token", False) and bos is not None:
-        backend.post_processor = tokenizers.processors.TemplateProcessing(
-            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 $B:1", special_tokens=[(bos, vocab[bos])])
-    else:
-        backend.post_processor = tokenizers.processors.ByteLevel(trim_offsets=False)
+    _set_bos_eos(backend, special["bos_token"] if meta.get("tokenizer.ggml.add_bos_token") else None,
+                 special["eos_token"] if meta.get("tokenizer.ggml.add_eos_token") else None)
     extra_eos = [meta[k] for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
                  if isinstance(meta.get(k), int)]
     return TextTokenizer(backend, special_tokens=special, chat_template=meta.get("tokenizer.chat_template"),

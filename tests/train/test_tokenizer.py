@@ -147,29 +147,50 @@ def test_tokenizer_json_saved_by_transformers_round_trips(smollm2, tmp_path):
         ours.apply_chat_template(messages)
 
 
-def test_bos_is_added_once(tmp_path):
-    """A tokenizer that adds BOS to text (a Llama-style post-processor) adds none to a chat whose template writes
-    it: the chat is encoded without special tokens, as transformers' apply_chat_template(tokenize=True) does."""
+def word_level_dir(folder, config: dict, post_processor: bool) -> None:
+    """A small tokenizer.json (Llama-like special tokens) and its tokenizer_config.json in `folder`."""
     import json
 
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
-
-    from train.tokenizer import load_tokenizer
 
     backend = Tokenizer(models.WordLevel({"<s>": 0, "</s>": 1, "[INST]": 2, "hi": 3, "[/INST]": 4, "<unk>": 5},
                                          unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.add_special_tokens(["<s>", "</s>", "[INST]", "[/INST]"])
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-    backend.save(str(tmp_path / "tokenizer.json"))
+    if post_processor:
+        backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    folder.mkdir(parents=True, exist_ok=True)
+    backend.save(str(folder / "tokenizer.json"))
     template = "{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": {"content": "</s>", "special": True}, "chat_template": template}))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": {"__type": "AddedToken", "content": "</s>", "special": True},
+         "chat_template": template, "tokenizer_class": "PreTrainedTokenizerFast", **config}))
+
+
+@pytest.mark.parametrize("config, post_processor", [({}, True), ({"add_bos_token": True}, False),
+                                                    ({"add_bos_token": False}, True),
+                                                    ({"add_bos_token": True, "add_eos_token": True}, True)])
+def test_bos_is_added_once_as_transformers_adds_it(tmp_path, config, post_processor):
+    """Text gets the BOS that the tokenizer.json's post-processor adds -- whatever the config's add_bos_token says,
+    as transformers 5's generic tokenizer does; a chat whose template writes BOS gets no second one (encoded without
+    special tokens, as transformers' apply_chat_template(tokenize=True))."""
+    import json
+
+    from train.tokenizer import load_tokenizer
+
+    transformers = pytest.importorskip("transformers")
+    word_level_dir(tmp_path, config, post_processor)
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 4]}))
-    tok = load_tokenizer(tmp_path)
-    assert tok.encode("hi") == [0, 3] and tok.encode("hi", add_special_tokens=False) == [3]
-    assert tok.encode_chat([{"role": "user", "content": "hi"}]) == [0, 2, 3, 4]
+    tok, ref = load_tokenizer(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for text in ["hi", "hi hi", "[INST] hi [/INST]", ""]:
+        assert tok.encode(text) == ref.encode(text), (text, config)
+        assert tok.encode(text, add_special_tokens=False) == ref.encode(text, add_special_tokens=False)
+    messages = [{"role": "user", "content": "hi"}]
+    chat = ref.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    assert tok.encode_chat(messages) == list(getattr(chat, "input_ids", chat)) == [0, 2, 3, 4]
     assert tok.eos_ids == (1, 4) and tok.bos_id == 0
+    if post_processor and not config:
+        assert tok.encode("hi") == [0, 3]
 
 
 def test_byte_text_tokenizer_meets_the_interface():
