@@ -1,5 +1,6 @@
-"""GGUF (llama.cpp's single-file format) import: header metadata, a `ModelConfig`, and the weights of a Llama
-model, dequantized into a meshlm `Transformer`. Files are read with the `gguf` package (`gguf.GGUFReader`).
+"""GGUF (llama.cpp's single-file format) import: header metadata, a `ModelConfig`, and the weights of a Llama or
+Qwen2 model, dequantized into a meshlm `Transformer`. Files are read with the `gguf` package (`gguf.GGUFReader`);
+the tensor mapping is model/hf.py's, through gguf-py's table of HF -> GGUF tensor names.
 """
 
 from __future__ import annotations

@@ -68,10 +68,11 @@ def _add_tensor(writer: gguf.GGUFWriter, name: str, w: np.ndarray, qtype: Q) -> 
 
 
 def _write_gguf(path: Path, qtype: Q = Q.F32, *, tie: bool = True, arch: str = "llama",
-                types: dict[str, Q] | None = None, extra: dict[str, np.ndarray] | None = None) -> Path:
+                types: dict[str, Q] | None = None, extra: dict[str, np.ndarray] | None = None,
+                drop: tuple[str, ...] = ()) -> Path:
     """A llama.cpp-style file: matrices in `qtype` (per-tensor overrides in `types`), 1-D norms and biases in F32,
     q/k rows permuted for "llama" (llama.cpp's qwen2 converter leaves them); `extra` tensors are added as they
-    are."""
+    are, `drop` ones left out."""
     writer = gguf.GGUFWriter(path, arch)
     writer.add_name(f"meshlm tiny test {arch}")
     writer.add_block_count(LAYERS)
@@ -85,6 +86,8 @@ def _write_gguf(path: Path, qtype: Q = Q.F32, *, tie: bool = True, arch: str = "
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_vocab_size(VOCAB)
     for name, w in _hf_weights(tie, qkv_bias=arch == "qwen2").items():
+        if name in drop:
+            continue
         if arch == "llama" and ".attn_q." in name:
             w = _llama_cpp_permute(w, HEADS)
         elif arch == "llama" and ".attn_k." in name:
@@ -185,6 +188,25 @@ def test_load_gguf_qwen2_matches_transformers(tmp_path, tie):
     assert _max_rel_diff(_logits(model, TOKENS), _torch_logits(hf_model, TOKENS)) < 1e-5
 
 
+def test_gguf_metadata_gives_plain_python_values(tmp_path):
+    writer = gguf.GGUFWriter(tmp_path / "meta.gguf", "llama")
+    writer.add_string("tokenizer.chat_template", "{{ messages }}")
+    writer.add_array("tokenizer.ggml.tokens", ["<s>", "a", "Ġb"])
+    writer.add_array("tokenizer.ggml.token_type", [3, 1, 1])
+    writer.add_bool("tokenizer.ggml.add_bos_token", False)
+    writer.add_uint32("tokenizer.ggml.bos_token_id", 0)
+    writer.add_float32("llama.rope.freq_base", 10000.0)
+    for step in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file, writer.close):
+        step()
+    meta = gguf_metadata(tmp_path / "meta.gguf")
+    assert meta == {"general.architecture": "llama", "tokenizer.chat_template": "{{ messages }}",
+                    "tokenizer.ggml.tokens": ["<s>", "a", "Ġb"], "tokenizer.ggml.token_type": [3, 1, 1],
+                    "tokenizer.ggml.add_bos_token": False, "tokenizer.ggml.bos_token_id": 0,
+                    "llama.rope.freq_base": 10000.0}
+    assert [type(v) for v in meta.values()] == [str, str, list, list, bool, int, float]
+    assert type(meta["tokenizer.ggml.token_type"][0]) is int
+
+
 # --- named errors --------------------------------------------------------------------------------------------
 
 def test_load_gguf_names_an_unsupported_tensor_type(tmp_path):
@@ -203,6 +225,12 @@ def test_load_gguf_names_an_unsupported_architecture(tmp_path):
 def test_load_gguf_names_unexpected_tensors(tmp_path):
     path = _write_gguf(tmp_path / "extra.gguf", extra={"rope_freqs.weight": np.ones(8, np.float32)})
     with pytest.raises(ValueError, match=r"unexpected tensors \['rope_freqs.weight'\]"):
+        load_gguf(path)
+
+
+def test_load_gguf_names_a_missing_tensor(tmp_path):
+    path = _write_gguf(tmp_path / "missing.gguf", drop=("blk.1.attn_v.weight",))
+    with pytest.raises(ValueError, match=r"missing tensor 'blk.1.attn_v.weight' .* asks for \[32, 64\]"):
         load_gguf(path)
 
 
@@ -244,6 +272,7 @@ def smollm2() -> Path:
         pytest.skip(str(e))
 
 
+@pytest.mark.slow  # ~10 s: gguf-py parses the 98k-entry vocabulary and merges one numpy view at a time
 def test_smollm2_metadata_and_config(smollm2):
     meta = gguf_metadata(smollm2)
     assert meta["general.architecture"] == "llama" and meta["tokenizer.ggml.model"] == "gpt2"
