@@ -77,8 +77,9 @@ def load_engine(args: argparse.Namespace, serve_cfg, state, loop: asyncio.Abstra
         loop.call_soon_threadsafe(state.set_engine, engine, tokenizer)
         log.info("model %r ready in %.1f s (%d KV pages of %d tokens)", state.model_name,
                  time.perf_counter() - start, engine.allocator.num_usable, serve_cfg.page_size)
-    except BaseException:
-        log.exception("loading the model failed")
+    except BaseException as e:
+        log.error("loading the model failed: %s", e, exc_info=not isinstance(e, (FileNotFoundError, ValueError)))
+        state.load_error = e
         server.should_exit = True
 
 
@@ -107,9 +108,13 @@ def main(argv: list[str] | None = None) -> int:
         threading.Thread(target=load_engine, args=(args, serve_cfg, state, loop, server), daemon=True).start()
         await server.serve()
 
+    state.load_error = None
     asyncio.run(serve())
     if state.engine is not None:
         state.engine.stop()
+    if state.load_error is not None:
+        print(f"error: loading the model failed: {state.load_error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -126,8 +131,12 @@ class DrainingServer:
                     return super().handle_exit(sig, frame)
                 log.info("signal %d: draining (up to %.0f s), then exiting", sig, drain_timeout)
                 loop = asyncio.get_event_loop()
-                task = loop.create_task(state.drain(drain_timeout))
-                task.add_done_callback(lambda _: setattr(self, "should_exit", True))
+
+                def start_drain() -> None:
+                    task = loop.create_task(state.drain(drain_timeout))
+                    task.add_done_callback(lambda _: setattr(self, "should_exit", True))
+
+                loop.call_soon_threadsafe(start_drain)  # wakes the loop, wherever the signal interrupted it
 
         return _Server(config)
 

@@ -38,9 +38,10 @@ class RequestStream:
     def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, index: int = 0):
         self.loop, self.queue, self.index = loop, queue, index
 
-    def put(self, update: Update) -> None:
-        """From the engine thread."""
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.index, update))
+
+def _deliver(items: list[tuple[asyncio.Queue, tuple[int, Update]]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)
 
 
 @dataclasses.dataclass
@@ -60,6 +61,7 @@ class AsyncEngine:
         self._queued = 0  # submits not taken by the engine thread yet
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="meshlm-engine", daemon=True)
+        self._outbox: dict[asyncio.AbstractEventLoop, list] = {}  # updates of this iteration, sent together
         self.num_waiting = 0
         self.num_running = 0
         self.error: BaseException | None = None  # why the engine thread stopped, if it failed
@@ -110,16 +112,19 @@ class AsyncEngine:
             while True:
                 if not self._take_inbox(block=not self.engine.has_unfinished):
                     return
+                self._flush()
                 if self.engine.has_unfinished:
                     self.engine.step()
                     self._publish()
+                    self._flush()
                 self._publish_load()
         except BaseException as e:  # the engine's state is unknown now: fail every request, report unhealthy
             log.exception("the engine thread stopped")
             self.error = e
             for rid, live in list(self._live.items()):
-                live.stream.put(Update([], finish_reason="error", error=f"the engine failed: {e!r}"))
+                self._put(live.stream, Update([], finish_reason="error", error=f"the engine failed: {e!r}"))
                 del self._live[rid]
+            self._flush()
 
     def _take_inbox(self, block: bool) -> bool:
         """Carry out everything queued (waiting for one item if `block`); False on stop."""
@@ -146,10 +151,10 @@ class AsyncEngine:
         try:
             rid = self.engine.submit(request, arrival_s=arrival_s)
         except RequestError as e:
-            stream.put(Update([], finish_reason="error", error=str(e)))
+            self._put(stream, Update([], finish_reason="error", error=str(e)))
             return
         self._live[rid] = _Live(stream)
-        stream.put(Update([]))
+        self._put(stream, Update([]))
 
     def _abort(self, rid: str, notify: bool) -> None:
         live = self._live.pop(rid, None)
@@ -176,9 +181,18 @@ class AsyncEngine:
         new = tokens[live.sent:]
         logprobs = getattr(c.state, "output_logprobs", None)
         reason = c.state.finish_reason if finished else None
-        live.stream.put(Update(new, logprobs[live.sent:len(tokens)] if logprobs else None,
+        self._put(live.stream, Update(new, logprobs[live.sent:len(tokens)] if logprobs else None,
                                WIRE_REASONS.get(reason, reason), c.error, c.num_cached_tokens))
         live.sent = len(tokens)
+
+    def _put(self, stream: RequestStream, update: Update) -> None:
+        self._outbox.setdefault(stream.loop, []).append((stream.queue, (stream.index, update)))
+
+    def _flush(self) -> None:
+        """Hand this iteration's updates to their event loops: one wake-up per loop, not one per request."""
+        for loop, items in self._outbox.items():
+            loop.call_soon_threadsafe(_deliver, items)
+        self._outbox = {}
 
     def _finished(self, rid: str) -> None:
         """Record the request's metrics and let the engine forget it (a server runs for ever)."""

@@ -1,6 +1,7 @@
 """One HTTP generation request on the engine: its n choices submitted as n engine requests, their updates turned
-into text (detokenized, stop strings applied) and into OpenAI's response objects: a whole response, or a stream
-of chunks (server-sent events) with exactly one finish_reason per choice and, if asked, a usage chunk last."""
+into text (serve/stop_strings.py's TextStream: detokenized, stop strings held back and cut) and into OpenAI's
+response objects: a whole response, or a stream of chunks (server-sent events) with exactly one finish_reason per
+choice and, if asked, a usage chunk last."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from typing import Any
 
 from serve.api.async_engine import AsyncEngine, RequestStream, Update
 from serve.api.protocol import APIError, Generation
-from serve.api.text_output import ChoiceText
 from serve.engine import Request, SamplingParams
+from serve.stop_strings import TextStream
 
 SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
 REQUEST_FIELDS = {f.name for f in dataclasses.fields(Request)}
@@ -26,7 +27,7 @@ class Choice:
     """One choice's progress: its text, tokens counted, logprob entries not sent yet, and finish reason."""
 
     index: int
-    text: ChoiceText
+    text: TextStream
     request_id: str
     num_tokens: int = 0
     logprobs: list = dataclasses.field(default_factory=list)  # (token, logprob, ((token, logprob), ...))
@@ -61,7 +62,7 @@ class GenerationRun:
         self.decode, self.model_name, self.arrival_s = decode, model_name, arrival_s
         self.id = ("chatcmpl-" if gen.chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
-        self.choices = [Choice(i, ChoiceText(decode, prompt_ids, gen.stop), r.request_id)
+        self.choices = [Choice(i, TextStream(decode, gen.stop, prompt_ids), r.request_id)
                         for i, r in enumerate(requests)]
         self.stop_ids = set(requests[0].stop_ids)
         self._queue: asyncio.Queue[tuple[int, Update]] = asyncio.Queue()

@@ -14,10 +14,11 @@ import math
 from typing import Any
 
 from serve.request_checks import INT32_MAX, SEED_LIMIT, is_integer, is_number, shown
+from serve.stop_strings import MAX_STOP_STRINGS
 
 MAX_LOGPROBS = 20
 MAX_N = 16
-MAX_STOP = 16
+MAX_STOP = MAX_STOP_STRINGS
 
 
 class APIError(Exception):

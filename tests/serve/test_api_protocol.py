@@ -1,10 +1,11 @@
-"""serve/api without a model: stop strings on detokenized text (held back while they may still match, excluded
-from the output, split across tokens and characters), and the request checks' errors naming their field."""
+"""serve/api without a model: the server's contract with serve/stop_strings.py's TextStream (stop strings held back
+while they may still match, excluded from the output, split across tokens and characters), and the request
+checks' errors naming their field."""
 
 import pytest
 
 from serve.api.protocol import APIError, parse_generation
-from serve.api.text_output import ChoiceText
+from serve.stop_strings import TextStream
 
 
 def decode(ids):
@@ -13,7 +14,7 @@ def decode(ids):
 
 def run(text: str, stop, prompt=b"p"):
     """Feed `text`'s bytes one token each; the pieces released and whether a stop string matched."""
-    out = ChoiceText(decode, list(prompt), stop)
+    out = TextStream(decode, stop, list(prompt))
     pieces = []
     for b in text.encode():
         pieces.append(out.push(b))
@@ -37,7 +38,7 @@ def test_the_text_ends_before_the_stop_string(stop, want):
 
 
 def test_a_partial_match_is_held_back_then_released():
-    out = ChoiceText(decode, [], ["worm"])
+    out = TextStream(decode, ["worm"])
     released = [out.push(b) for b in b"hello wor"]
     assert "".join(released) == "hello "  # "wor" may still become "worm"
     assert out.push(ord("l")) == "worl" and not out.stopped
