@@ -35,7 +35,7 @@ from model.kernels.triton import triton_deprecation_ignored
 from model.transformer import for_inference
 from serve import request_checks
 from serve.block_allocator import BlockAllocator
-from serve.forward import model_step
+from serve.forward import LAYER_LOOPS, StepGraph, StepParams, model_step, resolve_layer_loop, split_for_serving
 from serve.kv_cache import CacheShape, KVCache, init_cache, pages_for_budget
 from serve.ragged_attention import DECODE_IMPLS, resolve_decode_impl
 from serve.request import PENDING, Completion, Request, RequestState, SamplingParams
@@ -72,7 +72,8 @@ class ServeConfig:
     `prefix_caching` lets a request reuse the K/V pages of full blocks an earlier request computed for the same
     prefix (a shared system prompt, a multi-turn chat), so its prefill starts after them. `overlap` reads each
     step's tokens back while the next step runs (see the module docstring). `decode_impl` "auto" is
-    the Pallas decode kernel on GPU and the plain-JAX path elsewhere. Step shapes (serve/step_batch.py): prefill
+    the Pallas decode kernel on GPU and the plain-JAX path elsewhere; `layer_loop` "auto" is the scanned layer
+    loop on GPU and the unrolled one on CPU (serve/forward.py). Step shapes (serve/step_batch.py): prefill
     chunks go in tiles of `prefill_tile` tokens; block tables are at least `min_context_bucket` tokens wide."""
 
     page_size: int = 16
@@ -83,6 +84,7 @@ class ServeConfig:
     token_budget: int = 512
     max_prefill_chunk: int | None = None
     decode_impl: str = "auto"
+    layer_loop: str = "auto"
     prefill_tile: int = 32
     min_context_bucket: int = 256
     seed: int = 0
@@ -96,9 +98,10 @@ class ServeConfig:
         for name in ("prefix_caching", "overlap"):
             check_bool(f"serve.{name}", getattr(self, name))
         check_one_of("serve.decode_impl", self.decode_impl, DECODE_IMPLS)
+        check_one_of("serve.layer_loop", self.layer_loop, LAYER_LOOPS)
 
 
-def _device_step(graphdef: nnx.GraphDef, decode_impl: str, params: nnx.State, cache: KVCache,
+def _device_step(graph: StepGraph, decode_impl: str, params: StepParams, cache: KVCache,
                  prev_tokens: jax.Array, inputs: StepInputs, sampling: SamplingInputs
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array], KVCache, jax.Array]:
     """The model step and the sampler. Tokens marked `from_prev_T` >= 0 are the previous step's sampled tokens
@@ -107,7 +110,7 @@ def _device_step(graphdef: nnx.GraphDef, decode_impl: str, params: nnx.State, ca
     no slot asked), the cache, and the tokens padded for the next step."""
     from_prev_T = inputs.from_prev_T
     tokens_T = jnp.where(from_prev_T >= 0, prev_tokens[jnp.maximum(from_prev_T, 0)], inputs.tokens_T)
-    logits_RxV, cache = model_step(graphdef, params, cache, inputs._replace(tokens_T=tokens_T),
+    logits_RxV, cache = model_step(graph, params, cache, inputs._replace(tokens_T=tokens_T),
                                    decode_impl=decode_impl)
     tokens_R = sample_rows(logits_RxV, *sampling[:-1])
     logprobs = token_logprobs(logits_RxV, tokens_R, jnp.any(sampling.logprobs_R))
@@ -120,14 +123,15 @@ class CompiledSteps:
     engine serving that structure (a benchmark's baseline, a restarted server, the next test reuse the first
     one's executables). Counts the shapes and the seconds spent tracing and compiling them."""
 
-    def __init__(self, graphdef: nnx.GraphDef, decode_impl: str):
-        self._jitted = jax.jit(partial(_device_step, graphdef, decode_impl), donate_argnums=(1, 2))
+    def __init__(self, graph: StepGraph, decode_impl: str):
+        self._jitted = jax.jit(partial(_device_step, graph, decode_impl), donate_argnums=(1, 2))
         self._compiled: dict[tuple, Callable] = {}
         self.compile_s = 0.0
 
-    def __call__(self, params: nnx.State, cache: KVCache, prev_tokens: jax.Array, inputs: StepInputs,
+    def __call__(self, params: StepParams, cache: KVCache, prev_tokens: jax.Array, inputs: StepInputs,
                  sampling: SamplingInputs) -> tuple[jax.Array, tuple, KVCache, jax.Array]:
-        key = tuple(a.shape for a in inputs) + (cache.k.shape, str(cache.k.dtype), prev_tokens.shape)
+        key = tuple(a.shape for a in inputs) + (cache.k.shape, str(cache.k.dtype), prev_tokens.shape,
+                                                isinstance(params.blocks, tuple))
         fn = self._compiled.get(key)
         if fn is None:
             start = time.perf_counter()
@@ -137,7 +141,7 @@ class CompiledSteps:
             self._compiled[key] = fn
         return fn(params, cache, prev_tokens, inputs, sampling)
 
-    def cost(self, params: nnx.State, cache: KVCache, prev_tokens: jax.Array, inputs: StepInputs,
+    def cost(self, params: StepParams, cache: KVCache, prev_tokens: jax.Array, inputs: StepInputs,
              sampling: SamplingInputs) -> dict:
         """XLA's cost analysis (flops, bytes accessed) of the step for these inputs' shapes."""
         with triton_deprecation_ignored():
@@ -149,9 +153,9 @@ class CompiledSteps:
 
 
 @functools.cache
-def compiled_steps(graphdef: nnx.GraphDef, decode_impl: str) -> CompiledSteps:
+def compiled_steps(graph: StepGraph, decode_impl: str) -> CompiledSteps:
     """The shared `CompiledSteps` of this model structure and decode implementation."""
-    return CompiledSteps(graphdef, decode_impl)
+    return CompiledSteps(graph, decode_impl)
 
 
 @dataclasses.dataclass
@@ -174,7 +178,8 @@ class Engine:
     def __init__(self, model: nnx.Module, cfg: ServeConfig = ServeConfig()):
         model = for_inference(model)
         self.cfg, self.model_cfg = cfg, model.cfg
-        self.graphdef, self.params = nnx.split(model)
+        self.layer_loop = resolve_layer_loop(cfg.layer_loop)
+        self.graph, self.params = split_for_serving(model, self.layer_loop)
         mc = model.cfg
         self.max_pages_per_seq = math.ceil(mc.max_seq_len / cfg.page_size)
         if cfg.num_pages is not None:
@@ -198,7 +203,7 @@ class Engine:
                                  min_pages=min(math.ceil(cfg.min_context_bucket / cfg.page_size),
                                                self.max_pages_per_seq),
                                  max_pages=self.max_pages_per_seq)
-        self._steps = compiled_steps(self.graphdef, self.decode_impl)
+        self._steps = compiled_steps(self.graph, self.decode_impl)
         shapes = self.step_shapes()
         self._prev_tokens = jnp.zeros(max(bd + np_ for bd, np_, _ in shapes), jnp.int32)
         self.completions: dict[str, Completion] = {}

@@ -3,12 +3,18 @@ K/V written into their pages, attention over each row's cached sequence, logits 
 
 The model's own blocks run (`model.transformer.Block` with an `attend` hook), so serving computes exactly the
 math of training; only attention changes: it reads keys and values from the pages
-(serve/ragged_attention.py). The layers run as one `jax.lax.scan` over the stacked block parameters, with the
-whole cache (serve/kv_cache.py: all layers in one pool, layer l's pages offset by l * num_pages) in the loop
-carry, so the compile time does not grow with depth and the pools are updated in place.
+(serve/ragged_attention.py). The whole cache (serve/kv_cache.py: all layers in one pool, layer l's pages offset
+by l * num_pages) is threaded through the layers and updated in place. The layers run one of two ways, decided by
+the structure of the block weights (`StepParams.blocks`, see `split_for_serving`):
+- stacked (leading layer axis): one `jax.lax.scan`, so the compile time does not grow with depth;
+- a tuple of per-layer weights: a Python loop, one copy of the block per layer in the program. XLA:CPU copies
+  each layer's weights out of a stack before its matmuls (its dot library takes whole buffers), which the loop
+  avoids, at the price of a compile time that grows with depth (docs/BENCHMARKS.md has both).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,26 +25,63 @@ from serve.kv_cache import KVCache, layer_pages, write_pages
 from serve.ragged_attention import ragged_paged_attention
 from serve.step_batch import StepInputs
 
+LAYER_LOOPS = ("auto", "scan", "unrolled")
 
-def model_step(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, inputs: StepInputs, *,
+
+class StepGraph(NamedTuple):
+    """The static structure of a served model: the model without its blocks, and one block."""
+
+    model: nnx.GraphDef
+    block: nnx.GraphDef
+
+
+class StepParams(NamedTuple):
+    """A served model's weights: everything but the blocks, and the blocks, stacked or one State per layer."""
+
+    rest: nnx.State
+    blocks: nnx.State | tuple[nnx.State, ...]
+
+
+def resolve_layer_loop(layer_loop: str, backend: str | None = None) -> str:
+    """"auto" is the unrolled loop on CPU (no per-layer weight copies) and the scan elsewhere."""
+    if layer_loop not in LAYER_LOOPS:
+        raise ValueError(f"layer_loop must be one of {LAYER_LOOPS}, got {layer_loop!r}")
+    if layer_loop != "auto":
+        return layer_loop
+    return "unrolled" if (backend or jax.default_backend()) == "cpu" else "scan"
+
+
+def split_for_serving(model: nnx.Module, layer_loop: str = "scan") -> tuple[StepGraph, StepParams]:
+    """The static structure and the weights of `model` (a `model.transformer.Transformer`) for `model_step`, its
+    blocks stacked for "scan" or split into one State per layer for "unrolled"."""
+    if layer_loop not in ("scan", "unrolled"):
+        raise ValueError(f"split_for_serving needs layer_loop 'scan' or 'unrolled', got {layer_loop!r}")
+    graphdef, state = nnx.split(model)
+    shell = nnx.merge(graphdef, state)  # a copy whose blocks can be taken out without touching `model`
+    block_graphdef, stacked = nnx.split(shell.blocks)
+    shell.blocks = None
+    rest_graphdef, rest = nnx.split(shell)
+    blocks = stacked
+    if layer_loop == "unrolled":
+        blocks = tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(model.cfg.n_layers))
+    return StepGraph(rest_graphdef, block_graphdef), StepParams(rest, blocks)
+
+
+def model_step(graph: StepGraph, params: StepParams, cache: KVCache, inputs: StepInputs, *,
                decode_impl: str = "reference") -> tuple[jax.Array, KVCache]:
-    """Run `inputs` through the model (`graphdef` + `params`), writing their K/V into `cache`. Returns the float32
-    logits [R, vocab] of each sampling slot's last token and the updated cache. `decode_impl` is "pallas" or
-    "reference" (serve/ragged_attention.py `resolve_decode_impl` turns "auto" into one of them)."""
+    """Run `inputs` through the model, writing their K/V into `cache`. Returns the float32 logits [R, vocab] of
+    each sampling slot's last token and the updated cache. `decode_impl` is "pallas" or "reference"
+    (serve/ragged_attention.py `resolve_decode_impl` turns "auto" into one of them)."""
     if decode_impl not in ("pallas", "reference"):
         raise ValueError(f"model_step needs decode_impl 'pallas' or 'reference', got {decode_impl!r}")
-    model = nnx.merge(graphdef, params)
+    model = nnx.merge(graph.model, params.rest)
     cfg = model.cfg
     num_pages = cache.k.shape[1] // cfg.n_layers
-    tokens_1xT, positions_1xT = inputs.tokens_T[None], inputs.positions_T[None]
-    x_1xTxD = model.embed_tokens(tokens_1xT)
-    cos, sin = rope_tables(jnp.maximum(positions_1xT, 0), cfg.head_dim, cfg.rope_theta)
-    block_graphdef, stacked = nnx.split(model.blocks)
+    x_1xTxD = model.embed_tokens(inputs.tokens_T[None])
+    cos, sin = rope_tables(jnp.maximum(inputs.positions_T[None], 0), cfg.head_dim, cfg.rope_theta)
 
-    def layer(carry: tuple[jax.Array, jax.Array, jax.Array], xs: tuple[nnx.State, jax.Array]
-              ) -> tuple[tuple[jax.Array, jax.Array, jax.Array], None]:
-        x_1xTxD, k_pool, v_pool = carry
-        layer_state, index = xs
+    def layer(x_1xTxD: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer_state: nnx.State,
+              index: jax.Array | int) -> tuple[jax.Array, jax.Array, jax.Array]:
         pools = [k_pool, v_pool]
         pages_1xT = layer_pages(inputs.pages_T, index, num_pages)[None]
         offsets_1xT = inputs.offsets_T[None]
@@ -53,10 +96,19 @@ def model_step(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, inputs
                 decode_impl=decode_impl)
             return out_TxHxD[None]
 
-        x_1xTxD, _ = nnx.merge(block_graphdef, layer_state)(x_1xTxD, cos, sin, attend)
-        return (x_1xTxD, pools[0], pools[1]), None
+        x_1xTxD, _ = nnx.merge(graph.block, layer_state)(x_1xTxD, cos, sin, attend)
+        return x_1xTxD, pools[0], pools[1]
 
-    (x_1xTxD, k_pool, v_pool), _ = jax.lax.scan(layer, (x_1xTxD, cache.k, cache.v),
-                                                (stacked, jnp.arange(cfg.n_layers)))
+    k_pool, v_pool = cache.k, cache.v
+    if isinstance(params.blocks, tuple):
+        for index, layer_state in enumerate(params.blocks):
+            x_1xTxD, k_pool, v_pool = layer(x_1xTxD, k_pool, v_pool, layer_state, index)
+    else:
+        def body(carry: tuple[jax.Array, jax.Array, jax.Array], xs: tuple[nnx.State, jax.Array]
+                 ) -> tuple[tuple[jax.Array, jax.Array, jax.Array], None]:
+            return layer(*carry, *xs), None
+
+        (x_1xTxD, k_pool, v_pool), _ = jax.lax.scan(body, (x_1xTxD, k_pool, v_pool),
+                                                    (params.blocks, jnp.arange(cfg.n_layers)))
     last_1xRxD = x_1xTxD[:, inputs.last_R]
     return model.logits(last_1xRxD)[0], KVCache(k_pool, v_pool)

@@ -19,6 +19,7 @@ from flax import nnx
 
 from model.transformer import for_inference
 from serve.engine import Completion, Request, RequestError, compiled_steps, request_problem
+from serve.forward import resolve_layer_loop, split_for_serving
 from serve.kv_cache import CacheShape, init_cache
 from serve.ragged_attention import resolve_decode_impl
 from serve.request import RequestState
@@ -29,12 +30,12 @@ class StaticBatcher:
     """Serve requests in fixed batches of up to `batch_size` (see the module docstring)."""
 
     def __init__(self, model: nnx.Module, batch_size: int = 16, page_size: int = 16, decode_impl: str = "auto",
-                 seed: int = 0, prefill_tile: int = 32):
+                 seed: int = 0, prefill_tile: int = 32, layer_loop: str = "auto"):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         model = for_inference(model)
         self.model_cfg, self.batch_size, self.page_size, self.seed = model.cfg, batch_size, page_size, seed
-        self.graphdef, self.params = nnx.split(model)
+        self.graph, self.params = split_for_serving(model, resolve_layer_loop(layer_loop))
         self.pages_per_row = math.ceil(model.cfg.max_seq_len / page_size)
         shape = CacheShape.for_model(model.cfg, page_size, 1 + batch_size * self.pages_per_row)
         self.cache = init_cache(shape)
@@ -43,7 +44,7 @@ class StaticBatcher:
 
         self.layout = StepLayout(page_size=page_size, max_decode_rows=bucket(batch_size), tile=prefill_tile,
                                  min_pages=1, max_pages=self.pages_per_row)
-        self._steps = compiled_steps(self.graphdef, resolve_decode_impl(decode_impl))
+        self._steps = compiled_steps(self.graph, resolve_decode_impl(decode_impl))
         self._prev_tokens = jnp.zeros(1, jnp.int32)  # the engine's overlap buffer; static batching reads every step
 
     def generate(self, requests: Sequence[Request], *, arrivals_s: Sequence[float] | None = None,

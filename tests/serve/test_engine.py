@@ -63,6 +63,14 @@ def test_greedy_matches_the_naive_decoder():
     assert all(c.finish_reason == "length" for c in engine.completions.values())
 
 
+def test_both_layer_loops_match_the_naive_decoder():
+    """The scanned layer loop (the default on GPU) and the unrolled one (on CPU) give the naive decoder's tokens."""
+    for layer_loop in ("scan", "unrolled"):
+        engine = Engine(model(), dataclasses.replace(SERVE, layer_loop=layer_loop))
+        assert engine.layer_loop == layer_loop
+        assert serve_staggered(engine) == list(naive_outputs()), layer_loop
+
+
 @pytest.mark.parametrize("overlap", [True, False])
 def test_forced_preemption_still_matches_and_frees_every_page(overlap):
     # 12 usable pages of 4 tokens: fewer than the requests need together, so running ones get preempted.
