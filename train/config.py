@@ -8,12 +8,11 @@ import types
 import typing
 from typing import Any
 
-from model.checks import check_ints, is_number
+from model.checks import check_float32, check_interval, check_ints, check_number
 from model.config import ModelConfig
 from parallel.mesh import MeshConfig
 
 SECTIONS = ("model", "train", "mesh")
-FLOAT32_MAX = 3.4028234663852886e38  # the largest finite float32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,22 +50,13 @@ class TrainConfig:
             raise ValueError(f"train.batch_size ({self.batch_size}) must be a multiple of train.grad_accum "
                              f"({self.grad_accum})")
         for name in ("lr", "eps", "clip_norm", "min_lr_ratio", "beta1", "beta2", "weight_decay", "val_fraction"):
-            value = getattr(self, name)
-            if not is_number(value):
-                raise ValueError(f"train.{name} must be a number, got {value!r}")
-            if not abs(value) <= FLOAT32_MAX:  # NaN fails this too; the optimizer computes in float32
-                raise ValueError(f"train.{name} must be a finite number (in float32, as the optimizer uses it), "
-                                 f"got {value!r}")
+            check_float32(f"train.{name}", getattr(self, name), " (in float32, as the optimizer uses it)")
         for name in ("lr", "eps", "clip_norm"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"train.{name} must be positive, got {getattr(self, name)!r}")
+            check_number(f"train.{name}", getattr(self, name))
         for name in ("min_lr_ratio", "beta1", "beta2"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"train.{name} must be in [0, 1], got {getattr(self, name)!r}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"train.weight_decay must be >= 0, got {self.weight_decay!r}")
-        if not 0 < self.val_fraction < 1:
-            raise ValueError(f"train.val_fraction must be in (0, 1), got {self.val_fraction!r}")
+            check_interval(f"train.{name}", getattr(self, name), 0, 1)
+        check_number("train.weight_decay", self.weight_decay, strict=False)
+        check_interval("train.val_fraction", self.val_fraction, 0, 1, open_low=True, open_high=True)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -54,14 +54,10 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from model.checks import check_ints
+from model.checks import check_ints, check_power_of_two
 from model.kernels.triton import compiler_params, triton_deprecation_ignored
 
 _MIN_TILE = 16  # Triton's `dot` needs every dimension >= 16
-
-
-def _power_of_two(n: int) -> bool:
-    return isinstance(n, int) and n > 0 and n & (n - 1) == 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,13 +76,10 @@ class BlockSizes:
 
     def __post_init__(self) -> None:
         for name in ("block_q", "block_k", "block_q_bwd", "block_k_bwd"):
-            value = getattr(self, name)
-            if not _power_of_two(value) or value < _MIN_TILE:
-                raise ValueError(f"BlockSizes.{name} must be a power of two >= {_MIN_TILE}, got {value!r}")
+            check_power_of_two(f"BlockSizes.{name}", getattr(self, name), _MIN_TILE)
         for name in ("num_warps", "num_warps_bwd"):
-            value = getattr(self, name)
-            if value is not None and not _power_of_two(value):
-                raise ValueError(f"BlockSizes.{name} must be a power of two, got {value!r}")
+            if getattr(self, name) is not None:
+                check_power_of_two(f"BlockSizes.{name}", getattr(self, name))
         check_ints("BlockSizes.", self, ("num_stages", "num_stages_bwd"))
 
 
@@ -347,13 +340,20 @@ def _warps(n: int | None, head_dim: int) -> int:
     return n if n is not None else (4 if head_dim <= 64 else 8)
 
 
+def _pallas(kernel, static: _Static, name: str, params, **specs):
+    """`pl.pallas_call` of `kernel` specialised on `static` (interpret mode where it says), named
+    `flash_attention_<name>`; `specs` are the grid, block specs and output shapes."""
+    return pl.pallas_call(functools.partial(kernel, static=static), compiler_params=params,
+                          interpret=static.interpret, name=f"flash_attention_{name}", **specs)
+
+
 def _forward(q, k, v, static: _Static):
     """Padded inputs -> padded (out [B, T, H, Dh], lse [B, H, T])."""
     (B, T, H, Dh), K = q.shape, k.shape[2]
     G, S, b = H // K, k.shape[1], static.blocks
     bq = b.block_q
-    return pl.pallas_call(
-        functools.partial(_fwd_kernel, static=static),
+    return _pallas(
+        _fwd_kernel, static, "fwd", compiler_params(_warps(b.num_warps, Dh), b.num_stages),
         grid=(B, H, T // bq),
         in_specs=[pl.BlockSpec((None, bq, None, Dh), lambda i, h, t: (i, t, h, 0)),
                   pl.BlockSpec((None, S, None, Dh), lambda i, h, t: (i, 0, h // G, 0)),
@@ -361,9 +361,6 @@ def _forward(q, k, v, static: _Static):
         out_specs=[pl.BlockSpec((None, bq, None, Dh), lambda i, h, t: (i, t, h, 0)),
                    pl.BlockSpec((None, None, bq), lambda i, h, t: (i, h, t))],
         out_shape=[jax.ShapeDtypeStruct((B, T, H, Dh), q.dtype), jax.ShapeDtypeStruct((B, H, T), jnp.float32)],
-        compiler_params=compiler_params(_warps(b.num_warps, Dh), b.num_stages),
-        interpret=static.interpret,
-        name="flash_attention_fwd",
     )(q, k, v)
 
 
@@ -376,15 +373,12 @@ def _backward(q, k, v, do, lse, delta, static: _Static):
     q_tile = pl.BlockSpec((None, bq, None, Dh), lambda i, h, t: (i, t, h, 0))
     kv_whole = pl.BlockSpec((None, S, None, Dh), lambda i, h, t: (i, 0, h // G, 0))
     row_tile = pl.BlockSpec((None, None, bq), lambda i, h, t: (i, h, t))
-    dq = pl.pallas_call(
-        functools.partial(_dq_kernel, static=static),
+    dq = _pallas(
+        _dq_kernel, static, "dq", params,
         grid=(B, H, T // bq),
         in_specs=[q_tile, kv_whole, kv_whole, q_tile, row_tile, row_tile],
         out_specs=q_tile,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=params,
-        interpret=static.interpret,
-        name="flash_attention_dq",
     )(q, k, v, do, lse, delta)
 
     q_whole = pl.BlockSpec((None, T, None, Dh), lambda i, h, s: (i, 0, h, 0))
@@ -392,15 +386,12 @@ def _backward(q, k, v, do, lse, delta, static: _Static):
     dkv_tile = pl.BlockSpec((None, bk, None, Dh), lambda i, h, s: (i, s, h, 0))
     row_whole = pl.BlockSpec((None, None, T), lambda i, h, s: (i, h, 0))
     dkv_dtype = k.dtype if G == 1 else jnp.float32  # per query head; summed over the group below
-    dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, static=static),
+    dk, dv = _pallas(
+        _dkv_kernel, static, "dkv", params,
         grid=(B, H, S // bk),
         in_specs=[q_whole, kv_tile, kv_tile, q_whole, row_whole, row_whole],
         out_specs=[dkv_tile, dkv_tile],
         out_shape=[jax.ShapeDtypeStruct((B, S, H, Dh), dkv_dtype)] * 2,
-        compiler_params=params,
-        interpret=static.interpret,
-        name="flash_attention_dkv",
     )(q, k, v, do, lse, delta)
     if G > 1:
         dk = dk.reshape(B, S, K, G, Dh).sum(axis=3).astype(k.dtype)

@@ -22,7 +22,7 @@ from train.config import RunConfig, TrainConfig, apply_overrides
 LLAMA2_7B_PARAMS = 6_738_415_616
 
 
-@pytest.mark.parametrize("changes, pattern", [
+MODEL_ERRORS = [
     ({"n_heads": 6, "n_kv_heads": 4}, r"n_heads \(6\).*n_kv_heads \(4\)"),
     ({"head_dim": 15}, r"head_dim.*15"),
     ({"d_model": 0}, r"d_model.*0"),
@@ -38,10 +38,28 @@ LLAMA2_7B_PARAMS = 6_738_415_616
     ({"remat": "some"}, r"remat.*'some'"),
     ({"tie_embeddings": 1}, r"tie_embeddings.*1"),
     ({"qkv_bias": "yes"}, r"qkv_bias.*'yes'"),
-])
-def test_model_config_errors_name_field_and_value(changes, pattern):
+]
+TRAIN_ERRORS = [
+    ({"batch_size": 10, "grad_accum": 4}, r"batch_size \(10\).*grad_accum \(4\)"),
+    ({"steps": 0}, r"train\.steps.*0"),
+    ({"warmup_steps": -1}, r"warmup_steps.*-1"),
+    ({"lr": 0.0}, r"train\.lr.*0\.0"),
+    ({"min_lr_ratio": 1.5}, r"min_lr_ratio.*1\.5"),
+    ({"val_fraction": 1.0}, r"val_fraction.*1\.0"),
+    ({"weight_decay": -0.1}, r"weight_decay.*-0\.1"),
+    # float fields reject non-numbers
+    ({"lr": "3e-4"}, r"train\.lr.*'3e-4'"),
+    ({"min_lr_ratio": None}, r"train\.min_lr_ratio.*None"),
+    ({"val_fraction": "0.1"}, r"train\.val_fraction.*'0\.1'"),
+    ({"lr": True}, r"train\.lr.*True"),
+]
+
+
+@pytest.mark.parametrize("config, changes, pattern", [(ModelConfig, *case) for case in MODEL_ERRORS]
+                         + [(TrainConfig, *case) for case in TRAIN_ERRORS])
+def test_config_errors_name_field_and_value(config, changes, pattern):
     with pytest.raises(ValueError, match=pattern):
-        ModelConfig(**changes)
+        config(**changes)
 
 
 def test_model_config_accepts_valid_values_and_round_trips():
@@ -77,31 +95,6 @@ def test_7b_preset_is_llama2_7b():
 def test_get_preset_unknown_name():
     with pytest.raises(ValueError, match=r"unknown preset 'huge'.*'tiny'"):
         get_preset("huge")
-
-
-@pytest.mark.parametrize("changes, pattern", [
-    ({"batch_size": 10, "grad_accum": 4}, r"batch_size \(10\).*grad_accum \(4\)"),
-    ({"steps": 0}, r"train\.steps.*0"),
-    ({"warmup_steps": -1}, r"warmup_steps.*-1"),
-    ({"lr": 0.0}, r"train\.lr.*0\.0"),
-    ({"min_lr_ratio": 1.5}, r"min_lr_ratio.*1\.5"),
-    ({"val_fraction": 1.0}, r"val_fraction.*1\.0"),
-    ({"weight_decay": -0.1}, r"weight_decay.*-0\.1"),
-])
-def test_train_config_errors(changes, pattern):
-    with pytest.raises(ValueError, match=pattern):
-        TrainConfig(**changes)
-
-
-@pytest.mark.parametrize("changes, pattern", [
-    ({"lr": "3e-4"}, r"train\.lr.*'3e-4'"),
-    ({"min_lr_ratio": None}, r"train\.min_lr_ratio.*None"),
-    ({"val_fraction": "0.1"}, r"train\.val_fraction.*'0\.1'"),
-    ({"lr": True}, r"train\.lr.*True"),
-])
-def test_train_config_float_fields_reject_non_numbers(changes, pattern):
-    with pytest.raises(ValueError, match=pattern):
-        TrainConfig(**changes)
 
 
 def test_run_config_seq_len_must_fit_model():

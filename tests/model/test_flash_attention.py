@@ -50,13 +50,24 @@ def outputs_and_grads(attend, q, k, v, d_out, d_lse):
     return (out, lse, *grads)
 
 
+def reference_outputs_and_grads(q, k, v, d_out, d_lse, causal):
+    """`outputs_and_grads` of the reference attention and lse, at full float32 matmul precision."""
+    with jax.default_matmul_precision("highest"):
+        return outputs_and_grads(lambda q, k, v: (reference_attention(q, k, v, causal=causal),
+                                                  reference_lse(q, k, causal)), q, k, v, d_out, d_lse)
+
+
+def assert_float32_close(ours, ref):
+    """(out, lse, dq, dk, dv) against the reference's, to the float32 tolerance 1e-5."""
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), ours, ref, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
 def check(B, T, S, H, K, D, causal, dtype, tol, *, blocks, interpret):
     q, k, v, d_out, d_lse = inputs(B, T, S, H, K, D, dtype)
     ours = outputs_and_grads(lambda q, k, v: flash_attention(q, k, v, causal=causal, block_sizes=blocks,
                                                              interpret=interpret), q, k, v, d_out, d_lse)
-    with jax.default_matmul_precision("highest"):
-        ref = outputs_and_grads(lambda q, k, v: (reference_attention(q, k, v, causal=causal),
-                                                 reference_lse(q, k, causal)), q, k, v, d_out, d_lse)
+    ref = reference_outputs_and_grads(q, k, v, d_out, d_lse, causal)
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), ours, ref, strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape, name
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
@@ -98,11 +109,7 @@ def test_blocks_merged_by_lse_equal_whole_attention_with_gradients():
         return merge_blocks(*past, *diag)
 
     ours = outputs_and_grads(blocked, q, k, v, d_out, d_lse)
-    with jax.default_matmul_precision("highest"):
-        ref = outputs_and_grads(lambda q, k, v: (reference_attention(q, k, v, causal=True),
-                                                 reference_lse(q, k, True)), q, k, v, d_out, d_lse)
-    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), ours, ref, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+    assert_float32_close(ours, reference_outputs_and_grads(q, k, v, d_out, d_lse, True))
 
 
 @pytest.mark.parametrize("T, S, H, K, D, causal", CASES)
@@ -111,11 +118,7 @@ def test_module_reference_matches_test_reference(T, S, H, K, D, causal):
     q, k, v, d_out, d_lse = inputs(2, T, S, H, K, D, jnp.float32)
     ours = outputs_and_grads(lambda q, k, v: flash_attention_reference(q, k, v, causal=causal), q, k, v, d_out,
                              d_lse)
-    with jax.default_matmul_precision("highest"):
-        ref = outputs_and_grads(lambda q, k, v: (reference_attention(q, k, v, causal=causal),
-                                                 reference_lse(q, k, causal)), q, k, v, d_out, d_lse)
-    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), ours, ref, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+    assert_float32_close(ours, reference_outputs_and_grads(q, k, v, d_out, d_lse, causal))
 
 
 def test_rejects_bad_arguments_by_name():

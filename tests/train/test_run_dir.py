@@ -37,31 +37,35 @@ def no_compiling(monkeypatch):
     monkeypatch.setattr("train.loop.sharded_train_step", refuse)
 
 
+@pytest.fixture
+def text_file(tmp_path):
+    """A small text file to train on."""
+    path = tmp_path / "text.txt"
+    path.write_text("def f(x):\n    return x + 1\n" * 200)
+    return path
+
+
 def dead_pid() -> int:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
     return child.pid
 
 
-def test_a_held_lock_refuses_a_second_trainer_naming_the_holder(tmp_path, no_compiling):
-    data = tmp_path / "text.txt"
-    data.write_text("def f(x):\n    return x + 1\n" * 200)
+def test_a_held_lock_refuses_a_second_trainer_naming_the_holder(tmp_path, text_file, no_compiling):
     out = tmp_path / "run"
     with RunLock(out):
         with pytest.raises(RunDirInUse, match=rf"in use by another trainer \(pid {os.getpid()} on "
                                               rf"{socket.gethostname()}, since "):
-            train(tiny(data=str(data)), out, devices=jax.devices()[:1])
+            train(tiny(data=str(text_file)), out, devices=jax.devices()[:1])
         assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # no config.json, metrics or checkpoints
     assert not (out / LOCK_NAME).exists()  # released: removed
 
 
-def test_second_trainer_process_exits_with_code_2_naming_the_holder(tmp_path):
-    data = tmp_path / "text.txt"
-    data.write_text("def f(x):\n    return x + 1\n" * 200)
+def test_second_trainer_process_exits_with_code_2_naming_the_holder(tmp_path, text_file):
     out = tmp_path / "run"
     with RunLock(out):
-        result = run_module("scripts.train", "--preset", "tiny", "--steps", "2", "--data", str(data), "--out", str(out),
-                            "--set", "train.seq_len=32", "--set", "train.batch_size=2",
+        result = run_module("scripts.train", "--preset", "tiny", "--steps", "2", "--data", str(text_file),
+                            "--out", str(out), "--set", "train.seq_len=32", "--set", "train.batch_size=2",
                             env=child_env(JAX_PLATFORMS="cpu", XLA_FLAGS=""))
     assert result.returncode == 2, tail(result.stderr)
     assert f"is in use by another trainer (pid {os.getpid()} on {socket.gethostname()}" in result.stderr
