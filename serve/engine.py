@@ -365,7 +365,7 @@ class Engine:
             if rid in self._callbacks:
                 self._callbacks[rid](rid, token)
                 if self._states[rid].status == "finished":
-                    del self._callbacks[rid]
+                    self._callbacks.pop(rid, None)  # the callback may have aborted its own request
         return events
 
     def _record_logprobs(self, launched: _Launched, accepted: set[str]) -> None:

@@ -26,12 +26,13 @@ from typing import Any
 
 import numpy as np
 
+from model.checks import FLOAT32_MAX, interval_problem
+
 FIELDS = ("id", "prompt", "prompt_ids", "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "stop",
           "logprobs")
 MAX_LOGPROBS = 20
 INT32_MAX = 2**31 - 1
 SEED_LIMIT = 2**32
-FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class RequestError(ValueError):
@@ -113,16 +114,9 @@ def field_problem(name: str, value: Any, *, vocab_size: int | None = None) -> st
         if problem is None and not 0 <= value <= FLOAT32_MAX:
             problem = f"temperature must be >= 0 (and at most float32's {FLOAT32_MAX:.4g}), got {shown(value)}"
         return problem
-    if name == "top_p":
-        problem = _number_problem(name, value)
-        if problem is None and not 0 < value <= 1:
-            problem = f"top_p must be in (0, 1], got {shown(value)}"
-        return problem
-    if name == "min_p":
-        problem = _number_problem(name, value)
-        if problem is None and not 0 <= value <= 1:
-            problem = f"min_p must be in [0, 1], got {shown(value)}"
-        return problem
+    if name in ("top_p", "min_p"):  # top_p in (0, 1], min_p in [0, 1]
+        return _number_problem(name, value) or interval_problem(name, value, 0, 1, open_low=name == "top_p",
+                                                                 show=shown)
     return f"unknown field {shown(name)}; the fields are {list(FIELDS)}"
 
 

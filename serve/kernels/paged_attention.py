@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from model.checks import is_power_of_two
 from model.kernels.triton import compiler_params, triton_deprecation_ignored
 
 _MIN_DOT = 16  # Triton's `dot` needs M, N, K >= 16
@@ -118,10 +119,6 @@ def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, acc_ref, max_ref, sum_
     sum_ref[...] = l_R
 
 
-def _power_of_two(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
-
-
 def _next_power_of_two(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
@@ -153,11 +150,11 @@ def _check(q_BxHxD: jax.Array, k_pages_KxNxPxD: jax.Array, v_pages_KxNxPxD: jax.
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if interpret:
         return
-    if not _power_of_two(D) or D < _MIN_DOT:
+    if not is_power_of_two(D) or D < _MIN_DOT:
         raise ValueError(f"the compiled kernel needs head_dim a power of two >= {_MIN_DOT}, got {D}")
-    if not _power_of_two(P):
+    if not is_power_of_two(P):
         raise ValueError(f"the compiled kernel needs page_size a power of two, got {P}")
-    if pages_per_chunk is not None and (not _power_of_two(pages_per_chunk) or pages_per_chunk * P < _MIN_DOT):
+    if pages_per_chunk is not None and (not is_power_of_two(pages_per_chunk) or pages_per_chunk * P < _MIN_DOT):
         raise ValueError(f"the compiled kernel needs pages_per_chunk a power of two with pages_per_chunk * "
                          f"page_size >= {_MIN_DOT}, got {pages_per_chunk} (page_size {P})")
 
