@@ -35,7 +35,15 @@ from model.kernels.triton import triton_deprecation_ignored
 from model.transformer import for_inference
 from serve import request_checks
 from serve.block_allocator import BlockAllocator
-from serve.forward import LAYER_LOOPS, StepGraph, StepParams, model_step, resolve_layer_loop, split_for_serving
+from serve.forward import (
+    LAYER_LOOPS,
+    StepGraph,
+    StepParams,
+    model_step,
+    resolve_layer_loop,
+    split_for_serving,
+    unstacked,
+)
 from serve.kv_cache import CacheShape, KVCache, init_cache, pages_for_budget
 from serve.ragged_attention import DECODE_IMPLS, resolve_decode_impl
 from serve.request import PENDING, Completion, Request, RequestState, SamplingParams
@@ -73,7 +81,8 @@ class ServeConfig:
     prefix (a shared system prompt, a multi-turn chat), so its prefill starts after them. `overlap` reads each
     step's tokens back while the next step runs (see the module docstring). `decode_impl` "auto" is
     the Pallas decode kernel on GPU and the plain-JAX path elsewhere; `layer_loop` "auto" is the scanned layer
-    loop on GPU and the unrolled one on CPU (serve/forward.py). Step shapes (serve/step_batch.py): prefill
+    loop on GPU and, on CPU, the unrolled loop for decode-only steps (serve/forward.py; it holds a second copy of
+    the block weights). Step shapes (serve/step_batch.py): prefill
     chunks go in tiles of `prefill_tile` tokens; block tables are at least `min_context_bucket` tokens wide."""
 
     page_size: int = 16
@@ -128,10 +137,18 @@ class CompiledSteps:
         self._compiled: dict[tuple, Callable] = {}
         self.compile_s = 0.0
 
+    @staticmethod
+    def _key(params: StepParams, cache: KVCache, prev_tokens: jax.Array, inputs: StepInputs) -> tuple:
+        return tuple(a.shape for a in inputs) + (cache.k.shape, str(cache.k.dtype), prev_tokens.shape,
+                                                 isinstance(params.blocks, tuple))
+
+    def compiled(self, params: StepParams, cache: KVCache, prev_tokens: jax.Array, inputs: StepInputs) -> bool:
+        """Whether the step for these shapes is compiled already."""
+        return self._key(params, cache, prev_tokens, inputs) in self._compiled
+
     def __call__(self, params: StepParams, cache: KVCache, prev_tokens: jax.Array, inputs: StepInputs,
                  sampling: SamplingInputs) -> tuple[jax.Array, tuple, KVCache, jax.Array]:
-        key = tuple(a.shape for a in inputs) + (cache.k.shape, str(cache.k.dtype), prev_tokens.shape,
-                                                isinstance(params.blocks, tuple))
+        key = self._key(params, cache, prev_tokens, inputs)
         fn = self._compiled.get(key)
         if fn is None:
             start = time.perf_counter()
@@ -179,7 +196,11 @@ class Engine:
         model = for_inference(model)
         self.cfg, self.model_cfg = cfg, model.cfg
         self.layer_loop = resolve_layer_loop(cfg.layer_loop)
-        self.graph, self.params = split_for_serving(model, self.layer_loop)
+        self.graph, self.params = split_for_serving(model)
+        # the weights decode-only steps run with (the same arrays unless their loop differs)
+        self.decode_params = self.params if self.layer_loop == "scan" else unstacked(self.params)
+        if self.layer_loop == "unrolled":
+            self.params = self.decode_params
         mc = model.cfg
         self.max_pages_per_seq = math.ceil(mc.max_seq_len / cfg.page_size)
         if cfg.num_pages is not None:
@@ -296,8 +317,15 @@ class Engine:
         start = time.perf_counter()
         self._waited = 0.0
         schedule = self.scheduler.schedule()
-        launched = self._launch(schedule) if schedule.chunks else None
-        events = self._read_back(self._in_flight) if self._in_flight else []
+        built = self._build(schedule) if schedule.chunks else None
+        events = []
+        if built and self._in_flight and not self._steps.compiled(built[0], self.cache, self._prev_tokens,
+                                                                 built[1]):
+            events = self._read_back(self._in_flight)  # the tokens in flight do not wait for a compile
+            self._in_flight = None
+        launched = self._launch(*built) if built else None
+        if self._in_flight:
+            events = self._read_back(self._in_flight)
         if launched:
             self._advance(schedule, launched)
         self._in_flight = launched
@@ -326,17 +354,25 @@ class Engine:
                    temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
                    logprobs=seq.logprobs is not None, prev_slot=prev_slot)
 
-    def _launch(self, schedule: Schedule) -> _Launched:
-        """Build the step's inputs and dispatch it (asynchronously: nothing here waits for the device)."""
+    def _build(self, schedule: Schedule) -> tuple[StepParams, StepInputs, SamplingInputs, list]:
+        """The step's weights (by its kind), inputs, sampling inputs and (request, sampling slot) pairs."""
         decodes, prefills = list(schedule.decodes), list(schedule.prefills)
         inputs, sampling, slots_of = build_step([self._row(c) for c in decodes], [self._row(c) for c in prefills],
                                                 self.layout)
-        self.last_step = (StepInputs(*map(jnp.asarray, inputs)), SamplingInputs(*map(jnp.asarray, sampling)))
         self.shapes_seen.add(self.layout.shape_of(inputs))
-        tokens_R, logprobs, self.cache, self._prev_tokens = self._steps(self.params, self.cache,
-                                                                        self._prev_tokens, *self.last_step)
+        params = self.params if prefills else self.decode_params
         chunks = decodes + prefills
-        return _Launched(tokens_R, logprobs, [(c.seq, slot) for c, slot in zip(chunks, slots_of, strict=True)])
+        return (params, StepInputs(*map(jnp.asarray, inputs)), SamplingInputs(*map(jnp.asarray, sampling)),
+                [(c.seq, slot) for c, slot in zip(chunks, slots_of, strict=True)])
+
+    def _launch(self, params: StepParams, inputs: StepInputs, sampling: SamplingInputs,
+                sampled: list[tuple[RequestState, int]]) -> _Launched:
+        """Dispatch a built step (asynchronously: nothing here waits for the device, unless it compiles)."""
+        self.last_step = (inputs, sampling)
+        self._last_params = params
+        tokens_R, logprobs, self.cache, self._prev_tokens = self._steps(params, self.cache, self._prev_tokens,
+                                                                        inputs, sampling)
+        return _Launched(tokens_R, logprobs, sampled)
 
     def _advance(self, schedule: Schedule, launched: _Launched) -> None:
         """Tell the scheduler what the launched step computes: its chunks' tokens have K/V, and each request
@@ -393,7 +429,8 @@ class Engine:
         widest = min(max(bucket(pages), self.layout.min_pages), self.layout.max_pages)
         for bd, np_, w in self.step_shapes():
             if w <= widest:
-                _, _, self.cache, self._prev_tokens = self._steps(self.params, self.cache, self._prev_tokens,
+                params = self.params if np_ else self.decode_params
+                _, _, self.cache, self._prev_tokens = self._steps(params, self.cache, self._prev_tokens,
                                                                *self._padding(bd, np_, w))
         return self.compile_count
 
@@ -410,7 +447,7 @@ class Engine:
         """XLA's cost analysis (flops, bytes accessed, ...) of the last step this engine ran."""
         if self.last_step is None:
             raise ValueError("no step has run yet")
-        return self._steps.cost(self.params, self.cache, self._prev_tokens, *self.last_step)
+        return self._steps.cost(self._last_params, self.cache, self._prev_tokens, *self.last_step)
 
     @property
     def compile_count(self) -> int:

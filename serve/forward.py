@@ -5,7 +5,7 @@ The model's own blocks run (`model.transformer.Block` with an `attend` hook), so
 math of training; only attention changes: it reads keys and values from the pages
 (serve/ragged_attention.py). The whole cache (serve/kv_cache.py: all layers in one pool, layer l's pages offset
 by l * num_pages) is threaded through the layers and updated in place. The layers run one of two ways, decided by
-the structure of the block weights (`StepParams.blocks`, see `split_for_serving`):
+the structure of the block weights (`StepParams.blocks`; see `split_for_serving`, `unstacked`):
 - stacked (leading layer axis): one `jax.lax.scan`, so the compile time does not grow with depth;
 - a tuple of per-layer weights: a Python loop, one copy of the block per layer in the program. XLA:CPU copies
   each layer's weights out of a stack before its matmuls (its dot library takes whole buffers), which the loop
@@ -25,7 +25,7 @@ from serve.kv_cache import KVCache, layer_pages, write_pages
 from serve.ragged_attention import ragged_paged_attention
 from serve.step_batch import StepInputs
 
-LAYER_LOOPS = ("auto", "scan", "unrolled")
+LAYER_LOOPS = ("auto", "scan", "unrolled", "unrolled-decode")
 
 
 class StepGraph(NamedTuple):
@@ -43,28 +43,30 @@ class StepParams(NamedTuple):
 
 
 def resolve_layer_loop(layer_loop: str, backend: str | None = None) -> str:
-    """"auto" is the unrolled loop on CPU (no per-layer weight copies) and the scan elsewhere."""
+    """"auto" is the scan on GPU/TPU and "unrolled-decode" on CPU: decode-only steps (memory-bound: the weight
+    copies cost them most) unrolled, steps with prefill (compute-bound) and the first token's compile scanned."""
     if layer_loop not in LAYER_LOOPS:
         raise ValueError(f"layer_loop must be one of {LAYER_LOOPS}, got {layer_loop!r}")
     if layer_loop != "auto":
         return layer_loop
-    return "unrolled" if (backend or jax.default_backend()) == "cpu" else "scan"
+    return "unrolled-decode" if (backend or jax.default_backend()) == "cpu" else "scan"
 
 
-def split_for_serving(model: nnx.Module, layer_loop: str = "scan") -> tuple[StepGraph, StepParams]:
+def split_for_serving(model: nnx.Module) -> tuple[StepGraph, StepParams]:
     """The static structure and the weights of `model` (a `model.transformer.Transformer`) for `model_step`, its
-    blocks stacked for "scan" or split into one State per layer for "unrolled"."""
-    if layer_loop not in ("scan", "unrolled"):
-        raise ValueError(f"split_for_serving needs layer_loop 'scan' or 'unrolled', got {layer_loop!r}")
+    blocks stacked (the scanned loop; `unstacked` gives the unrolled loop's weights)."""
     graphdef, state = nnx.split(model)
     shell = nnx.merge(graphdef, state)  # a copy whose blocks can be taken out without touching `model`
     block_graphdef, stacked = nnx.split(shell.blocks)
     shell.blocks = None
     rest_graphdef, rest = nnx.split(shell)
-    blocks = stacked
-    if layer_loop == "unrolled":
-        blocks = tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(model.cfg.n_layers))
-    return StepGraph(rest_graphdef, block_graphdef), StepParams(rest, blocks)
+    return StepGraph(rest_graphdef, block_graphdef), StepParams(rest, stacked)
+
+
+def unstacked(params: StepParams) -> StepParams:
+    """The same weights with the blocks as one State per layer (new arrays: the unrolled loop's)."""
+    n_layers = jax.tree.leaves(params.blocks)[0].shape[0]
+    return params._replace(blocks=tuple(jax.tree.map(lambda a, i=i: a[i], params.blocks) for i in range(n_layers)))
 
 
 def model_step(graph: StepGraph, params: StepParams, cache: KVCache, inputs: StepInputs, *,

@@ -19,7 +19,7 @@ from flax import nnx
 
 from model.transformer import for_inference
 from serve.engine import Completion, Request, RequestError, compiled_steps, request_problem
-from serve.forward import resolve_layer_loop, split_for_serving
+from serve.forward import resolve_layer_loop, split_for_serving, unstacked
 from serve.kv_cache import CacheShape, init_cache
 from serve.ragged_attention import resolve_decode_impl
 from serve.request import RequestState
@@ -35,7 +35,9 @@ class StaticBatcher:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         model = for_inference(model)
         self.model_cfg, self.batch_size, self.page_size, self.seed = model.cfg, batch_size, page_size, seed
-        self.graph, self.params = split_for_serving(model, resolve_layer_loop(layer_loop))
+        self.graph, self.params = split_for_serving(model)
+        if resolve_layer_loop(layer_loop) != "scan":  # the unrolled loop for every step (prefill is one step)
+            self.params = unstacked(self.params)
         self.pages_per_row = math.ceil(model.cfg.max_seq_len / page_size)
         shape = CacheShape.for_model(model.cfg, page_size, 1 + batch_size * self.pages_per_row)
         self.cache = init_cache(shape)
