@@ -226,14 +226,14 @@ def test_oversized_body_bad_json_and_unknown_route(server):
 def test_a_disconnect_frees_the_pages(server):
     with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as client:
         with client.stream("POST", "/v1/completions", json={"prompt": "abc", "max_tokens": 120, "stream": True,
-                                                            "ignore_eos": True}) as r:
+                                                            "n": 16, "ignore_eos": True}) as r:
             for i, _ in enumerate(r.iter_lines()):
                 if i == 2:
                     assert server.metric("meshlm_kv_cache_pages_used") > 0
                     break
-        with pytest.raises(httpx.ReadTimeout):  # the same for a whole (non-streamed) response
-            client.post("/v1/completions", json={"prompt": "abc", "max_tokens": 120, "ignore_eos": True},
-                        timeout=0.5)
+        with pytest.raises(httpx.ReadTimeout):  # the same for a whole (non-streamed) response: 16 x 120 tokens
+            client.post("/v1/completions", json={"prompt": "abc", "max_tokens": 120, "n": 16, "ignore_eos": True},
+                        timeout=0.3)
     deadline = time.monotonic() + 10
     while server.metric("meshlm_kv_cache_pages_used") and time.monotonic() < deadline:
         time.sleep(0.05)
