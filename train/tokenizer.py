@@ -83,6 +83,9 @@ BYTE_CHAT_TEMPLATE = ("{% for message in messages %}{{ message['role'] }}: {{ me
                       "{% if add_generation_prompt %}assistant:{% endif %}")
 
 
+BYTE_SPECIAL_TOKENS = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}  # ids 256, 257, 258
+
+
 class ByteTextTokenizer:
     """`ByteTokenizer` behind the `Tokenizer` interface: no BOS added to text (meshlm's runs train on documents
     separated by EOS, no BOS), EOS ends generation, and `BYTE_CHAT_TEMPLATE` as its chat format."""
@@ -106,6 +109,17 @@ class ByteTextTokenizer:
 
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+
+    def as_text_tokenizer(self) -> TextTokenizer:
+        """The same ids as a `tokenizers` byte-level BPE without merges (id b is byte b; then BOS, EOS, PAD), so
+        a run exported as a Hugging Face directory carries a tokenizer.json (`TextTokenizer.save`)."""
+        chars = _bytes_to_unicode()
+        backend = tokenizers.Tokenizer(tokenizers.models.BPE({chars[b]: b for b in range(256)}, []))
+        backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        backend.decoder = tokenizers.decoders.ByteLevel()
+        backend.add_special_tokens(list(BYTE_SPECIAL_TOKENS.values()))  # ids 256, 257, 258
+        backend.encode_special_tokens = True  # text is bytes: "<|eos|>" in a text is seven bytes, as in ByteTokenizer
+        return TextTokenizer(backend, special_tokens=BYTE_SPECIAL_TOKENS, chat_template=self.chat_template)
 
 
 class TextTokenizer:
