@@ -296,6 +296,17 @@ class Engine:
             self.scheduler.finish(state, "aborted")
             self._callbacks.pop(request_id, None)
 
+    def forget(self, request_id: str) -> Completion | None:
+        """Drop a finished request's record (a server runs for ever); returns its Completion, None if unknown.
+        Raises ValueError if the request is not finished."""
+        state = self._states.get(request_id)
+        if state is None:
+            return None
+        if not self.completions[request_id].finished:
+            raise ValueError(f"request {request_id!r} is not finished: abort it first")
+        del self._states[request_id]
+        return self.completions.pop(request_id)
+
     @property
     def has_unfinished(self) -> bool:
         """Requests waiting or running, or tokens still in flight."""

@@ -196,8 +196,7 @@ class AsyncEngine:
 
     def _finished(self, rid: str) -> None:
         """Record the request's metrics and let the engine forget it (a server runs for ever)."""
-        c = self.engine.completions.pop(rid, None)
-        getattr(self.engine, "_states", {}).pop(rid, None)  # TODO: an Engine.forget(rid)
+        c = self.engine.forget(rid)
         if c is None:
             return
         self.metrics.observe_finished(prompt_tokens=len(c.prompt_ids), output_tokens=len(c.token_ids),

@@ -265,3 +265,15 @@ def test_logprobs_equal_the_models_own_log_softmax():
         ids = [t for t, _ in top]
         assert ids == list(np.argsort(-expected[i])[:5]) and ids[0] == tokens[i]  # greedy: the top id
         np.testing.assert_allclose([v for _, v in top], expected[i, ids], atol=1e-4)
+
+
+def test_forget_drops_only_finished_requests():
+    engine = Engine(model(), SERVE)
+    rid = engine.submit(Request(tuple(prompts()[0]), 3))
+    with pytest.raises(ValueError, match="not finished"):
+        engine.forget(rid)
+    while engine.has_unfinished:
+        engine.step()
+    assert engine.forget(rid).token_ids == list(naive_outputs()[0][:3])
+    assert engine.forget(rid) is None and rid not in engine.completions
+    assert engine.submit(Request(tuple(prompts()[0]), 3, request_id=rid)) == rid  # the id is free again
