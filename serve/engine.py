@@ -40,7 +40,6 @@ from serve.forward import (
     StepGraph,
     StepParams,
     model_step,
-    resolve_layer_loop,
     split_for_serving,
     unstacked,
 )
@@ -80,9 +79,8 @@ class ServeConfig:
     `prefix_caching` lets a request reuse the K/V pages of full blocks an earlier request computed for the same
     prefix (a shared system prompt, a multi-turn chat), so its prefill starts after them. `overlap` reads each
     step's tokens back while the next step runs (see the module docstring). `decode_impl` "auto" is
-    the Pallas decode kernel on GPU and the plain-JAX path elsewhere; `layer_loop` "auto" is the scanned layer
-    loop on GPU and, on CPU, the unrolled loop for decode-only steps (serve/forward.py; it holds a second copy of
-    the block weights). Step shapes (serve/step_batch.py): prefill
+    the Pallas decode kernel on GPU and the plain-JAX path elsewhere; `layer_loop` "scan" compiles the layers once,
+    "unrolled" once per layer (serve/forward.py). Step shapes (serve/step_batch.py): prefill
     chunks go in tiles of `prefill_tile` tokens; block tables are at least `min_context_bucket` tokens wide."""
 
     page_size: int = 16
@@ -93,7 +91,7 @@ class ServeConfig:
     token_budget: int = 512
     max_prefill_chunk: int | None = None
     decode_impl: str = "auto"
-    layer_loop: str = "auto"
+    layer_loop: str = "scan"
     prefill_tile: int = 32
     min_context_bucket: int = 256
     seed: int = 0
@@ -195,12 +193,9 @@ class Engine:
     def __init__(self, model: nnx.Module, cfg: ServeConfig = ServeConfig()):
         model = for_inference(model)
         self.cfg, self.model_cfg = cfg, model.cfg
-        self.layer_loop = resolve_layer_loop(cfg.layer_loop)
         self.graph, self.params = split_for_serving(model)
-        # the weights decode-only steps run with (the same arrays unless their loop differs)
-        self.decode_params = self.params if self.layer_loop == "scan" else unstacked(self.params)
-        if self.layer_loop == "unrolled":
-            self.params = self.decode_params
+        if cfg.layer_loop == "unrolled":
+            self.params = unstacked(self.params)
         mc = model.cfg
         self.max_pages_per_seq = math.ceil(mc.max_seq_len / cfg.page_size)
         if cfg.num_pages is not None:
@@ -366,14 +361,13 @@ class Engine:
                    logprobs=seq.logprobs is not None, prev_slot=prev_slot)
 
     def _build(self, schedule: Schedule) -> tuple[StepParams, StepInputs, SamplingInputs, list]:
-        """The step's weights (by its kind), inputs, sampling inputs and (request, sampling slot) pairs."""
+        """The step's weights, inputs, sampling inputs and (request, sampling slot) pairs."""
         decodes, prefills = list(schedule.decodes), list(schedule.prefills)
         inputs, sampling, slots_of = build_step([self._row(c) for c in decodes], [self._row(c) for c in prefills],
                                                 self.layout)
         self.shapes_seen.add(self.layout.shape_of(inputs))
-        params = self.params if prefills else self.decode_params
         chunks = decodes + prefills
-        return (params, StepInputs(*map(jnp.asarray, inputs)), SamplingInputs(*map(jnp.asarray, sampling)),
+        return (self.params, StepInputs(*map(jnp.asarray, inputs)), SamplingInputs(*map(jnp.asarray, sampling)),
                 [(c.seq, slot) for c, slot in zip(chunks, slots_of, strict=True)])
 
     def _launch(self, params: StepParams, inputs: StepInputs, sampling: SamplingInputs,
@@ -440,8 +434,7 @@ class Engine:
         widest = min(max(bucket(pages), self.layout.min_pages), self.layout.max_pages)
         for bd, np_, w in self.step_shapes():
             if w <= widest:
-                params = self.params if np_ else self.decode_params
-                _, _, self.cache, self._prev_tokens = self._steps(params, self.cache, self._prev_tokens,
+                _, _, self.cache, self._prev_tokens = self._steps(self.params, self.cache, self._prev_tokens,
                                                                *self._padding(bd, np_, w))
         return self.compile_count
 

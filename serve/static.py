@@ -17,9 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from model.checks import check_one_of
 from model.transformer import for_inference
 from serve.engine import Completion, Request, RequestError, compiled_steps, request_problem
-from serve.forward import resolve_layer_loop, split_for_serving, unstacked
+from serve.forward import LAYER_LOOPS, split_for_serving, unstacked
 from serve.kv_cache import CacheShape, init_cache
 from serve.ragged_attention import resolve_decode_impl
 from serve.request import RequestState
@@ -30,13 +31,14 @@ class StaticBatcher:
     """Serve requests in fixed batches of up to `batch_size` (see the module docstring)."""
 
     def __init__(self, model: nnx.Module, batch_size: int = 16, page_size: int = 16, decode_impl: str = "auto",
-                 seed: int = 0, prefill_tile: int = 32, layer_loop: str = "auto"):
+                 seed: int = 0, prefill_tile: int = 32, layer_loop: str = "scan"):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         model = for_inference(model)
         self.model_cfg, self.batch_size, self.page_size, self.seed = model.cfg, batch_size, page_size, seed
         self.graph, self.params = split_for_serving(model)
-        if resolve_layer_loop(layer_loop) != "scan":  # the unrolled loop for every step (prefill is one step)
+        check_one_of("layer_loop", layer_loop, LAYER_LOOPS)
+        if layer_loop == "unrolled":
             self.params = unstacked(self.params)
         self.pages_per_row = math.ceil(model.cfg.max_seq_len / page_size)
         shape = CacheShape.for_model(model.cfg, page_size, 1 + batch_size * self.pages_per_row)
