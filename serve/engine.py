@@ -93,7 +93,7 @@ class ServeConfig:
     decode_impl: str = "auto"
     layer_loop: str = "scan"
     prefill_tile: int = 32
-    min_context_bucket: int = 256
+    min_context_bucket: int = 128
     seed: int = 0
     prefix_caching: bool = True
     overlap: bool = True
