@@ -8,6 +8,12 @@ _KINDS = {0: "non-negative", 1: "positive"}
 FLOAT32_MAX = 3.4028234663852886e38  # the largest finite float32
 
 
+def shown(value: object, limit: int = 60) -> str:
+    """`repr(value)`, cut to about `limit` characters (a request can hold megabytes)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "...(cut)"
+
+
 def is_int(value: object) -> bool:
     """Whether `value` is an integer (a bool is not)."""
     return isinstance(value, int) and not isinstance(value, bool)

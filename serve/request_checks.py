@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from model.checks import FLOAT32_MAX, interval_problem
+from model.checks import FLOAT32_MAX, interval_problem, shown
 
 FIELDS = ("id", "prompt", "prompt_ids", "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "stop",
           "logprobs")
@@ -41,12 +41,6 @@ class RequestError(ValueError):
     def __init__(self, message: str, request_id: str | None = None):
         super().__init__(message)
         self.request_id = request_id
-
-
-def shown(value: Any, limit: int = 60) -> str:
-    """`repr(value)`, cut to about `limit` characters (a request can hold megabytes)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "...(cut)"
 
 
 def is_integer(value: Any) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from model.checks import shown
 from serve.detokenize import IncrementalText
 
 MAX_STOP_STRINGS = 16
@@ -24,20 +25,15 @@ def stop_strings_problem(value: Any) -> str | None:
     `MAX_STOP_STRINGS` non-empty strings."""
     stops = [value] if isinstance(value, str) else value
     if not isinstance(stops, (list, tuple)):
-        return f"stop must be a string or a list of strings, got {_shown(value)}"
+        return f"stop must be a string or a list of strings, got {shown(value)}"
     if len(stops) > MAX_STOP_STRINGS:
         return f"stop holds {len(stops)} strings; at most {MAX_STOP_STRINGS} are allowed"
     for i, stop in enumerate(stops):
         if not isinstance(stop, str):
-            return f"stop[{i}] must be a string, got {_shown(stop)}"
+            return f"stop[{i}] must be a string, got {shown(stop)}"
         if not stop:
             return f"stop[{i}] is empty: a stop string needs at least one character"
     return None
-
-
-def _shown(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "...(cut)"
 
 
 class StopStrings:

@@ -20,6 +20,8 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from model.checks import shown
+
 ROLES_HINT = "e.g. 'system', 'user', 'assistant'"
 
 
@@ -31,23 +33,18 @@ def messages_problem(messages: Any) -> str | None:
     """Why `messages` is not a conversation (None if it is): a non-empty list of objects, each with a non-empty
     string "role" and a string "content" (other keys are passed to the template as they are)."""
     if not isinstance(messages, (list, tuple)):
-        return f"messages must be a list of {{'role': str, 'content': str}} objects, got {_shown(messages)}"
+        return f"messages must be a list of {{'role': str, 'content': str}} objects, got {shown(messages)}"
     if not messages:
         return "messages is empty: a conversation needs at least one message"
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping):
-            return f"messages[{i}] must be an object with 'role' and 'content', got {_shown(message)}"
+            return f"messages[{i}] must be an object with 'role' and 'content', got {shown(message)}"
         role, content = message.get("role"), message.get("content")
         if not isinstance(role, str) or not role:
-            return f"messages[{i}].role must be a non-empty string ({ROLES_HINT}), got {_shown(role)}"
+            return f"messages[{i}].role must be a non-empty string ({ROLES_HINT}), got {shown(role)}"
         if not isinstance(content, str):
-            return f"messages[{i}].content must be a string, got {_shown(content)}"
+            return f"messages[{i}].content must be a string, got {shown(content)}"
     return None
-
-
-def _shown(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "...(cut)"
 
 
 def _raise_exception(message: str) -> None:

@@ -25,6 +25,7 @@ from flax import nnx
 from model.gguf import config_from_gguf, gguf_metadata, load_gguf, smollm2_path
 from model.hf import _tensors, _to_hf
 from model.transformer import Transformer
+from tests.model.test_hf import _logits, _torch_logits
 
 Q = gguf.GGMLQuantizationType
 VOCAB, D, FF, HEADS, KV_HEADS, LAYERS = 300, 64, 128, 4, 2, 2
@@ -116,17 +117,6 @@ def _transformers_model(path: Path):
     assert not unexpected and set(missing) <= ({"lm_head.weight"} if config.tie_word_embeddings else set())
     model.tie_weights()
     return model
-
-
-def _torch_logits(hf_model, tokens: np.ndarray) -> np.ndarray:
-    import torch
-
-    with torch.no_grad():
-        return hf_model(torch.as_tensor(tokens)).logits.float().numpy()
-
-
-def _logits(model, tokens: np.ndarray) -> np.ndarray:
-    return np.asarray(model(jnp.asarray(tokens)))
 
 
 def _max_rel_diff(actual: np.ndarray, ref: np.ndarray) -> float:
