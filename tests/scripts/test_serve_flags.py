@@ -13,6 +13,7 @@ import scripts.bench_serving
 import scripts.generate
 from scripts.serve_flags import add_serve_args, serve_config
 from serve.engine import DECODE_IMPLS, ServeConfig
+from serve.forward import LAYER_LOOPS
 
 
 def parsed(*argv):
@@ -30,6 +31,8 @@ def a_different_value(name, value, hint):
     """A valid value of field `name` other than its default, of its declared type."""
     if name == "decode_impl":
         return next(x for x in DECODE_IMPLS if x != value)
+    if name == "layer_loop":
+        return next(x for x in LAYER_LOOPS if x != value)
     if name in ("num_pages", "memory_bytes"):
         return 7
     if name == "memory_fraction":
