@@ -1,8 +1,7 @@
 """Where a model to serve comes from: `--run DIR` (a meshlm run: its newest checkpoint, the byte tokenizer), `--hf
 DIR` (a Hugging Face model directory, its tokenizer.json if it has one) or `--gguf FILE` (llama.cpp's format, its
 vocabulary), with `--tokenizer SOURCE` to name another tokenizer ("bytes", a tokenizer.json, a model directory, a
-.gguf file). One loader for every command that serves a model (scripts/serve.py; scripts/generate.py can adopt it
-in place of its own `load`)."""
+.gguf file). One loader for every command that serves a model (scripts/serve.py, scripts/generate.py)."""
 
 from __future__ import annotations
 
@@ -50,11 +49,9 @@ def load_model(args: argparse.Namespace):
         from model.hf import load_hf
 
         return load_hf(args.hf)
-    from model import gguf
+    from model.gguf import load_gguf
 
-    if not hasattr(gguf, "load_gguf"):
-        raise ValueError("GGUF import (model.gguf.load_gguf) is not available in this version")
-    return gguf.load_gguf(args.gguf)
+    return load_gguf(args.gguf)
 
 
 def load_source(args: argparse.Namespace) -> tuple[Any, Any]:

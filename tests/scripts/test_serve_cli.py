@@ -43,9 +43,6 @@ def test_smollm2_gguf_answers_a_chat(tmp_path):
     import openai
 
     from model import gguf
-
-    if not hasattr(gguf, "load_gguf"):
-        pytest.skip("model.gguf.load_gguf has not landed")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
