@@ -18,7 +18,11 @@ SECTIONS = ("model", "train", "mesh")
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """How a run trains. `batch_size` is the global batch in sequences per optimizer step, split into
-    `grad_accum` micro-batches; the cosine schedule decays from `lr` to `lr * min_lr_ratio` over `steps`."""
+    `grad_accum` micro-batches; the cosine schedule decays from `lr` to `lr * min_lr_ratio` over `steps`.
+    `tokenizer` names the tokenizer the text is read with ("bytes", a tokenizer.json, "hf:DIR", "gguf:FILE"; a
+    run keeps its own copy, train/run_tokenizer.py); `init` the pretrained weights a fresh run starts from
+    ("hf:DIR", "gguf:FILE", "run:DIR[@STEP]"; train/pretrained.py); `sft` makes `data` a JSONL of chat
+    conversations trained on their assistant tokens only (train/sft.py)."""
 
     steps: int = 500
     batch_size: int = 32
@@ -35,6 +39,9 @@ class TrainConfig:
     seed: int = 0
     data_seed: int = 1
     data: str | None = None
+    tokenizer: str = "bytes"
+    init: str | None = None
+    sft: bool = False
     val_fraction: float = 0.01
     eval_every: int = 100
     eval_batches: int = 8
@@ -57,6 +64,10 @@ class TrainConfig:
             check_interval(f"train.{name}", getattr(self, name), 0, 1)
         check_number("train.weight_decay", self.weight_decay, strict=False)
         check_interval("train.val_fraction", self.val_fraction, 0, 1, open_low=True, open_high=True)
+        if self.init is not None and not self.init.startswith(("hf:", "gguf:", "run:")):
+            raise ValueError(f"train.init {self.init!r}: expected hf:DIR, gguf:FILE or run:DIR[@STEP]")
+        if self.sft and self.data is None:
+            raise ValueError("train.sft needs train.data: a JSONL file of {\"messages\": [...]} conversations")
 
 
 @dataclasses.dataclass(frozen=True)
