@@ -6,11 +6,16 @@ reported and renamed `<step>.broken`). One trainer per `--out`: a second one exi
 the first. By default the run is data parallel over every device. Multi-process runs: every process runs this
 same command with --coordinator, --num-processes and --process-id (or JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES, JAX_PROCESS_ID); inside a multi-task SLURM job (`srun`) JAX finds them itself.
-`python -m scripts.launch_local` starts N local processes for testing."""
+`python -m scripts.launch_local` starts N local processes for testing.
+
+Ctrl-C or SIGTERM finishes the current step, saves it, and exits with 130 (SIGINT) or 143 (SIGTERM) after one
+line saying how to resume; a second Ctrl-C aborts at once. `--extend N` continues a finished run for N steps past
+its schedule at the final learning rate. `--profile START:STOP` traces those steps into `--out`/profile."""
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from tqdm import tqdm
@@ -22,6 +27,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="small", help="model preset (tiny, small, 125m, 350m, 1b, 7b)")
     p.add_argument("--steps", type=int, help="optimizer steps (= --set train.steps=N)")
+    p.add_argument("--extend", type=int, metavar="N",
+                   help="N steps past the schedule's end at its final learning rate, to continue a finished run "
+                        "(= --set train.extend_steps=N; counted from train.steps, not cumulative)")
+    p.add_argument("--profile", metavar="START:STOP",
+                   help="capture a jax.profiler trace of steps START to STOP into OUT/profile (TensorBoard's "
+                        "profile plugin or ui.perfetto.dev)")
     p.add_argument("--out", required=True, help="run directory: config.json, metrics.jsonl, checkpoints/")
     p.add_argument("--data", help="a text file, a folder or a glob (default: the Python standard library)")
     p.add_argument("--mesh", help="devices per mesh axis, e.g. data=2,fsdp=2,tensor=2 (axes: data, fsdp, tensor, "
@@ -48,6 +59,8 @@ def build_config(args: argparse.Namespace):
     overrides = list(args.overrides)
     if args.steps is not None:
         overrides.insert(0, f"train.steps={args.steps}")
+    if args.extend is not None:
+        overrides.insert(0, f"train.extend_steps={args.extend}")
     if args.data is not None:
         overrides.insert(0, f"train.data={args.data}")
     try:
@@ -88,9 +101,27 @@ def join_run(args: argparse.Namespace) -> bool:
     return jax.process_index() == 0
 
 
+def progress_to(bar: tqdm, step: int) -> None:
+    """Move `bar` to `step`. The first move restarts its clock there, so its rate and ETA count only steps run
+    after the first record: not compilation, not the first step's warm-up, not steps done before a resume."""
+    if not getattr(bar, "started", False):
+        bar.reset()
+        bar.initial = bar.n = bar.last_print_n = step
+        bar.started = True
+    else:
+        bar.n = step
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     cfg = build_config(args)
+    try:
+        from train.profile import parse_steps
+
+        profile = parse_steps(args.profile) if args.profile else None
+    except ValueError as e:
+        fail(str(e))
     primary = join_run(args)
     setup_logging(args.log_level if primary else "WARNING")
     say = print if primary else (lambda *a, **k: None)
@@ -98,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from scaling.accounting import flops_per_token, param_count
     from scaling.hardware import peak_flops
-    from train.loop import NonFiniteError, train
+    from scripts.interrupt import StopOnSignal
+    from train.loop import NonFiniteError, TrainingInterrupted, train
     from train.run_dir import RunDirInUse
 
     say(f"parameters: {param_count(cfg.model)['total']:,}  tokens per step: "
@@ -108,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(str(cfg.model.compute_dtype))
     if peak and jax.default_backend() != "cpu":  # fake CPU devices share one machine's peak
         peak *= jax.device_count()
-    bar = tqdm(total=cfg.train.steps, desc="train", unit="step", dynamic_ncols=True, disable=not primary)
+    bar = tqdm(total=cfg.train.steps + cfg.train.extend_steps, desc="train", unit="step", dynamic_ncols=True,
+               disable=not primary)
     shown: dict = {}
 
     def on_compiled(compiled, plan) -> None:
@@ -118,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             tqdm.write(explain_step(compiled, plan, cfg))
 
     def on_record(record: dict) -> None:
-        bar.n = record["step"]
+        progress_to(bar, record["step"])
         for key in ("loss", "router_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "val_loss", "val_bpb"):
             if record.get(key) is not None:
                 shown[key] = record[key]
@@ -127,8 +160,15 @@ def main(argv: list[str] | None = None) -> int:
         bar.set_postfix_str("  ".join(f"{k} {format(v, fmt[k])}" for k, v in shown.items()), refresh=True)
 
     try:
-        last = train(cfg, args.out, flops_per_token=flops_per_token(cfg.model, cfg.train.seq_len),
-                     peak_flops=peak, on_record=on_record, on_compiled=on_compiled)
+        with StopOnSignal() as stop:
+            last = train(cfg, args.out, flops_per_token=flops_per_token(cfg.model, cfg.train.seq_len),
+                         peak_flops=peak, on_record=on_record, on_compiled=on_compiled, should_stop=stop,
+                         profile=profile)
+    except TrainingInterrupted as e:
+        bar.close()
+        say(f"interrupted at step {e.step}; checkpoint saved in {e.checkpoint}; resume with: python -m "
+            f"scripts.train {shlex.join(argv)}", flush=True)
+        return stop.exit_code
     except NonFiniteError as e:
         bar.close()
         fail(str(e), code=1)

@@ -18,13 +18,16 @@ SECTIONS = ("model", "train", "mesh")
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """How a run trains. `batch_size` is the global batch in sequences per optimizer step, split into
-    `grad_accum` micro-batches; the cosine schedule decays from `lr` to `lr * min_lr_ratio` over `steps`.
+    `grad_accum` micro-batches; the cosine schedule decays from `lr` to `lr * min_lr_ratio` over `steps`, and
+    `extend_steps` more steps (`--extend`) continue a run at that final rate, so `steps` (the schedule) need not
+    change to train longer.
     `tokenizer` names the tokenizer the text is read with ("bytes", a tokenizer.json, "hf:DIR", "gguf:FILE"; a
     run keeps its own copy, train/run_tokenizer.py); `init` the pretrained weights a fresh run starts from
     ("hf:DIR", "gguf:FILE", "run:DIR[@STEP]"; train/pretrained.py); `sft` makes `data` a JSONL of chat
     conversations trained on their assistant tokens only (train/sft.py)."""
 
     steps: int = 500
+    extend_steps: int = 0
     batch_size: int = 32
     seq_len: int = 256
     grad_accum: int = 1
@@ -52,7 +55,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_ints("train.", self, ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches",
                                     "keep_checkpoints", "log_every", "eval_every", "ckpt_every"))
-        check_ints("train.", self, ("warmup_steps", "seed", "data_seed"), minimum=0)
+        check_ints("train.", self, ("warmup_steps", "seed", "data_seed", "extend_steps"), minimum=0)
         if self.batch_size % self.grad_accum:
             raise ValueError(f"train.batch_size ({self.batch_size}) must be a multiple of train.grad_accum "
                              f"({self.grad_accum})")

@@ -23,6 +23,7 @@ from train.config import RunConfig
 from train.data import Corpus, check_corpus, load_corpus
 from train.metrics import MetricsLog
 from train.optimizer import lr_schedule, make_optimizer
+from train.profile import StepProfiler
 from train.run_dir import RunLock, check_run_dir
 from train.sharded import (
     MeshPlan,
@@ -42,6 +43,23 @@ EVAL_SEED = 12345  # validation windows are the same for every evaluation and ev
 
 class NonFiniteError(RuntimeError):
     """Training produced a non-finite loss, gradient or updated state; the run stopped without saving it."""
+
+
+class TrainingInterrupted(Exception):
+    """`should_stop` asked the run to stop: step `step` was finished and saved in `checkpoint`."""
+
+    def __init__(self, step: int, checkpoint: Path):
+        super().__init__(f"interrupted at step {step}; checkpoint saved in {checkpoint}")
+        self.step, self.checkpoint = step, checkpoint
+
+
+def _agreed(stop: bool) -> bool:
+    """Process 0's stop decision, on every process (so all stop after the same step)."""
+    if jax.process_count() == 1:
+        return stop
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(stop)))
 
 
 _finite = jax.jit(all_finite)
@@ -67,7 +85,8 @@ def evaluate(eval_step: Callable, params: dict, corpus: Corpus, cfg: RunConfig,
 def train(cfg: RunConfig, out_dir: str | Path, *, flops_per_token: float | None = None,
           peak_flops: float | None = None, on_record: Callable[[dict[str, Any]], None] | None = None,
           on_compiled: Callable[[Any, MeshPlan], None] | None = None,
-          devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
+          devices: Sequence[jax.Device] | None = None, should_stop: Callable[[], bool] | None = None,
+          profile: tuple[int, int] | None = None) -> dict[str, Any]:
     """Train `cfg` in `out_dir` on a mesh of `devices` (default: all devices of all processes) shaped by
     `cfg.mesh`, resuming from the newest checkpoint that restores (saved on any mesh; newer damaged ones are set
     aside, see train/checkpoint.py). Returns the last record.
@@ -80,7 +99,13 @@ def train(cfg: RunConfig, out_dir: str | Path, *, flops_per_token: float | None 
     checkpoint if the loss, the gradient norm or the updated state stops being finite; nothing non-finite is
     saved. In a multi-process run every process calls this; only process 0 locks the directory and writes
     config.json and metrics.jsonl (orbax coordinates the checkpoint writes). `peak_flops` is the peak of all the
-    run's devices together (for MFU)."""
+    run's devices together (for MFU).
+
+    Records also carry `tokens` (seen so far) and `elapsed_s` (wall time since the run began, summed over
+    resumes up to the checkpoint resumed from); they go to `tensorboard/` too. The run lasts `train.steps +
+    train.extend_steps` steps (the schedule's final learning rate holds over the extension). `should_stop` is
+    polled after every step (process 0's answer counts): when true, the step is saved and TrainingInterrupted
+    is raised once the save is complete. `profile=(start, stop)` traces those steps into `profile/`."""
     t = cfg.train
     out = Path(out_dir)
     primary = jax.process_index() == 0
@@ -92,6 +117,10 @@ def train(cfg: RunConfig, out_dir: str | Path, *, flops_per_token: float | None 
     plan = plan_mesh(cfg.model, cfg.mesh, optimizer, micro_batch=micro, seq_len=t.seq_len, devices=devices)
     corpus = load_corpus(t.data, val_fraction=t.val_fraction)
     check_corpus(corpus, t.seq_len, t.data)
+    if corpus.n_val_files == 0:
+        log.info("no validation files: the last %g%% of the training tokens (train.val_fraction=%g), %s tokens, "
+                 "are held out for validation", 100 * t.val_fraction, t.val_fraction, f"{len(corpus.val):,}")
+    began = time.perf_counter()
 
     with contextlib.ExitStack() as cleanup:  # closed in reverse: metrics, checkpoints (waits for saves), lock
         if primary:
@@ -105,14 +134,16 @@ def train(cfg: RunConfig, out_dir: str | Path, *, flops_per_token: float | None 
                                  lambda restored: _not_finite(restored[0]))
         if resumed:
             start, (state, record) = resumed
+            elapsed_before = record.get("elapsed_s", 0.0)
             if record.get("corpus_key") != corpus.key:
                 log.warning("the training text changed since step %d was saved; batches will differ", start)
             log.info("resumed from step %d", start)
         else:
-            start = 0
+            start, elapsed_before = 0, 0.0
             state = plan.init_state(optimizer, seed=t.seed)
         last_finite = start or None  # the newest checkpoint known to be finite (the restored one was checked)
-        metrics_log = MetricsLog(out / "metrics.jsonl", resume_step=start) if primary else None
+        metrics_log = (MetricsLog(out / "metrics.jsonl", resume_step=start, tensorboard=out / "tensorboard")
+                       if primary else None)
         if metrics_log:
             cleanup.callback(metrics_log.close)
         batches = batch_sharding(plan.mesh, plan.rules)
@@ -126,7 +157,13 @@ def train(cfg: RunConfig, out_dir: str | Path, *, flops_per_token: float | None 
         eval_step = sharded_eval_step(plan.graphdef, plan.mesh, plan.rules, plan.params_shardings)
         eval_rows = rows_sharding(plan.mesh, plan.rules)
 
+        profiler = StepProfiler(*profile, out / "profile") if profile else None
+        if profiler:
+            cleanup.callback(profiler.close)
+
         def report(record: dict[str, Any]) -> None:
+            record.update(tokens=record["step"] * tokens_per_step,
+                          elapsed_s=elapsed_before + time.perf_counter() - began)
             if metrics_log:
                 metrics_log.write(record)
             if on_record:
@@ -135,9 +172,14 @@ def train(cfg: RunConfig, out_dir: str | Path, *, flops_per_token: float | None 
         tokens_per_step = t.batch_size * t.seq_len
         last: dict[str, Any] = {"step": start}
         timer_start, timed_steps = None, 0
-        for step in range(start, t.steps):
+        total = t.steps + t.extend_steps
+        for step in range(start, total):
             batch = global_batch(corpus.train, batches, batch_shape, seed=t.data_seed, step=step)
+            if profiler:
+                profiler.before(step + 1)
             state, metrics = train_step(state, batch)
+            if profiler:
+                profiler.after(step + 1, state)
             loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
             done = step + 1
             if not (math.isfinite(loss) and math.isfinite(grad_norm) and bool(metrics["state_finite"])):
@@ -151,7 +193,8 @@ def train(cfg: RunConfig, out_dir: str | Path, *, flops_per_token: float | None 
                 timer_start = time.perf_counter()
             else:
                 timed_steps += 1
-            boundary = done == t.steps
+            stop = should_stop is not None and _agreed(should_stop())
+            boundary = done == total
             if done % t.log_every == 0 or boundary:
                 elapsed = time.perf_counter() - timer_start
                 tps = timed_steps * tokens_per_step / elapsed if timed_steps else None
@@ -166,13 +209,16 @@ def train(cfg: RunConfig, out_dir: str | Path, *, flops_per_token: float | None 
                 last = {"step": done, **evaluate(eval_step, state["params"], corpus, cfg, eval_rows)}
                 report(last)
                 timer_start += time.perf_counter() - paused
-            if done % t.ckpt_every == 0 or boundary:
+            if done % t.ckpt_every == 0 or boundary or stop:
                 paused = time.perf_counter()
                 ckpt.save(done, state, {"step": done, "data_seed": t.data_seed, "next_batch": done,
                                         "corpus_key": corpus.key, "mesh": plan.mesh_cfg.describe(),
-                                        "config": cfg.to_dict()})
+                                        "config": cfg.to_dict(),
+                                        "elapsed_s": elapsed_before + time.perf_counter() - began})
                 last_finite = done
                 timer_start += time.perf_counter() - paused
+            if stop and not boundary:
+                raise TrainingInterrupted(done, ckpt.directory / str(done))
     return last
 
 

@@ -1,4 +1,5 @@
-"""Metrics as JSON lines in the run directory (`metrics.jsonl`), one record per logged step or evaluation."""
+"""Metrics as JSON lines in the run directory (`metrics.jsonl`), one record per logged step or evaluation, and
+optionally the same records as TensorBoard scalars (train/tensorboard.py)."""
 
 from __future__ import annotations
 
@@ -13,26 +14,42 @@ class MetricsLog:
     """Append-only JSONL log. On resume from step `s`, records after `s` (written by a run that died before its
     next checkpoint, or after a checkpoint that was later set aside as damaged) are dropped so the file reads as
     one uninterrupted run: the kept lines are written to a new file that replaces the old one in one rename. When
-    nothing is to be dropped the file is only appended to. (One writer at a time: train/run_dir.py's lock.)"""
+    nothing is to be dropped the file is only appended to. (One writer at a time: train/run_dir.py's lock.)
+    With `tensorboard` (a folder) every record also goes there; when records were dropped, the folder is
+    rewritten from the kept ones, so both views hold the same records."""
 
-    def __init__(self, path: str | os.PathLike, resume_step: int = 0):
+    def __init__(self, path: str | os.PathLike, resume_step: int = 0,
+                 tensorboard: str | os.PathLike | None = None):
         self.path = Path(path)
+        kept, dropped = [], False
         if self.path.exists():
             lines = self.path.read_text().splitlines(keepends=True)
             kept = [line for line in lines if _step(line) is not None and _step(line) <= resume_step]
-            if kept != lines or (lines and not lines[-1].endswith("\n")):
+            dropped = kept != lines
+            if dropped or (lines and not lines[-1].endswith("\n")):
                 partial = self.path.with_name(self.path.name + ".partial")
                 partial.write_text("".join(line.rstrip("\n") + "\n" for line in kept))
                 os.replace(partial, self.path)
+        self._tensorboard = None
+        if tensorboard is not None:
+            from train.tensorboard import TensorBoardLog
+
+            rewrite = dropped or not any(Path(tensorboard).glob("events.out.tfevents.*"))
+            self._tensorboard = TensorBoardLog(tensorboard, replace=[json.loads(line) for line in kept]
+                                               if rewrite else None)
         self._fh = open(self.path, "a")
 
     def write(self, record: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         self._fh.write(json.dumps(clean) + "\n")
         self._fh.flush()
+        if self._tensorboard:
+            self._tensorboard.write(clean)
 
     def close(self) -> None:
         self._fh.close()
+        if self._tensorboard:
+            self._tensorboard.close()
 
 
 def _step(line: str) -> int | None:

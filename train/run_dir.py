@@ -122,16 +122,27 @@ class RunLock:
         self.release()
 
 
+FREE_ON_RESUME = frozenset({"extend_steps"})  # train fields a resume may change: they leave every step's math alone
+
+
 def check_run_dir(out: Path, cfg: RunConfig) -> None:
     """Refuse to resume a run directory that holds a run with a different configuration. The mesh may differ:
-    it changes how the run is spread, not what it computes."""
+    it changes how the run is spread, not what it computes; so may `train.extend_steps` (the steps past the
+    schedule's end, all at its final learning rate). `train.steps` may not: it is the cosine schedule's length,
+    so changing it changes every step's learning rate (the refusal points to --extend)."""
     saved = out / "config.json"
     if not saved.exists():
         return
     old = RunConfig.from_dict(json.loads(saved.read_text()))
-    diffs = [f"{section}.{k}: {v!r} -> {getattr(getattr(cfg, section), k)!r}"
-             for section in ("model", "train")
-             for k, v in getattr(old, section).__dict__.items() if getattr(getattr(cfg, section), k) != v]
-    if diffs:
-        raise ValueError(f"{out} holds a run with a different config ({'; '.join(diffs)}); "
-                         "use a new --out, or the same settings to resume it")
+    changed = [(section, k, v, getattr(getattr(cfg, section), k)) for section in ("model", "train")
+               for k, v in getattr(old, section).__dict__.items()
+               if getattr(getattr(cfg, section), k) != v and not (section == "train" and k in FREE_ON_RESUME)]
+    if changed:
+        diffs = "; ".join(f"{section}.{k}: {v!r} -> {new!r}" for section, k, v, new in changed)
+        hint = ""
+        if any(section == "train" and k == "steps" for section, k, _, _ in changed):
+            hint = (f"; train.steps is the length of the learning-rate schedule: to train on past step "
+                    f"{old.train.steps} at its final rate keep --steps {old.train.steps} and add --extend N "
+                    f"(N more steps; = --set train.extend_steps=N)")
+        raise ValueError(f"{out} holds a run with a different config ({diffs}); "
+                         f"use a new --out, or the same settings to resume it{hint}")
