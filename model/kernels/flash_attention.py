@@ -1,7 +1,7 @@
 """Flash attention in Pallas: forward and backward kernels under a custom VJP, returning the log-sum-exp too.
 
-Shape letters, the legend for every array name in model/, parallel/ and train/ (`x_BxTxD` is [B, T, D]; the
-letters of one name are joined by `x`; a trailing `_` stands for any further dimensions):
+Shape letters, the legend for every array name in model/, parallel/, train/ and serve/ (`x_BxTxD` is [B, T, D];
+the letters of one name are joined by `x`; a trailing `_` stands for any further dimensions):
 
     B   batch: sequences                          b   one pipeline micro-batch's rows (B / M)
     T   length: this call's tokens (queries)      S   key/value length (S >= T; S = T in self-attention)
@@ -16,6 +16,12 @@ letters of one name are joined by `x`; a trailing `_` stands for any further dim
     A   gradient-accumulation micro-batches       P   pipeline stages
     M   pipeline micro-batches                    I   pipeline iterations (M + P - 1)
     Tq  a kernel's query tile (block_q)           Sk  a kernel's key/value tile (block_k)
+  serving (the paged KV cache, serve/kernels/):
+    Np  KV-cache pages (a pool)                   Ps  slots per page (page_size)
+    W   block-table width (pages per sequence)    Ns  splits of a sequence's pages (num_splits)
+    Ws  table entries per split (whole chunks)    Wp  W padded to Ns * Ws (with the null page)
+    Pc  pages gathered per chunk (pages_per_chunk; a chunk is Sk = Pc * Ps keys)
+    Gp  G padded to a power of two >= 16 (a decode tile's query rows)
 
 Lower-case names in comments and formulas (bq, bk, n) are plain numbers: tile sizes, a device count.
 
