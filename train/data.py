@@ -5,8 +5,9 @@ The default corpus is the Python standard library's own source: every `*.py` und
 `sysconfig.get_paths()["stdlib"]`, test folders included (about 30 MB for CPython 3.11; the tests are real,
 varied code and double the data), `site-packages` excluded. It is on every machine that runs meshlm.
 
-Text is tokenized once (bytes, documents separated by EOS) into uint16 files in a cache folder keyed by the
-files' names, sizes and modification times, and memory-mapped from then on. The train/validation split is by
+Text is tokenized once (by the run's tokenizer, bytes by default; documents separated by its EOS) into uint16
+files (uint32 for vocabularies over 65,536) in a cache folder keyed by the files' names, sizes and modification
+times and by the tokenizer's fingerprint, and memory-mapped from then on. The train/validation split is by
 file, decided by a hash of each file's path, so it is the same on every machine and never leaks a file across.
 """
 
@@ -24,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from train.tokenizer import ByteTokenizer
+from train.run_tokenizer import AnyTokenizer, fingerprint, separator_id
+from train.tokenizer import ByteTextTokenizer, TextTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +36,16 @@ EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 
 @dataclasses.dataclass(frozen=True)
 class Corpus:
-    """Tokenized text split by file: `train` and `val` are flat uint16 token arrays (memory-mapped)."""
+    """Tokenized text split by file: `train` and `val` are flat token arrays (memory-mapped). Chat data for SFT
+    (train/sft.py) adds `train_weights` / `val_weights`, the loss weight of each token (1 on assistant tokens)."""
 
     train: np.ndarray
     val: np.ndarray
     key: str
     n_train_files: int
     n_val_files: int
+    train_weights: np.ndarray | None = None
+    val_weights: np.ndarray | None = None
 
 
 def default_corpus_files() -> list[Path]:
@@ -75,21 +80,41 @@ def is_validation_file(path: Path, val_fraction: float) -> bool:
     return zlib.crc32(name) / 2**32 < val_fraction
 
 
-def _cache_key(files: list[Path], val_fraction: float) -> str:
-    h = hashlib.sha256(f"v{FORMAT_VERSION} {val_fraction!r}".encode())
+def _cache_key(files: list[Path], val_fraction: float, tokenizer_key: str = "bytes") -> str:
+    tokens = "" if tokenizer_key == "bytes" else f" {tokenizer_key}"  # byte caches keep their old keys
+    h = hashlib.sha256(f"v{FORMAT_VERSION} {val_fraction!r}{tokens}".encode())
     for f in files:
         st = f.stat()
         h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
 
 
-def _write_tokens(files: list[Path], out: Path) -> int:
-    eos = np.array([ByteTokenizer.EOS], np.uint16)
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits, else uint32."""
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+def _encoded(files: list[Path], tokenizer: AnyTokenizer, batch: int = 64):
+    """Each file's token ids, in order (a real tokenizer encodes `batch` files at a time, in parallel)."""
+    if isinstance(tokenizer, ByteTextTokenizer):
+        for f in files:
+            yield np.frombuffer(f.read_bytes(), dtype=np.uint8)
+        return
+    assert isinstance(tokenizer, TextTokenizer)
+    for i in range(0, len(files), batch):
+        texts = [f.read_bytes().decode("utf-8", errors="replace") for f in files[i:i + batch]]
+        for encoding in tokenizer.backend.encode_batch(texts, add_special_tokens=False):
+            yield np.asarray(encoding.ids)
+
+
+def _write_tokens(files: list[Path], out: Path, tokenizer: AnyTokenizer | None = None) -> int:
+    tokenizer = tokenizer or ByteTextTokenizer()
+    dtype = token_dtype(tokenizer.vocab_size)
+    eos = np.array([separator_id(tokenizer)], dtype)
     n = 0
     with open(out, "wb") as fh:
-        for f in files:
-            ids = np.frombuffer(f.read_bytes(), dtype=np.uint8).astype(np.uint16)
-            fh.write(ids.tobytes())
+        for ids in _encoded(files, tokenizer):
+            fh.write(ids.astype(dtype).tobytes())
             fh.write(eos.tobytes())
             n += ids.size + 1
     return n
@@ -100,14 +125,17 @@ def default_cache_dir() -> Path:
 
 
 def load_corpus(spec: str | os.PathLike | None = None, *, cache_dir: str | os.PathLike | None = None,
-                val_fraction: float = 0.01) -> Corpus:
-    """Tokenize (once, cached) and memory-map the text named by `spec` (see `resolve_files`).
+                val_fraction: float = 0.01, tokenizer: AnyTokenizer | None = None) -> Corpus:
+    """Tokenize (once, cached) with `tokenizer` (default: bytes) and memory-map the text named by `spec` (see
+    `resolve_files`).
 
     A single file cannot be split by file: its last `val_fraction` of tokens becomes the validation split."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     files = resolve_files(spec)
-    key = _cache_key(files, val_fraction)
+    tokenizer = tokenizer or ByteTextTokenizer()
+    key = _cache_key(files, val_fraction, fingerprint(tokenizer))
+    dtype = token_dtype(tokenizer.vocab_size)
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     folder = folder / key
     meta_path = folder / "meta.json"
@@ -119,8 +147,8 @@ def load_corpus(spec: str | os.PathLike | None = None, *, cache_dir: str | os.Pa
             train_files, val_files = files, []
         tmp = folder / f".tmp-{os.getpid()}"
         tmp.mkdir(exist_ok=True)
-        n_train = _write_tokens(train_files, tmp / "train.bin")
-        n_val = _write_tokens(val_files, tmp / "val.bin")
+        n_train = _write_tokens(train_files, tmp / "train.bin", tokenizer)
+        n_val = _write_tokens(val_files, tmp / "val.bin", tokenizer)
         meta = {"key": key, "n_train": n_train, "n_val": n_val, "n_train_files": len(train_files),
                 "n_val_files": len(val_files), "files": len(files)}
         (tmp / "meta.json").write_text(json.dumps(meta))
@@ -129,9 +157,9 @@ def load_corpus(spec: str | os.PathLike | None = None, *, cache_dir: str | os.Pa
         tmp.rmdir()
         log.info("tokenized %d files into %s (%d train, %d val tokens)", len(files), folder, n_train, n_val)
     meta = json.loads(meta_path.read_text())
-    train = np.memmap(folder / "train.bin", dtype=np.uint16, mode="r", shape=(meta["n_train"],))
-    val = (np.memmap(folder / "val.bin", dtype=np.uint16, mode="r", shape=(meta["n_val"],))
-           if meta["n_val"] else np.zeros((0,), np.uint16))
+    train = np.memmap(folder / "train.bin", dtype=dtype, mode="r", shape=(meta["n_train"],))
+    val = (np.memmap(folder / "val.bin", dtype=dtype, mode="r", shape=(meta["n_val"],))
+           if meta["n_val"] else np.zeros((0,), dtype))
     if meta["n_val_files"] == 0:
         cut = int(len(train) * (1 - val_fraction))
         train, val = train[:cut], train[cut:]

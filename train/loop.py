@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -20,25 +19,31 @@ from parallel.mesh import MeshConfig
 from parallel.sharding import batch_sharding
 from train.checkpoint import Checkpointer, CheckpointError, one_line, restore_newest
 from train.config import RunConfig
-from train.data import Corpus, check_corpus, load_corpus
+from train.data import check_corpus
 from train.metrics import MetricsLog
 from train.optimizer import lr_schedule, make_optimizer
 from train.profile import StepProfiler
+from train.run_data import (  # noqa: F401 (EVAL_SEED: tests read it here)
+    EVAL_SEED,
+    batch_struct,
+    data_batch,
+    evaluate_run,
+    initial_state,
+    keep_tokenizer,
+    load_run_data,
+)
 from train.run_dir import RunLock, check_run_dir
 from train.sharded import (
     MeshPlan,
-    global_batch,
     plan_mesh,
     rows_sharding,
     sharded_eval_step,
     sharded_train_step,
+    sharded_weighted_eval_step,
 )
 from train.step import all_finite
-from train.tokenizer import ByteTokenizer
 
 log = logging.getLogger(__name__)
-
-EVAL_SEED = 12345  # validation windows are the same for every evaluation and every run
 
 
 class NonFiniteError(RuntimeError):
@@ -70,18 +75,6 @@ def _not_finite(state: Any) -> str | None:
     return None if bool(_finite(state)) else "it holds NaN or infinite values"
 
 
-def evaluate(eval_step: Callable, params: dict, corpus: Corpus, cfg: RunConfig,
-             rows_sharding: jax.sharding.NamedSharding) -> dict[str, float]:
-    """Mean validation loss (nats per token) over `eval_batches` fixed windows, and bits per byte (the byte
-    tokenizer makes a token a byte; the EOS between files is counted as one)."""
-    t = cfg.train
-    shape = (t.batch_size // t.grad_accum, t.seq_len + 1)
-    losses = [float(eval_step(params, global_batch(corpus.val, rows_sharding, shape, seed=EVAL_SEED, step=i)))
-              for i in range(t.eval_batches)]
-    val_loss = float(np.mean(losses))
-    return {"val_loss": val_loss, "val_bpb": val_loss / math.log(2)}
-
-
 def train(cfg: RunConfig, out_dir: str | Path, *, flops_per_token: float | None = None,
           peak_flops: float | None = None, on_record: Callable[[dict[str, Any]], None] | None = None,
           on_compiled: Callable[[Any, MeshPlan], None] | None = None,
@@ -109,13 +102,11 @@ def train(cfg: RunConfig, out_dir: str | Path, *, flops_per_token: float | None 
     t = cfg.train
     out = Path(out_dir)
     primary = jax.process_index() == 0
-    if cfg.model.vocab_size < ByteTokenizer.vocab_size:
-        raise ValueError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the byte tokenizer's "
-                         f"{ByteTokenizer.vocab_size} ids")
     micro = t.batch_size // t.grad_accum
     optimizer, schedule = make_optimizer(t), lr_schedule(t)
     plan = plan_mesh(cfg.model, cfg.mesh, optimizer, micro_batch=micro, seq_len=t.seq_len, devices=devices)
-    corpus = load_corpus(t.data, val_fraction=t.val_fraction)
+    data = load_run_data(cfg, out)  # the run's tokenizer (its own copy on resume), text or chat data
+    corpus = data.corpus
     check_corpus(corpus, t.seq_len, t.data)
     if corpus.n_val_files == 0:
         log.info("no validation files: the last %g%% of the training tokens (train.val_fraction=%g), %s tokens, "
@@ -128,6 +119,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, flops_per_token: float | None 
         check_run_dir(out, cfg)
         if primary:
             (out / "config.json").write_text(cfg.to_json())
+            keep_tokenizer(data, out)
         ckpt = Checkpointer(out / "checkpoints", keep=t.keep_checkpoints)
         cleanup.callback(ckpt.close)
         resumed = restore_newest(ckpt, lambda step: ckpt.restore(step, plan.train_state),
@@ -140,7 +132,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, flops_per_token: float | None 
             log.info("resumed from step %d", start)
         else:
             start, elapsed_before = 0, 0.0
-            state = plan.init_state(optimizer, seed=t.seed)
+            state = initial_state(plan, optimizer, cfg)  # random, or train.init's pretrained parameters
         last_finite = start or None  # the newest checkpoint known to be finite (the restored one was checked)
         metrics_log = (MetricsLog(out / "metrics.jsonl", resume_step=start, tensorboard=out / "tensorboard")
                        if primary else None)
@@ -149,12 +141,12 @@ def train(cfg: RunConfig, out_dir: str | Path, *, flops_per_token: float | None 
         batches = batch_sharding(plan.mesh, plan.rules)
         batch_shape = (t.grad_accum, micro, t.seq_len + 1)
         train_step = sharded_train_step(plan.graphdef, optimizer, schedule, plan.mesh, plan.rules,
-                                        plan.state_shardings)
-        train_step = train_step.lower(plan.train_state,
-                                      jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=batches)).compile()
+                                        plan.state_shardings, weighted=data.weighted)
+        train_step = train_step.lower(plan.train_state, batch_struct(data, batch_shape, batches)).compile()
         if on_compiled:
             on_compiled(train_step, plan)
-        eval_step = sharded_eval_step(plan.graphdef, plan.mesh, plan.rules, plan.params_shardings)
+        eval_step = (sharded_weighted_eval_step if data.weighted else sharded_eval_step)(
+            plan.graphdef, plan.mesh, plan.rules, plan.params_shardings)
         eval_rows = rows_sharding(plan.mesh, plan.rules)
 
         profiler = StepProfiler(*profile, out / "profile") if profile else None
@@ -174,7 +166,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, flops_per_token: float | None 
         timer_start, timed_steps = None, 0
         total = t.steps + t.extend_steps
         for step in range(start, total):
-            batch = global_batch(corpus.train, batches, batch_shape, seed=t.data_seed, step=step)
+            batch = data_batch(data, batches, batch_shape, seed=t.data_seed, step=step)
             if profiler:
                 profiler.before(step + 1)
             state, metrics = train_step(state, batch)
@@ -206,7 +198,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, flops_per_token: float | None 
                 report(last)
             if done % t.eval_every == 0 or boundary:
                 paused = time.perf_counter()
-                last = {"step": done, **evaluate(eval_step, state["params"], corpus, cfg, eval_rows)}
+                last = {"step": done, **evaluate_run(eval_step, state["params"], data, cfg, eval_rows)}
                 report(last)
                 timer_start += time.perf_counter() - paused
             if done % t.ckpt_every == 0 or boundary or stop:

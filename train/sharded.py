@@ -22,7 +22,7 @@ from parallel.sharding import MeshFunction, ParamsPlan, batch_sharding, plan_par
 from train.config import TrainConfig
 from train.data import windows_at
 from train.optimizer import lr_schedule, make_optimizer
-from train.step import TrainState, init_train_state, loss_fn, train_step_fn
+from train.step import TrainState, init_train_state, loss_fn, train_step_fn, weighted_eval
 
 
 def abstract_train_state(params_shardings: dict, abstract_params: dict, optimizer: optax.GradientTransformation,
@@ -48,12 +48,14 @@ def init_sharded_train_state(params: dict, optimizer: optax.GradientTransformati
 
 
 def sharded_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-                       mesh: Mesh, rules: Rules, shardings: TrainState) -> MeshFunction:
+                       mesh: Mesh, rules: Rules, shardings: TrainState, weighted: bool = False) -> MeshFunction:
     """train/step.py's `step(state, tokens_AxBxT1) -> (state, metrics)` jitted over `mesh`: state in and out in
-    `shardings` (donated), tokens in `batch_sharding`, metrics replicated."""
+    `shardings` (donated), tokens in `batch_sharding`, metrics replicated. `weighted`: the batch is a pair
+    (tokens, loss weights), both in `batch_sharding` (supervised fine-tuning)."""
     replicated = NamedSharding(mesh, PartitionSpec())
+    batches = batch_sharding(mesh, rules)
     jitted = jax.jit(train_step_fn(graphdef, optimizer, schedule),
-                     in_shardings=(shardings, batch_sharding(mesh, rules)),
+                     in_shardings=(shardings, (batches, batches) if weighted else batches),
                      out_shardings=(shardings, replicated), donate_argnums=0)
     return MeshFunction(jitted, mesh, rules)
 
@@ -79,6 +81,16 @@ def sharded_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, rules: Rules, params_s
     jitted = jax.jit(lambda params, tokens_BxT1: loss_fn(params, graphdef, tokens_BxT1),
                      in_shardings=(params_shardings, rows_sharding(mesh, rules)),
                      out_shardings=NamedSharding(mesh, PartitionSpec()))
+    return MeshFunction(jitted, mesh, rules)
+
+
+def sharded_weighted_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, rules: Rules,
+                               params_shardings: dict) -> MeshFunction:
+    """`eval(params, tokens_BxT1, weights_BxT1) -> (sum of weight x loss, sum of weights)` jitted over `mesh`."""
+    rows = rows_sharding(mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    jitted = jax.jit(lambda params, tokens, weights: weighted_eval(params, graphdef, tokens, weights),
+                     in_shardings=(params_shardings, rows, rows), out_shardings=(replicated, replicated))
     return MeshFunction(jitted, mesh, rules)
 
 

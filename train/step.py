@@ -1,4 +1,9 @@
-"""The loss and the jitted training step: micro-batches scanned for gradient accumulation, one optax update."""
+"""The loss and the jitted training step: micro-batches scanned for gradient accumulation, one optax update.
+
+A batch is token ids [A, B, T + 1], or for supervised fine-tuning a pair (tokens, weights) of that shape: then
+the loss is the weighted mean of the per-token losses over the whole batch (weight t applies to predicting
+token t; 1 on assistant tokens, 0 elsewhere), with the logits materialised (`loss_chunks` is not used).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import optax
 from flax import nnx
 
 TrainState = dict[str, Any]  # {"params": pure dict, "opt_state": optax state, "step": int32 scalar}
+Batch = jax.Array | tuple[jax.Array, jax.Array]  # tokens [..., T + 1], or (tokens, weights) of that shape
 
 
 def loss_fn(params: dict, graphdef: nnx.GraphDef, tokens_BxT1: jax.Array) -> jax.Array:
@@ -27,6 +33,43 @@ def objective_fn(params: dict, graphdef: nnx.GraphDef, tokens_BxT1: jax.Array) -
     return loss + router_loss, terms
 
 
+def token_nll(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
+    """Each position's next-token cross-entropy [B, T] in nats (float32)."""
+    logits = logits_BxTxV.astype(jnp.float32)
+    target_BxT = jnp.take_along_axis(logits, targets_BxT[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits, axis=-1) - target_BxT
+
+
+def weighted_loss_terms(params: dict, graphdef: nnx.GraphDef, tokens_BxT1: jax.Array,
+                        weights_BxT1: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(sum of weight x loss over the targets tokens[:, 1:], sum of their weights, the MoE router loss)."""
+    model = nnx.merge(graphdef, params)
+    x_BxTxD, router_loss = model.hidden_and_router_loss(tokens_BxT1[:, :-1])
+    w_BxT = weights_BxT1[:, 1:].astype(jnp.float32)
+    nll_BxT = token_nll(model.logits(x_BxTxD), tokens_BxT1[:, 1:])
+    return jnp.sum(nll_BxT * w_BxT), jnp.sum(w_BxT), router_loss
+
+
+def weighted_eval(params: dict, graphdef: nnx.GraphDef, tokens_BxT1: jax.Array,
+                  weights_BxT1: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sum of weight x loss, sum of weights) of one batch: evaluation sums these over batches."""
+    return weighted_loss_terms(params, graphdef, tokens_BxT1, weights_BxT1)[:2]
+
+
+def _batch_objective(params: dict, graphdef: nnx.GraphDef, batch: Batch, scale: jax.Array
+                     ) -> tuple[jax.Array, dict]:
+    """`objective_fn` of a micro-batch; for (tokens, weights), the weighted loss sum times `scale` (the number of
+    micro-batches over the whole batch's weight, so that the step's mean over micro-batches is the weighted mean
+    of the whole batch)."""
+    if not isinstance(batch, tuple):
+        return objective_fn(params, graphdef, batch)
+    loss_sum, _, router_loss = weighted_loss_terms(params, graphdef, *batch)
+    loss = loss_sum * scale
+    model_cfg = nnx.merge(graphdef, params).cfg
+    terms = {"loss": loss, "router_loss": router_loss} if model_cfg.moe.enabled else {"loss": loss}
+    return loss + router_loss, terms
+
+
 def all_finite(tree: Any) -> jax.Array:
     """A boolean scalar: whether every floating-point value in `tree` is finite (one fused reduction per leaf)."""
     leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
@@ -38,25 +81,31 @@ def init_train_state(params: dict, optimizer: optax.GradientTransformation) -> T
 
 
 def train_step_fn(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
-                  schedule: optax.Schedule) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict]]:
-    """The (un-jitted) `step(state, tokens_AxBxT1) -> (state, metrics)` over A accumulated micro-batches of B rows;
-    gradients are averaged over micro-batches in float32. The metrics' `state_finite` says whether the *updated*
+                  schedule: optax.Schedule) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    """The (un-jitted) `step(state, tokens_AxBxT1) -> (state, metrics)` over A accumulated micro-batches of B rows
+    (or `step(state, (tokens, weights))`, see the module docstring); gradients are averaged over micro-batches in
+    float32. The metrics' `state_finite` says whether the *updated*
     params and optimizer state are all finite (the loss and gradient norm describe the state before the update).
     `make_train_step` and `train/sharded.py` jit it."""
-    grad_fn = jax.value_and_grad(objective_fn, has_aux=True)
+    grad_fn = jax.value_and_grad(_batch_objective, has_aux=True)
 
-    def step(state: TrainState, tokens_AxBxT1: jax.Array) -> tuple[TrainState, dict]:
+    def step(state: TrainState, batch_AxBxT1: Batch) -> tuple[TrainState, dict]:
         params = state["params"]
+        tokens_AxBxT1 = batch_AxBxT1[0] if isinstance(batch_AxBxT1, tuple) else batch_AxBxT1
+        n = tokens_AxBxT1.shape[0]
+        scale = jnp.ones((), jnp.float32)
+        if isinstance(batch_AxBxT1, tuple):
+            scale = n / jnp.maximum(jnp.sum(batch_AxBxT1[1][..., 1:].astype(jnp.float32)), 1.0)
 
-        def micro(acc: tuple, tokens_BxT1: jax.Array) -> tuple[tuple, None]:
+        def micro(acc: tuple, micro_batch: Batch) -> tuple[tuple, None]:
             terms_sum, grad_sum = acc
-            (_, terms), grads = grad_fn(params, graphdef, tokens_BxT1)
+            (_, terms), grads = grad_fn(params, graphdef, micro_batch, scale)
             return (jax.tree.map(jnp.add, terms_sum, terms), jax.tree.map(jnp.add, grad_sum, grads)), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        no_terms = jax.tree.map(jnp.zeros_like, jax.eval_shape(objective_fn, params, graphdef, tokens_AxBxT1[0])[1])
-        (terms_sum, grad_sum), _ = jax.lax.scan(micro, (no_terms, zeros), tokens_AxBxT1)
-        n = tokens_AxBxT1.shape[0]
+        first = jax.tree.map(lambda a: a[0], batch_AxBxT1)
+        no_terms = jax.tree.map(jnp.zeros_like, jax.eval_shape(_batch_objective, params, graphdef, first, scale)[1])
+        (terms_sum, grad_sum), _ = jax.lax.scan(micro, (no_terms, zeros), batch_AxBxT1)
         grads = jax.tree.map(lambda g, p: (g / n).astype(p.dtype), grad_sum, params)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
