@@ -35,6 +35,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "profile plugin or ui.perfetto.dev)")
     p.add_argument("--out", required=True, help="run directory: config.json, metrics.jsonl, checkpoints/")
     p.add_argument("--data", help="a text file, a folder or a glob (default: the Python standard library)")
+    p.add_argument("--tokenizer", help="bytes (default), a tokenizer.json, hf:DIR or gguf:FILE (= --set "
+                                       "train.tokenizer=...; the run keeps a copy; default with --init: its model's)")
+    p.add_argument("--init", metavar="SOURCE",
+                   help="start from pretrained weights: hf:DIR, gguf:FILE or run:DIR[@STEP]; the model config comes "
+                        "from it (--preset is ignored), the optimizer starts fresh")
+    p.add_argument("--sft", metavar="CHAT.jsonl",
+                   help="supervised fine-tuning on a JSONL of {\"messages\": [...]}: loss on assistant tokens only "
+                        "(= --set train.data=CHAT.jsonl --set train.sft=true)")
     p.add_argument("--mesh", help="devices per mesh axis, e.g. data=2,fsdp=2,tensor=2 (axes: data, fsdp, tensor, "
                                   "sequence, stage, expert; one may be -1 = the rest; default data=-1)")
     p.add_argument("--explain", action="store_true",
@@ -63,13 +71,29 @@ def build_config(args: argparse.Namespace):
         overrides.insert(0, f"train.extend_steps={args.extend}")
     if args.data is not None:
         overrides.insert(0, f"train.data={args.data}")
+    if args.sft is not None:
+        overrides[:0] = [f"train.data={args.sft}", "train.sft=true"]
+    tokenizer = args.tokenizer
+    if args.init is not None:
+        overrides.insert(0, f"train.init={args.init}")
+        tokenizer = tokenizer or args.init  # the pretrained model's own tokenizer
+    if tokenizer is not None:
+        overrides.insert(0, f"train.tokenizer={tokenizer}")
     try:
-        model = get_preset(args.preset)
+        if args.init is not None:
+            from train.pretrained import check_matches_source, source_model_config
+
+            model = source_model_config(args.init)
+        else:
+            model = get_preset(args.preset)
         base = RunConfig(model=model, train=TrainConfig(seq_len=min(TrainConfig.seq_len, model.max_seq_len)))
         if args.mesh is not None:
             base = RunConfig(model=base.model, train=base.train, mesh=parse_mesh(args.mesh))
-        return apply_overrides(base, overrides)
-    except (ValueError, TypeError) as e:
+        cfg = apply_overrides(base, overrides)
+        if args.init is not None:
+            check_matches_source(cfg.model, model, args.init)
+        return cfg
+    except (ValueError, TypeError, FileNotFoundError) as e:
         fail(str(e))
 
 
