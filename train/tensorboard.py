@@ -33,7 +33,8 @@ class TensorBoardLog:
             for old in self.directory.glob("events.out.tfevents.*"):
                 old.unlink()
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._writer = SummaryWriter(str(self.directory), flush_secs=5)
+        # tensorboardX names files by the second and opens them "wb": the suffix keeps a quick resume's file apart
+        self._writer = SummaryWriter(str(self.directory), flush_secs=5, filename_suffix=f".{time.time_ns()}")
         if replace is not None:
             records = list(replace)
             latest = max((r.get("elapsed_s") or 0.0 for r in records), default=0.0)

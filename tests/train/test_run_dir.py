@@ -135,3 +135,31 @@ def test_metrics_after_the_resumed_step_and_cut_lines_are_dropped(tmp_path):
     log.close()
     assert read_metrics(path) == [{"step": 1, "loss": 5.0}, {"step": 2, "loss": 4.0}, {"step": 3, "loss": 2.5}]
     assert not (tmp_path / "metrics.jsonl.partial").exists()
+
+
+def test_a_changed_schedule_length_is_refused_naming_both_values_and_extend_is_allowed(tmp_path):
+    from train.run_dir import check_run_dir
+
+    (tmp_path / "config.json").write_text(tiny(steps=100).to_json())
+    with pytest.raises(ValueError, match=r"train.steps: 100 -> 150.*keep --steps 100 and add --extend N"):
+        check_run_dir(tmp_path, tiny(steps=150))
+    check_run_dir(tmp_path, tiny(steps=100, extend_steps=50))  # same schedule, 50 steps past its end: accepted
+    (tmp_path / "config.json").write_text(tiny(steps=100, extend_steps=50).to_json())
+    check_run_dir(tmp_path, tiny(steps=100, extend_steps=80))  # an extended run extended further
+    with pytest.raises(ValueError, match=r"train.lr: 0.003 -> 0.001") as info:
+        check_run_dir(tmp_path, tiny(steps=100, lr=1e-3))
+    assert "--extend" not in str(info.value)  # only a changed length points there
+
+
+def test_a_run_without_validation_files_says_how_it_split(tmp_path, caplog, no_compiling):
+    import logging
+
+    text = tmp_path / "one.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    cfg = tiny(steps=1, data=str(text), val_fraction=0.1, eval_batches=1)
+    with caplog.at_level(logging.INFO, logger="train.loop"), pytest.raises(AssertionError, match="step was built"):
+        train(cfg, tmp_path / "run", devices=jax.devices()[:1])  # the line comes first; no need to train
+    lines = [r.getMessage() for r in caplog.records if "validation" in r.getMessage()]
+    n_val = len(text.read_bytes()) + 1 - int((len(text.read_bytes()) + 1) * 0.9)  # bytes + EOS, last 10%
+    assert lines == [f"no validation files: the last 10% of the training tokens (train.val_fraction=0.1), "
+                     f"{n_val:,} tokens, are held out for validation"]
