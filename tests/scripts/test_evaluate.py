@@ -189,14 +189,16 @@ PARAGRAPH = ("The Eiffel Tower was completed in 1889 for the World's Fair in Par
 
 @pytest.mark.slow
 def test_smollm2_gguf_loss_equals_transformers_gguf_loader(tmp_path, capsys):
+    """transformers' GGUF loader as tests/model/test_gguf.py drives it (`load_gguf_checkpoint`, what
+    `from_pretrained(gguf_file=...)` runs, without the accelerate package that entry point demands)."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from model.gguf import smollm2_path
+    from tests.model.test_gguf import _transformers_model
 
     path = smollm2_path()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                              dtype=torch.float32).eval()
+    model = _transformers_model(path)
     ids = torch.tensor([tokenizer(PARAGRAPH)["input_ids"]])
     with torch.no_grad():
         want = model(ids, labels=ids).loss.item()
