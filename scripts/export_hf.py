@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from model.hf import save_hf
     from train.loop import load_params
+    from train.run_tokenizer import run_tokenizer
     from train.tokenizer import ByteTextTokenizer
 
     try:
@@ -30,7 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     save_hf(model, args.out)
-    ByteTextTokenizer().as_text_tokenizer().save(args.out)  # meshlm's runs train on bytes
+    tokenizer = run_tokenizer(args.run)
+    if isinstance(tokenizer, ByteTextTokenizer):
+        tokenizer = tokenizer.as_text_tokenizer()
+    tokenizer.save(args.out)
     print(f"wrote {args.out}: config.json, model.safetensors, tokenizer.json, tokenizer_config.json")
     return 0
 

@@ -1,7 +1,8 @@
-"""Where a model to serve comes from: `--run DIR` (a meshlm run: its newest checkpoint, the byte tokenizer), `--hf
-DIR` (a Hugging Face model directory, its tokenizer.json if it has one) or `--gguf FILE` (llama.cpp's format, its
-vocabulary), with `--tokenizer SOURCE` to name another tokenizer ("bytes", a tokenizer.json, a model directory, a
-.gguf file). One loader for every command that serves a model (scripts/serve.py, scripts/generate.py)."""
+"""Where a model to serve comes from: `--run DIR` (a meshlm run: its newest checkpoint, the tokenizer it trained
+with), `--hf DIR` (a Hugging Face model directory, its tokenizer.json if it has one) or `--gguf FILE`
+(llama.cpp's format, its vocabulary), with `--tokenizer SOURCE` to name another tokenizer ("bytes", a
+tokenizer.json, a model directory, a .gguf file). One loader for every command that serves a model
+(scripts/serve.py, scripts/generate.py)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,9 @@ def load_tokenizer_of(args: argparse.Namespace) -> Any:
     if args.tokenizer:
         return load_tokenizer(args.tokenizer)
     if args.run:
-        return load_tokenizer("bytes")
+        from train.run_tokenizer import run_tokenizer
+
+        return run_tokenizer(args.run)
     if args.gguf:
         return load_tokenizer(args.gguf)
     return load_tokenizer(args.hf) if (Path(args.hf) / "tokenizer.json").is_file() else None

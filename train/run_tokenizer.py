@@ -59,8 +59,14 @@ def run_tokenizer(run_dir: str | Path) -> AnyTokenizer:
 
 
 def save_run_tokenizer(tokenizer: AnyTokenizer, run_dir: str | Path) -> None:
-    """Keep a copy of `tokenizer` in `run_dir` (nothing for the byte tokenizer, the default)."""
+    """Keep a copy of `tokenizer` in `run_dir` (nothing for the byte tokenizer, the default). A bare
+    tokenizer.json's separator is written down as its eos_token, so generation stops there."""
     if isinstance(tokenizer, TextTokenizer):
+        if tokenizer.special_tokens.get("eos_token") is None:
+            eos = tokenizer.backend.id_to_token(separator_id(tokenizer))
+            tokenizer = TextTokenizer(tokenizer.backend, special_tokens={**tokenizer.special_tokens, "eos_token": eos},
+                                      chat_template=tokenizer.chat_template, extra_eos_ids=tokenizer.eos_ids,
+                                      clean_up_spaces=tokenizer.clean_up_spaces)
         tokenizer.save(run_dir)
 
 
@@ -68,7 +74,7 @@ def fingerprint(tokenizer: AnyTokenizer) -> str:
     """A short hash of everything that decides the ids of a text: "bytes" for the byte tokenizer."""
     if isinstance(tokenizer, ByteTextTokenizer):
         return "bytes"
-    data = json.dumps([tokenizer.backend.to_str(), tokenizer.eos_ids], sort_keys=True)
+    data = json.dumps([tokenizer.backend.to_str(), separator_id(tokenizer)], sort_keys=True)
     return hashlib.sha256(data.encode()).hexdigest()[:16]
 
 
