@@ -10,7 +10,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from tensorboardX import SummaryWriter
+from tensorboardX import FileWriter
+from tensorboardX.proto.summary_pb2 import Summary
 
 NOT_SCALARS = frozenset({"step"})  # the x axis, not a curve
 
@@ -34,22 +35,19 @@ class TensorBoardLog:
                 old.unlink()
         self.directory.mkdir(parents=True, exist_ok=True)
         # tensorboardX names files by the second and opens them "wb": the suffix keeps a quick resume's file apart
-        self._writer = SummaryWriter(str(self.directory), flush_secs=5, filename_suffix=f".{time.time_ns()}")
+        self._writer = FileWriter(str(self.directory), flush_secs=5, filename_suffix=f".{time.time_ns()}")
         if replace is not None:
             records = list(replace)
             latest = max((r.get("elapsed_s") or 0.0 for r in records), default=0.0)
             began = time.time() - latest  # replayed points keep their spacing on TensorBoard's time axes
             for record in records:
-                self.write(record, walltime=began + record["elapsed_s"] if "elapsed_s" in record else None,
-                           flush=False)
+                self.write(record, walltime=began + record["elapsed_s"] if "elapsed_s" in record else None)
             self._writer.flush()
 
-    def write(self, record: dict[str, Any], walltime: float | None = None, flush: bool = True) -> None:
-        step = int(record.get("step", 0))
-        for name, value in scalars(record).items():
-            self._writer.add_scalar(name, value, global_step=step, walltime=walltime)
-        if flush:
-            self._writer.flush()
+    def write(self, record: dict[str, Any], walltime: float | None = None) -> None:
+        """One event holding all of `record`'s scalars (a background thread writes it; flushed every 5 s)."""
+        values = [Summary.Value(tag=name, simple_value=value) for name, value in scalars(record).items()]
+        self._writer.add_summary(Summary(value=values), global_step=int(record.get("step", 0)), walltime=walltime)
 
     def close(self) -> None:
         self._writer.close()
