@@ -25,7 +25,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,15 +33,10 @@ from pathlib import Path
 
 import numpy as np
 
+from parallel.launch import free_port
 from scripts.bench_serving import percentiles, workload
-from scripts.common import (
-    add_compilation_cache_args,
-    compilation_cache_path,
-    enable_compilation_cache,
-    fail,
-    setup_logging,
-)
-from scripts.serve_flags import add_serve_args, serve_config, split_overrides
+from scripts.common import add_compilation_cache_args, fail, setup_logging, use_compilation_cache
+from scripts.serve_flags import add_serve_args, serve_argv, serve_config_or_exit
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -140,8 +134,8 @@ async def run_http(url: str, key: str | None, prompts, outputs, concurrency: int
         return results, time.perf_counter() - start
 
 
-def start_server(args: argparse.Namespace, model, workdir: Path) -> tuple[subprocess.Popen, str]:
-    """scripts.serve on a free port with this command line's model and engine settings."""
+def start_server(args: argparse.Namespace, model, workdir: Path, cache: str | None) -> tuple[subprocess.Popen, str]:
+    """scripts.serve on a free port with this command line's model and engine settings and compilation cache."""
     if args.preset:
         from model.hf import save_hf
 
@@ -149,18 +143,9 @@ def start_server(args: argparse.Namespace, model, workdir: Path) -> tuple[subpro
         source = ["--hf", str(workdir / "model"), "--tokenizer", "bytes"]  # the presets' vocabulary is bytes
     else:
         source = next([f"--{k}", getattr(args, k)] for k in ("run", "hf", "gguf") if getattr(args, k))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    passed = [a for o in args.overrides for a in ("--set", o)]
-    for flag, name in (("--page-size", "page_size"), ("--max-running", "max_running"),
-                       ("--token-budget", "token_budget"), ("--kv-pages", "kv_pages"),
-                       ("--decode-impl", "decode_impl")):
-        if getattr(args, name) is not None:
-            passed += [flag, str(getattr(args, name))]
-    cache = compilation_cache_path(args)
+    port = free_port()
     cmd = [sys.executable, "-m", "scripts.serve", *source, "--port", str(port), "--log-level", "WARNING", "--warmup",
-           "--max-waiting", str(max(256, args.requests)), *passed,
+           "--max-waiting", str(max(256, args.requests)), *serve_argv(args),
            *(["--compilation-cache", cache] if cache else ["--no-compilation-cache"])]
     log = (workdir / "server.log").open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(),
@@ -216,11 +201,8 @@ def summary(name: str, results: list[dict], seconds: float) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging("WARNING")
-    try:
-        cfg = serve_config(args, split_overrides(args.overrides)["serve"])
-    except ValueError as e:
-        fail(str(e))
-    enable_compilation_cache(compilation_cache_path(args))
+    cfg = serve_config_or_exit(args)
+    cache = use_compilation_cache(args)
     from serve.engine import Engine
 
     model = build_model(args)
@@ -229,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"workload: {args.requests} requests, {sum(outputs)} output tokens, {load}", file=sys.stderr)
     key = args.api_key or os.environ.get("MESHLM_API_KEY")
     with tempfile.TemporaryDirectory() as tmp:
-        proc, url = (None, args.url) if args.url else start_server(args, model, Path(tmp))
+        proc, url = (None, args.url) if args.url else start_server(args, model, Path(tmp), cache)
         try:
             for _pass in ("warm-up", "timed"):
                 results, seconds = asyncio.run(run_http(url, key, prompts, outputs, args.concurrency, arrivals))

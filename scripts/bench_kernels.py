@@ -22,7 +22,7 @@ import sys
 import warnings
 from collections.abc import Callable
 
-from scripts.common import fail, ints, seconds_per_call, setup_logging
+from scripts.common import add_timing_args, fail, ints, seconds_per_call, setup_logging
 
 
 def implementations(args: argparse.Namespace, causal: bool) -> dict[str, Callable]:
@@ -96,8 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--flash-blocks", type=ints, action="append", metavar="BQ,BK,BQ_BWD,BK_BWD[,WARPS,STAGES,...]",
                    help="time our kernel with these BlockSizes (repeatable); default: its defaults")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--iters", type=int, default=10)
+    add_timing_args(p, warmup=2, iters=10)
     p.add_argument("--paged", action="store_true", help="also time the paged decode kernel (one shape)")
     p.add_argument("--interpret", action="store_true", help="run our kernel in interpret mode (CPU), alone")
     p.add_argument("--tiny", action="store_true", help="tiny shapes for a CPU smoke test")

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scripts.common import fail, ints, seconds_per_call, setup_logging
+from scripts.common import add_timing_args, fail, ints, seconds_per_call, setup_logging
 from serve.kernels.paged_attention import paged_attention, paged_attention_reference
 
 
@@ -102,8 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--pages-per-chunk", type=int, default=None, help="default: the kernel's own choice")
     p.add_argument("--splits", type=ints, default=[1, 4], help="num_splits values to time, comma-separated")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=20)
+    add_timing_args(p, warmup=3, iters=20)
     p.add_argument("--interpret", action="store_true", help="run the Pallas kernels in interpret mode (CPU)")
     p.add_argument("--tiny", action="store_true", help="tiny shapes for a CPU smoke test")
     args = p.parse_args(argv)

@@ -47,14 +47,7 @@ import time
 
 import numpy as np
 
-from scripts.common import (
-    CompileClock,
-    add_compilation_cache_args,
-    compilation_cache_path,
-    enable_compilation_cache,
-    fail,
-    setup_logging,
-)
+from scripts.common import CompileClock, add_compilation_cache_args, fail, setup_logging, use_compilation_cache
 from scripts.serve_flags import add_serve_args, serve_changes, serve_config, serve_default, split_overrides
 
 
@@ -164,8 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         serve_changes(args, groups["serve"])  # a bad field or value is refused before anything loads
     except ValueError as e:
         fail(str(e))
-    cache_dir = compilation_cache_path(args)
-    enable_compilation_cache(cache_dir)
+    cache_dir = use_compilation_cache(args)
 
     import jax
 

@@ -38,6 +38,13 @@ def ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
+def add_timing_args(p: argparse.ArgumentParser, warmup: int, iters: int) -> None:
+    """--warmup N (untimed calls first, which compile) and --iters N (timed calls per round): `seconds_per_call`'s
+    settings, with a benchmark's own defaults."""
+    p.add_argument("--warmup", type=int, default=warmup, help=f"untimed calls first (default {warmup})")
+    p.add_argument("--iters", type=int, default=iters, help=f"timed calls per round (default {iters})")
+
+
 def seconds_per_call(fn: Callable, *args, warmup: int, iters: int, rounds: int = 3) -> float:
     """The best of `rounds` averages over `iters` back-to-back calls of `fn(*args)`, after `warmup` calls (which
     compile it: JAX's Pallas-Triton and deprecation warnings are silenced there)."""
@@ -130,6 +137,14 @@ def enable_compilation_cache(path: str | os.PathLike | None) -> None:
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # no size floor, whatever the filesystem
+
+
+def use_compilation_cache(args: argparse.Namespace) -> str | None:
+    """Turn on the cache folder the command line asks for (`compilation_cache_path`, `enable_compilation_cache`)
+    and return it (None: no cache)."""
+    path = compilation_cache_path(args)
+    enable_compilation_cache(path)
+    return path
 
 
 class CompileClock:

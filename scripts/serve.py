@@ -22,15 +22,9 @@ import sys
 import threading
 import time
 
-from scripts.common import (
-    add_compilation_cache_args,
-    compilation_cache_path,
-    enable_compilation_cache,
-    fail,
-    setup_logging,
-)
+from scripts.common import add_compilation_cache_args, fail, setup_logging, use_compilation_cache
 from scripts.model_source import add_source_args, load_source, source_name
-from scripts.serve_flags import add_serve_args
+from scripts.serve_flags import add_serve_args, serve_config_or_exit
 
 log = logging.getLogger("scripts.serve")
 API_KEY_ENV = "MESHLM_API_KEY"
@@ -53,15 +47,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_compilation_cache_args(p)
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
-
-
-def serving_config(args: argparse.Namespace):
-    from scripts.serve_flags import serve_config, split_overrides
-
-    try:
-        return serve_config(args, split_overrides(args.overrides)["serve"])
-    except ValueError as e:
-        fail(str(e))
 
 
 def load_engine(args: argparse.Namespace, serve_cfg, state, loop: asyncio.AbstractEventLoop, server) -> None:
@@ -89,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("max_waiting", "max_body_bytes", "port"):
         if getattr(args, name) < (0 if name == "port" else 1):
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    serve_cfg = serving_config(args)
-    enable_compilation_cache(compilation_cache_path(args))
+    serve_cfg = serve_config_or_exit(args)
+    use_compilation_cache(args)
     import uvicorn
 
     from serve.api.app import create_app

@@ -14,6 +14,7 @@ import dataclasses
 import typing
 from typing import Any
 
+from scripts.common import fail
 from train.config import parse_value
 
 SHORTHANDS = {"page_size": "--page-size", "max_running": "--max-running", "token_budget": "--token-budget",
@@ -96,6 +97,17 @@ def serve_changes(args: argparse.Namespace, overrides: list[str]) -> dict[str, A
     return changes
 
 
+def serve_argv(args: argparse.Namespace) -> list[str]:
+    """This command line's serve settings as arguments for another serving command: its `--set` items, then the
+    shorthands it gave."""
+    argv = [a for item in args.overrides for a in ("--set", item)]
+    for flag in SHORTHANDS.values():
+        value = getattr(args, flag[2:].replace("-", "_"), None)
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
 def serve_config(args: argparse.Namespace, overrides: list[str], **base: Any):
     """The ServeConfig of the command line: `base` (a script's own settings, e.g. a benchmark's memory) under the
     command line's changes; validated by ServeConfig itself (its ValueError names field and value)."""
@@ -106,3 +118,11 @@ def serve_config(args: argparse.Namespace, overrides: list[str], **base: Any):
     if any(user.get(k) is not None for k in memory):  # the user's cache size replaces the script's
         base = {k: v for k, v in base.items() if k not in memory}
     return ServeConfig(**{**base, **user})
+
+
+def serve_config_or_exit(args: argparse.Namespace):
+    """The ServeConfig of a command line that reads only `serve.*` overrides; a bad one exits 2 naming it."""
+    try:
+        return serve_config(args, split_overrides(args.overrides)["serve"])
+    except ValueError as e:
+        fail(str(e))

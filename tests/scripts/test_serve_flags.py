@@ -11,7 +11,7 @@ import pytest
 
 import scripts.bench_serving
 import scripts.generate
-from scripts.serve_flags import add_serve_args, serve_config
+from scripts.serve_flags import add_serve_args, serve_argv, serve_config
 from serve.engine import DECODE_IMPLS, ServeConfig
 from serve.forward import LAYER_LOOPS
 
@@ -70,6 +70,16 @@ def test_shorthands_are_the_same_settings_and_a_later_set_wins():
     assert parsed("--page-size", "8", "--set", "serve.page_size=4").page_size == 4
     assert parsed("--set", "serve.max_prefill_chunk=none").max_prefill_chunk is None
     assert parsed("--set", "serve.prefix_caching=off").prefix_caching is False
+
+
+def test_serve_argv_hands_the_same_settings_on():
+    p = argparse.ArgumentParser()
+    add_serve_args(p)
+    args = p.parse_args(["--kv-pages", "50", "--set", "serve.page_size=4", "--max-running", "3"])
+    argv = serve_argv(args)
+    assert argv == ["--set", "serve.page_size=4", "--max-running", "3", "--kv-pages", "50"]
+    assert parsed(*argv) == ServeConfig(page_size=4, max_running=3, num_pages=50)
+    assert serve_argv(p.parse_args([])) == []
 
 
 @pytest.mark.parametrize("main", [scripts.generate.main, scripts.bench_serving.main])
