@@ -2,30 +2,20 @@
 `transformers` reads the same ids as meshlm's byte tokenizer (the independent reference: transformers' own
 tokenizer loading) and `scripts.generate --hf` serves text with the run's greedy tokens."""
 
-import dataclasses
 import json
 
-import jax
 import pytest
 
-from model.presets import get_preset
-from parallel.mesh import MeshConfig
 from scripts.export_hf import main as export
 from scripts.generate import main as generate
-from train.config import RunConfig, TrainConfig
-from train.loop import train
 from train.tokenizer import ByteTokenizer
 
 TEXTS = ["def f(x):\n\treturn x  ", "héllo 🎉 日本", "<|eos|> is text here", ""]
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    run, out = tmp_path_factory.mktemp("run"), tmp_path_factory.mktemp("hf")
-    cfg = RunConfig(model=dataclasses.replace(get_preset("tiny"), dtype="float32"),
-                    train=TrainConfig(steps=2, batch_size=2, seq_len=32, eval_every=2, eval_batches=1, ckpt_every=2),
-                    mesh=MeshConfig(data=1))
-    train(cfg, run, devices=jax.devices()[:1])
+def exported(trained_tiny_run, tmp_path_factory):
+    run, out = trained_tiny_run, tmp_path_factory.mktemp("hf")
     assert export(["--run", str(run), "--out", str(out)]) == 0
     return run, out
 

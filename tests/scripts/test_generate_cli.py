@@ -5,25 +5,18 @@ engine and through static batching, and equal the naive decoder's."""
 import dataclasses
 import json
 
-import jax
 import pytest
 
 from model.presets import get_preset
-from parallel.mesh import MeshConfig
 from scripts.generate import main
 from serve.naive import generate
-from train.config import RunConfig, TrainConfig
-from train.loop import load_params, train
+from tests.scripts.generate_batch import generate_batch
+from train.loop import load_params
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    cfg = RunConfig(model=dataclasses.replace(get_preset("tiny"), dtype="float32"),
-                    train=TrainConfig(steps=2, batch_size=2, seq_len=32, eval_every=2, eval_batches=1, ckpt_every=2),
-                    mesh=MeshConfig(data=1))
-    train(cfg, out, devices=jax.devices()[:1])
-    return out
+def run_dir(trained_tiny_run):
+    return trained_tiny_run
 
 
 def test_jsonl_batch_through_engine_and_static(run_dir, tmp_path):
@@ -87,10 +80,7 @@ def patch_load(monkeypatch, model, chat=True):
 
 
 def run_batch(tmp_path, records, *flags):
-    prompts, out = tmp_path / "p.jsonl", tmp_path / "out.jsonl"
-    prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
-    code = main(FLAGS + list(flags) + ["--prompts", str(prompts), "--out", str(out)])
-    return code, [json.loads(line) for line in out.read_text().splitlines()]
+    return generate_batch(tmp_path, records, FLAGS + list(flags))
 
 
 def a_stop_string(text: str) -> str:

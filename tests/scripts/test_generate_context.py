@@ -15,8 +15,8 @@ import pytest
 import scripts.generate
 from model.presets import get_preset
 from model.transformer import create_model
-from scripts.generate import main
 from serve.naive import generate
+from tests.scripts.generate_batch import generate_batch
 from train.tokenizer import ByteTokenizer
 
 CFG = dataclasses.replace(get_preset("tiny"), dtype="float32", init_std=0.1)  # max_seq_len 64
@@ -35,10 +35,7 @@ def model():
 
 
 def run(tmp_path, records, *flags):
-    prompts, out = tmp_path / "p.jsonl", tmp_path / "out.jsonl"
-    prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
-    code = main(FLAGS + list(flags) + ["--prompts", str(prompts), "--out", str(out)])
-    return code, [json.loads(line) for line in out.read_text().splitlines()]
+    return generate_batch(tmp_path, records, FLAGS + list(flags))
 
 
 def summary_of(err):

@@ -5,10 +5,8 @@ every finished result. `main` runs in-process on a tiny random model (`load` rep
 test_generate_cli's business); one engine per serving config is built and reused, so the step compiles once."""
 
 import dataclasses
-import json
 import math
 import tempfile
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
@@ -21,6 +19,7 @@ from model.transformer import create_model
 from scripts.generate import main
 from serve.naive import generate
 from serve.request_checks import FIELDS
+from tests.scripts.generate_batch import generate_batch
 from train.tokenizer import ByteTokenizer
 
 CFG = dataclasses.replace(get_preset("tiny"), dtype="float32", init_std=0.1)
@@ -62,10 +61,7 @@ def expected(model):
 
 def run_batch(records, folder, *flags):
     """`main` on a JSONL batch of `records`: (return code, result records)."""
-    prompts, out = Path(folder) / "p.jsonl", Path(folder) / "out.jsonl"
-    prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
-    code = main(FLAGS + list(flags) + ["--prompts", str(prompts), "--out", str(out)])
-    return code, [json.loads(line) for line in out.read_text().splitlines()]
+    return generate_batch(folder, records, FLAGS + list(flags))
 
 
 def check_good_served(expected, results, good_at):

@@ -3,7 +3,6 @@ that cannot be loaded exits 1 naming why; and (slow) the real SmolLM2-135M-Instr
 the openai client."""
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from parallel.launch import free_port
 from scripts.serve import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,9 +29,7 @@ def test_bad_settings_exit_2(argv, message, capsys):
 
 
 def test_a_model_that_does_not_load_exits_1(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     r = subprocess.run([sys.executable, "-m", "scripts.serve", "--hf", str(tmp_path / "missing"), "--port",
                         str(port)], cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
@@ -43,9 +41,7 @@ def test_smollm2_gguf_answers_a_chat(tmp_path):
     import openai
 
     from model import gguf
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = tmp_path / "server.log"
     proc = subprocess.Popen([sys.executable, "-m", "scripts.serve", "--gguf", str(gguf.smollm2_path()), "--port",
                              str(port), "--set", "serve.max_running=2", "--set", "serve.memory_bytes=100000000"],

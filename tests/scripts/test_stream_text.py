@@ -6,6 +6,7 @@ the strings the tokens were made from."""
 import pytest
 
 from scripts.stream_text import REPLACEMENT, IncrementalText
+from tests.bpe import byte_level_bpe
 from train.tokenizer import ByteTokenizer
 
 TEXT = "héllo wörld: 3€ 😀 and 中文, done"
@@ -50,15 +51,9 @@ def test_invalid_bytes_do_not_stall_the_stream():
 @pytest.fixture(scope="module")
 def bpe():
     """A byte-level BPE tokenizer trained on a few lines here (no download), wrapped as transformers does."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<eos>"])
-    tok.train_from_iterator(["hello world", "the world says hello", "hello there"] * 20, trainer)
+    tok = byte_level_bpe(["hello world", "the world says hello", "hello there"] * 20, vocab_size=300)
     return PreTrainedTokenizerFast(tokenizer_object=tok)
 
 

@@ -11,7 +11,6 @@ import functools
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import openai
 import pytest
 
 from model.presets import get_preset
+from parallel.launch import free_port
 
 CFG = dataclasses.replace(get_preset("tiny"), dtype="float32", max_seq_len=128, init_std=0.1)
 SERVE_ARGS = ["--decode-impl", "reference", "--set", "serve.page_size=8", "--set", "serve.max_running=4",
@@ -48,12 +48,6 @@ def model_dir(root: str) -> Path:
     if not (path / "config.json").exists():
         save_hf(create_model(CFG, seed=0), path)
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

@@ -6,6 +6,7 @@ import pytest
 
 from serve.api.protocol import APIError, parse_generation
 from serve.stop_strings import TextStream
+from tests.serve.test_stop_strings import feed
 
 
 def decode(ids):
@@ -15,13 +16,7 @@ def decode(ids):
 def run(text: str, stop, prompt=b"p"):
     """Feed `text`'s bytes one token each; the pieces released and whether a stop string matched."""
     out = TextStream(decode, stop, list(prompt))
-    pieces = []
-    for b in text.encode():
-        pieces.append(out.push(b))
-        if out.stopped:
-            break
-    pieces.append(out.finish())
-    return pieces, out.stopped
+    return feed(out, text.encode()), out.stopped
 
 
 def test_no_stop_strings_release_everything():

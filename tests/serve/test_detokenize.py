@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import tokenizers
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from serve.detokenize import REPLACEMENT, IncrementalText
+from tests.bpe import byte_level_bpe
 from train.tokenizer import ByteTokenizer, TextTokenizer
 
 RANGES = [(0x20, 0x7E), (0xE0, 0xFF), (0x4E00, 0x4E40), (0x1F600, 0x1F640), (0x3B1, 0x3C9)]
@@ -18,13 +17,7 @@ SEEN = "hello world, the world says hello 中文 and 😀 here\n"
 
 @pytest.fixture(scope="module")
 def bpe() -> TextTokenizer:
-    tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<eos>"])
-    tok.train_from_iterator([SEEN] * 20, trainer)
-    return TextTokenizer(tok, special_tokens={"eos_token": "<eos>"})
+    return TextTokenizer(byte_level_bpe([SEEN] * 20, vocab_size=400), special_tokens={"eos_token": "<eos>"})
 
 
 def random_text(rng: np.random.Generator, n: int) -> str:

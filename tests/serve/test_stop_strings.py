@@ -12,6 +12,17 @@ from serve.stop_strings import MAX_STOP_STRINGS, StopStrings, TextStream, stop_s
 from train.tokenizer import ByteTokenizer
 
 
+def feed(ts: TextStream, ids) -> list[str]:
+    """Push `ids` one at a time until a stop string matches, then finish: the pieces released, in order."""
+    pieces = []
+    for t in ids:
+        pieces.append(ts.push(t))
+        if ts.stopped:
+            break
+    pieces.append(ts.finish())
+    return pieces
+
+
 def reference(text: str, stops: list[str]) -> tuple[str, str | None]:
     for end in range(1, len(text) + 1):
         ending = [s for s in stops if text[:end].endswith(s)]
@@ -70,12 +81,7 @@ def test_token_stream_with_stops_cuts_the_detokenized_text():
     tok = ByteTokenizer()
     text = "héllo 😀\n\nUser: more"
     ts = TextStream(tok.decode, ["\n\nUser:"])
-    out = []
-    for t in tok.encode(text).tolist():
-        out.append(ts.push(t))
-        if ts.stopped:
-            break
-    out.append(ts.finish())
+    out = feed(ts, tok.encode(text).tolist())
     assert "".join(out) == "héllo 😀" == ts.text and ts.matched == "\n\nUser:"
     ts = TextStream(tok.decode, ["zzz"])  # no stop: all the text, the last held characters at finish
     pieces = [ts.push(t) for t in tok.encode("ab zz").tolist()]
