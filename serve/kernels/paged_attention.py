@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from model.checks import is_power_of_two
+from model.checks import check_int, is_power_of_two
 from model.kernels.triton import compiler_params, triton_deprecation_ignored
 
 _MIN_DOT = 16  # Triton's `dot` needs M, N, K >= 16
@@ -75,7 +75,9 @@ def paged_prefill_attention(q_BxTxHxDh: jax.Array, k_pages_KxNpxPsxDh: jax.Array
     probs = jnp.where(visible, jnp.exp(scores - top), 0.0)
     total = jnp.sum(probs, axis=-1, keepdims=True)
     probs = probs / jnp.where(total > 0, total, 1.0)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, v_BxKxSxDh, precision=hi)
+    # [B, K, G, T, Dh] then moved: asked for in [B, T, K, G, Dh] order directly, XLA:CPU computes V^T P, a dot its
+    # matmul library does not take (4x slower attention in a 16-row decode step, docs/BENCHMARKS.md)
+    out = jnp.moveaxis(jnp.einsum("bkgts,bksd->bkgtd", probs, v_BxKxSxDh, precision=hi), 3, 1)
     return out.reshape(B, T, H, Dh).astype(q_BxTxHxDh.dtype)
 
 
@@ -149,10 +151,8 @@ def _check(q_BxHxDh: jax.Array, k_pages_KxNpxPsxDh: jax.Array, v_pages_KxNpxPsxD
     if lengths_B.shape != (B,) or block_tables_BxW.ndim != 2 or block_tables_BxW.shape[0] != B:
         raise ValueError(f"need lengths [B] and block_tables [B, W] with B = {B}; got lengths {lengths_B.shape}, "
                          f"block_tables {block_tables_BxW.shape}")
-    for name, value in (("pages_per_chunk", 1 if pages_per_chunk is None else pages_per_chunk),
-                        ("num_splits", num_splits)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    check_int("pages_per_chunk", 1 if pages_per_chunk is None else pages_per_chunk)
+    check_int("num_splits", num_splits)
     if interpret:
         return
     if not is_power_of_two(Dh) or Dh < _MIN_DOT:
