@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from model.config import ModelConfig
-from model.hf import _from_hf, _hf_names, _hf_shape, _tensors
+from model.hf import _abstract_model, _from_hf, _hf_names, _hf_shape, _refuse_unexpected, _tensors
 from model.transformer import Transformer
 
 ARCHITECTURES = ("llama", "qwen2")  # general.architecture values load_gguf reads (Mistral converts as "llama")
@@ -181,13 +181,8 @@ def load_gguf(path: str | Path, dtype: str = "auto", param_dtype: str = "float32
     gguf_names = {t.path: [_gguf_name(n, names) for n in _hf_names(t, cfg.n_layers)] for t in specs}
 
     unexpected = sorted(set(tensors) - {n for ns in gguf_names.values() for n in ns})
-    if unexpected:
-        raise ValueError(f"unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} in "
-                         f"{str(path)!r}: not used by the model its header describes")
-    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))  # shapes only: no weights allocated
-    state = nnx.state(model, nnx.Param)
-    variables = dict(nnx.to_flat_state(state))
-    shapes = {t.path: variables[t.path].shape[1:] if "{i}" in t.hf_name else variables[t.path].shape for t in specs}
+    _refuse_unexpected(unexpected, f"{str(path)!r}", "header")
+    model, state, variables, shapes = _abstract_model(cfg, specs)
     supported = ", ".join(q.name for q in TENSOR_TYPES)
     for t in specs:
         want = _hf_shape(shapes[t.path], t.n_in)

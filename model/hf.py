@@ -190,6 +190,23 @@ def _from_hf(x: jax.Array, n_in: int | None, shape: tuple[int, ...]) -> jax.Arra
     return (x if n_in in (None, 0) else x.T).reshape(shape)
 
 
+def _refuse_unexpected(unexpected: list[str], where: str, described_by: str) -> None:
+    """Refuse a checkpoint with tensors the model does not use (the first 8 named)."""
+    if unexpected:
+        raise ValueError(f"unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} in {where}: "
+                         f"not used by the model its {described_by} describes")
+
+
+def _abstract_model(cfg: ModelConfig, specs: list[_Tensor]) -> tuple[Transformer, nnx.State, dict, dict]:
+    """The model of `cfg` in shapes only (no weights allocated), its Param state, that state's variables by path,
+    and each tensor's shape in the model (one layer's, for a stacked tensor): what the loaders fill in."""
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    state = nnx.state(model, nnx.Param)
+    variables = dict(nnx.to_flat_state(state))
+    shapes = {t.path: variables[t.path].shape[1:] if "{i}" in t.hf_name else variables[t.path].shape for t in specs}
+    return model, state, variables, shapes
+
+
 # --- load and save -------------------------------------------------------------------------------------------
 
 def _safetensors():
@@ -230,16 +247,9 @@ def load_hf(directory: str | Path, dtype: str = "auto", param_dtype: str = "floa
         expected = {name for t in specs for name in _hf_names(t, cfg.n_layers)}
         ignored = {"lm_head.weight"} if cfg.tie_embeddings else set()  # HF ties it to the embedding anyway
         unexpected = sorted(n for n in set(file_of) - expected - ignored if not n.endswith(_IGNORED_SUFFIXES))
-        if unexpected:
-            names = sorted({file_of[n].name for n in unexpected})
-            raise ValueError(f"unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} "
-                             f"in {names} of {str(directory)!r}: not used by the model its config.json describes")
-
-        model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))  # shapes only: no weights allocated
-        state = nnx.state(model, nnx.Param)
-        variables = dict(nnx.to_flat_state(state))
-        shapes = {t.path: variables[t.path].shape[1:] if "{i}" in t.hf_name else variables[t.path].shape
-                  for t in specs}
+        _refuse_unexpected(unexpected, f"{sorted({file_of[n].name for n in unexpected})} of {str(directory)!r}",
+                           "config.json")
+        model, state, variables, shapes = _abstract_model(cfg, specs)
         for t in specs:
             want = _hf_shape(shapes[t.path], t.n_in)
             for name in _hf_names(t, cfg.n_layers):
