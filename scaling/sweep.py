@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from model.checks import check_ints
 from model.config import ModelConfig
 from model.presets import get_preset
 from scaling.accounting import flops_per_token, param_count
@@ -46,6 +47,7 @@ class SweepConfig:
     data: str | None = None
 
     def __post_init__(self) -> None:
+        check_ints("sweep.", self, ("batch_size", "seq_len", "head_dim"))
         if not self.sizes:
             raise ValueError("sweep.sizes is empty: give at least one d_model x n_layers shape")
         for d, layers in self.sizes:
@@ -56,8 +58,6 @@ class SweepConfig:
             raise ValueError("give exactly one of sweep.tokens (token budgets) or sweep.flop_budgets (IsoFLOP)")
         if any(t < 1 for t in self.tokens) or any(not c > 0 for c in self.flop_budgets):
             raise ValueError(f"budgets must be positive: tokens {self.tokens}, FLOPs {self.flop_budgets}")
-        if self.batch_size < 1 or self.seq_len < 1:
-            raise ValueError(f"batch_size and seq_len must be positive, got {self.batch_size}, {self.seq_len}")
 
 
 @dataclasses.dataclass(frozen=True)

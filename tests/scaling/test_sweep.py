@@ -43,6 +43,8 @@ def test_isoflop_plan_spends_each_budget():
     (dict(sizes=((64, 2),)), "exactly one of"),
     (dict(sizes=((64, 2),), tokens=(10,), flop_budgets=(1e9,)), "exactly one of"),
     (dict(sizes=((64, 2),), tokens=(0,)), "budgets must be positive"),
+    (dict(sizes=((64, 2),), tokens=(10,), batch_size=0), r"sweep.batch_size must be a positive integer, got 0"),
+    (dict(sizes=((64, 2),), tokens=(10,), head_dim=0), r"sweep.head_dim must be a positive integer, got 0"),
 ])
 def test_bad_sweeps_are_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
