@@ -41,6 +41,7 @@ def plot(runs: list[str], out: str | Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter
 
     fig, grid = plt.subplots(len(METRICS), len(AXES), figsize=(11, 7), squeeze=False)
     for run in runs:
@@ -51,6 +52,8 @@ def plot(runs: list[str], out: str | Path) -> None:
                 ax.plot(curves[metric][axis], curves[metric]["value"], marker="." if metric == "val_bpb" else None,
                         label=Path(run).name or str(run))
                 ax.set_xlabel(LABELS[axis])
+                if axis == "tokens":
+                    ax.xaxis.set_major_formatter(EngFormatter())  # 200k, 1M, 1G: no overlapping digits
                 ax.set_ylabel(LABELS[metric])
                 ax.grid(alpha=0.3)
     grid[0][0].legend()
