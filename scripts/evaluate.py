@@ -16,8 +16,10 @@ of each choice's tokens after its context (lm-eval-harness's split: context + ch
 acc (highest log-likelihood) and acc_norm (log-likelihood per UTF-8 byte of the choice); --json adds every item's
 log-likelihoods and predictions.
 
-Output: one line of metrics, or with --json one JSON object. A progress line on stderr; errors are one line
-(exit code 2)."""
+Compiled shapes are kept in JAX's persistent compilation cache (as scripts/generate.py: ~/.cache/meshlm/jax,
+$MESHLM_COMPILATION_CACHE, --compilation-cache DIR, --no-compilation-cache), so a second evaluation skips them.
+Output: one line of metrics (`seconds`: the scoring, compiles included), or with --json one JSON object. A
+progress line on stderr; errors are one line (exit code 2)."""
 
 from __future__ import annotations
 
@@ -27,7 +29,13 @@ import sys
 import time
 from pathlib import Path
 
-from scripts.common import fail, setup_logging
+from scripts.common import (
+    add_compilation_cache_args,
+    compilation_cache_path,
+    enable_compilation_cache,
+    fail,
+    setup_logging,
+)
 from scripts.model_source import add_source_args, load_source, source_name
 
 
@@ -40,6 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8, help="windows (or choices) per jitted call")
     p.add_argument("--max-tokens", type=int, help="text: evaluate only the first N tokens")
     p.add_argument("--json", action="store_true", help="print one JSON object (with per-item predictions)")
+    add_compilation_cache_args(p)
     p.add_argument("--log-level", default="WARNING")
     return p.parse_args(argv)
 
@@ -112,6 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
         fail(f"--seq-len {seq_len} is beyond the model's context of {context} tokens")
     if args.stride is not None and args.stride > seq_len - 1:
         fail(f"--stride {args.stride} must be at most seq-len - 1 = {seq_len - 1}")
+    enable_compilation_cache(compilation_cache_path(args))
     scorer = TokenScorer(model, args.batch_size, seq_len)
     start = time.perf_counter()
     try:
