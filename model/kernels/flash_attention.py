@@ -181,16 +181,17 @@ def flash_attention_reference(q_BxTxHxDh: jax.Array, k_BxSxKxDh: jax.Array, v_Bx
     return out.reshape(B, T, H, Dh).astype(q_BxTxHxDh.dtype), lse_BxKxGxT.reshape(B, H, T)
 
 
-def merge_blocks(out_a: jax.Array, lse_a: jax.Array, out_b: jax.Array, lse_b: jax.Array
-                 ) -> tuple[jax.Array, jax.Array]:
+def merge_blocks(out_a_BxTxHxDh: jax.Array, lse_a_BxHxT: jax.Array, out_b_BxTxHxDh: jax.Array,
+                 lse_b_BxHxT: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Attention over two disjoint key blocks from each block's (out [B, T, H, Dh], lse [B, H, T]): the softmax
     over their union, as ring attention combines the blocks it receives. Differentiable (through both lse). The
     merged out is float32 whatever the inputs' dtype, so a chain of merges does not round at every step; cast
     once at the end."""
-    lse = jnp.logaddexp(lse_a, lse_b)
-    w_a = jnp.exp(lse_a - lse).transpose(0, 2, 1)[..., None]  # [B, T, H, 1]
-    w_b = jnp.exp(lse_b - lse).transpose(0, 2, 1)[..., None]
-    return w_a * out_a.astype(jnp.float32) + w_b * out_b.astype(jnp.float32), lse
+    lse_BxHxT = jnp.logaddexp(lse_a_BxHxT, lse_b_BxHxT)
+    w_a_BxTxHx1 = jnp.exp(lse_a_BxHxT - lse_BxHxT).transpose(0, 2, 1)[..., None]
+    w_b_BxTxHx1 = jnp.exp(lse_b_BxHxT - lse_BxHxT).transpose(0, 2, 1)[..., None]
+    return (w_a_BxTxHx1 * out_a_BxTxHxDh.astype(jnp.float32) + w_b_BxTxHx1 * out_b_BxTxHxDh.astype(jnp.float32),
+            lse_BxHxT)
 
 
 # ----------------------------------------------------------------------------------------------------- padding
