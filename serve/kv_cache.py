@@ -97,10 +97,11 @@ def layer_pages(page_ids: jax.Array, layer: jax.Array | int, num_pages: int) -> 
     return page_ids + layer * num_pages
 
 
-def write_pages(pages_KxNxPxD: jax.Array, new_BxTxKxD: jax.Array, page_BxT: jax.Array,
+def write_pages(pages_KxNpxPsxDh: jax.Array, new_BxTxKxDh: jax.Array, page_BxT: jax.Array,
                 offset_BxT: jax.Array) -> jax.Array:
     """`pages` with token (b, t)'s K or V written at slot (page_BxT[b, t], offset_BxT[b, t])."""
-    return pages_KxNxPxD.at[:, page_BxT, offset_BxT].set(jnp.moveaxis(new_BxTxKxD, 2, 0).astype(pages_KxNxPxD.dtype))
+    new_KxBxTxDh = jnp.moveaxis(new_BxTxKxDh, 2, 0).astype(pages_KxNpxPsxDh.dtype)
+    return pages_KxNpxPsxDh.at[:, page_BxT, offset_BxT].set(new_KxBxTxDh)
 
 
 def slots(block_table: list[int], positions: np.ndarray, page_size: int) -> tuple[np.ndarray, np.ndarray]:
