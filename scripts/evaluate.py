@@ -45,7 +45,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data", required=True, help="a text file, a folder or glob of them, or a multiple-choice .jsonl")
     p.add_argument("--seq-len", type=int, help="tokens per window (default: the model's context)")
     p.add_argument("--stride", type=int, help="tokens between window starts (default: seq-len - 1)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows (or choices) per jitted call")
+    p.add_argument("--batch-size", type=int,
+                   help="windows (or choices) per jitted call (default: text 8192 // seq-len, at least 1; "
+                        "multiple choice 8)")
     p.add_argument("--max-tokens", type=int, help="text: evaluate only the first N tokens")
     p.add_argument("--json", action="store_true", help="print one JSON object (with per-item predictions)")
     add_compilation_cache_args(p)
@@ -122,7 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.stride is not None and args.stride > seq_len - 1:
         fail(f"--stride {args.stride} must be at most seq-len - 1 = {seq_len - 1}")
     enable_compilation_cache(compilation_cache_path(args))
-    scorer = TokenScorer(model, args.batch_size, seq_len)
+    batch_size = args.batch_size or (8 if multiple_choice else max(1, 8192 // seq_len))
+    scorer = TokenScorer(model, batch_size, seq_len)
     start = time.perf_counter()
     try:
         if multiple_choice:

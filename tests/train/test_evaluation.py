@@ -12,6 +12,7 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from model import create_model, get_preset
 from train.evaluation import (
@@ -48,21 +49,36 @@ def tiny_model():
     return create_model(get_preset("tiny").replace(dtype="float32"), seed=3)
 
 
+@nnx.jit
+def _logits(model, ids_BxT):
+    return model(ids_BxT)
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    logits = np.asarray(logits, np.float64)
+    top = logits.max(-1, keepdims=True)
+    return logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+
+
 def _log_softmax_targets(model, ids: list[int]) -> np.ndarray:
     """log p(ids[t] | ids[:t]) for t >= 1, from the model's logits on the unpadded row, in numpy float64."""
-    logits = np.asarray(model(jnp.asarray([ids])), np.float64)[0]
-    logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
-    return logits[np.arange(len(ids) - 1), ids[1:]] - logz[:-1]
+    logp = _log_softmax(_logits(model, jnp.asarray([ids]))[0])
+    return logp[np.arange(len(ids) - 1), ids[1:]]
 
 
 def test_scorer_equals_the_models_log_softmax_on_each_unpadded_row(tiny_model):
-    rng = np.random.default_rng(0)
-    rows = [rng.integers(0, 259, size=n).tolist() for n in (2, 7, 64, 33, 17, 5, 40)]
+    """Rows of many lengths, prefixes of two 64-token sequences (a causal model's log-probabilities on a prefix
+    are those of the whole row's first positions: one reference forward for all), batched three at a time."""
+    whole = np.random.default_rng(0).integers(0, 259, size=(2, 64))
+    logp = _log_softmax(_logits(tiny_model, jnp.asarray(whole)))
+    lengths = (2, 7, 64, 33, 17, 5, 40)
+    rows = [whole[i % 2, :n].tolist() for i, n in enumerate(lengths)]
     scorer = TokenScorer(tiny_model, batch_size=3)
     seen = []
     got = scorer(rows, progress=lambda done, total: seen.append((done, total)))
-    for row, lp in zip(rows, got, strict=True):
-        np.testing.assert_allclose(lp, _log_softmax_targets(tiny_model, row), rtol=1e-5, atol=1e-5)
+    for i, (row, lp) in enumerate(zip(rows, got, strict=True)):
+        want = logp[i % 2, np.arange(len(row) - 1), row[1:]]
+        np.testing.assert_allclose(lp, want, rtol=1e-5, atol=1e-5)
     assert seen == [(3, 7), (6, 7), (7, 7)]
     with pytest.raises(ValueError, match="row 0 has 65 tokens"):
         scorer([[1] * 65])
