@@ -65,6 +65,18 @@ def _checked_fields(record: Any) -> tuple[dict[str, Any], tuple[str, ...], str |
     return fields, stops, request_checks.request_problem(fields)
 
 
+def _token_ids(encode: Callable | None, value: Any, missing: str,
+               failed: Callable[[Exception], str]) -> tuple[list[int] | None, str | None]:
+    """(`encode(value)` as ints, None), or (None, the problem): `missing` without an encoder, `failed(error)` when
+    it raises (a tokenizer's failure on this request is this request's problem alone)."""
+    if encode is None:
+        return None, missing
+    try:
+        return [int(t) for t in encode(value)], None
+    except Exception as e:
+        return None, failed(e)
+
+
 def request_from(record: Any, defaults: Request, encode: Encode | None, where: str, default_id: str,
                  encode_chat: EncodeChat | None = None) -> BatchItem:
     """One request from a JSON record, the missing fields from `defaults`, named `default_id` if it has no id.
@@ -75,23 +87,16 @@ def request_from(record: Any, defaults: Request, encode: Encode | None, where: s
     fields, stops, problem = _checked_fields(record)
     ids = None
     if problem is None and "prompt" in fields:
-        if encode is None:
-            problem = "this model has no tokenizer for text prompts; give 'prompt_ids'"
-        else:
-            try:
-                ids = [int(t) for t in encode(fields["prompt"])]
-            except Exception as e:  # a tokenizer's failure on this text is this request's problem alone
-                problem = f"the prompt cannot be tokenized ({type(e).__name__}: {request_checks.shown(str(e))})"
+        ids, problem = _token_ids(
+            encode, fields["prompt"], "this model has no tokenizer for text prompts; give 'prompt_ids'",
+            lambda e: f"the prompt cannot be tokenized ({type(e).__name__}: {request_checks.shown(str(e))})")
     if problem is None and "messages" in fields:
-        if encode_chat is None:
-            problem = "this model has no chat template for 'messages'; give 'prompt' or 'prompt_ids'"
-        else:
-            try:
-                ids = [int(t) for t in encode_chat(fields["messages"])]
-            except Exception as e:  # bad messages, or the template refused them: this request's problem alone
-                problem = f"the messages cannot be rendered ({e})"
-            if problem is None and not ids:
-                problem = "the chat template rendered the messages as an empty prompt"
+        ids, problem = _token_ids(
+            encode_chat, fields["messages"],
+            "this model has no chat template for 'messages'; give 'prompt' or 'prompt_ids'",
+            lambda e: f"the messages cannot be rendered ({e})")  # bad messages, or the template refused them
+        if problem is None and not ids:
+            problem = "the chat template rendered the messages as an empty prompt"
     if problem is None and stops and encode is None:
         problem = "this model has no tokenizer for stop strings; give 'stop' as token ids"
     if problem is not None:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from model.checks import check_one_of
+from model.checks import check_int, check_one_of
 from model.transformer import for_inference
 from serve.engine import Completion, Request, RequestError, compiled_steps, request_problem
 from serve.forward import LAYER_LOOPS, split_for_serving, unstacked
@@ -32,8 +32,7 @@ class StaticBatcher:
 
     def __init__(self, model: nnx.Module, batch_size: int = 16, page_size: int = 16, decode_impl: str = "auto",
                  seed: int = 0, prefill_tile: int = 32, layer_loop: str = "scan"):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        check_int("batch_size", batch_size)
         model = for_inference(model)
         self.model_cfg, self.batch_size, self.page_size, self.seed = model.cfg, batch_size, page_size, seed
         self.graph, self.params = split_for_serving(model)
