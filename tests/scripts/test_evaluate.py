@@ -1,7 +1,7 @@
 """scripts/evaluate.py end to end against independent references: transformers' own `labels=` loss on the same
 windows of a tiny random HF llama (with a BPE tokenizer trained here), transformers' log-softmax summed over each
-choice's tokens, a meshlm run's model run whole by hand, SmolLM2's GGUF file through transformers' GGUF loader
-(slow), and the one-line errors.
+choice's tokens, a model whose logits are set by hand (forced answers), a meshlm run's model run whole by hand,
+SmolLM2's GGUF file through transformers' GGUF loader (slow), and the one-line errors.
 
 Tolerances: float32 on both sides (XLA against torch's CPU kernels, different summation orders), through 2 layers
 and a 300-way log-softmax: losses agree to ~1e-7 relative, so 1e-5 (the house fp32 tolerance) has headroom while a
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -206,3 +207,47 @@ def test_smollm2_gguf_loss_equals_transformers_gguf_loader(tmp_path, capsys):
     got = _run(capsys, "--gguf", str(path), "--data", str(tmp_path / "p.txt"), "--seq-len", "256")
     assert got["tokens"] == ids.shape[1] - 1
     assert got["loss"] == pytest.approx(want, rel=1e-4)
+
+
+def _next_byte_model():
+    """A bigram model whose logits are set by hand: with every block's weights zero the residual stream is the
+    token's embedding, which is one-hot (scaled by 1000 so RMSNorm's eps is negligible), and the LM head gives the
+    byte after the current one a logit of 10 and every other token 0."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from model import create_model, get_preset
+
+    vocab, d = 259, 260
+    cfg = get_preset("tiny").replace(vocab_size=vocab, d_model=d, n_layers=1, dtype="float32",
+                                     tie_embeddings=False)
+    model = create_model(cfg)
+    blocks = nnx.state(model.blocks, nnx.Param)
+    nnx.update(model.blocks, jax.tree.map(jnp.zeros_like, blocks))
+    model.embed[...] = jnp.asarray(np.eye(vocab, d) * 1000.0, jnp.float32)
+    head = np.zeros((d, vocab), np.float32)
+    head[np.arange(vocab - 1), np.arange(1, vocab)] = 10.0 / math.sqrt(d)  # RMSNorm makes the one-hot sqrt(d)
+    model.lm_head[...] = jnp.asarray(head)
+    return model
+
+
+def test_multiple_choice_answers_forced_by_a_model_whose_logits_are_set_by_hand(tmp_path, capsys):
+    """tests/data/choices_forced.jsonl through `--hf DIR --tokenizer bytes`: each choice's log-likelihood is
+    (favoured steps) * log p_next + (others) * log p_other, computed here from the logits alone."""
+    from model.hf import save_hf
+
+    save_hf(_next_byte_model(), tmp_path / "bigram")
+    got = _run(capsys, "--hf", str(tmp_path / "bigram"), "--tokenizer", "bytes",
+               "--data", str(DATA / "choices_forced.jsonl"))
+    log_z = math.log(math.exp(10.0) + 258)
+    items = [json.loads(line) for line in (DATA / "choices_forced.jsonl").read_text().splitlines()]
+    for item, pred in zip(items, got["predictions"], strict=True):
+        want = []
+        for choice in item["choices"]:
+            text = item["context"] + choice
+            want.append(sum((10.0 if ord(b) == ord(a) + 1 else 0.0) - log_z for a, b in pairwise(text)))
+        # float32 log-softmax over logits of 10: ~1e-6 absolute per token (a favoured step's is only -0.0117)
+        np.testing.assert_allclose(pred["loglikelihoods"], want, rtol=1e-5, atol=1e-5)
+        assert pred["pred"] == pred["pred_norm"] == item["answer"]
+    assert got["acc"] == got["acc_norm"] == 1.0
