@@ -80,6 +80,10 @@ def test_scorer_equals_the_models_log_softmax_on_each_unpadded_row(tiny_model):
         want = logp[i % 2, np.arange(len(row) - 1), row[1:]]
         np.testing.assert_allclose(lp, want, rtol=1e-5, atol=1e-5)
     assert seen == [(3, 7), (6, 7), (7, 7)]
+    # Compiled shapes: (3, 64), (3, 32), (1, 16) so far; eleven rows of 20-30 tokens add only (2, 32).
+    assert scorer._logprobs._cache_size() == 3
+    scorer([whole[0, :n].tolist() for n in range(20, 31)])
+    assert scorer._logprobs._cache_size() == 4
     with pytest.raises(ValueError, match="row 0 has 65 tokens"):
         scorer([[1] * 65])
     with pytest.raises(ValueError, match="outside the model's vocabulary"):
