@@ -27,12 +27,16 @@ def parse_steps(text: str) -> tuple[int, int]:
 
 class StepProfiler:
     """Traces steps `start` to `stop` (inclusive, numbered from 1) into `directory`: call `before(step)` before
-    running step `step` and `after(step, state)` once it is dispatched; `close()` ends a trace cut short."""
+    running step `step` and `after(step, state)` once it is dispatched; `close()` ends a trace cut short. In a
+    multi-process run each process traces its own work into `directory/process_<i>` (processes on one host would
+    otherwise write files of the same name)."""
 
     def __init__(self, start: int, stop: int, directory: str | os.PathLike):
         if not 1 <= start <= stop:
             raise ValueError(f"profile steps must satisfy 1 <= start <= stop, got {start}:{stop}")
         self.start, self.stop, self.directory = start, stop, Path(directory)
+        if jax.process_count() > 1:
+            self.directory = self.directory / f"process_{jax.process_index()}"
         self.active = False
 
     def before(self, step: int) -> None:
