@@ -10,28 +10,38 @@ import jax.numpy as jnp
 MAX_LOGPROBS = 20  # top alternatives a request may ask for (OpenAI's limit); the device always computes this many
 
 
+def filtered_logits(logits_V: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
+                    min_p: jax.Array) -> jax.Array:
+    """One row's logits [V] divided by the temperature, with the ids top-k, top-p and min-p drop set to -inf: the
+    distribution a request samples from (softmax of this), which speculative decoding must preserve. Top_k 0
+    keeps all ids; min_p drops ids whose probability is below min_p times the most likely id's."""
+    scaled_V = logits_V.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
+    sorted_V = jnp.sort(scaled_V)[::-1]
+    kth = jnp.where(top_k > 0, sorted_V[jnp.clip(top_k - 1, 0, sorted_V.shape[0] - 1)], -jnp.inf)
+    probs_V = jax.nn.softmax(jnp.where(sorted_V < kth, -jnp.inf, sorted_V))
+    mass_before_V = jnp.cumsum(probs_V) - probs_V
+    cutoff = jnp.min(jnp.where((mass_before_V < top_p) & (sorted_V >= kth), sorted_V, jnp.inf))
+    min_p_cut = jnp.where(min_p > 0, sorted_V[0] + jnp.log(jnp.maximum(min_p, 1e-30)), -jnp.inf)
+    return jnp.where(scaled_V < jnp.maximum(jnp.maximum(cutoff, kth), min_p_cut), -jnp.inf, scaled_V)
+
+
+def row_key(seed: jax.Array, counter: jax.Array) -> jax.Array:
+    """The random key of a request's draw number `counter` (its output tokens so far)."""
+    return jax.random.fold_in(jax.random.key(seed), counter)
+
+
 def sample_rows(logits_BxV: jax.Array, seeds_B: jax.Array, counters_B: jax.Array, temperature_B: jax.Array,
                 top_k_B: jax.Array, top_p_B: jax.Array, min_p_B: jax.Array | None = None) -> jax.Array:
-    """Token ids [B], each row with its own sampling parameters and its own random stream: row b draws with the
-    key fold_in(key(seeds_B[b]), counters_B[b]) (counter = the request's output tokens so far), so a seeded
-    request gets the same tokens whatever else shares the batch. Temperature 0 is greedy; top_k 0 keeps all ids;
-    min_p drops ids whose probability (after temperature) is below min_p times the most likely id's."""
+    """Token ids [B], each row with its own sampling parameters (`filtered_logits`) and its own random stream: row
+    b draws with `row_key(seeds_B[b], counters_B[b])` (counter = the request's output tokens so far), so a seeded
+    request gets the same tokens whatever else shares the batch. Temperature 0 is greedy."""
     if min_p_B is None:
         min_p_B = jnp.zeros_like(top_p_B)
 
     def one(logits_V: jax.Array, seed: jax.Array, counter: jax.Array, temperature: jax.Array, top_k: jax.Array,
             top_p: jax.Array, min_p: jax.Array) -> jax.Array:
-        logits_V = logits_V.astype(jnp.float32)
-        scaled_V = logits_V / jnp.maximum(temperature, 1e-6)
-        sorted_V = jnp.sort(scaled_V)[::-1]
-        kth = jnp.where(top_k > 0, sorted_V[jnp.clip(top_k - 1, 0, sorted_V.shape[0] - 1)], -jnp.inf)
-        probs_V = jax.nn.softmax(jnp.where(sorted_V < kth, -jnp.inf, sorted_V))
-        mass_before_V = jnp.cumsum(probs_V) - probs_V
-        cutoff = jnp.min(jnp.where((mass_before_V < top_p) & (sorted_V >= kth), sorted_V, jnp.inf))
-        min_p_cut = jnp.where(min_p > 0, sorted_V[0] + jnp.log(jnp.maximum(min_p, 1e-30)), -jnp.inf)
-        masked_V = jnp.where(scaled_V < jnp.maximum(jnp.maximum(cutoff, kth), min_p_cut), -jnp.inf, scaled_V)
-        key = jax.random.fold_in(jax.random.key(seed), counter)
-        drawn = jax.random.categorical(key, masked_V)
+        drawn = jax.random.categorical(row_key(seed, counter),
+                                       filtered_logits(logits_V, temperature, top_k, top_p, min_p))
         return jnp.where(temperature == 0, jnp.argmax(logits_V), drawn).astype(jnp.int32)
 
     def drawn() -> jax.Array:
