@@ -113,16 +113,16 @@ def _device_step(graph: StepGraph, decode_impl: str, params: StepParams, cache: 
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array], KVCache, jax.Array]:
     """The model step and the sampler. Tokens marked `from_prev_T` >= 0 are the previous step's sampled tokens
     (`prev_tokens`, that step's output padded to a fixed length), which the host has not read yet. Returns the
-    sampled tokens [R], their log-probabilities and the top ones (serve/sampling.py `token_logprobs`; zeros when
+    sampled tokens [Rs], their log-probabilities and the top ones (serve/sampling.py `token_logprobs`; zeros when
     no slot asked), the cache, and the tokens padded for the next step."""
     from_prev_T = inputs.from_prev_T
     tokens_T = jnp.where(from_prev_T >= 0, prev_tokens[jnp.maximum(from_prev_T, 0)], inputs.tokens_T)
-    logits_RxV, cache = model_step(graph, params, cache, inputs._replace(tokens_T=tokens_T),
+    logits_RsxV, cache = model_step(graph, params, cache, inputs._replace(tokens_T=tokens_T),
                                    decode_impl=decode_impl)
-    tokens_R = sample_rows(logits_RxV, *sampling[:-1])
-    logprobs = token_logprobs(logits_RxV, tokens_R, jnp.any(sampling.logprobs_R))
-    R = min(tokens_R.shape[0], prev_tokens.shape[0])
-    return tokens_R, logprobs, cache, jnp.zeros_like(prev_tokens).at[:R].set(tokens_R[:R])
+    tokens_Rs = sample_rows(logits_RsxV, *sampling[:-1])
+    logprobs = token_logprobs(logits_RsxV, tokens_Rs, jnp.any(sampling.logprobs_Rs))
+    Rs = min(tokens_Rs.shape[0], prev_tokens.shape[0])
+    return tokens_Rs, logprobs, cache, jnp.zeros_like(prev_tokens).at[:Rs].set(tokens_Rs[:Rs])
 
 
 class CompiledSteps:
@@ -177,7 +177,7 @@ def compiled_steps(graph: StepGraph, decode_impl: str) -> CompiledSteps:
 class _Launched:
     """A step on the device: the requests it samples for, and where each one's token is in its output."""
 
-    tokens_R: jax.Array
+    tokens_Rs: jax.Array
     logprobs: tuple[jax.Array, jax.Array, jax.Array]  # serve/sampling.py token_logprobs
     sampled: list[tuple[RequestState, int]]  # (request, sampling slot)
 
@@ -221,7 +221,7 @@ class Engine:
                                  max_pages=self.max_pages_per_seq)
         self._steps = compiled_steps(self.graph, self.decode_impl)
         shapes = self.step_shapes()
-        self._prev_tokens = jnp.zeros(max(bd + np_ for bd, np_, _ in shapes), jnp.int32)
+        self._prev_tokens = jnp.zeros(max(bd + nt for bd, nt, _ in shapes), jnp.int32)
         self.completions: dict[str, Completion] = {}
         self._states: dict[str, RequestState] = {}
         self._callbacks: dict[str, TokenCallback] = {}
@@ -375,9 +375,9 @@ class Engine:
         """Dispatch a built step (asynchronously: nothing here waits for the device, unless it compiles)."""
         self.last_step = (inputs, sampling)
         self._last_params = params
-        tokens_R, logprobs, self.cache, self._prev_tokens = self._steps(params, self.cache, self._prev_tokens,
+        tokens_Rs, logprobs, self.cache, self._prev_tokens = self._steps(params, self.cache, self._prev_tokens,
                                                                         inputs, sampling)
-        return _Launched(tokens_R, logprobs, sampled)
+        return _Launched(tokens_Rs, logprobs, sampled)
 
     def _advance(self, schedule: Schedule, launched: _Launched) -> None:
         """Tell the scheduler what the launched step computes: its chunks' tokens have K/V, and each request
@@ -396,7 +396,7 @@ class Engine:
     def _read_back(self, launched: _Launched) -> list[tuple[str, int]]:
         """Wait for a launched step's tokens and hand them to the scheduler; stream them."""
         waiting = time.perf_counter()
-        tokens = np.asarray(launched.tokens_R)
+        tokens = np.asarray(launched.tokens_Rs)
         now = time.perf_counter()
         self._waited += now - waiting
         events = self.scheduler.update_from_output([(seq, int(tokens[slot])) for seq, slot in launched.sampled], now)
@@ -432,20 +432,20 @@ class Engine:
             raise RuntimeError("warm up before serving: a step is in flight")
         pages = math.ceil((max_context or 1) / self.cfg.page_size)
         widest = min(max(bucket(pages), self.layout.min_pages), self.layout.max_pages)
-        for bd, np_, w in self.step_shapes():
+        for bd, nt, w in self.step_shapes():
             if w <= widest:
                 _, _, self.cache, self._prev_tokens = self._steps(self.params, self.cache, self._prev_tokens,
-                                                               *self._padding(bd, np_, w))
+                                                               *self._padding(bd, nt, w))
         return self.compile_count
 
-    def _padding(self, bd: int, np_: int, w: int) -> tuple[StepInputs, SamplingInputs]:
+    def _padding(self, bd: int, nt: int, w: int) -> tuple[StepInputs, SamplingInputs]:
         """All-padding inputs of one bucket (every token writes the null page, every row has length 0)."""
-        T, R = bd + np_ * self.cfg.prefill_tile, bd + np_
+        T, Rs = bd + nt * self.cfg.prefill_tile, bd + nt
         z = lambda *shape: jnp.zeros(shape, jnp.int32)  # noqa: E731
-        inputs = StepInputs(z(T), jnp.full((T,), -1, jnp.int32), z(T), z(T), z(bd, w), z(bd), z(np_, w), z(np_),
-                            z(R), jnp.full((T,), -1, jnp.int32))
-        return inputs, SamplingInputs(jnp.zeros(R, jnp.uint32), z(R), jnp.zeros(R, jnp.float32), z(R),
-                                      jnp.ones(R, jnp.float32), jnp.zeros(R, jnp.float32), jnp.zeros(R, bool))
+        inputs = StepInputs(z(T), jnp.full((T,), -1, jnp.int32), z(T), z(T), z(bd, w), z(bd), z(nt, w), z(nt),
+                            z(Rs), jnp.full((T,), -1, jnp.int32))
+        return inputs, SamplingInputs(jnp.zeros(Rs, jnp.uint32), z(Rs), jnp.zeros(Rs, jnp.float32), z(Rs),
+                                      jnp.ones(Rs, jnp.float32), jnp.zeros(Rs, jnp.float32), jnp.zeros(Rs, bool))
 
     def last_step_cost(self) -> dict:
         """XLA's cost analysis (flops, bytes accessed, ...) of the last step this engine ran."""

@@ -62,7 +62,7 @@ def unstacked(params: StepParams) -> StepParams:
 
 def model_step(graph: StepGraph, params: StepParams, cache: KVCache, inputs: StepInputs, *,
                decode_impl: str = "reference") -> tuple[jax.Array, KVCache]:
-    """Run `inputs` through the model, writing their K/V into `cache`. Returns the float32 logits [R, vocab] of
+    """Run `inputs` through the model, writing their K/V into `cache`. Returns the float32 logits [Rs, V] of
     each sampling slot's last token and the updated cache. `decode_impl` is "pallas" or "reference"
     (serve/ragged_attention.py `resolve_decode_impl` turns "auto" into one of them)."""
     if decode_impl not in ("pallas", "reference"):
@@ -79,15 +79,15 @@ def model_step(graph: StepGraph, params: StepParams, cache: KVCache, inputs: Ste
         pages_1xT = layer_pages(inputs.pages_T, index, num_pages)[None]
         offsets_1xT = inputs.offsets_T[None]
 
-        def attend(q_1xTxHxD: jax.Array, k_1xTxKxD: jax.Array, v_1xTxKxD: jax.Array) -> jax.Array:
-            pools[0] = write_pages(pools[0], k_1xTxKxD, pages_1xT, offsets_1xT)
-            pools[1] = write_pages(pools[1], v_1xTxKxD, pages_1xT, offsets_1xT)
-            out_TxHxD = ragged_paged_attention(
-                q_1xTxHxD[0], pools[0], pools[1], inputs.positions_T,
+        def attend(q_1xTxHxDh: jax.Array, k_1xTxKxDh: jax.Array, v_1xTxKxDh: jax.Array) -> jax.Array:
+            pools[0] = write_pages(pools[0], k_1xTxKxDh, pages_1xT, offsets_1xT)
+            pools[1] = write_pages(pools[1], v_1xTxKxDh, pages_1xT, offsets_1xT)
+            out_TxHxDh = ragged_paged_attention(
+                q_1xTxHxDh[0], pools[0], pools[1], inputs.positions_T,
                 layer_pages(inputs.decode_tables_BxW, index, num_pages), inputs.decode_lengths_B,
-                layer_pages(inputs.tile_tables_NxW, index, num_pages), inputs.tile_lengths_N,
+                layer_pages(inputs.tile_tables_NtxW, index, num_pages), inputs.tile_lengths_Nt,
                 decode_impl=decode_impl)
-            return out_TxHxD[None]
+            return out_TxHxDh[None]
 
         x_1xTxD, _ = nnx.merge(graph.block, layer_state)(x_1xTxD, cos, sin, attend)
         return x_1xTxD, pools[0], pools[1]
@@ -103,5 +103,5 @@ def model_step(graph: StepGraph, params: StepParams, cache: KVCache, inputs: Ste
 
         (x_1xTxD, k_pool, v_pool), _ = jax.lax.scan(body, (x_1xTxD, k_pool, v_pool),
                                                     (params.blocks, jnp.arange(cfg.n_layers)))
-    last_1xRxD = x_1xTxD[:, inputs.last_R]
-    return model.logits(last_1xRxD)[0], KVCache(k_pool, v_pool)
+    last_1xRsxD = x_1xTxD[:, inputs.last_Rs]
+    return model.logits(last_1xRsxD)[0], KVCache(k_pool, v_pool)

@@ -1,4 +1,4 @@
-"""Attention for one step's flat ragged batch (serve/step_batch.py): Bd decode tokens, then Np tiles of Q prefill
+"""Attention for one step's flat ragged batch (serve/step_batch.py): Bd decode tokens, then Nt tiles of Tt prefill
 tokens, each attending over its own row's pages.
 
 One function handles every mix: the decode tokens go to a decode attention -- the Pallas kernel
@@ -7,7 +7,8 @@ One function handles every mix: the decode tokens go to a decode attention -- th
 splits a batch the same way: decodes first, then prefill tokens). Both read only W pages per row, W the step's
 bucketed block-table width, so the cost follows the live tokens.
 
-Shapes: q [T, H, Dh], pools [K, N, P, Dh] (K kv heads, N pages, P tokens per page), tables [rows, W], T = Bd + Np*Q.
+Shapes (the legend of model/kernels/flash_attention.py): q [T, H, Dh], pools [K, Np, Ps, Dh], tables [rows, W],
+T = Bd + Nt * Tt.
 """
 
 from __future__ import annotations
@@ -30,28 +31,28 @@ def resolve_decode_impl(decode_impl: str, backend: str | None = None) -> str:
     return "pallas" if (backend or jax.default_backend()) == "gpu" else "reference"
 
 
-def ragged_paged_attention(q_TxHxD: jax.Array, k_pages_KxNxPxD: jax.Array, v_pages_KxNxPxD: jax.Array,
+def ragged_paged_attention(q_TxHxDh: jax.Array, k_pages_KxNpxPsxDh: jax.Array, v_pages_KxNpxPsxDh: jax.Array,
                            positions_T: jax.Array, decode_tables_BxW: jax.Array, decode_lengths_B: jax.Array,
-                           tile_tables_NxW: jax.Array, tile_lengths_N: jax.Array, *, decode_impl: str = "reference"
+                           tile_tables_NtxW: jax.Array, tile_lengths_Nt: jax.Array, *, decode_impl: str = "reference"
                            ) -> jax.Array:
     """Attention output [T, H, Dh] of the step's tokens over their rows' cached K/V (their own K/V written
     already). A pad token (a pad decode row of length 0, a tile token at position -1) gives zeros."""
-    T, H, D = q_TxHxD.shape
-    Bd, Np = decode_tables_BxW.shape[0], tile_tables_NxW.shape[0]
-    Q = (T - Bd) // Np if Np else 0
+    T, H, Dh = q_TxHxDh.shape
+    Bd, Nt = decode_tables_BxW.shape[0], tile_tables_NtxW.shape[0]
+    Tt = (T - Bd) // Nt if Nt else 0
     parts = []
     if Bd:
-        q_BxHxD = q_TxHxD[:Bd]
+        q_BxHxDh = q_TxHxDh[:Bd]
         if decode_impl == "pallas":
-            out = paged_attention(q_BxHxD, k_pages_KxNxPxD, v_pages_KxNxPxD, decode_lengths_B, decode_tables_BxW,
+            out = paged_attention(q_BxHxDh, k_pages_KxNpxPsxDh, v_pages_KxNpxPsxDh, decode_lengths_B, decode_tables_BxW,
                                   interpret=jax.default_backend() == "cpu")
         else:
-            out = paged_attention_reference(q_BxHxD, k_pages_KxNxPxD, v_pages_KxNxPxD, decode_lengths_B,
+            out = paged_attention_reference(q_BxHxDh, k_pages_KxNpxPsxDh, v_pages_KxNpxPsxDh, decode_lengths_B,
                                             decode_tables_BxW)
         parts.append(out)
-    if Np:
-        q_NxQxHxD = q_TxHxD[Bd:].reshape(Np, Q, H, D)
-        out = paged_prefill_attention(q_NxQxHxD, k_pages_KxNxPxD, v_pages_KxNxPxD, positions_T[Bd:].reshape(Np, Q),
-                                      tile_lengths_N, tile_tables_NxW)
-        parts.append(out.reshape(Np * Q, H, D))
+    if Nt:
+        q_NtxTtxHxDh = q_TxHxDh[Bd:].reshape(Nt, Tt, H, Dh)
+        out = paged_prefill_attention(q_NtxTtxHxDh, k_pages_KxNpxPsxDh, v_pages_KxNpxPsxDh,
+                                      positions_T[Bd:].reshape(Nt, Tt), tile_lengths_Nt, tile_tables_NtxW)
+        parts.append(out.reshape(Nt * Tt, H, Dh))
     return jnp.concatenate(parts) if len(parts) > 1 else parts[0]

@@ -1,13 +1,14 @@
 """The host side of one device step: the rows a step computes, laid out as one flat, ragged token batch.
 
-A step's T tokens are Bd decode tokens (one per decoding row) followed by Np prefill tiles of Q tokens; a prefill
-chunk of n tokens fills ceil(n / Q) consecutive tiles, its last tile padded (pad tokens sit at position -1, see
+A step's T tokens are Bd decode tokens (one per decoding row) followed by Nt prefill tiles of Tt tokens; a
+prefill chunk of n tokens fills ceil(n / Tt) consecutive tiles, its last tile padded (pad tokens sit at position -1, see
 nothing and write to the null page). Linear layers and the MLP see only the flat [T] batch; attention reads each
 decode row's and each tile's pages through its own block table (serve/ragged_attention.py). Every row that samples
-(each decode, each prefill chunk) has one sampling slot; the R = Bd + Np slots are the step's output rows.
+(each decode, each prefill chunk) has one sampling slot; the Rs = Bd + Nt slots are the step's output rows
+(letters: the legend of model/kernels/flash_attention.py).
 
 Shapes are bucketed so the step compiles for a small fixed set: Bd a power of two up to the running limit (when a
-step has prefill tiles, Bd is that limit, so mixed steps vary in Np only), Np a power of two, and the block-table
+step has prefill tiles, Bd is that limit, so mixed steps vary in Nt only), Nt a power of two, and the block-table
 width W a power of two of pages, at least `min_pages`, covering the longest row of this step -- never the model's
 context. The step's cost follows the live tokens, not `max_seq_len`.
 """
@@ -31,22 +32,22 @@ class StepInputs(NamedTuple):
     offsets_T: np.ndarray           # int32 offset in that page
     decode_tables_BxW: np.ndarray   # int32 block table of each decode row
     decode_lengths_B: np.ndarray    # int32 tokens in the cache after this step (0: a pad row)
-    tile_tables_NxW: np.ndarray     # int32 block table of each prefill tile's row
-    tile_lengths_N: np.ndarray      # int32 that row's tokens in the cache after this step
-    last_R: np.ndarray              # int32 index in T of each sampling slot's last token
+    tile_tables_NtxW: np.ndarray     # int32 block table of each prefill tile's row
+    tile_lengths_Nt: np.ndarray      # int32 that row's tokens in the cache after this step
+    last_Rs: np.ndarray              # int32 index in T of each sampling slot's last token
     from_prev_T: np.ndarray         # int32 the previous step's sampling slot whose token this is (-1: tokens_T's)
 
 
 class SamplingInputs(NamedTuple):
     """Each sampling slot's parameters (serve/sampling.py `sample_rows`)."""
 
-    seeds_R: np.ndarray        # uint32
-    counters_R: np.ndarray     # int32: the request's output tokens so far (its random stream's position)
-    temperature_R: np.ndarray  # float32
-    top_k_R: np.ndarray        # int32
-    top_p_R: np.ndarray        # float32
-    min_p_R: np.ndarray        # float32
-    logprobs_R: np.ndarray     # bool: the slot's request wants log-probabilities
+    seeds_Rs: np.ndarray        # uint32
+    counters_Rs: np.ndarray     # int32: the request's output tokens so far (its random stream's position)
+    temperature_Rs: np.ndarray  # float32
+    top_k_Rs: np.ndarray        # int32
+    top_p_Rs: np.ndarray        # float32
+    min_p_Rs: np.ndarray        # float32
+    logprobs_Rs: np.ndarray     # bool: the slot's request wants log-probabilities
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,18 +81,18 @@ class StepLayout:
     max_pages: int
 
     def shape(self, num_decodes: int, num_tiles: int, num_pages: int) -> tuple[int, int, int]:
-        """The (Bd, Np, W) bucket for a step with these counts (W from the widest row's pages)."""
+        """The (Bd, Nt, W) bucket for a step with these counts (W from the widest row's pages)."""
         np_ = bucket(num_tiles) if num_tiles else 0
         bd = self.max_decode_rows if np_ else (bucket(num_decodes) if num_decodes else 0)
         w = min(max(bucket(num_pages), self.min_pages), self.max_pages)
         return bd, np_, w
 
     def shape_of(self, inputs: StepInputs) -> tuple[int, int, int]:
-        """The (Bd, Np, W) bucket of built inputs."""
-        return inputs.decode_tables_BxW.shape[0], inputs.tile_tables_NxW.shape[0], inputs.decode_tables_BxW.shape[1]
+        """The (Bd, Nt, W) bucket of built inputs."""
+        return inputs.decode_tables_BxW.shape[0], inputs.tile_tables_NtxW.shape[0], inputs.decode_tables_BxW.shape[1]
 
     def all_shapes(self, max_tiles: int) -> list[tuple[int, int, int]]:
-        """Every (Bd, Np, W) bucket a step can take with at most `max_tiles` prefill tiles."""
+        """Every (Bd, Nt, W) bucket a step can take with at most `max_tiles` prefill tiles."""
         widths = sorted({min(max(1 << i, self.min_pages), self.max_pages)
                          for i in range(bucket(self.max_pages).bit_length())})
         decodes = [1 << i for i in range(self.max_decode_rows.bit_length())]
@@ -114,22 +115,22 @@ def build_step(decodes: Sequence[Row], prefills: Sequence[Row], layout: StepLayo
                ) -> tuple[StepInputs, SamplingInputs, list[int]]:
     """The step's inputs for `decodes` (one token each) and `prefills` (chunks), and the sampling slot of each row
     (decodes then prefills, in order)."""
-    Q, P = layout.tile, layout.page_size
+    Tt, Ps = layout.tile, layout.page_size
     if len(decodes) > layout.max_decode_rows:
         raise ValueError(f"{len(decodes)} decode rows, more than the layout's {layout.max_decode_rows}")
     widest = max([len(r.block_table) for r in (*decodes, *prefills)] or [1])
-    Bd, Np, W = layout.shape(len(decodes), tiles_for([len(r.token_ids) for r in prefills], Q), widest)
+    Bd, Nt, W = layout.shape(len(decodes), tiles_for([len(r.token_ids) for r in prefills], Tt), widest)
     if widest > W:
         raise ValueError(f"a row holds {widest} pages, more than the widest block table ({layout.max_pages})")
-    T, R = Bd + Np * Q, Bd + Np
+    T, Rs = Bd + Nt * Tt, Bd + Nt
     tokens, positions = np.zeros(T, np.int32), np.full(T, -1, np.int32)
     pages, offsets = np.zeros(T, np.int32), np.zeros(T, np.int32)
     dec_tables, dec_lengths = np.zeros((Bd, W), np.int32), np.zeros(Bd, np.int32)
-    tile_tables, tile_lengths = np.zeros((Np, W), np.int32), np.zeros(Np, np.int32)
-    last, from_prev = np.zeros(R, np.int32), np.full(T, -1, np.int32)
-    seeds, counters, top_k = np.zeros(R, np.uint32), np.zeros(R, np.int32), np.zeros(R, np.int32)
-    temperature, top_p = np.zeros(R, np.float32), np.ones(R, np.float32)
-    min_p, logprobs = np.zeros(R, np.float32), np.zeros(R, bool)
+    tile_tables, tile_lengths = np.zeros((Nt, W), np.int32), np.zeros(Nt, np.int32)
+    last, from_prev = np.zeros(Rs, np.int32), np.full(T, -1, np.int32)
+    seeds, counters, top_k = np.zeros(Rs, np.uint32), np.zeros(Rs, np.int32), np.zeros(Rs, np.int32)
+    temperature, top_p = np.zeros(Rs, np.float32), np.ones(Rs, np.float32)
+    min_p, logprobs = np.zeros(Rs, np.float32), np.zeros(Rs, bool)
     slots_of_rows = []
 
     def place(row: Row, at: int, slot: int) -> None:
@@ -137,7 +138,7 @@ def build_step(decodes: Sequence[Row], prefills: Sequence[Row], layout: StepLayo
         pos = np.arange(row.start, row.start + n)
         table = np.asarray(row.block_table, np.int32)
         tokens[at:at + n], positions[at:at + n] = row.token_ids, pos
-        pages[at:at + n], offsets[at:at + n] = table[pos // P], pos % P
+        pages[at:at + n], offsets[at:at + n] = table[pos // Ps], pos % Ps
         last[slot] = at + n - 1
         from_prev[at + n - 1] = row.prev_slot
         seeds[slot], counters[slot], top_k[slot] = np.uint32(row.seed), row.counter, row.top_k
@@ -152,11 +153,11 @@ def build_step(decodes: Sequence[Row], prefills: Sequence[Row], layout: StepLayo
     tile_index = 0
     for row in prefills:
         n = len(row.token_ids)
-        place(row, Bd + tile_index * Q, Bd + tile_index)
-        for t in range(tile_index, tile_index + -(-n // Q)):
+        place(row, Bd + tile_index * Tt, Bd + tile_index)
+        for t in range(tile_index, tile_index + -(-n // Tt)):
             tile_tables[t, :len(row.block_table)] = row.block_table
             tile_lengths[t] = row.start + n
-        tile_index += -(-n // Q)
+        tile_index += -(-n // Tt)
     inputs = StepInputs(tokens, positions, pages, offsets, dec_tables, dec_lengths, tile_tables, tile_lengths, last,
                         from_prev)
     return inputs, SamplingInputs(seeds, counters, temperature, top_k, top_p, min_p, logprobs), slots_of_rows

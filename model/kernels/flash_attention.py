@@ -16,12 +16,14 @@ the letters of one name are joined by `x`; a trailing `_` stands for any further
     A   gradient-accumulation micro-batches       P   pipeline stages
     M   pipeline micro-batches                    I   pipeline iterations (M + P - 1)
     Tq  a kernel's query tile (block_q)           Sk  a kernel's key/value tile (block_k)
-  serving (the paged KV cache, serve/kernels/):
+  serving (the paged KV cache, serve/kernels/, the engine's step, speculative decoding):
     Np  KV-cache pages (a pool)                   Ps  slots per page (page_size)
     W   block-table width (pages per sequence)    Ns  splits of a sequence's pages (num_splits)
     Ws  table entries per split (whole chunks)    Wp  W padded to Ns * Ws (with the null page)
     Pc  pages gathered per chunk (pages_per_chunk; a chunk is Sk = Pc * Ps keys)
     Gp  G padded to a power of two >= 16 (a decode tile's query rows)
+    Bd  a step's decode rows (one token each)     Nt  a step's prefill tiles, of Tt tokens each
+    Rs  a step's sampling slots (Bd + Nt)         Nd  tokens drafted per row (speculative decoding)
 
 Lower-case names in comments and formulas (bq, bk, n) are plain numbers: tile sizes, a device count.
 

@@ -45,12 +45,12 @@ def test_each_token_sees_exactly_its_rows_causal_prefix(decode_impl, with_decode
     out = np.asarray(ragged_paged_attention(
         jnp.asarray(q), jnp.asarray(k_pool), jnp.asarray(v_pool), jnp.asarray(inputs.positions_T),
         jnp.asarray(inputs.decode_tables_BxW), jnp.asarray(inputs.decode_lengths_B),
-        jnp.asarray(inputs.tile_tables_NxW), jnp.asarray(inputs.tile_lengths_N), decode_impl=decode_impl))
+        jnp.asarray(inputs.tile_tables_NtxW), jnp.asarray(inputs.tile_lengths_Nt), decode_impl=decode_impl))
     assert np.isfinite(out).all()
     covered = np.zeros(len(q), bool)
     for spec, slot, keys, values in zip(specs, slots, dense_k, dense_v, strict=True):
         new = len(spec.token_ids)
-        at = inputs.last_R[slot] - new + 1  # the row's tokens sit contiguously, ending at its slot's last index
+        at = inputs.last_Rs[slot] - new + 1  # the row's tokens sit contiguously, ending at its slot's last index
         n = spec.start + new
         q_row = np.zeros((1, n, K * G, D), np.float32)
         q_row[0, spec.start:] = q[at:at + new]
