@@ -3,11 +3,15 @@ optionally the same records as TensorBoard scalars (train/tensorboard.py)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
 import math
 import os
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class MetricsLog:
@@ -16,7 +20,8 @@ class MetricsLog:
     one uninterrupted run: the kept lines are written to a new file that replaces the old one in one rename. When
     nothing is to be dropped the file is only appended to. (One writer at a time: train/run_dir.py's lock.)
     With `tensorboard` (a folder) every record also goes there; when records were dropped, the folder is
-    rewritten from the kept ones, so both views hold the same records."""
+    rewritten from the kept ones, so both views hold the same records. Without `tensorboardX` installed (a
+    core dependency, but a machine set up by hand may lack it) the log says so once and writes JSONL only."""
 
     def __init__(self, path: str | os.PathLike, resume_step: int = 0,
                  tensorboard: str | os.PathLike | None = None):
@@ -31,7 +36,10 @@ class MetricsLog:
                 partial.write_text("".join(line.rstrip("\n") + "\n" for line in kept))
                 os.replace(partial, self.path)
         self._tensorboard = None
-        if tensorboard is not None:
+        if tensorboard is not None and importlib.util.find_spec("tensorboardX") is None:
+            log.warning("tensorboardX is not installed: no TensorBoard events in %s (pip install tensorboardX)",
+                        tensorboard)
+        elif tensorboard is not None:
             from train.tensorboard import TensorBoardLog
 
             rewrite = dropped or not any(Path(tensorboard).glob("events.out.tfevents.*"))

@@ -70,3 +70,17 @@ def test_a_resume_that_drops_nothing_appends(tmp_path):
     got = read_scalars(tmp_path / "tb")
     assert [s for s, k, _ in got if k == "loss"] == [1, 2, 3]
     assert as_float32(got) == as_float32(expected_points(tmp_path / "metrics.jsonl"))
+
+
+def test_without_tensorboardx_the_log_writes_jsonl_only(tmp_path, monkeypatch, caplog):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    missing = lambda name, *a: None if name == "tensorboardX" else real(name, *a)  # noqa: E731
+    monkeypatch.setattr(importlib.util, "find_spec", missing)
+    log = MetricsLog(tmp_path / "metrics.jsonl", tensorboard=tmp_path / "tensorboard")
+    log.write(record(1))
+    log.close()
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["step"] == 1
+    assert not (tmp_path / "tensorboard").exists()
+    assert "tensorboardX is not installed" in caplog.text
