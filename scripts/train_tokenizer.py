@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from scripts.common import fail, setup_logging
 
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     train_files = [f for f in files if not is_validation_file(f, args.val_fraction)] or files
     start = time.perf_counter()
     backend = train_bpe((f.read_bytes().decode("utf-8", errors="replace") for f in train_files), args.vocab_size)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     backend.save(args.out)
     print(f"wrote {args.out}: {backend.get_vocab_size()} ids from {len(train_files)} files in "
           f"{time.perf_counter() - start:.0f} s")
