@@ -4,6 +4,7 @@ message that carries the child's last output."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -53,3 +54,26 @@ def wait(process: subprocess.Popen, timeout: float = HANG_LIMIT_S) -> int:
         _, err = process.communicate()
         pytest.fail(f"{' '.join(map(str, process.args))} did not finish in {timeout:.0f} s.\n"
                     f"--- stderr ---\n{tail(err)}")
+
+
+def start_train(out: Path, args: list[str], *extra: str, stdout: int | None = subprocess.DEVNULL) -> subprocess.Popen:
+    """`python -m scripts.train args... extra... --out out` started in a child on the CPU (stderr captured)."""
+    return subprocess.Popen([sys.executable, "-m", "scripts.train", *args, *extra, "--out", str(out)], cwd=ROOT,
+                            env=child_env(XLA_FLAGS="", JAX_PLATFORMS="cpu"), stdout=stdout,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def logged_losses(out: Path) -> dict[int, float]:
+    """step -> training loss of a run directory's metrics.jsonl."""
+    from train.metrics import read_metrics
+
+    return {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r}
+
+
+def last_logged_step(out: Path) -> int:
+    """The step of a (possibly still running) run's last complete metrics record; 0 before the first."""
+    try:
+        lines = [line for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        return json.loads(lines[-1])["step"] if lines else 0
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0

@@ -14,7 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.subprocesses import HANG_LIMIT_S, ROOT, child_env, tail, wait
+from tests.subprocesses import (
+    HANG_LIMIT_S,
+    ROOT,
+    child_env,
+    last_logged_step,
+    logged_losses,
+    start_train,
+    tail,
+    wait,
+)
 
 STEPS = 300
 ARGS = ["--preset", "tiny", "--steps", str(STEPS), "--log-level", "WARNING",
@@ -23,32 +32,13 @@ ARGS = ["--preset", "tiny", "--steps", str(STEPS), "--log-level", "WARNING",
         "--set", "train.warmup_steps=10"]
 
 
-def start(out: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "scripts.train", *ARGS, *extra, "--out", str(out)], cwd=ROOT,
-                            env=child_env(XLA_FLAGS="", JAX_PLATFORMS="cpu"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def losses(out: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
-
-
-def last_logged_step(out: Path) -> int:
-    try:
-        lines = (out / "metrics.jsonl").read_text().splitlines()
-        return json.loads(lines[-1])["step"] if lines else 0
-    except (FileNotFoundError, json.JSONDecodeError):
-        return 0
-
-
 pytestmark = pytest.mark.slow  # runs in child processes: make test-slow (CI runs it)
 
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("straight")
-    run = start(out, "--profile", "2:3")
+    run = start_train(out, ARGS, "--profile", "2:3", stdout=subprocess.PIPE)
     assert wait(run) == 0, tail(run.stderr.read())
     return out
 
@@ -62,7 +52,7 @@ def test_profile_writes_a_trace_of_the_steps(straight):
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_saves_the_step_and_the_printed_command_resumes_exactly(straight, tmp_path, sig, code):
     out = tmp_path / "run"
-    run = start(out)
+    run = start_train(out, ARGS, stdout=subprocess.PIPE)
     deadline = time.monotonic() + HANG_LIMIT_S
     while last_logged_step(out) < 30 and run.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -76,13 +66,13 @@ def test_a_signal_saves_the_step_and_the_printed_command_resumes_exactly(straigh
     assert found, lines[0]
     step, checkpoint, command = int(found[1]), Path(found[2]), shlex.split(found[3])
     assert 30 <= step < STEPS and checkpoint == out / "checkpoints" / str(step) and checkpoint.is_dir()
-    assert max(losses(out)) == step  # the log ends at the saved step
+    assert max(logged_losses(out)) == step  # the log ends at the saved step
 
     assert command[:3] == ["python", "-m", "scripts.train"] and command[-2:] == ["--out", str(out)]
     resumed = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, capture_output=True, text=True,
                              env=child_env(XLA_FLAGS="", JAX_PLATFORMS="cpu"), timeout=HANG_LIMIT_S)
     assert resumed.returncode == 0, tail(resumed.stderr)
-    expected, got = losses(straight), losses(out)
+    expected, got = logged_losses(straight), logged_losses(out)
     assert sorted(got) == list(range(1, STEPS + 1))
     assert got == expected  # bitwise
 
@@ -91,7 +81,7 @@ def test_plot_runs_draws_two_real_runs(straight, tmp_path):
     from scripts.plot_runs import main, run_curves
 
     other = tmp_path / "other"
-    run = start(other, "--set", "train.lr=1e-3")
+    run = start_train(other, ARGS, "--set", "train.lr=1e-3", stdout=subprocess.PIPE)
     assert wait(run) == 0, tail(run.stderr.read())
     png = tmp_path / "plot.png"
     assert main([str(straight), str(other), "--out", str(png)]) == 0

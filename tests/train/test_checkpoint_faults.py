@@ -21,11 +21,10 @@ from flax import nnx
 
 from model.presets import get_preset
 from parallel.mesh import MeshConfig
-from tests.subprocesses import child_env, run_module, tail
+from tests.subprocesses import child_env, logged_losses, run_module, tail
 from train.checkpoint import Checkpointer
 from train.config import RunConfig, TrainConfig
 from train.loop import NonFiniteError, load_params, train
-from train.metrics import read_metrics
 from train.optimizer import make_optimizer
 from train.sharded import plan_mesh
 
@@ -38,10 +37,6 @@ CFG = RunConfig(model=dataclasses.replace(get_preset("tiny"), dtype="float32"),
 
 def run(out):
     return train(CFG, out, devices=jax.devices()[:1])
-
-
-def losses(out) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r}
 
 
 def abstract_state():
@@ -139,7 +134,7 @@ def test_damaged_checkpoints_are_set_aside_and_the_run_resumes_from_the_newest_i
         assert sorted(str(p.relative_to(aside)) for p in aside.rglob("*")) == damaged[step]
     assert "NaN or infinite" in reports[-1]
     assert "JSONDecodeError" in reports[1] or "Expecting value" in reports[1], reports[1]
-    assert losses(copy) == losses(straight)  # steps 1-2 kept, 3-6 computed again from checkpoint 2: bitwise
+    assert logged_losses(copy) == logged_losses(straight)  # 1-2 kept, 3-6 again from checkpoint 2: bitwise
     assert last["step"] == STEPS
     ckpt = Checkpointer(copy / "checkpoints", read_only=True)  # orbax still reads the folder, the aside ignored
     assert ckpt.all_steps() == [2, 3, 4, 5, 6]
@@ -162,7 +157,7 @@ def test_update_that_makes_the_state_nan_stops_without_saving_and_names_the_last
     ckpt = Checkpointer(copy / "checkpoints", read_only=True)
     assert ckpt.all_steps() == [2, 3]  # nothing written after the poisoned update
     ckpt.close()
-    assert max(losses(copy)) == 3  # the log ends at the checkpoint: step 4 stopped before it was logged
+    assert max(logged_losses(copy)) == 3  # the log ends at the checkpoint: step 4 stopped before it was logged
 
 
 def params_of(model) -> dict:

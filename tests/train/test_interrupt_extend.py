@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from model.presets import get_preset
+from tests.subprocesses import logged_losses
 from tests.train.tensorboard_events import read_scalars
 from train.config import RunConfig, TrainConfig
 from train.loop import TrainingInterrupted, train
@@ -33,10 +34,6 @@ def stop_after(calls: int):
     return lambda: next(counter) >= calls
 
 
-def losses(out) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r}
-
-
 pytestmark = pytest.mark.slow  # six short runs in process (a compile each): make test-slow (CI runs it)
 
 
@@ -55,7 +52,7 @@ def test_stopping_saves_the_step_and_resuming_matches_the_uninterrupted_run(refe
     assert info.value.step == 3  # 3 is no checkpoint step (ckpt_every=5): the stop saved it
     assert info.value.checkpoint == tmp_path / "checkpoints" / "3"
     assert (info.value.checkpoint / "commit_success.txt").exists()  # the save was complete before the raise
-    assert max(losses(tmp_path)) == 3
+    assert max(logged_losses(tmp_path)) == 3
 
     train(config(), tmp_path, devices=ONE)  # resume to the end of the schedule
     with pytest.raises(TrainingInterrupted) as info:  # extend, and stop inside the extension
@@ -63,7 +60,7 @@ def test_stopping_saves_the_step_and_resuming_matches_the_uninterrupted_run(refe
     assert info.value.step == STEPS + 2
     train(config(EXTEND), tmp_path, devices=ONE)
 
-    expected, got = losses(reference), losses(tmp_path)
+    expected, got = logged_losses(reference), logged_losses(tmp_path)
     assert sorted(got) == list(range(1, STEPS + EXTEND + 1))  # one run: no gaps, no repeats
     assert got == expected  # bitwise: floats compared exactly
     scalars = {s: v for s, k, v in read_scalars(tmp_path / "tensorboard") if k == "loss"}
