@@ -133,3 +133,28 @@ def test_weighted_step_over_micro_batches_is_the_weighted_mean_of_the_whole_batc
     np.testing.assert_allclose(float(split["loss"]), expected, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(split_state["params"]["embed"]), np.asarray(whole_state["params"]["embed"]),
                                rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow  # two short training runs
+def test_sft_run_on_eight_devices_equals_one_device(tmp_path):
+    """The weighted step and evaluation through the sharded loop: the same losses on a data x fsdp x tensor mesh
+    of 8 devices as on one (float32; different reduction orders: 1e-5 relative)."""
+    import dataclasses
+
+    from parallel.mesh import MeshConfig
+    from train.config import RunConfig
+    from train.loop import train
+    from train.metrics import read_metrics
+
+    cfg = RunConfig(model=CFG, train=TrainConfig(steps=3, batch_size=8, seq_len=64, warmup_steps=1, eval_every=3,
+                                                 eval_batches=1, ckpt_every=3, log_every=1, data=str(CHAT_FILE),
+                                                 sft=True, val_fraction=0.2))
+    records = {}
+    for name, mesh, devices in (("one", MeshConfig(data=1), jax.devices()[:1]),
+                                ("eight", MeshConfig(data=2, fsdp=2, tensor=2), jax.devices())):
+        train(dataclasses.replace(cfg, mesh=mesh), tmp_path / name, devices=devices)
+        records[name] = [(r["step"], r.get("loss"), r.get("val_loss"), r.get("val_bpb"))
+                         for r in read_metrics(tmp_path / name / "metrics.jsonl")]
+    assert [r[0] for r in records["one"]] == [1, 2, 3, 3]
+    for a, b in zip(records["one"], records["eight"], strict=True):
+        np.testing.assert_allclose([x for x in a if x is not None], [x for x in b if x is not None], rtol=1e-5)
