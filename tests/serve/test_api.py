@@ -279,8 +279,10 @@ def test_401_without_the_key(server):
 
 def test_a_full_queue_gets_503_with_retry_after(server):
     async def one(client):
+        # 4 choices a request: 17 requests fill the 64 places before 4 running sequences finish, however slowly
+        # a loaded machine sends them
         r = await client.post("/v1/completions", json={"prompt": "q", "max_tokens": 10, "temperature": 0,
-                                                       "ignore_eos": True})
+                                                       "ignore_eos": True, "n": 4})
         return r.status_code, r.headers.get("retry-after"), r.json()
 
     async def many():
