@@ -15,7 +15,7 @@ import pytest
 
 from tests.subprocesses import HANG_LIMIT_S, ROOT, child_env, tail
 
-pytestmark = pytest.mark.slow  # a dozen children that import JAX, three of them training runs: minutes on 2 cores
+pytestmark = pytest.mark.slow  # a dozen children that import JAX, eight of them training runs: minutes on 2 cores
 
 # Commands (`.venv/bin/python` written `python`, continuation lines joined) run from the scratch directory, in
 # README order, each block's commands in one shell.
@@ -25,6 +25,9 @@ RUN = (
     "python -m scripts.train --preset tiny --steps 200 --out runs/tiny --profile 20:22",
     "python -m scripts.plot_runs runs/tiny",
     "python -m scripts.train --preset tiny --steps 200 --out runs/tiny --extend 100",
+    "python -m scripts.train_tokenizer --vocab-size 8192",
+    "python -m scripts.train --preset tiny --steps 20 --out runs/tiny-bpe",
+    "XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m scripts.train --preset tiny",  # ring, MoE, stages
     # these use runs/mine, for which the test trains a stand-in (STAND_IN)
     "python -m scripts.generate --run runs/mine",
     "printf '{\"prompt\"",
@@ -39,15 +42,12 @@ NOT_RUN = {
     "make demo": "trains the demo model for ~6 min; CI runs it",
     "make test": "the suite itself",
     "python -m scripts.train --preset small --steps 500": "500 steps of `small`: minutes",
-    "python -m scripts.train_tokenizer": "half a minute, then a training run (tests/train/test_run_tokenizer)",
-    "python -m scripts.train --preset tiny --steps 20 --out runs/tiny-bpe": "needs the tokenizer above",
     "SMOLLM2=": "fine-tunes SmolLM2-135M: ~5 min (tests/train/test_sft_smollm2)",
     "python -m scripts.train --init gguf": "fine-tunes SmolLM2-135M: ~5 min (tests/train/test_sft_smollm2)",
     "python -m scripts.generate --run runs/smollm2-sft": "needs the fine-tuned run above",
     "python -m scripts.evaluate --gguf": "SmolLM2-135M over 2k tokens: minutes (tests/scripts/test_evaluate)",
     "python -m scripts.generate --gguf": "SmolLM2-135M: a minute on 2 cores",
     "python -m scripts.train --preset 125m": "a 125m model on 8 devices",
-    "XLA_FLAGS=--xla_force_host_platform_device_count=8": "8 fake devices: over a minute each (tests/parallel)",
     "python -m scripts.launch_local": "two processes training on 4 fake devices each (tests/parallel)",
     "srun": "a SLURM job on 32 GPUs",
     "make serve": "a server that runs until stopped (tests/serve/test_api)",
@@ -141,7 +141,7 @@ def test_quick_shell_commands_run(scratch: Path) -> None:
         chosen = [c for c in commands(text) if language == "bash" and is_run(c)]
         if chosen:
             python = shlex.quote(sys.executable)
-            script = "set -e\n" + "\n".join(re.sub(r"^python ", python + " ", c) for c in chosen)
+            script = "set -e\n" + "\n".join(re.sub(r"(^|\s)python ", rf"\g<1>{python} ", c) for c in chosen)
             run_in(scratch, ["bash", "-c", script], f"block {index}: {' ; '.join(chosen)}")
     assert (scratch / "runs" / "tiny.png").stat().st_size > 0
     assert len((scratch / "runs" / "results.jsonl").read_text().splitlines()) == 2
