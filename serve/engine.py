@@ -44,11 +44,15 @@ from serve.forward import (
     unstacked,
 )
 from serve.kv_cache import CacheShape, KVCache, init_cache, pages_for_budget
+from serve.ngram import NgramConfig, propose_ngram
 from serve.ragged_attention import DECODE_IMPLS, resolve_decode_impl
 from serve.request import PENDING, Completion, Request, RequestState, SamplingParams
 from serve.request_checks import RequestError
 from serve.sampling import sample_rows, token_logprobs
 from serve.scheduler import Schedule, ScheduledChunk, Scheduler, SchedulerConfig
+from serve.speculation_config import SpeculativeConfig
+from serve.speculation_policy import SpeculationPolicy
+from serve.speculative import verify_rows
 from serve.step_batch import Row, SamplingInputs, StepInputs, StepLayout, bucket, build_step, tiles_for
 
 TokenCallback = Callable[[str, int], None]
@@ -97,6 +101,7 @@ class ServeConfig:
     seed: int = 0
     prefix_caching: bool = True
     overlap: bool = True
+    speculative: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
         check_ints("serve.", self, ("page_size", "max_running", "token_budget", "prefill_tile", "min_context_bucket"))
@@ -106,21 +111,45 @@ class ServeConfig:
             check_bool(f"serve.{name}", getattr(self, name))
         check_one_of("serve.decode_impl", self.decode_impl, DECODE_IMPLS)
         check_one_of("serve.layer_loop", self.layer_loop, LAYER_LOOPS)
+        if self.speculative is not None and not isinstance(self.speculative, SpeculativeConfig):
+            raise ValueError(f"serve.speculative must be a SpeculativeConfig or None, got {self.speculative!r}")
 
 
 def _device_step(graph: StepGraph, decode_impl: str, params: StepParams, cache: KVCache,
-                 prev_tokens: jax.Array, inputs: StepInputs, sampling: SamplingInputs
+                 prev_tokens: jax.Array, inputs: StepInputs, sampling: SamplingInputs,
+                 draft: tuple[jax.Array, jax.Array] | None = None
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array], KVCache, jax.Array]:
     """The model step and the sampler. Tokens marked `from_prev_T` >= 0 are the previous step's sampled tokens
-    (`prev_tokens`, that step's output padded to a fixed length), which the host has not read yet. Returns the
-    sampled tokens [Rs], their log-probabilities and the top ones (serve/sampling.py `token_logprobs`; zeros when
-    no slot asked), the cache, and the tokens padded for the next step."""
+    (`prev_tokens`, that step's output padded to a fixed length), which the host has not read yet. Decode rows with
+    drafted tokens (`inputs.drafts_BxNd`, or `draft`'s tokens [Bd, Nd] and their draft probabilities [Bd, Nd, V]
+    from a draft model, still on the device) are verified (serve/speculative.py): their Td = Nd + 1 slots hold the
+    tokens they emit, -1 past the last. Returns the tokens [Rs], their log-probabilities and the top ones
+    (serve/sampling.py `token_logprobs`; zeros when no slot asked), the cache, and the tokens padded for the next
+    step."""
     from_prev_T = inputs.from_prev_T
     tokens_T = jnp.where(from_prev_T >= 0, prev_tokens[jnp.maximum(from_prev_T, 0)], inputs.tokens_T)
+    Bd, Nd = inputs.drafts_BxNd.shape
+    Td = Nd + 1
+    drafts_BxNd, draft_probs = inputs.drafts_BxNd, None
+    if draft is not None:
+        drafts_BxNd = jnp.where(drafts_BxNd >= 0, draft[0], -1)
+        draft_probs = draft[1]
+        decode_BxTd = tokens_T[:Bd * Td].reshape(Bd, Td).at[:, 1:].set(jnp.maximum(drafts_BxNd, 0))
+        tokens_T = jnp.concatenate([decode_BxTd.reshape(-1), tokens_T[Bd * Td:]])
     logits_RsxV, cache = model_step(graph, params, cache, inputs._replace(tokens_T=tokens_T),
                                    decode_impl=decode_impl)
-    tokens_Rs = sample_rows(logits_RsxV, *sampling[:-1])
-    logprobs = token_logprobs(logits_RsxV, tokens_Rs, jnp.any(sampling.logprobs_Rs))
+    if Nd == 0:
+        tokens_Rs = sample_rows(logits_RsxV, *sampling[:-1])
+    else:
+        rows = [a[:Bd * Td:Td] for a in sampling[:-1]]  # a decode row's Td slots share its parameters
+        seeds, counters, temperature, top_k, top_p, min_p = rows
+        emitted_BxTd = verify_rows(logits_RsxV[:Bd * Td].reshape(Bd, Td, -1), drafts_BxNd, draft_probs, seeds,
+                                   counters, temperature, top_k, top_p, min_p)
+        parts = [emitted_BxTd.reshape(-1)]
+        if logits_RsxV.shape[0] > Bd * Td:
+            parts.append(sample_rows(logits_RsxV[Bd * Td:], *(a[Bd * Td:] for a in sampling[:-1])))
+        tokens_Rs = jnp.concatenate(parts)
+    logprobs = token_logprobs(logits_RsxV, jnp.maximum(tokens_Rs, 0), jnp.any(sampling.logprobs_Rs))
     Rs = min(tokens_Rs.shape[0], prev_tokens.shape[0])
     return tokens_Rs, logprobs, cache, jnp.zeros_like(prev_tokens).at[:Rs].set(tokens_Rs[:Rs])
 
@@ -136,25 +165,27 @@ class CompiledSteps:
         self.compile_s = 0.0
 
     @staticmethod
-    def _key(params: StepParams, cache: KVCache, prev_tokens: jax.Array, inputs: StepInputs) -> tuple:
+    def _key(params: StepParams, cache: KVCache, prev_tokens: jax.Array, inputs: StepInputs,
+             draft: tuple | None = None) -> tuple:
         return tuple(a.shape for a in inputs) + (cache.k.shape, str(cache.k.dtype), prev_tokens.shape,
-                                                 isinstance(params.blocks, tuple))
+                                                 isinstance(params.blocks, tuple), draft is not None)
 
-    def compiled(self, params: StepParams, cache: KVCache, prev_tokens: jax.Array, inputs: StepInputs) -> bool:
+    def compiled(self, params: StepParams, cache: KVCache, prev_tokens: jax.Array, inputs: StepInputs,
+                 draft: tuple | None = None) -> bool:
         """Whether the step for these shapes is compiled already."""
-        return self._key(params, cache, prev_tokens, inputs) in self._compiled
+        return self._key(params, cache, prev_tokens, inputs, draft) in self._compiled
 
     def __call__(self, params: StepParams, cache: KVCache, prev_tokens: jax.Array, inputs: StepInputs,
-                 sampling: SamplingInputs) -> tuple[jax.Array, tuple, KVCache, jax.Array]:
-        key = self._key(params, cache, prev_tokens, inputs)
+                 sampling: SamplingInputs, draft: tuple | None = None) -> tuple[jax.Array, tuple, KVCache, jax.Array]:
+        key = self._key(params, cache, prev_tokens, inputs, draft)
         fn = self._compiled.get(key)
         if fn is None:
             start = time.perf_counter()
             with triton_deprecation_ignored():
-                fn = self._jitted.lower(params, cache, prev_tokens, inputs, sampling).compile()
+                fn = self._jitted.lower(params, cache, prev_tokens, inputs, sampling, draft).compile()
             self.compile_s += time.perf_counter() - start
             self._compiled[key] = fn
-        return fn(params, cache, prev_tokens, inputs, sampling)
+        return fn(params, cache, prev_tokens, inputs, sampling, draft)
 
     def cost(self, params: StepParams, cache: KVCache, prev_tokens: jax.Array, inputs: StepInputs,
              sampling: SamplingInputs) -> dict:
@@ -175,11 +206,26 @@ def compiled_steps(graph: StepGraph, decode_impl: str) -> CompiledSteps:
 
 @dataclasses.dataclass
 class _Launched:
-    """A step on the device: the requests it samples for, and where each one's token is in its output."""
+    """A step on the device: the requests it samples for, and where each one's token is in its output (a verified
+    decode row's tokens are at its slot and the `decode_width` - 1 after it, -1 past the last)."""
 
     tokens_Rs: jax.Array
     logprobs: tuple[jax.Array, jax.Array, jax.Array]  # serve/sampling.py token_logprobs
     sampled: list[tuple[RequestState, int]]  # (request, sampling slot)
+    decode_width: int = 1
+    decode_slots: int = 0  # slots of the decode rows (Bd * Td)
+    drafted: dict[int, int] = dataclasses.field(default_factory=dict)  # id(request) -> tokens drafted for it
+
+    @property
+    def verifying(self) -> bool:
+        return self.decode_width > 1
+
+    def emitted(self, tokens_Rs: np.ndarray, slot: int) -> list[int]:
+        """The tokens the request at `slot` emits."""
+        if not self.verifying or slot >= self.decode_slots:
+            return [int(tokens_Rs[slot])]
+        row = tokens_Rs[slot:slot + self.decode_width]
+        return [int(t) for t in row[:int(np.argmax(row < 0)) if (row < 0).any() else len(row)]]
 
     @property
     def slot_of(self) -> dict[int, int]:
@@ -187,10 +233,32 @@ class _Launched:
         return {id(seq): slot for seq, slot in self.sampled}
 
 
-class Engine:
-    """Continuous batching over a paged KV cache for one model (any `model.transformer.Transformer`)."""
+@dataclasses.dataclass
+class SpeculationStats:
+    """Speculative decoding so far: verified decode rows, tokens drafted and accepted, and how many rows accepted
+    their j-th drafted token (`accepted_at[j]`; a row accepts a prefix of its drafts)."""
 
-    def __init__(self, model: nnx.Module, cfg: ServeConfig = ServeConfig()):
+    rows: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    accepted_at: list[int] = dataclasses.field(default_factory=list)
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens each verified row emitted on average: its accepted drafts plus the one the target sampled."""
+        return 1.0 + self.accepted / self.rows if self.rows else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
+class Engine:
+    """Continuous batching over a paged KV cache for one model (any `model.transformer.Transformer`), with
+    speculative decoding when `cfg.speculative` says so (serve/speculative.py verifies; `draft_model` is the
+    proposer of method "draft", a model with the same vocabulary)."""
+
+    def __init__(self, model: nnx.Module, cfg: ServeConfig = ServeConfig(), draft_model: nnx.Module | None = None):
         model = for_inference(model)
         self.cfg, self.model_cfg = cfg, model.cfg
         self.graph, self.params = split_for_serving(model)
@@ -235,6 +303,18 @@ class Engine:
         self.last_host_s = 0.0  # the last step's host time: scheduling, input building, output handling
         self.host_s = self.wait_s = 0.0  # totals: host work, and time blocked reading tokens back
         self.num_steps = 0
+        spec = cfg.speculative
+        self.speculation = SpeculationStats(accepted_at=[0] * (spec.num_tokens if spec else 0))
+        self.policy = SpeculationPolicy() if spec and spec.adaptive else None
+        self._ngram = NgramConfig(spec.ngram_max_n, spec.ngram_min_n, spec.num_tokens) if spec else None
+        self._drafter = None
+        if spec and spec.method == "draft":
+            if draft_model is None:
+                raise ValueError("speculative method 'draft' needs a draft_model")
+            from serve.draft_model import DraftRunner  # noqa: PLC0415 (only engines with a draft model load it)
+            self._drafter = DraftRunner(draft_model, self, spec.num_tokens)
+        elif draft_model is not None:
+            raise ValueError("a draft_model was given but serve.speculative.method is not 'draft'")
 
     # --- requests ------------------------------------------------------------------------------------------
 
@@ -322,22 +402,30 @@ class Engine:
         (request id, token) pairs read back."""
         start = time.perf_counter()
         self._waited = 0.0
-        schedule = self.scheduler.schedule()
-        built = self._build(schedule) if schedule.chunks else None
+        compiles = self.compile_count
         events = []
+        lookahead = self._lookahead()
+        if lookahead and self._in_flight:  # drafting needs every sequence's last token
+            events = self._read_back(self._in_flight)
+            self._in_flight = None
+        schedule = self.scheduler.schedule(lookahead)
+        built = self._build(schedule) if schedule.chunks else None
         if built and self._in_flight and not self._steps.compiled(built[0], self.cache, self._prev_tokens,
-                                                                 built[1]):
-            events = self._read_back(self._in_flight)  # the tokens in flight do not wait for a compile
+                                                                 built[1], built[4]):
+            events += self._read_back(self._in_flight)  # the tokens in flight do not wait for a compile
             self._in_flight = None
         launched = self._launch(*built) if built else None
         if self._in_flight:
-            events = self._read_back(self._in_flight)
+            events += self._read_back(self._in_flight)
         if launched:
             self._advance(schedule, launched)
         self._in_flight = launched
-        if launched and not self.cfg.overlap:
+        if launched and (not self.cfg.overlap or launched.verifying):  # the next drafts start from its tokens
             events += self._read_back(launched)
             self._in_flight = None
+        if self.policy and schedule.chunks and not schedule.prefills and self.compile_count == compiles:
+            self.policy.record(bucket(len(schedule.decodes)), bool(lookahead), len(events),
+                               time.perf_counter() - start)
         running = self.scheduler.running
         if running and self.allocator.num_used:
             stored = sum(seq.num_computed for seq in running)
@@ -349,35 +437,62 @@ class Engine:
         self.num_steps += 1
         return events
 
-    def _row(self, chunk: ScheduledChunk) -> Row:
+    def _lookahead(self) -> int:
+        """Drafted tokens per decode this step: the configured k, or 0 where the policy finds speculation slower
+        for this many running sequences."""
+        spec = self.cfg.speculative
+        if spec is None or not self.scheduler.num_running:
+            return 0
+        if self.policy and not self.policy.speculate(bucket(self.scheduler.num_running)):
+            return 0
+        return spec.num_tokens
+
+    def _row(self, chunk: ScheduledChunk, drafts: list[int] = ()) -> Row:
         seq, s = chunk.seq, chunk.seq.sampling
-        tokens = seq.all_ids[chunk.start:chunk.start + chunk.length]
+        tokens = seq.all_ids[chunk.start:chunk.start + chunk.length - chunk.lookahead]
         prev_slot = -1
         if tokens[-1] == PENDING:  # a decode of the token in flight: the device has it
             prev_slot = self._in_flight.slot_of[id(seq)]
             tokens = tokens[:-1] + [0]
         return Row(tokens, chunk.start, seq.block_table, seed=s.seed, counter=len(seq.output_ids),
                    temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
-                   logprobs=seq.logprobs is not None, prev_slot=prev_slot)
+                   logprobs=seq.logprobs is not None, prev_slot=prev_slot, drafts=drafts)
 
-    def _build(self, schedule: Schedule) -> tuple[StepParams, StepInputs, SamplingInputs, list]:
-        """The step's weights, inputs, sampling inputs and (request, sampling slot) pairs."""
+    def _build(self, schedule: Schedule) -> tuple[StepParams, StepInputs, SamplingInputs, list, tuple | None, dict]:
+        """The step's weights, inputs, sampling inputs, (request, sampling slot) pairs, the draft model's drafts
+        (None without one) and the tokens drafted for each request (by id)."""
         decodes, prefills = list(schedule.decodes), list(schedule.prefills)
-        inputs, sampling, slots_of = build_step([self._row(c) for c in decodes], [self._row(c) for c in prefills],
-                                                self.layout)
+        drafts = self._propose(decodes)
+        num_drafts = self.cfg.speculative.num_tokens if any(drafts) else 0
+        inputs, sampling, slots_of = build_step([self._row(c, d) for c, d in zip(decodes, drafts, strict=True)],
+                                                [self._row(c) for c in prefills], self.layout, num_drafts)
         self.shapes_seen.add(self.layout.shape_of(inputs))
         chunks = decodes + prefills
-        return (self.params, StepInputs(*map(jnp.asarray, inputs)), SamplingInputs(*map(jnp.asarray, sampling)),
-                [(c.seq, slot) for c, slot in zip(chunks, slots_of, strict=True)])
+        drafted = {id(c.seq): len(d) for c, d in zip(decodes, drafts, strict=True) if d}
+        inputs = StepInputs(*map(jnp.asarray, inputs))
+        draft = self._drafter.draft(decodes, inputs) if self._drafter and num_drafts else None
+        return (self.params, inputs, SamplingInputs(*map(jnp.asarray, sampling)),
+                [(c.seq, slot) for c, slot in zip(chunks, slots_of, strict=True)], draft, drafted)
+
+    def _propose(self, decodes: list[ScheduledChunk]) -> list[list[int]]:
+        """Each decode's drafted tokens, up to its lookahead (for a draft model: placeholders, the tokens are
+        drafted on the device)."""
+        if self.cfg.speculative is None:
+            return [[] for _ in decodes]
+        if self._drafter:
+            return [[0] * c.lookahead for c in decodes]
+        return [propose_ngram(c.seq.all_ids, self._ngram)[:c.lookahead] if c.lookahead else [] for c in decodes]
 
     def _launch(self, params: StepParams, inputs: StepInputs, sampling: SamplingInputs,
-                sampled: list[tuple[RequestState, int]]) -> _Launched:
+                sampled: list[tuple[RequestState, int]], draft: tuple | None = None,
+                drafted: dict[int, int] | None = None) -> _Launched:
         """Dispatch a built step (asynchronously: nothing here waits for the device, unless it compiles)."""
         self.last_step = (inputs, sampling)
         self._last_params = params
         tokens_Rs, logprobs, self.cache, self._prev_tokens = self._steps(params, self.cache, self._prev_tokens,
-                                                                        inputs, sampling)
-        return _Launched(tokens_Rs, logprobs, sampled)
+                                                                        inputs, sampling, draft)
+        Bd, Nd = inputs.drafts_BxNd.shape
+        return _Launched(tokens_Rs, logprobs, sampled, Nd + 1, Bd * (Nd + 1), drafted or {})
 
     def _advance(self, schedule: Schedule, launched: _Launched) -> None:
         """Tell the scheduler what the launched step computes: its chunks' tokens have K/V, and each request
@@ -399,9 +514,12 @@ class Engine:
         tokens = np.asarray(launched.tokens_Rs)
         now = time.perf_counter()
         self._waited += now - waiting
-        events = self.scheduler.update_from_output([(seq, int(tokens[slot])) for seq, slot in launched.sampled], now)
+        emitted = [(seq, launched.emitted(tokens, slot)) for seq, slot in launched.sampled]
+        if launched.verifying:
+            self._count_accepted(launched, emitted)
+        events = self.scheduler.update_from_output(emitted, now)
         if any(seq.logprobs is not None for seq, _ in launched.sampled):
-            self._record_logprobs(launched, {rid for rid, _ in events})
+            self._record_logprobs(launched, events)
         for rid, token in events:
             if rid in self._callbacks:
                 self._callbacks[rid](rid, token)
@@ -409,11 +527,32 @@ class Engine:
                     self._callbacks.pop(rid, None)  # the callback may have aborted its own request
         return events
 
-    def _record_logprobs(self, launched: _Launched, accepted: set[str]) -> None:
+    def _count_accepted(self, launched: _Launched, emitted: list[tuple[RequestState, list[int]]]) -> None:
+        """Add a verifying step's drafted and accepted tokens to the engine's and each request's counts."""
+        stats = self.speculation
+        for seq, tokens in emitted:
+            drafted = launched.drafted.get(id(seq), 0)
+            if not drafted:
+                continue
+            accepted = len(tokens) - 1
+            stats.rows += 1
+            stats.drafted += drafted
+            stats.accepted += accepted
+            for j in range(accepted):
+                stats.accepted_at[j] += 1
+            seq.num_drafted += drafted
+            seq.num_accepted += accepted
+
+    def _record_logprobs(self, launched: _Launched, events: list[tuple[str, int]]) -> None:
         """Append each accepted token's log-probabilities to its request's `output_logprobs`."""
         token_lp, top_ids, top_lps = (np.asarray(a) for a in launched.logprobs)
-        for seq, slot in launched.sampled:
-            if seq.logprobs is not None and seq.request_id in accepted:
+        counts: dict[str, int] = {}
+        for rid, _ in events:
+            counts[rid] = counts.get(rid, 0) + 1
+        for seq, first in launched.sampled:
+            if seq.logprobs is None:
+                continue
+            for slot in range(first, first + counts.get(seq.request_id, 0)):
                 top = tuple((int(i), float(lp)) for i, lp in zip(top_ids[slot, :seq.logprobs],
                                                                   top_lps[slot, :seq.logprobs], strict=True))
                 seq.output_logprobs.append((float(token_lp[slot]), top))
@@ -443,7 +582,7 @@ class Engine:
         T, Rs = bd + nt * self.cfg.prefill_tile, bd + nt
         z = lambda *shape: jnp.zeros(shape, jnp.int32)  # noqa: E731
         inputs = StepInputs(z(T), jnp.full((T,), -1, jnp.int32), z(T), z(T), z(bd, w), z(bd), z(nt, w), z(nt),
-                            z(Rs), jnp.full((T,), -1, jnp.int32))
+                            z(Rs), jnp.full((T,), -1, jnp.int32), z(bd, 0))
         return inputs, SamplingInputs(jnp.zeros(Rs, jnp.uint32), z(Rs), jnp.zeros(Rs, jnp.float32), z(Rs),
                                       jnp.ones(Rs, jnp.float32), jnp.zeros(Rs, jnp.float32), jnp.zeros(Rs, bool))
 

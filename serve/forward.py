@@ -86,7 +86,7 @@ def model_step(graph: StepGraph, params: StepParams, cache: KVCache, inputs: Ste
                 q_1xTxHxDh[0], pools[0], pools[1], inputs.positions_T,
                 layer_pages(inputs.decode_tables_BxW, index, num_pages), inputs.decode_lengths_B,
                 layer_pages(inputs.tile_tables_NtxW, index, num_pages), inputs.tile_lengths_Nt,
-                decode_impl=decode_impl)
+                decode_impl=decode_impl, decode_width=inputs.drafts_BxNd.shape[1] + 1)
             return out_TxHxDh[None]
 
         x_1xTxD, _ = nnx.merge(graph.block, layer_state)(x_1xTxD, cos, sin, attend)

@@ -14,11 +14,11 @@ object at all (a file that is not a batch) is refused, before anything runs. A r
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from model.jsonl import read_json_objects
 from serve import request_checks
 from serve.engine import Completion, Request, SamplingParams
 from serve.request_checks import RequestError
@@ -122,21 +122,10 @@ def read_records(path: str | Path) -> list[tuple[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no prompts file at {path}")
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        if path.suffix == ".jsonl":
-            try:
-                record = json.loads(line)
-            except (ValueError, RecursionError) as e:  # also an integer too long, or nesting too deep, to read
-                raise ValueError(f"{where}: not JSON ({getattr(e, 'msg', e)})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {request_checks.shown(record)}")
-        else:
-            record = {"prompt": line}
-        records.append((where, record))
+    if path.suffix == ".jsonl":
+        return read_json_objects(path, "prompts")
+    records = [(f"{path}:{number}", {"prompt": line})
+               for number, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
     if not records:
         raise ValueError(f"{path} holds no prompts")
     return records

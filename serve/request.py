@@ -64,6 +64,9 @@ class RequestState:
     num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (at the latest admission)
     block_keys: list = dataclasses.field(default_factory=list)  # prefix-cache keys of full blocks, as far as known
     num_registered: int = 0  # blocks of block_table registered in the prefix cache
+    num_drafted: int = 0  # speculative decoding: tokens drafted for this request, and accepted by the target
+    num_accepted: int = 0
+    num_draft_computed: int = 0  # tokens with K/V in a draft model's cache (serve/draft_model.py)
 
     @property
     def num_tokens(self) -> int:
@@ -108,6 +111,8 @@ class Completion:
     token_times_s = property(lambda self: self.state.token_times_s)
     num_preemptions = property(lambda self: self.state.num_preemptions)
     num_cached_tokens = property(lambda self: self.state.num_cached_tokens)
+    num_drafted = property(lambda self: self.state.num_drafted)
+    num_accepted = property(lambda self: self.state.num_accepted)
 
     @property
     def finish_reason(self) -> str | None:

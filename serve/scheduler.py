@@ -16,6 +16,12 @@ step gives some sequences a chunk [num_computed, num_computed + n) to compute un
    one token is always left to compute, so the step samples from its logits. Every block a chunk completes is
    registered for later sequences.
 
+With speculative decoding the engine asks `schedule(lookahead=k)`: a decoding sequence then also gets pages and
+budget for up to k drafted tokens after its last one (`ScheduledChunk.lookahead`, vLLM's lookahead slots). Only its
+real token counts as computed when the chunk is launched; the drafts the target accepts are added when their step
+is read back (`update_from_output`), and the pages past the sequence's new length are freed again (rejected
+drafts' K/V sits beyond its length, where nothing reads it and the next tokens overwrite it).
+
 Budget goes in admission order, so an older sequence's long prefill can hold back younger decodes for a step;
 `max_prefill_chunk` < `token_budget` keeps room for them. The returned chunks list decodes first.
 
@@ -31,6 +37,7 @@ import dataclasses
 import itertools
 import math
 from collections import deque
+from collections.abc import Sequence
 
 from model.checks import check_bool, check_int, check_ints
 from serve.block_allocator import BlockAllocator, block_keys
@@ -39,18 +46,22 @@ from serve.request import PENDING, RequestState
 
 @dataclasses.dataclass(frozen=True)
 class ScheduledChunk:
-    """Compute tokens [start, start + length) of `seq` this step. `is_decode` is fixed when the chunk is made: one
-    token, the last sampled output (a 1-token prompt or a prompt's 1-token last chunk is a prefill)."""
+    """Compute tokens [start, start + length) of `seq` this step, the last `lookahead` of them slots for drafted
+    tokens. `is_decode` is fixed when the chunk is made: one known token, the last sampled output (a 1-token prompt
+    or a prompt's 1-token last chunk is a prefill)."""
 
     seq: RequestState
     start: int
     length: int
+    lookahead: int = 0
     is_decode: bool = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
-        if self.start < 0 or self.length < 1:
-            raise ValueError(f"request {self.seq.request_id!r}: bad chunk start={self.start} length={self.length}")
-        decode = self.length == 1 and bool(self.seq.output_ids) and self.start == self.seq.num_tokens - 1
+        if self.start < 0 or self.length < 1 or not 0 <= self.lookahead < self.length:
+            raise ValueError(f"request {self.seq.request_id!r}: bad chunk start={self.start} length={self.length} "
+                             f"lookahead={self.lookahead}")
+        decode = (self.length - self.lookahead == 1 and bool(self.seq.output_ids)
+                  and self.start == self.seq.num_tokens - 1)
         object.__setattr__(self, "is_decode", decode)
 
 
@@ -158,7 +169,11 @@ class Scheduler:
         if chunk.start != seq.num_computed:
             raise ValueError(f"request {seq.request_id!r}: chunk starts at {chunk.start} but {seq.num_computed} "
                              f"tokens are computed")
-        seq.num_computed += chunk.length
+        seq.num_computed += chunk.length - chunk.lookahead
+        self._register(seq)
+
+    def _register(self, seq: RequestState) -> None:
+        """Register the full blocks of `seq`'s computed tokens in the prefix cache."""
         if self.cfg.prefix_caching:
             full = seq.num_computed // self.cfg.page_size
             for i, key in enumerate(self._keys(seq, full)[seq.num_registered:], seq.num_registered):
@@ -177,19 +192,37 @@ class Scheduler:
         if len(seq.output_ids) >= seq.max_new_tokens:
             self.finish(seq, "length")
 
-    def update_from_output(self, sampled: list[tuple[RequestState, int]], now: float) -> list[tuple[str, int]]:
+    def update_from_output(self, sampled: list[tuple[RequestState, int | Sequence[int]]], now: float
+                           ) -> list[tuple[str, int]]:
         """The sampled tokens of a step, read back: each replaces its request's `PENDING` place; a stop token
-        finishes its request (pages freed). Requests aborted meanwhile are skipped. Returns the (request id,
-        token) outputs."""
+        finishes its request (pages freed). Requests aborted meanwhile are skipped. A verified decode gives several
+        tokens (its accepted drafts, then one sampled token): the drafts become computed tokens, the request stops
+        at a stop token or `max_new_tokens` inside them (the rest is dropped), and pages past its new length are
+        freed. Returns the (request id, token) outputs."""
         outputs = []
-        for seq, token in sampled:
+        for seq, emitted in sampled:
             if not seq.num_pending:
                 continue  # aborted since the step was launched
-            seq.output_ids[-1] = token
-            seq.token_times_s.append(now)
-            outputs.append((seq.request_id, token))
-            if token in seq.stop_ids and seq.status != "finished":
-                self.finish(seq, "stop")
+            tokens = [emitted] if isinstance(emitted, int) else list(emitted)
+            seq.output_ids.pop()
+            for token in tokens:
+                seq.output_ids.append(token)
+                seq.token_times_s.append(now)
+                outputs.append((seq.request_id, token))
+                if token in seq.stop_ids and seq.status != "finished":
+                    self.finish(seq, "stop")
+                if seq.status == "finished":
+                    break
+                if len(seq.output_ids) >= seq.max_new_tokens:
+                    self.finish(seq, "length")
+                    break
+            if len(tokens) > 1 and seq.status == "running":
+                seq.num_computed = seq.num_tokens - 1  # the accepted drafts' K/V is the target's own
+                self._register(seq)
+                keep = self.pages_needed(seq.num_tokens)
+                if len(seq.block_table) > keep:
+                    self.allocator.free(seq.block_table[keep:])
+                    del seq.block_table[keep:]
         return outputs
 
     def finish(self, seq: RequestState, reason: str) -> None:
@@ -213,8 +246,9 @@ class Scheduler:
 
     # --- the decision ------------------------------------------------------------------------------------
 
-    def schedule(self) -> Schedule:
-        """This step's chunks under the token budget (see the module docstring for the rules)."""
+    def schedule(self, lookahead: int = 0) -> Schedule:
+        """This step's chunks under the token budget (see the module docstring for the rules); decodes get up to
+        `lookahead` slots for drafted tokens, within their budget and `max_new_tokens`."""
         budget = self.cfg.token_budget
         chunks: list[ScheduledChunk] = []
         preempted: list[RequestState] = []
@@ -226,6 +260,10 @@ class Scheduler:
             n = self._chunk_length(seq, budget)
             if n == 0:
                 continue  # nothing to compute until the engine appends a token
+            extra = 0
+            if lookahead and n == 1 and seq.output_ids and seq.output_ids[-1] != PENDING:
+                extra = max(0, min(lookahead, budget - 1, seq.max_new_tokens - len(seq.output_ids) - 1))
+                n += extra
             while not self._grow(seq, seq.num_computed + n):
                 victim = self._running[-1]
                 self._preempt(victim)
@@ -233,7 +271,7 @@ class Scheduler:
                 if victim is seq:
                     break
             if seq.status == "running":
-                chunks.append(ScheduledChunk(seq, seq.num_computed, n))
+                chunks.append(ScheduledChunk(seq, seq.num_computed, n, extra))
                 budget -= n
         if not preempted:
             while self._waiting and budget > 0 and len(self._running) < self.cfg.max_running:
@@ -247,6 +285,7 @@ class Scheduler:
                     break  # strictly first come first served: nobody overtakes the head of the queue
                 self._waiting.popleft()
                 seq.status, seq.admitted_at = "running", next(self._admissions)
+                seq.num_draft_computed = 0  # its cached pages may hold another sequence's draft K/V
                 self._running.append(seq)
                 chunks.append(ScheduledChunk(seq, seq.num_computed, n))
                 budget -= n
@@ -290,6 +329,6 @@ class Scheduler:
         """Preemption by recompute: drop its K/V and queue it first; its outputs are kept and re-prefilled."""
         self._release(seq)
         self._running.remove(seq)
-        seq.num_computed, seq.num_registered, seq.status = 0, 0, "waiting"
+        seq.num_computed, seq.num_registered, seq.num_draft_computed, seq.status = 0, 0, 0, "waiting"
         seq.num_preemptions += 1
         self._waiting.appendleft(seq)

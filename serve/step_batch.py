@@ -1,11 +1,13 @@
 """The host side of one device step: the rows a step computes, laid out as one flat, ragged token batch.
 
-A step's T tokens are Bd decode tokens (one per decoding row) followed by Nt prefill tiles of Tt tokens; a
-prefill chunk of n tokens fills ceil(n / Tt) consecutive tiles, its last tile padded (pad tokens sit at position -1, see
-nothing and write to the null page). Linear layers and the MLP see only the flat [T] batch; attention reads each
-decode row's and each tile's pages through its own block table (serve/ragged_attention.py). Every row that samples
-(each decode, each prefill chunk) has one sampling slot; the Rs = Bd + Nt slots are the step's output rows
-(letters: the legend of model/kernels/flash_attention.py).
+A step's T tokens are Bd decode rows of Td = Nd + 1 tokens each (one token, or with speculative decoding the last
+token and up to Nd drafted ones to verify) followed by Nt prefill tiles of Tt tokens; a prefill chunk of n tokens
+fills ceil(n / Tt) consecutive tiles, its last tile padded (pad tokens sit at position -1, see nothing and write to
+the null page; a decode row with fewer drafts than Nd is padded the same way). Linear layers and the MLP see only
+the flat [T] batch; attention reads each decode row's and each tile's pages through its own block table
+(serve/ragged_attention.py). Every decode row has Td sampling slots (the target's distribution at each of its
+positions: serve/speculative.py verifies the drafts with them) and every prefill chunk one; the Rs = Bd * Td + Nt
+slots are the step's output rows (letters: the legend of model/kernels/flash_attention.py).
 
 Shapes are bucketed so the step compiles for a small fixed set: Bd a power of two up to the running limit (when a
 step has prefill tiles, Bd is that limit, so mixed steps vary in Nt only), Nt a power of two, and the block-table
@@ -36,6 +38,7 @@ class StepInputs(NamedTuple):
     tile_lengths_Nt: np.ndarray      # int32 that row's tokens in the cache after this step
     last_Rs: np.ndarray              # int32 index in T of each sampling slot's last token
     from_prev_T: np.ndarray         # int32 the previous step's sampling slot whose token this is (-1: tokens_T's)
+    drafts_BxNd: np.ndarray         # int32 each decode row's drafted tokens (-1: none); Nd = 0 without speculation
 
 
 class SamplingInputs(NamedTuple):
@@ -54,7 +57,8 @@ class SamplingInputs(NamedTuple):
 class Row:
     """Compute `token_ids` at positions [start, start + len) of a sequence whose pages are `block_table`, then
     sample with (seed, counter, temperature, top_k, top_p, min_p), with log-probabilities if `logprobs`. With
-    `prev_slot`, the last token is still on the device (the engine's overlap), and `token_ids[-1]` is a stand-in."""
+    `prev_slot`, the last token is still on the device (the engine's overlap), and `token_ids[-1]` is a stand-in.
+    A decode row's `drafts` follow its one token at the next positions, to be verified (speculative decoding)."""
 
     token_ids: Sequence[int]
     start: int
@@ -67,6 +71,7 @@ class Row:
     min_p: float = 0.0
     logprobs: bool = False
     prev_slot: int = -1  # >= 0: the last token is the previous step's sampled token in this slot, not read back
+    drafts: Sequence[int] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,53 +116,60 @@ def tiles_for(lengths: Sequence[int], tile: int) -> int:
     return sum(-(-n // tile) for n in lengths)
 
 
-def build_step(decodes: Sequence[Row], prefills: Sequence[Row], layout: StepLayout
+def build_step(decodes: Sequence[Row], prefills: Sequence[Row], layout: StepLayout, num_drafts: int = 0
                ) -> tuple[StepInputs, SamplingInputs, list[int]]:
-    """The step's inputs for `decodes` (one token each) and `prefills` (chunks), and the sampling slot of each row
-    (decodes then prefills, in order)."""
-    Tt, Ps = layout.tile, layout.page_size
+    """The step's inputs for `decodes` (one token each, and up to `num_drafts` drafted tokens after it) and
+    `prefills` (chunks), and the first sampling slot of each row (decodes then prefills, in order)."""
+    Tt, Ps, Nd = layout.tile, layout.page_size, num_drafts
+    Td = Nd + 1
+    if any(len(r.drafts) > Nd for r in decodes):
+        raise ValueError(f"a decode row has more than the step's {Nd} drafted tokens")
     if len(decodes) > layout.max_decode_rows:
         raise ValueError(f"{len(decodes)} decode rows, more than the layout's {layout.max_decode_rows}")
     widest = max([len(r.block_table) for r in (*decodes, *prefills)] or [1])
     Bd, Nt, W = layout.shape(len(decodes), tiles_for([len(r.token_ids) for r in prefills], Tt), widest)
     if widest > W:
         raise ValueError(f"a row holds {widest} pages, more than the widest block table ({layout.max_pages})")
-    T, Rs = Bd + Nt * Tt, Bd + Nt
+    T, Rs = Bd * Td + Nt * Tt, Bd * Td + Nt
     tokens, positions = np.zeros(T, np.int32), np.full(T, -1, np.int32)
     pages, offsets = np.zeros(T, np.int32), np.zeros(T, np.int32)
     dec_tables, dec_lengths = np.zeros((Bd, W), np.int32), np.zeros(Bd, np.int32)
     tile_tables, tile_lengths = np.zeros((Nt, W), np.int32), np.zeros(Nt, np.int32)
     last, from_prev = np.zeros(Rs, np.int32), np.full(T, -1, np.int32)
+    drafts = np.full((Bd, Nd), -1, np.int32)
     seeds, counters, top_k = np.zeros(Rs, np.uint32), np.zeros(Rs, np.int32), np.zeros(Rs, np.int32)
     temperature, top_p = np.zeros(Rs, np.float32), np.ones(Rs, np.float32)
     min_p, logprobs = np.zeros(Rs, np.float32), np.zeros(Rs, bool)
     slots_of_rows = []
 
-    def place(row: Row, at: int, slot: int) -> None:
-        n = len(row.token_ids)
+    def place(row: Row, at: int, slot: int, width: int = 1) -> None:
+        ids = [*row.token_ids, *row.drafts]
+        n = len(ids)
         pos = np.arange(row.start, row.start + n)
         table = np.asarray(row.block_table, np.int32)
-        tokens[at:at + n], positions[at:at + n] = row.token_ids, pos
+        tokens[at:at + n], positions[at:at + n] = ids, pos
         pages[at:at + n], offsets[at:at + n] = table[pos // Ps], pos % Ps
-        last[slot] = at + n - 1
-        from_prev[at + n - 1] = row.prev_slot
-        seeds[slot], counters[slot], top_k[slot] = np.uint32(row.seed), row.counter, row.top_k
-        temperature[slot], top_p[slot] = row.temperature, row.top_p
-        min_p[slot], logprobs[slot] = row.min_p, row.logprobs
+        from_prev[at + len(row.token_ids) - 1] = row.prev_slot
+        sl = slice(slot, slot + width)
+        last[sl] = at + len(row.token_ids) - 1 + np.arange(width)
+        seeds[sl], counters[sl], top_k[sl] = np.uint32(row.seed), row.counter, row.top_k
+        temperature[sl], top_p[sl] = row.temperature, row.top_p
+        min_p[sl], logprobs[sl] = row.min_p, row.logprobs
         slots_of_rows.append(slot)
 
     for b, row in enumerate(decodes):
-        place(row, b, b)
+        place(row, b * Td, b * Td, Td)
         dec_tables[b, :len(row.block_table)] = row.block_table
-        dec_lengths[b] = row.start + 1
+        dec_lengths[b] = row.start + 1 + len(row.drafts)
+        drafts[b, :len(row.drafts)] = row.drafts
     tile_index = 0
     for row in prefills:
         n = len(row.token_ids)
-        place(row, Bd + tile_index * Tt, Bd + tile_index)
+        place(row, Bd * Td + tile_index * Tt, Bd * Td + tile_index)
         for t in range(tile_index, tile_index + -(-n // Tt)):
             tile_tables[t, :len(row.block_table)] = row.block_table
             tile_lengths[t] = row.start + n
         tile_index += -(-n // Tt)
     inputs = StepInputs(tokens, positions, pages, offsets, dec_tables, dec_lengths, tile_tables, tile_lengths, last,
-                        from_prev)
+                        from_prev, drafts)
     return inputs, SamplingInputs(seeds, counters, temperature, top_k, top_p, min_p, logprobs), slots_of_rows

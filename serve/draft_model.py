@@ -1,0 +1,143 @@
+"""The draft-model proposer of speculative decoding: a smaller model with the target's vocabulary drafts k tokens
+per decoding sequence on the device, and the target verifies them in the same step's forward.
+
+The draft model keeps its own paged KV cache with the target's page ids: a sequence's block table indexes both pools,
+so allocation, preemption, prefix sharing and the roll-back of rejected tokens need nothing of their own. The draft
+catches up lazily: `RequestState.num_draft_computed` tokens of a sequence have draft K/V (reset to 0 when it is
+admitted or preempted, since shared or recycled pages may hold another sequence's draft K/V); before drafting, the
+draft runs its missing tokens -- the whole prompt the first time, then the one or two tokens the last verification
+added -- as one ragged step, samples the first draft token from that, and then decodes k - 1 more tokens in a
+`jax.lax.scan`, all in one device call whose outputs (drafts [Bd, k] and their draft distributions q [Bd, k, V])
+stay on the device for the target's step. Drafted positions the target rejects are beyond the sequence's length
+afterwards; the count `min(num_draft_computed, num_computed)` leaves them out.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from functools import partial
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from model.kernels.triton import triton_deprecation_ignored
+from model.transformer import for_inference
+from serve.forward import StepGraph, StepParams, model_step, split_for_serving
+from serve.kv_cache import CacheShape, KVCache, init_cache
+from serve.sampling import filtered_logits, row_key
+from serve.scheduler import ScheduledChunk
+from serve.step_batch import Row, StepInputs, StepLayout, build_step
+
+if TYPE_CHECKING:
+    from serve.engine import Engine
+
+
+def _sample(logits_BxV: jax.Array, seeds_B: jax.Array, counters_B: jax.Array, temperature_B: jax.Array,
+            top_k_B: jax.Array, top_p_B: jax.Array, min_p_B: jax.Array, j: jax.Array | int
+            ) -> tuple[jax.Array, jax.Array]:
+    """Draft token j of each row and its draft distribution q [B, V] (the row's own filtered distribution; greedy
+    rows take the argmax, their q is unused). The key is the row's draw key folded with 1 + j, apart from the ones
+    verification uses."""
+    def one(logits_V: jax.Array, seed: jax.Array, counter: jax.Array, temperature: jax.Array, top_k: jax.Array,
+            top_p: jax.Array, min_p: jax.Array) -> tuple[jax.Array, jax.Array]:
+        filtered_V = filtered_logits(logits_V, temperature, top_k, top_p, min_p)
+        drawn = jax.random.categorical(jax.random.fold_in(row_key(seed, counter), 1 + j), filtered_V)
+        token = jnp.where(temperature == 0, jnp.argmax(logits_V), drawn).astype(jnp.int32)
+        return token, jax.nn.softmax(filtered_V)
+
+    return jax.vmap(one)(logits_BxV, seeds_B, counters_B, temperature_B, top_k_B, top_p_B, min_p_B)
+
+
+def _draft_step(graph: StepGraph, decode_impl: str, page_size: int, k: int, params: StepParams, cache: KVCache,
+                catch_up: StepInputs, row_slots_B: jax.Array, positions_B: jax.Array, tables_BxW: jax.Array,
+                sampling_B: tuple[jax.Array, ...]) -> tuple[jax.Array, jax.Array, KVCache]:
+    """Catch the draft up (`catch_up`, whose slot `row_slots_B[b]` is row b's last known token, at
+    `positions_B[b]`; -1: a pad row), then draft k tokens per row. Returns drafts [B, k], q [B, k, V], cache."""
+    logits_SxV, cache = model_step(graph, params, cache, catch_up, decode_impl=decode_impl)
+    first, q_first = _sample(logits_SxV[row_slots_B], *sampling_B, 0)
+    B = positions_B.shape[0]
+
+    def body(carry: tuple[jax.Array, KVCache], j: jax.Array) -> tuple[tuple[jax.Array, KVCache], tuple]:
+        token_B, cache = carry
+        pos_B = jnp.where(positions_B >= 0, positions_B + j, -1)
+        index_B = pos_B // page_size
+        page_B = jnp.take_along_axis(tables_BxW, jnp.clip(index_B, 0, tables_BxW.shape[1] - 1)[:, None], axis=1)[:, 0]
+        # a position past the table (a row drafting beyond its lookahead) writes the null page
+        page_B = jnp.where((pos_B >= 0) & (index_B < tables_BxW.shape[1]), page_B, 0)
+        W = tables_BxW.shape[1]
+        inputs = StepInputs(token_B, pos_B, page_B, jnp.maximum(pos_B, 0) % page_size, tables_BxW,
+                            jnp.where(pos_B >= 0, pos_B + 1, 0), jnp.zeros((0, W), jnp.int32), jnp.zeros(0, jnp.int32),
+                            jnp.arange(B, dtype=jnp.int32), jnp.full(B, -1, jnp.int32), jnp.zeros((B, 0), jnp.int32))
+        logits_BxV, cache = model_step(graph, params, cache, inputs, decode_impl=decode_impl)
+        token_B, q_BxV = _sample(logits_BxV, *sampling_B, j)
+        return (token_B, cache), (token_B, q_BxV)
+
+    (_, cache), (tokens_KxB, q_KxBxV) = jax.lax.scan(body, (first, cache), jnp.arange(1, k))
+    drafts_BxK = jnp.concatenate([first[:, None], tokens_KxB.T], axis=1)
+    q_BxKxV = jnp.concatenate([q_first[:, None], jnp.moveaxis(q_KxBxV, 0, 1)], axis=1)
+    return drafts_BxK, q_BxKxV, cache
+
+
+class DraftRunner:
+    """A draft model beside an engine: its weights, its cache over the engine's page ids, its compiled steps."""
+
+    def __init__(self, model: nnx.Module, engine: Engine, num_tokens: int):
+        model = for_inference(model)
+        target = engine.model_cfg
+        if model.cfg.vocab_size != target.vocab_size:
+            raise ValueError(f"the draft model's vocabulary ({model.cfg.vocab_size}) must be the target's "
+                             f"({target.vocab_size})")
+        self.cfg, self.k = model.cfg, num_tokens
+        self.graph, self.params = split_for_serving(model)
+        ps = engine.cfg.page_size
+        self.cache = init_cache(CacheShape.for_model(model.cfg, ps, engine.cache_shape.num_pages))
+        self.layout = engine.layout
+        self._jitted = jax.jit(partial(_draft_step, self.graph, engine.decode_impl, ps, num_tokens),
+                               donate_argnums=(1,))
+        self._compiled: dict[tuple, object] = {}
+        self.compile_s = 0.0
+
+    def draft(self, decodes: Sequence[ScheduledChunk], inputs: StepInputs) -> tuple[jax.Array, jax.Array]:
+        """Draft k tokens for each decode row of the target's step `inputs` (rows in `decodes` order, padded to its
+        Bd): (drafts [Bd, k], q [Bd, k, V]) on the device. Advances each sequence's `num_draft_computed`."""
+        Bd, W = inputs.decode_tables_BxW.shape
+        rows, one_token, longer = [], [], []
+        for chunk in decodes:
+            seq, s = chunk.seq, chunk.seq.sampling
+            done = min(seq.num_draft_computed, seq.num_computed)
+            row = Row(seq.all_ids[done:seq.num_tokens], done, seq.block_table, seed=s.seed,
+                      counter=len(seq.output_ids), temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                      min_p=s.min_p)
+            (one_token if len(row.token_ids) == 1 else longer).append(len(rows))
+            rows.append(row)
+            seq.num_draft_computed = seq.num_tokens - 1 + self.k
+        layout = StepLayout(self.layout.page_size, max(self.layout.max_decode_rows, Bd), self.layout.tile,
+                            self.layout.min_pages, self.layout.max_pages)
+        catch_up, sampling, slots = build_step([rows[i] for i in one_token], [rows[i] for i in longer], layout)
+        row_slots = np.zeros(Bd, np.int32)
+        row_slots[[*one_token, *longer]] = slots
+        sampling_B = [np.zeros(Bd, a.dtype) for a in sampling[:-1]]
+        for a, full in zip(sampling_B, sampling[:-1], strict=True):
+            a[:len(rows)] = full[row_slots[:len(rows)]]
+        positions_B = np.full(Bd, -1, np.int32)
+        positions_B[:len(rows)] = [c.seq.num_tokens - 1 for c in decodes]
+        args = (self.params, self.cache, StepInputs(*map(jnp.asarray, catch_up)), jnp.asarray(row_slots),
+                jnp.asarray(positions_B), inputs.decode_tables_BxW, tuple(map(jnp.asarray, sampling_B)))
+        key = tuple(a.shape for a in catch_up) + (Bd, W)
+        fn = self._compiled.get(key)
+        if fn is None:
+            start = time.perf_counter()
+            with triton_deprecation_ignored():
+                fn = self._jitted.lower(*args).compile()
+            self.compile_s += time.perf_counter() - start
+            self._compiled[key] = fn
+        drafts, q, self.cache = fn(*args)
+        return drafts, q
+
+    @property
+    def compile_count(self) -> int:
+        return len(self._compiled)

@@ -1,0 +1,33 @@
+"""How the engine speculates: which proposer drafts tokens, how many, and whether a measured policy may switch
+speculation off where it does not pay (serve/speculation_policy.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from model.checks import check_bool, check_ints, check_one_of
+
+PROPOSERS = ("ngram", "draft")
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeculativeConfig:
+    """`method` "ngram" drafts by prompt lookup (serve/ngram.py: the last `ngram_max_n` down to `ngram_min_n` tokens
+    matched earlier in the sequence), "draft" with a smaller model given to the engine; `num_tokens` (k) drafted
+    tokens per decode, verified in one target forward. With `adaptive`, each decode-batch size measures its tokens/s
+    with and without speculation and keeps the faster (probing the other now and then), so a batch where verifying
+    k extra positions costs more than the accepted tokens bring decodes plainly."""
+
+    method: str = "ngram"
+    num_tokens: int = 4
+    ngram_max_n: int = 3
+    ngram_min_n: int = 1
+    adaptive: bool = True
+
+    def __post_init__(self) -> None:
+        check_one_of("speculative.method", self.method, PROPOSERS)
+        check_ints("speculative.", self, ("num_tokens", "ngram_max_n", "ngram_min_n"))
+        if self.ngram_min_n > self.ngram_max_n:
+            raise ValueError(f"speculative.ngram_min_n ({self.ngram_min_n}) must be at most speculative.ngram_max_n "
+                             f"({self.ngram_max_n})")
+        check_bool("speculative.adaptive", self.adaptive)
