@@ -53,7 +53,7 @@ def build_config(args: argparse.Namespace):
                                 warmup_steps=args.warmup_steps, w_cls=args.w_cls, cls_target=args.cls_target,
                                 seed=args.seed, eval_batches=args.eval_batches, log_every=args.log_every)
     except (ValueError, FileNotFoundError) as e:
-        fail(str(e))
+        fail(str(e).replace("--init ", "--target "))  # train.pretrained names the flag it serves, --init
 
 
 def main(argv: list[str] | None = None) -> int:
