@@ -14,7 +14,6 @@ every scored token over the UTF-8 bytes of the whole text, divided by ln 2, so b
 from __future__ import annotations
 
 import glob
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from model.jsonl import read_json_objects
 from model.transformer import Transformer, for_inference
 
 Progress = Callable[[int, int], None]  # (rows done, rows in all)
@@ -222,21 +222,9 @@ def text_files(path: str) -> list[Path]:
 
 def read_choice_items(path: str | Path) -> list[ChoiceItem]:
     """The items of a JSONL file of {"context": str, "choices": [str, ...], "answer": int}. Raises
-    FileNotFoundError, or ValueError naming the line and what is wrong with it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
+    FileNotFoundError, or ValueError naming the line (`<path>:<line>: ...`) and what is wrong with it."""
     items = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path} line {n}"
-        try:
-            obj = json.loads(line)
-        except ValueError as e:
-            raise ValueError(f"{where}: not JSON ({e})") from None
-        if not isinstance(obj, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    for where, obj in read_json_objects(path, "items"):
         for key in ("context", "choices", "answer"):
             if key not in obj:
                 raise ValueError(f"{where}: missing key {key!r}")
@@ -248,6 +236,4 @@ def read_choice_items(path: str | Path) -> list[ChoiceItem]:
         if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
             raise ValueError(f"{where}: 'answer' must be an index into the {len(choices)} choices, got {answer!r}")
         items.append(ChoiceItem(context, tuple(choices), answer))
-    if not items:
-        raise ValueError(f"{path} holds no items")
     return items

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from model.jsonl import read_json_objects
 from train.chat_template import messages_problem
 from train.data import Corpus, token_dtype
 from train.run_tokenizer import AnyTokenizer
@@ -27,27 +28,16 @@ from train.tokenizer import ByteTextTokenizer
 
 def read_conversations(path: str | Path) -> list[list[dict[str, Any]]]:
     """The conversations of a JSONL file, one `{"messages": [...]}` object per non-empty line. Raises
-    FileNotFoundError, or ValueError naming the line and what is wrong with it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no chat file at {str(path)!r}")
+    FileNotFoundError, or ValueError naming the line (`<path>:<line>: ...`) and what is wrong with it."""
     conversations = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
-        messages = record.get("messages") if isinstance(record, dict) else None
+    for where, record in read_json_objects(path, "conversations"):
+        messages = record.get("messages")
         problem = messages_problem(messages) if messages is not None else 'expected {"messages": [...]}'
         if problem:
-            raise ValueError(f"{path}:{number}: {problem}")
+            raise ValueError(f"{where}: {problem}")
         if not any(m["role"] == "assistant" for m in messages):
-            raise ValueError(f"{path}:{number}: the conversation has no assistant message to learn")
+            raise ValueError(f"{where}: the conversation has no assistant message to learn")
         conversations.append(messages)
-    if not conversations:
-        raise ValueError(f"{path} holds no conversations")
     return conversations
 
 

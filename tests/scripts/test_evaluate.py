@@ -163,9 +163,9 @@ def test_errors_are_one_line(hf_dir, tmp_path, capsys):
     assert "no text to evaluate" in _error(capsys, *hf, "--data", str(tmp_path / "empty.txt"))
     (tmp_path / "bad.jsonl").write_text('{"context": "a", "choices": ["b", "c"], "answer": 0}\n'
                                         '{"context": "a", "answer": 0}\n')
-    assert "bad.jsonl line 2: missing key 'choices'" in _error(capsys, *hf, "--data", str(tmp_path / "bad.jsonl"))
+    assert "bad.jsonl:2: missing key 'choices'" in _error(capsys, *hf, "--data", str(tmp_path / "bad.jsonl"))
     (tmp_path / "bad.jsonl").write_text('{"context": "a", "choices": ["b", "c"], "answer": 5}\n')
-    assert "line 1: 'answer' must be an index" in _error(capsys, *hf, "--data", str(tmp_path / "bad.jsonl"))
+    assert "bad.jsonl:1: 'answer' must be an index" in _error(capsys, *hf, "--data", str(tmp_path / "bad.jsonl"))
     (tmp_path / "t.txt").write_text(TEXT)
     assert "--seq-len 65 is beyond the model's context of 64" in _error(
         capsys, *hf, "--data", str(tmp_path / "t.txt"), "--seq-len", "65")

@@ -137,11 +137,11 @@ GOOD = {"context": "2 + 2 =", "choices": [" 4", " 5"], "answer": 0}
 
 
 @pytest.mark.parametrize("bad,message", [
-    ({"context": "c", "choices": ["a", "b"]}, "line 2: missing key 'answer'"),
-    ({"context": "c", "choices": ["a", "b"], "answer": 2}, "line 2: 'answer' must be an index into the 2 choices"),
-    ({"context": "c", "choices": ["a"], "answer": 0}, "line 2: 'choices' must be a list of at least two"),
-    ({"context": "", "choices": ["a", "b"], "answer": 0}, "line 2: 'context' must be a non-empty string"),
-    ("{not json", "line 2: not JSON"),
+    ({"context": "c", "choices": ["a", "b"]}, "x.jsonl:2: missing key 'answer'"),
+    ({"context": "c", "choices": ["a", "b"], "answer": 2}, "x.jsonl:2: 'answer' must be an index into the 2 choices"),
+    ({"context": "c", "choices": ["a"], "answer": 0}, "x.jsonl:2: 'choices' must be a list of at least two"),
+    ({"context": "", "choices": ["a", "b"], "answer": 0}, "x.jsonl:2: 'context' must be a non-empty string"),
+    ("{not json", "x.jsonl:2: not JSON"),
 ])
 def test_choice_file_errors_name_the_line(tmp_path, bad, message):
     with pytest.raises(ValueError, match=message):
