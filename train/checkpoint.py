@@ -130,3 +130,27 @@ def restore_newest(ckpt: Checkpointer, restore: Callable[[int], Any],
         raise CheckpointError(f"no checkpoint in {ckpt.directory} restores: "
                               + "; ".join(f"step {step}: {reason}" for step, reason in failures))
     return None
+
+
+def restore_run_params(run: str | os.PathLike, step: int | None, like: Any,
+                       problem: Callable[[Any], str | None] = lambda params: None) -> tuple[int, Any]:
+    """`(step, params)` of run directory `run`'s checkpoint `step`, restored shaped and placed like `like`, read
+    only (the optimizer state is not read, nothing is written or renamed); `step` None: the newest checkpoint that
+    restores and in which `problem(params)` finds nothing wrong (`restore_newest`). Raises FileNotFoundError (no
+    checkpoints, no checkpoint at `step`) or CheckpointError (nothing restores)."""
+    run = Path(run)
+    ckpt = Checkpointer(run / "checkpoints", read_only=True)
+    try:
+        steps = ckpt.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"{run} has no checkpoints yet")
+        if step is None:
+            return restore_newest(ckpt, lambda s: ckpt.restore_params(s, like), problem)
+        if step not in steps:
+            raise FileNotFoundError(f"{run} has no checkpoint at step {step} (it has steps {steps})")
+        try:
+            return step, ckpt.restore_params(step, like)
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {step} of {run} does not restore: {one_line(e)}") from e
+    finally:
+        ckpt.close()

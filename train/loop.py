@@ -17,7 +17,7 @@ from flax import nnx
 
 from parallel.mesh import MeshConfig
 from parallel.sharding import batch_sharding
-from train.checkpoint import Checkpointer, CheckpointError, one_line, restore_newest
+from train.checkpoint import Checkpointer, restore_newest, restore_run_params
 from train.config import RunConfig
 from train.data import check_corpus
 from train.metrics import MetricsLog
@@ -229,21 +229,5 @@ def load_params(run_dir: str | Path, step: int | None = None,
     optimizer = make_optimizer(cfg.train)
     plan = plan_mesh(cfg.model, MeshConfig(data=-1), optimizer, micro_batch=len(devices),
                      seq_len=cfg.train.seq_len, devices=devices)
-    like = plan.train_state["params"]
-    ckpt = Checkpointer(run / "checkpoints", read_only=True)
-    try:
-        steps = ckpt.all_steps()
-        if not steps:
-            raise FileNotFoundError(f"{run} has no checkpoints yet")
-        if step is None:
-            step, params = restore_newest(ckpt, lambda s: ckpt.restore_params(s, like), _not_finite)
-        elif step not in steps:
-            raise FileNotFoundError(f"{run} has no checkpoint at step {step} (it has steps {steps})")
-        else:
-            try:
-                params = ckpt.restore_params(step, like)
-            except Exception as e:
-                raise CheckpointError(f"checkpoint {step} of {run} does not restore: {one_line(e)}") from e
-    finally:
-        ckpt.close()
+    _, params = restore_run_params(run, step, plan.train_state["params"], _not_finite)
     return cfg, nnx.merge(plan.graphdef, params)

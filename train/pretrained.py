@@ -20,7 +20,16 @@ import jax
 import numpy as np
 
 from model.config import ModelConfig
-from model.hf import _checkpoint_files, _from_hf, _hf_names, _hf_shape, _safetensors, _tensors, config_from_hf
+from model.hf import (
+    _checkpoint_files,
+    _from_hf,
+    _hf_names,
+    _hf_shape,
+    _safetensors,
+    _Tensor,
+    _tensors,
+    config_from_hf,
+)
 from train.run_tokenizer import run_path, split_source
 
 # Fields a run may set differently from its pretrained source: how the same math is computed or stored, not what
@@ -85,6 +94,15 @@ def _set_nested(tree: dict, path: tuple[str, ...], value) -> None:
     tree[path[-1]] = value
 
 
+def _shapes(cfg: ModelConfig, abstract: dict) -> Iterator[tuple[_Tensor, tuple[int, ...], bool, tuple[int, ...]]]:
+    """(tensor, its parameter's shape, whether it stacks the layers, one layer's shape) for each tensor of
+    model/hf.py's table, the shapes read from `abstract`."""
+    for t in _tensors(cfg):
+        shape = tuple(_nested(abstract, t.path).shape)
+        layered = "{i}" in t.hf_name
+        yield t, shape, layered, shape[1:] if layered else shape
+
+
 def _hf_arrays(directory: Path, cfg: ModelConfig, abstract: dict) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
     """(param path, float32 host array in meshlm's layout) for each parameter of an HF checkpoint."""
     safetensors = _safetensors()
@@ -92,10 +110,7 @@ def _hf_arrays(directory: Path, cfg: ModelConfig, abstract: dict) -> Iterator[tu
     with contextlib.ExitStack() as stack:
         handles = [stack.enter_context(safetensors.safe_open(f, framework="flax")) for f in files]
         file_of = {name: h for h in handles for name in h.keys()}
-        for t in _tensors(cfg):
-            shape = tuple(_nested(abstract, t.path).shape)
-            layered = "{i}" in t.hf_name
-            one = shape[1:] if layered else shape
+        for t, _, layered, one in _shapes(cfg, abstract):
             parts = []
             for name in _hf_names(t, cfg.n_layers):
                 if name not in file_of:
@@ -119,10 +134,7 @@ def _gguf_arrays(path: Path, cfg: ModelConfig, abstract: dict) -> Iterator[tuple
     arch = gguf_metadata(path)["general.architecture"]
     names = gguf.get_tensor_name_map(_MODEL_ARCH[arch], cfg.n_layers)
     rope_heads = {("attn", "wq"): cfg.n_heads, ("attn", "wk"): cfg.n_kv_heads} if arch == "llama" else {}
-    for t in _tensors(cfg):
-        shape = tuple(_nested(abstract, t.path).shape)
-        layered = "{i}" in t.hf_name
-        one = shape[1:] if layered else shape
+    for t, shape, layered, one in _shapes(cfg, abstract):
         out = np.empty(shape, np.float32)
         for i, hf_name in enumerate(_hf_names(t, cfg.n_layers)):
             name = _gguf_name(hf_name, names)
@@ -162,16 +174,11 @@ def load_pretrained_params(spec: str, cfg: ModelConfig, abstract: dict, sharding
 
 
 def _restore_run_params(run: Path, step: int | None, like: dict) -> dict:
-    from train.checkpoint import Checkpointer
+    """The parameters of `run`'s checkpoint `step` (None: its newest that restores; a newer damaged one is reported
+    and left in place), through the restore `load_params` uses; an error names the --init source."""
+    from train.checkpoint import CheckpointError, restore_run_params
 
-    ckpt = Checkpointer(run / "checkpoints", read_only=True)
     try:
-        steps = ckpt.all_steps()
-        if not steps:
-            raise FileNotFoundError(f"--init run:{run}: the run has no checkpoints")
-        step = max(steps) if step is None else step
-        if step not in steps:
-            raise FileNotFoundError(f"--init run:{run}@{step}: no checkpoint at step {step} (it has {steps})")
-        return ckpt.restore_params(step, like)
-    finally:
-        ckpt.close()
+        return restore_run_params(run, step, like)[1]
+    except (FileNotFoundError, CheckpointError) as e:
+        raise type(e)(f"--init run:{run}{'' if step is None else f'@{step}'}: {e}") from e
