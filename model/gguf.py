@@ -82,6 +82,14 @@ def _value(metadata: Mapping[str, Any], key: str, default: Any = _REQUIRED) -> A
     return value
 
 
+def _check_head_sized(metadata: Mapping[str, Any], key: str, head_dim: int, why: str) -> None:
+    """Refuse a header size `key` (absent: the head size) other than the head size, saying `why` it must be:
+    `GGUF <key> <value> is not the head size <head_dim>; <why>`."""
+    value = _value(metadata, key, head_dim)
+    if value != head_dim:
+        raise ValueError(f"GGUF {key} {value} is not the head size {head_dim}; {why}")
+
+
 def _refuse_unsupported(metadata: Mapping[str, Any], arch: str) -> None:
     """ValueError naming the first header key that asks for something ModelConfig cannot express."""
     scaling = metadata.get(f"{arch}.rope.scaling.type", "none")
@@ -111,14 +119,9 @@ def config_from_gguf(metadata: Mapping[str, Any], tensor_names: Collection[str])
     d_model = _value(metadata, f"{arch}.embedding_length")
     n_heads = _value(metadata, f"{arch}.attention.head_count")
     head_dim = _value(metadata, f"{arch}.attention.key_length", d_model // n_heads)
-    value_dim = _value(metadata, f"{arch}.attention.value_length", head_dim)
-    if value_dim != head_dim:
-        raise ValueError(f"GGUF {arch}.attention.value_length {value_dim} differs from key_length {head_dim}; "
-                         "meshlm needs equal key and value head sizes")
-    rope_dim = _value(metadata, f"{arch}.rope.dimension_count", head_dim)
-    if rope_dim != head_dim:
-        raise ValueError(f"GGUF {arch}.rope.dimension_count {rope_dim} is not the head size {head_dim}; "
-                         "only full rotary embeddings are supported")
+    _check_head_sized(metadata, f"{arch}.attention.value_length", head_dim,
+                      "meshlm needs equal key and value head sizes")
+    _check_head_sized(metadata, f"{arch}.rope.dimension_count", head_dim, "only full rotary embeddings are supported")
     vocab = _value(metadata, f"{arch}.vocab_size", None) or len(metadata.get("tokenizer.ggml.tokens") or [])
     if not vocab:
         raise ValueError(f"GGUF metadata has neither {arch}.vocab_size nor tokenizer.ggml.tokens to give the "

@@ -235,11 +235,12 @@ SMOLLM2_HEADER = {
 @pytest.mark.parametrize("change,message", [
     ({"llama.rope.scaling.type": "linear"}, r"rope.scaling.type 'linear' is not supported"),
     ({"llama.rope.dimension_count": 32}, r"rope.dimension_count 32 is not the head size 64"),
+    ({"llama.attention.value_length": 32}, r"attention.value_length 32 is not the head size 64; meshlm needs equal"),
     ({"llama.attention.head_count_kv": [3, 3, 9]}, r"'llama.attention.head_count_kv' is a per-layer list \[3, 3, 9\]"),
     ({"llama.expert_count": 8}, r"expert_count 8 is not supported"),
     ({"llama.context_length": None}, r"no 'llama.context_length'"),
     ({"general.architecture": "gpt2"}, r"unsupported GGUF architecture 'gpt2' \(supported: llama, qwen2\)"),
-], ids=["rope-scaling", "partial-rope", "per-layer-heads", "experts", "no-context", "arch"])
+], ids=["rope-scaling", "partial-rope", "value-length", "per-layer-heads", "experts", "no-context", "arch"])
 def test_config_from_gguf_names_what_it_cannot_express(change, message):
     header = {k: v for k, v in {**SMOLLM2_HEADER, **change}.items() if v is not None}
     with pytest.raises(ValueError, match=message):
