@@ -29,13 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from scripts.common import (
-    add_compilation_cache_args,
-    compilation_cache_path,
-    enable_compilation_cache,
-    fail,
-    setup_logging,
-)
+from scripts.common import add_compilation_cache_args, fail, setup_logging, use_compilation_cache
 from scripts.model_source import add_source_args, load_source, source_name
 
 
@@ -123,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
         fail(f"--seq-len {seq_len} is beyond the model's context of {context} tokens")
     if args.stride is not None and args.stride > seq_len - 1:
         fail(f"--stride {args.stride} must be at most seq-len - 1 = {seq_len - 1}")
-    enable_compilation_cache(compilation_cache_path(args))
+    use_compilation_cache(args)
     batch_size = args.batch_size or (8 if multiple_choice else max(1, 8192 // seq_len))
     scorer = TokenScorer(model, batch_size, seq_len)
     start = time.perf_counter()
