@@ -36,6 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the token loss's target: the target model's next-token distribution (default) or the "
                         "corpus's actual next token")
     p.add_argument("--eval-batches", type=int, default=8, help="held-out batches evaluated at the end (default 8)")
+    p.add_argument("--eval-draft-tokens", type=int, default=4, metavar="K",
+                   help="at the end, how many of K greedy drafts the target accepts after held-out windows "
+                        "(val_first_accepted, val_accepted; 0: not measured; default 4)")
     p.add_argument("--log-every", type=int, default=10, help="steps between metrics records (default 10)")
     p.add_argument("--seed", type=int, default=0, help="the head's initial weights and the windows drawn")
     p.add_argument("--log-level", default="INFO")
@@ -51,7 +54,8 @@ def build_config(args: argparse.Namespace):
         seq_len = args.seq_len or min(128, source_model_config(args.target).max_seq_len)
         return DraftTrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=seq_len, lr=args.lr,
                                 warmup_steps=args.warmup_steps, w_cls=args.w_cls, cls_target=args.cls_target,
-                                seed=args.seed, eval_batches=args.eval_batches, log_every=args.log_every)
+                                seed=args.seed, eval_batches=args.eval_batches,
+                                eval_draft_tokens=args.eval_draft_tokens, log_every=args.log_every)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e).replace("--init ", "--target "))  # train.pretrained names the flag it serves, --init
 
@@ -77,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         bar.close()
         fail(str(e))
     bar.close()
-    shown = "  ".join(f"{k} {last[k]:.4f}" for k in ("loss", "agree", "val_loss", "val_agree") if k in last)
+    shown = "  ".join(f"{k} {last[k]:.4f}" for k in ("loss", "agree", "val_loss", "val_agree", "val_accepted")
+                      if k in last)
     print(f"done: step {last.get('step')}  {shown}  saved in {args.out}")
     return 0
 

@@ -27,7 +27,7 @@ import optax
 from flax import nnx
 
 from model.checks import check_int, check_number, check_one_of
-from model.draft_head import DraftHead, create_draft_head, draft_forward, save_draft_head
+from model.draft_head import DraftHead, create_draft_head, draft_forward, draft_tokens, save_draft_head
 from model.transformer import Transformer, for_inference
 from train.data import load_corpus, windows_at
 from train.metrics import MetricsLog
@@ -44,7 +44,8 @@ class DraftTrainConfig:
     """How to train a draft head: `steps` AdamW steps (linear warmup over `warmup_steps`, cosine decay to a tenth
     of `lr`, gradients clipped to `clip_norm`) on batches of `batch_size` windows of `seq_len` + 1 tokens;
     the loss weights of the module docstring; `seed` draws the head's initial weights and the windows;
-    `eval_batches` validation batches at the end (0: none); a metrics record every `log_every` steps."""
+    `eval_batches` validation batches at the end (0: none), on which `greedy_acceptance` of
+    `eval_draft_tokens` drafts is measured too (0: not); a metrics record every `log_every` steps."""
 
     steps: int = 1000
     batch_size: int = 8
@@ -57,12 +58,13 @@ class DraftTrainConfig:
     cls_target: str = "target"
     seed: int = 0
     eval_batches: int = 8
+    eval_draft_tokens: int = 4
     log_every: int = 10
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every"):
             check_int(f"draft.{name}", getattr(self, name))
-        for name in ("warmup_steps", "seed", "eval_batches"):
+        for name in ("warmup_steps", "seed", "eval_batches", "eval_draft_tokens"):
             check_int(f"draft.{name}", getattr(self, name), 0)
         check_int("draft.seq_len", self.seq_len)
         if self.seq_len < 2:
@@ -72,6 +74,10 @@ class DraftTrainConfig:
         for name in ("weight_decay", "w_cls"):
             check_number(f"draft.{name}", getattr(self, name), strict=False)
         check_one_of("draft.cls_target", self.cls_target, CLS_TARGETS)
+        if self.eval_draft_tokens > self.seq_len - 2:
+            raise ValueError(f"draft.eval_draft_tokens must be at most draft.seq_len - 2 = {self.seq_len - 2} (the "
+                             f"windows it drafts after are seq_len - eval_draft_tokens long), got "
+                             f"{self.eval_draft_tokens}")
 
 
 def load_target(spec: str) -> tuple[Transformer, AnyTokenizer]:
@@ -110,6 +116,24 @@ def draft_loss(head: DraftHead, target: Transformer, tokens_BxT1: jax.Array, w_c
     agree = jnp.mean(jnp.argmax(logits_BxTxV, -1) == jnp.argmax(target_logits_BxTxV[:, 1:], -1))
     loss = reg + w_cls * cls
     return loss, {"loss": loss, "reg": reg, "cls": cls, "agree": agree.astype(jnp.float32)}
+
+
+def greedy_acceptance(head: DraftHead, target: Transformer, windows_BxT1: jax.Array, k: int) -> jax.Array:
+    """How many of the head's k greedy drafts after each window the target's greedy decoding would accept [B]
+    (0..k): the drafts from the target's features of the window (`draft_tokens`) against the target's own
+    greedy continuation of it (k full forwards, no cache). Jit with `k` static."""
+    B, T1 = windows_BxT1.shape
+    features_BxTxD = target.hidden(windows_BxT1[:, :-1])
+
+    def extend(seq_BxS: jax.Array, j: jax.Array) -> tuple[jax.Array, jax.Array]:
+        logits_BxV = jax.lax.dynamic_index_in_dim(target(seq_BxS), T1 - 1 + j, axis=1, keepdims=False)
+        token_B = jnp.argmax(logits_BxV, -1).astype(seq_BxS.dtype)
+        return jax.lax.dynamic_update_index_in_dim(seq_BxS, token_B[:, None], T1 + j, axis=1), token_B
+
+    padded_BxS = jnp.pad(windows_BxT1, ((0, 0), (0, k)))
+    _, greedy_NdxB = jax.lax.scan(extend, padded_BxS, jnp.arange(k))
+    drafts_BxNd, _ = jax.vmap(lambda f, x: draft_tokens(head, target, f, x, k))(features_BxTxD, windows_BxT1)
+    return jnp.sum(jnp.cumprod(drafts_BxNd == greedy_NdxB.T, axis=1), axis=1)
 
 
 def make_optimizer(cfg: DraftTrainConfig) -> optax.GradientTransformation:
@@ -170,13 +194,29 @@ def fit_draft_head(target: Transformer, train_tokens: np.ndarray, cfg: DraftTrai
             last = {"step": step + 1, **{k: float(v) for k, v in metrics.items()},
                     "elapsed_s": time.perf_counter() - began}
             report(last)
+    head = nnx.merge(nnx.graphdef(head), head_params)
     if cfg.eval_batches and val_tokens is not None and len(val_tokens) > cfg.seq_len:
-        val = [eval_step(head_params, target_params,
-                         windows_at(val_tokens, seed=cfg.seed + 1, step=i, batch_size=cfg.batch_size,
-                                    seq_len=cfg.seq_len)) for i in range(cfg.eval_batches)]
-        last = {**last, **{f"val_{k}": float(np.mean([float(m[k]) for m in val])) for k in val[0]}}
+        last = {**last, **evaluate_draft_head(head, target, val_tokens, cfg, eval_step)}
         report(last)
-    return nnx.merge(nnx.graphdef(head), head_params), last
+    return head, last
+
+
+def evaluate_draft_head(head: DraftHead, target: Transformer, val_tokens: np.ndarray, cfg: DraftTrainConfig,
+                        eval_step: Callable | None = None) -> dict[str, float]:
+    """The head's metrics on `cfg.eval_batches` held-out batches ("val_loss", "val_agree", ...) and, with
+    `eval_draft_tokens` k, the share of windows whose first greedy draft the target accepts
+    ("val_first_accepted") and the mean number of drafts accepted ("val_accepted", 0..k)."""
+    eval_step = eval_step or make_steps(head, target, cfg, make_optimizer(cfg))[1]
+    windows = [windows_at(val_tokens, seed=cfg.seed + 1, step=i, batch_size=cfg.batch_size, seq_len=cfg.seq_len)
+               for i in range(cfg.eval_batches)]
+    val = [eval_step(nnx.state(head), nnx.state(target), w) for w in windows]
+    record = {f"val_{k}": float(np.mean([float(m[k]) for m in val])) for k in val[0]}
+    if k := cfg.eval_draft_tokens:
+        accept = jax.jit(greedy_acceptance, static_argnames="k")
+        accepted = np.concatenate([np.asarray(accept(head, target, w[:, :cfg.seq_len + 1 - k], k=k))
+                                   for w in windows])
+        record.update(val_first_accepted=float(np.mean(accepted >= 1)), val_accepted=float(np.mean(accepted)))
+    return record
 
 
 def train_draft_head(target_spec: str, out: str | Path, cfg: DraftTrainConfig, corpus: str | None = None,

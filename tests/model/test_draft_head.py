@@ -18,7 +18,7 @@ from flax import nnx
 from model.draft_head import create_draft_head, draft_forward, draft_tokens, load_draft_head, save_draft_head
 from model.presets import get_preset
 from model.transformer import create_model
-from train.draft_head import DraftTrainConfig, fit_draft_head
+from train.draft_head import DraftTrainConfig, fit_draft_head, greedy_acceptance
 
 # A random target with larger weights than an initialised model's: distinct features and peaked next-token
 # distributions, and an untied LM head, so its greedy token is not simply a copy of the last token.
@@ -74,13 +74,28 @@ def test_training_on_a_repetitive_text_learns_the_targets_greedy_tokens(target):
     text = np.frombuffer(b"the quick brown fox jumps over the lazy dog. " * 100, np.uint8).astype(np.int32)
     records = []
     cfg = DraftTrainConfig(steps=80, batch_size=8, seq_len=32, lr=1e-2, warmup_steps=10, log_every=10,
-                           eval_batches=2)
+                           eval_batches=2, eval_draft_tokens=0)
     head, last = fit_draft_head(target, text[:4000], cfg, text[4000:], records.append)
     assert records[-1]["loss"] < 0.5 * records[0]["loss"], records
     # Baseline: always proposing the target's most frequent greedy token.
     greedy = np.asarray(jnp.argmax(target(jnp.asarray(text[None, 4000:4200])), -1))
     baseline = np.bincount(greedy.ravel()).max() / greedy.size
     assert last["val_agree"] > max(0.2, 3 * baseline), (last, baseline)
+
+    # greedy_acceptance against the target's greedy continuation by a Python loop on the growing sequences.
+    windows_BxT1 = jnp.asarray(np.stack([text[4000 + 7 * i:4020 + 7 * i] for i in range(4)]))
+    accepted_B = jax.jit(greedy_acceptance, static_argnames="k")(head, target, windows_BxT1, k=3)
+    drafts_BxNd = jax.jit(jax.vmap(lambda x: draft_tokens(head, target, target.hidden(x[None, :-1])[0], x, 3)[0]))(
+        windows_BxT1)
+    forward = jax.jit(lambda seq_BxS: target(seq_BxS)[:, -1])
+    seq_BxS, matches = windows_BxT1, []
+    for j in range(3):
+        greedy_B = jnp.argmax(forward(seq_BxS), -1)
+        matches.append(np.asarray(greedy_B == drafts_BxNd[:, j]))
+        seq_BxS = jnp.concatenate([seq_BxS, greedy_B[:, None].astype(seq_BxS.dtype)], axis=1)
+    expected_B = np.cumprod(np.stack(matches, 1), axis=1).sum(1)
+    np.testing.assert_array_equal(accepted_B, expected_B)
+    assert expected_B.max() > 0  # the check saw accepted drafts
 
 
 def test_a_saved_head_reloads_to_identical_outputs(target, tmp_path):
