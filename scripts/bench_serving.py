@@ -48,7 +48,14 @@ import time
 import numpy as np
 
 from scripts.common import CompileClock, add_compilation_cache_args, fail, setup_logging, use_compilation_cache
-from scripts.serve_flags import add_serve_args, serve_changes, serve_config, serve_default, split_overrides
+from scripts.serve_flags import (
+    add_serve_args,
+    load_draft_model,
+    serve_changes,
+    serve_config,
+    serve_default,
+    split_overrides,
+)
 
 
 def workload(n: int, max_len: int, seed: int, prompt_median: int, output_median: int) -> list[tuple[int, int]]:
@@ -135,6 +142,7 @@ def run_server(name: str, server, requests: list, arrivals: list[float] | None, 
         if name == "engine":
             server.kv_samples.clear()
             server.reset_prefix_cache()
+            server.reset_speculation_stats()
         warm_compile = clock.snapshot()
         start = time.perf_counter()
         completions = server.generate(requests, arrivals_s=arrivals)
@@ -172,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         rates = [float(r) for r in args.rates.split(",")]
         start = time.perf_counter()
         model = build_model(args, groups["model"])
+        draft_model = load_draft_model(args)
         load_s = time.perf_counter() - start
         cfg = model.cfg
         # Static batching's memory (plus the null page) unless the command line sizes the cache: both servers get it.
@@ -216,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                 result = serve_hf(model, requests, static_batch, args.hf_threads)
             else:
                 if name == "engine":
-                    server = Engine(model, serve_cfg)
+                    server = Engine(model, serve_cfg, draft_model=draft_model)
                 else:
                     server = StaticBatcher(model, batch_size=static_batch, page_size=serve_cfg.page_size,
                                            decode_impl=serve_cfg.decode_impl)
@@ -227,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
                           "kv_util_contiguous": round(float(np.mean(stored / contiguous)), 4),
                           "preemptions": sum(c.num_preemptions for c in completions),
                           "cached_prompt_tokens": sum(c.num_cached_tokens for c in completions)}
+                    if serve_cfg.speculative is not None:
+                        kv["speculation"] = server.speculation.summary()
                 else:
                     kv = {"kv_util_contiguous": round(float(np.mean(server.kv_utilisation_samples)), 4)}
                 result = summarize(name, completions, seconds, {**kv, **warm})

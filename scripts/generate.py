@@ -60,7 +60,7 @@ from scripts.common import (
     setup_logging,
 )
 from scripts.model_source import add_source_args, load_source
-from scripts.serve_flags import add_serve_args
+from scripts.serve_flags import add_serve_args, load_draft_model
 from scripts.stream_text import StreamPrinter
 
 DEFAULT_PROMPTS = ["def ", "import os\n", "class Stack:\n    def __init__(self", "if __name__ == "]
@@ -268,7 +268,7 @@ def serve_and_report(args: argparse.Namespace, serve_cfg, cache_dir: str | None,
             server = StaticBatcher(model, batch_size=serve_cfg.max_running, page_size=serve_cfg.page_size,
                                    decode_impl=serve_cfg.decode_impl, seed=serve_cfg.seed)
         else:
-            server = Engine(model, serve_cfg)
+            server = Engine(model, serve_cfg, draft_model=load_draft_model(args))
         engine_compile_start = getattr(server, "compile_s", None)
         if args.warmup and not args.static:
             server.warmup()
@@ -348,6 +348,8 @@ def serve_and_report(args: argparse.Namespace, serve_cfg, cache_dir: str | None,
                "tokens_per_s": round(n_tokens / seconds, 1) if seconds else None,
                **{k: compiled[k] - before[k] for k in ("compiles", "cache_hits", "cache_misses")},
                "compilation_cache": cache_dir}
+    if getattr(server, "cfg", None) is not None and server.cfg.speculative is not None:
+        summary["speculation"] = server.speculation.summary()
     since_start = f" (first token {first_token_s:.1f} s after the process started)" if first_token_s else ""
     print(f"{summary['server']}: {len(results)} requests ({errors} errors), {n_tokens} output tokens in "
           f"{seconds:.2f} s = {n_tokens / seconds:.1f} tokens/s{since_start}; load {load_s:.2f} s, "

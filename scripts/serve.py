@@ -24,7 +24,7 @@ import time
 
 from scripts.common import add_compilation_cache_args, fail, setup_logging, use_compilation_cache
 from scripts.model_source import add_source_args, load_source, source_name
-from scripts.serve_flags import add_serve_args, serve_config_or_exit
+from scripts.serve_flags import add_serve_args, load_draft_model, serve_config_or_exit
 
 log = logging.getLogger("scripts.serve")
 API_KEY_ENV = "MESHLM_API_KEY"
@@ -56,7 +56,7 @@ def load_engine(args: argparse.Namespace, serve_cfg, state, loop: asyncio.Abstra
     try:
         start = time.perf_counter()
         model, tokenizer = load_source(args)
-        engine = Engine(model, serve_cfg)
+        engine = Engine(model, serve_cfg, draft_model=load_draft_model(args))
         if args.warmup:
             engine.warmup()
         loop.call_soon_threadsafe(state.set_engine, engine, tokenizer)

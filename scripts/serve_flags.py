@@ -1,5 +1,6 @@
 """The serving engine's settings on a command line: every `ServeConfig` field as `--set serve.FIELD=value`, a few
-shorthands (`--page-size`, `--max-running`, `--token-budget`, `--kv-pages`, `--decode-impl`), and nothing else.
+shorthands (`--page-size`, `--max-running`, `--token-budget`, `--kv-pages`, `--decode-impl`), and speculative
+decoding (`--speculative ngram|draft:SOURCE`, `--num-speculative-tokens K`: a SpeculativeConfig and the draft model).
 
 There is one set of defaults, `ServeConfig`'s own: a flag not given leaves its field alone. Values are parsed by the
 field's declared type (int, float, bool, str, or an optional of those, where `none`/`null` is None); a shorthand is
@@ -61,6 +62,60 @@ def add_serve_args(p: argparse.ArgumentParser, *, other_sections: str = "") -> N
                         "up to 2 GiB)")
     p.add_argument("--decode-impl", choices=decode_impls(),
                    help=f"= --set serve.decode_impl (default {serve_default('decode_impl')})")
+    p.add_argument("--speculative", metavar="ngram|draft:SOURCE",
+                   help="speculative decoding: 'ngram' (prompt lookup) or 'draft:SOURCE', a smaller model with the "
+                        "same vocabulary drafting (SOURCE: a meshlm run directory, hf:DIR or gguf:FILE)")
+    p.add_argument("--num-speculative-tokens", type=int, metavar="K",
+                   help="tokens drafted per decode step with --speculative (default "
+                        f"{speculative_default_tokens()})")
+
+
+def speculative_default_tokens() -> int:
+    from serve.speculation_config import SpeculativeConfig
+
+    return SpeculativeConfig().num_tokens
+
+
+def speculative_config(args: argparse.Namespace):
+    """The SpeculativeConfig of --speculative and --num-speculative-tokens (None without --speculative); raises
+    ValueError naming a bad value."""
+    from serve.speculation_config import SpeculativeConfig
+
+    spec = getattr(args, "speculative", None)
+    k = getattr(args, "num_speculative_tokens", None)
+    if spec is None:
+        if k is not None:
+            raise ValueError("--num-speculative-tokens needs --speculative")
+        return None
+    method, _, source = spec.partition(":")
+    if method == "head":
+        raise ValueError(f"--speculative {spec!r}: the draft-head proposer is not in the engine yet (the head trains "
+                         "with scripts/train_draft_head.py); use ngram or draft:SOURCE")
+    if (method == "ngram") != (source == "") or method not in ("ngram", "draft"):
+        raise ValueError(f"--speculative {spec!r}: expected 'ngram' or 'draft:SOURCE' (a run directory, hf:DIR or "
+                         "gguf:FILE)")
+    return SpeculativeConfig(method=method, **({} if k is None else {"num_tokens": k}))
+
+
+def load_draft_model(args: argparse.Namespace):
+    """The draft model of --speculative draft:SOURCE (None otherwise). Raises FileNotFoundError or ValueError
+    naming the source."""
+    spec = getattr(args, "speculative", None) or ""
+    if not spec.startswith("draft:"):
+        return None
+    source = spec.partition(":")[2]
+    kind, _, path = source.partition(":")
+    if kind == "hf":
+        from model.hf import load_hf
+
+        return load_hf(path)
+    if kind == "gguf":
+        from model.gguf import load_gguf
+
+        return load_gguf(path)
+    from train.loop import load_params
+
+    return load_params(source)[1]
 
 
 def split_overrides(items: list[str], sections: tuple[str, ...] = ("serve",)) -> dict[str, list[str]]:
@@ -101,7 +156,7 @@ def serve_argv(args: argparse.Namespace) -> list[str]:
     """This command line's serve settings as arguments for another serving command: its `--set` items, then the
     shorthands it gave."""
     argv = [a for item in args.overrides for a in ("--set", item)]
-    for flag in SHORTHANDS.values():
+    for flag in (*SHORTHANDS.values(), "--speculative", "--num-speculative-tokens"):
         value = getattr(args, flag[2:].replace("-", "_"), None)
         if value is not None:
             argv += [flag, str(value)]
@@ -114,6 +169,9 @@ def serve_config(args: argparse.Namespace, overrides: list[str], **base: Any):
     from serve.engine import ServeConfig
 
     user = serve_changes(args, overrides)
+    spec = speculative_config(args)
+    if spec is not None:
+        user["speculative"] = spec
     memory = ("num_pages", "memory_bytes", "memory_fraction")
     if any(user.get(k) is not None for k in memory):  # the user's cache size replaces the script's
         base = {k: v for k, v in base.items() if k not in memory}

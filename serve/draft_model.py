@@ -14,8 +14,9 @@ afterwards; the count `min(num_draft_computed, num_computed)` leaves them out.
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -96,10 +97,7 @@ class DraftRunner:
         ps = engine.cfg.page_size
         self.cache = init_cache(CacheShape.for_model(model.cfg, ps, engine.cache_shape.num_pages))
         self.layout = engine.layout
-        self._jitted = jax.jit(partial(_draft_step, self.graph, engine.decode_impl, ps, num_tokens),
-                               donate_argnums=(1,))
-        self._compiled: dict[tuple, object] = {}
-        self.compile_s = 0.0
+        self._steps = _compiled_draft_steps(self.graph, engine.decode_impl, ps, num_tokens)
 
     def draft(self, decodes: Sequence[ScheduledChunk], inputs: StepInputs) -> tuple[jax.Array, jax.Array]:
         """Draft k tokens for each decode row of the target's step `inputs` (rows in `decodes` order, padded to its
@@ -127,7 +125,20 @@ class DraftRunner:
         positions_B[:len(rows)] = [c.seq.num_tokens - 1 for c in decodes]
         args = (self.params, self.cache, StepInputs(*map(jnp.asarray, catch_up)), jnp.asarray(row_slots),
                 jnp.asarray(positions_B), inputs.decode_tables_BxW, tuple(map(jnp.asarray, sampling_B)))
-        key = tuple(a.shape for a in catch_up) + (Bd, W)
+        drafts, q, self.cache = self._steps(tuple(a.shape for a in catch_up) + (Bd, W, str(self.cache.k.dtype),
+                                                                               self.cache.k.shape), args)
+        return drafts, q
+
+
+class _DraftSteps:
+    """The draft step of one draft-model structure, compiled once per shape and shared by every engine using it."""
+
+    def __init__(self, graph: StepGraph, decode_impl: str, page_size: int, k: int):
+        self._jitted = jax.jit(partial(_draft_step, graph, decode_impl, page_size, k), donate_argnums=(1,))
+        self._compiled: dict[tuple, Callable] = {}
+        self.compile_s = 0.0
+
+    def __call__(self, key: tuple, args: tuple) -> tuple[jax.Array, jax.Array, KVCache]:
         fn = self._compiled.get(key)
         if fn is None:
             start = time.perf_counter()
@@ -135,9 +146,9 @@ class DraftRunner:
                 fn = self._jitted.lower(*args).compile()
             self.compile_s += time.perf_counter() - start
             self._compiled[key] = fn
-        drafts, q, self.cache = fn(*args)
-        return drafts, q
+        return fn(*args)
 
-    @property
-    def compile_count(self) -> int:
-        return len(self._compiled)
+
+@functools.cache
+def _compiled_draft_steps(graph: StepGraph, decode_impl: str, page_size: int, k: int) -> _DraftSteps:
+    return _DraftSteps(graph, decode_impl, page_size, k)

@@ -252,6 +252,14 @@ class SpeculationStats:
     def acceptance_rate(self) -> float:
         return self.accepted / self.drafted if self.drafted else 0.0
 
+    def summary(self) -> dict:
+        """The figures a benchmark or `generate` reports: counts, acceptance rate, mean accepted length, and the
+        rate at which rows accepted their j-th drafted token."""
+        return {"verified_rows": self.rows, "drafted": self.drafted, "accepted": self.accepted,
+                "acceptance_rate": round(self.acceptance_rate, 4),
+                "mean_accepted_length": round(self.mean_accepted_length, 3),
+                "accepted_at_position": [round(n / self.rows, 4) if self.rows else 0.0 for n in self.accepted_at]}
+
 
 class Engine:
     """Continuous batching over a paged KV cache for one model (any `model.transformer.Transformer`), with
@@ -393,6 +401,10 @@ class Engine:
         self.allocator.reset_cache()
         for seq in self.scheduler.running:
             seq.num_registered = len(seq.block_table)  # their current blocks stay out of the cache
+
+    def reset_speculation_stats(self) -> None:
+        """Zero the speculative-decoding counts (e.g. between a benchmark's warm-up and its timed run)."""
+        self.speculation = SpeculationStats(accepted_at=[0] * len(self.speculation.accepted_at))
 
     # --- the loop ------------------------------------------------------------------------------------------
 

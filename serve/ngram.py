@@ -28,13 +28,18 @@ class NgramConfig:
 
 
 def propose_ngram(tokens: Sequence[int] | np.ndarray, cfg: NgramConfig = NgramConfig()) -> list[int]:
-    """Up to `cfg.num_tokens` drafted tokens for a sequence (prompt and output so far): for n from max_n down to
-    min_n, the tokens after the latest earlier position where the last n tokens occur; [] when no suffix recurs."""
+    """`cfg.num_tokens` drafted tokens for a sequence (prompt and output so far): for n from max_n down to min_n,
+    the tokens after the latest earlier position where the last n tokens occur, copied on into the drafts
+    themselves where they run past the end (LZ77's overlapping copy: a repeating pattern is drafted in full); []
+    when no suffix recurs."""
     t = np.asarray(tokens, dtype=np.int64)
     for n in range(min(cfg.max_n, len(t) - 1), cfg.min_n - 1, -1):
         windows = sliding_window_view(t[:-1], n)  # window i is t[i:i+n]; it ends before the last token
         hits = np.flatnonzero((windows == t[-n:]).all(axis=1))
         if hits.size:
             start = int(hits[-1]) + n
-            return t[start:start + cfg.num_tokens].tolist()
+            drafts = t[start:start + cfg.num_tokens].tolist()
+            while len(drafts) < cfg.num_tokens:  # the copy runs into its own output: the repetition goes on
+                drafts.append(drafts[start + len(drafts) - len(t)])
+            return drafts
     return []

@@ -209,3 +209,5 @@ class AsyncEngine:
         self.num_waiting, self.num_running = s.num_waiting, s.num_running
         self.metrics.load(running=s.num_running, waiting=s.num_waiting, pages_used=self.engine.allocator.num_used,
                           pages_total=self.engine.allocator.num_usable)
+        if self.engine.cfg.speculative is not None:
+            self.metrics.speculation(**dataclasses.asdict(self.engine.speculation))

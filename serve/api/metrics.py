@@ -38,6 +38,15 @@ class ServerMetrics:
                                          registry=r)
         self.requests = Counter("meshlm_request_success", "Finished requests by finish reason", ["finished_reason"],
                                 registry=r)
+        # speculative decoding, the engine's totals so far (vLLM's spec_decode_* figures)
+        self.spec_drafts = Gauge("meshlm_spec_decode_num_drafts", "Decode rows that verified drafted tokens",
+                                 registry=r)
+        self.spec_draft_tokens = Gauge("meshlm_spec_decode_num_draft_tokens", "Tokens drafted", registry=r)
+        self.spec_accepted_tokens = Gauge("meshlm_spec_decode_num_accepted_tokens", "Drafted tokens accepted",
+                                          registry=r)
+        self.spec_accepted_per_pos = Gauge("meshlm_spec_decode_num_accepted_tokens_per_pos",
+                                           "Rows that accepted their drafted token at this position", ["position"],
+                                           registry=r)
 
     def observe_finished(self, *, prompt_tokens: int, output_tokens: int, cached_tokens: int, preemptions: int,
                          arrival_s: float, token_times_s: list[float], finish_reason: str) -> None:
@@ -61,6 +70,14 @@ class ServerMetrics:
         self.waiting.set(waiting)
         self.kv_pages_used.set(pages_used)
         self.kv_pages_total.set(pages_total)
+
+    def speculation(self, *, rows: int, drafted: int, accepted: int, accepted_at: list[int]) -> None:
+        """The engine's speculative-decoding totals (serve/engine.py SpeculationStats)."""
+        self.spec_drafts.set(rows)
+        self.spec_draft_tokens.set(drafted)
+        self.spec_accepted_tokens.set(accepted)
+        for position, count in enumerate(accepted_at):
+            self.spec_accepted_per_pos.labels(str(position)).set(count)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -13,7 +13,10 @@ def brute_force(t: list[int], cfg: NgramConfig) -> list[int]:
         suffix = t[-n:]
         for i in range(len(t) - n - 1, -1, -1):  # latest occurrence that ends before the last token
             if t[i:i + n] == suffix:
-                return t[i + n:i + n + cfg.num_tokens]
+                out = list(t)
+                for j in range(cfg.num_tokens):  # copy on, past the end into what is copied
+                    out.append(out[i + n + j])
+                return out[len(t):]
     return []
 
 
@@ -31,7 +34,8 @@ def test_examples():
     assert propose_ngram([5, 1, 7, 8, 2, 1], cfg) == [7, 8, 2]  # only "1" recurs
     assert propose_ngram([1, 2, 3], cfg) == []  # nothing recurs
     assert propose_ngram([4], cfg) == []
-    assert propose_ngram([3, 3, 3, 3], cfg) == [3]  # the latest occurrence (t[1:3]): its continuation ends early
+    assert propose_ngram([3, 3, 3, 3], cfg) == [3, 3, 3]  # the latest occurrence (t[1:3]), copied on
+    assert propose_ngram([1, 2, 1, 2], cfg) == [1, 2, 1]
 
 
 def test_config_names_bad_values():

@@ -1,0 +1,152 @@
+"""Speculative decoding inside the engine, against independent references: greedy outputs equal the naive decoder's
+token for token for every proposer, with staggered arrivals, forced preemption and prefix caching; the target as its
+own draft accepts every drafted token; a stop token inside an accepted run ends the request there; log-probabilities
+are the plain engine's; and sampled requests keep the target's distribution (chi-square against the distribution
+computed from the model's own full forward, with a draft model that disagrees with it)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import numpy as np
+import pytest
+from scipy import stats
+
+from model.transformer import create_model
+from serve.engine import Engine, Request, SamplingParams
+from serve.naive import generate
+from serve.speculation_config import SpeculativeConfig
+from serve.speculation_policy import SpeculationPolicy
+from tests.serve.test_engine import CFG, SERVE, model, naive_outputs, serve_staggered
+
+K = 3
+NGRAM = SpeculativeConfig(method="ngram", num_tokens=K, adaptive=False)
+DRAFT = SpeculativeConfig(method="draft", num_tokens=K, adaptive=False)
+
+
+@functools.cache
+def other_draft():
+    """A draft model that is not the target: one layer, other weights."""
+    return create_model(dataclasses.replace(CFG, n_layers=1), seed=5)
+
+
+def engine(spec, draft=None, **serve):
+    return Engine(model(), dataclasses.replace(SERVE, speculative=spec, **serve), draft_model=draft)
+
+
+@pytest.mark.parametrize("proposer", ["ngram", "self", pytest.param("other", marks=pytest.mark.slow)])
+def test_greedy_speculation_matches_the_naive_decoder(proposer):
+    spec, draft = {"ngram": (NGRAM, None), "self": (DRAFT, model()), "other": (DRAFT, other_draft())}[proposer]
+    e = engine(spec, draft)
+    assert serve_staggered(e) == list(naive_outputs())
+    assert e.allocator.num_free == e.allocator.num_usable
+    assert e.speculation.rows > 0
+    if proposer == "self":  # the target as its own draft: every drafted token is accepted
+        assert e.speculation.drafted > 0 and e.speculation.accepted == e.speculation.drafted
+        assert e.speculation.accepted_at[K - 1] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("proposer", ["ngram", "self"])
+def test_speculation_under_forced_preemption(proposer):
+    spec, draft = {"ngram": (NGRAM, None), "self": (DRAFT, model())}[proposer]
+    e = engine(spec, draft, page_size=4, num_pages=13, max_running=6, token_budget=24, max_prefill_chunk=16)
+    assert serve_staggered(e) == list(naive_outputs())
+    assert sum(c.num_preemptions for c in e.completions.values()) > 0
+    assert e.allocator.num_free == e.allocator.num_usable
+
+
+@pytest.mark.slow
+def test_speculation_with_prefix_cache_hits():
+    """Requests sharing a long prefix, one after the other: later ones start on the cached pages (whose draft K/V
+    the draft recomputes) and still decode the naive decoder's tokens."""
+    rng = np.random.default_rng(7)
+    shared = rng.integers(0, CFG.vocab_size, 40).tolist()
+    prompts = [shared + rng.integers(0, CFG.vocab_size, n).tolist() for n in (3, 9, 1)]
+    e = engine(DRAFT, other_draft())
+    outs = []
+    for i, p in enumerate(prompts):
+        rid = e.submit(Request(tuple(p), 10, request_id=f"p{i}"))
+        while e.has_unfinished:
+            e.step()
+        outs.append(e.completions[rid].token_ids)
+    assert sum(c.num_cached_tokens for c in e.completions.values()) >= 64
+    assert outs == generate(model(), prompts, 10)
+
+
+def test_a_stop_token_inside_an_accepted_run_ends_the_request():
+    rng = np.random.default_rng(3)
+    for _ in range(50):  # a prompt whose greedy output brings a new token after a few repeated ones
+        prompt = rng.integers(0, CFG.vocab_size, 6).tolist()
+        plain = generate(model(), [prompt], 16)[0]
+        fresh = [t for i, t in enumerate(plain) if i >= 4 and t not in plain[:i]]
+        if fresh:
+            break
+    stop = fresh[0]
+    e = engine(DRAFT, model())
+    [done] = e.generate([Request(tuple(prompt), 16, stop_ids=(stop,))])
+    assert done.token_ids == plain[:plain.index(stop) + 1]
+    assert done.finish_reason == "stop"
+    assert e.speculation.accepted > 0
+    assert e.allocator.num_free == e.allocator.num_usable
+
+
+def test_log_probabilities_are_the_plain_engines():
+    reqs = [Request((3, 4, 5, 6, 7), 8, logprobs=3, request_id="a"), Request((40, 41), 6, logprobs=2,
+                                                                             request_id="b")]
+    plain = Engine(model(), SERVE).generate(reqs)
+    spec = engine(DRAFT, model()).generate(reqs)
+    for a, b in zip(plain, spec, strict=True):
+        assert a.token_ids == b.token_ids
+        assert len(b.state.output_logprobs) == len(b.token_ids)
+        for (lp_a, top_a), (lp_b, top_b) in zip(a.state.output_logprobs, b.state.output_logprobs, strict=True):
+            assert lp_b == pytest.approx(lp_a, abs=1e-4)
+            assert [i for i, _ in top_b] == [i for i, _ in top_a]
+
+
+def _top_k_probs(logits: np.ndarray, k: int) -> np.ndarray:
+    """softmax over the k largest logits (temperature 1), zero elsewhere."""
+    logits = logits.astype(np.float64)
+    keep = np.argsort(logits)[-k:]
+    p = np.zeros_like(logits)
+    p[keep] = np.exp(logits[keep] - logits[keep].max())
+    return p / p.sum()
+
+
+def test_sampled_speculation_keeps_the_target_distribution():
+    """400 seeded requests of one prompt, top-k 4 at temperature 1, drafted by a model that disagrees with the
+    target: the 2nd and 3rd output tokens (verified, not prefill-sampled) follow the target's own distribution."""
+    prompt, top_k, n = [11, 22, 33, 44, 55], 4, 400
+    full = lambda tokens: np.asarray(model()(jax.numpy.asarray([tokens]))[0, -1])  # noqa: E731
+    p1 = _top_k_probs(full(prompt), top_k)
+    p2 = {t1: _top_k_probs(full(prompt + [t1]), top_k) for t1 in np.flatnonzero(p1)}
+    marginal2 = sum(p1[t1] * p for t1, p in p2.items())
+    marginal3 = sum(p1[t1] * p2[t1][t2] * _top_k_probs(full(prompt + [t1, t2]), top_k)
+                    for t1 in p2 for t2 in np.flatnonzero(p2[t1]))
+    e = engine(DRAFT, other_draft())
+    reqs = [Request(tuple(prompt), 3, sampling=SamplingParams(temperature=1.0, top_k=top_k, seed=1000 + i))
+            for i in range(n)]
+    outs = np.array([c.token_ids for c in e.generate(reqs)])
+    assert e.speculation.rows > 0 and e.speculation.accepted < e.speculation.drafted  # rejections happened
+    for position, expected in ((1, marginal2), (2, marginal3)):
+        support = np.flatnonzero(expected > 0)
+        counts = np.bincount(outs[:, position], minlength=CFG.vocab_size)
+        assert counts[expected == 0].sum() == 0  # nothing outside the target's top-k support
+        big = expected[support] * n >= 5  # chi-square bins: the small-expectation ones merged into one
+        observed = np.append(counts[support][big], counts[support][~big].sum())
+        wanted = np.append(expected[support][big], expected[support][~big].sum()) * n
+        keep = wanted > 0
+        assert stats.chisquare(observed[keep], wanted[keep]).pvalue > 1e-3, position
+
+
+def test_the_policy_keeps_the_faster_mode_and_probes_the_other():
+    policy = SpeculationPolicy(probe_every=10, probe_steps=2)
+    assert policy.speculate(4) is True  # unmeasured: try speculation first
+    policy.record(4, True, 2, 1.0)  # 2 tokens/s speculating
+    assert policy.speculate(4) is False  # then plain decoding, to measure it
+    policy.record(4, False, 4, 1.0)  # 4 tokens/s plain: plain is faster
+    choices = [policy.speculate(4) for _ in range(20)]
+    assert choices.count(False) >= 14 and choices.count(True) >= 2  # mostly plain, with probes
+    assert policy.speculate(8) is True  # another batch size has its own figures
