@@ -314,6 +314,7 @@ class Engine:
         spec = cfg.speculative
         self.speculation = SpeculationStats(accepted_at=[0] * (spec.num_tokens if spec else 0))
         self.policy = SpeculationPolicy() if spec and spec.adaptive else None
+        self._speculated = False  # whether the last step speculated
         self._ngram = NgramConfig(spec.ngram_max_n, spec.ngram_min_n, spec.num_tokens) if spec else None
         self._drafter = None
         if spec and spec.method == "draft":
@@ -435,9 +436,13 @@ class Engine:
         if launched and (not self.cfg.overlap or launched.verifying):  # the next drafts start from its tokens
             events += self._read_back(launched)
             self._in_flight = None
-        if self.policy and schedule.chunks and not schedule.prefills and self.compile_count == compiles:
+        # a step measures its mode's rate unless it compiled, prefilled, or switched mode (its read-back then
+        # holds the other mode's tokens, or none)
+        if (self.policy and schedule.chunks and not schedule.prefills and self.compile_count == compiles
+                and bool(lookahead) == self._speculated):
             self.policy.record(bucket(len(schedule.decodes)), bool(lookahead), len(events),
                                time.perf_counter() - start)
+        self._speculated = bool(lookahead)
         running = self.scheduler.running
         if running and self.allocator.num_used:
             stored = sum(seq.num_computed for seq in running)

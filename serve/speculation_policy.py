@@ -22,7 +22,7 @@ class _Rates:
 class SpeculationPolicy:
     """Chooses per step whether to speculate, from the measured rates of each decode-batch bucket."""
 
-    def __init__(self, probe_every: int = 48, probe_steps: int = 3, smoothing: float = 0.3):
+    def __init__(self, probe_every: int = 48, probe_steps: int = 4, smoothing: float = 0.3):
         self.probe_every, self.probe_steps, self.smoothing = probe_every, probe_steps, smoothing
         self._rates: dict[int, _Rates] = {}
 
