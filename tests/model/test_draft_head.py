@@ -25,6 +25,12 @@ from train.draft_head import DraftTrainConfig, fit_draft_head, greedy_acceptance
 TARGET = get_preset("tiny").replace(dtype="float32", tie_embeddings=False, init_std=0.2)
 
 
+# Jitted once each (modules are pytrees): eager calls compile op by op, slowly on a loaded 2-core machine.
+hidden = jax.jit(lambda model, tokens_BxT: model.hidden(tokens_BxT))
+logits = jax.jit(lambda model, tokens_BxT: model(tokens_BxT))
+batch_form = jax.jit(draft_forward)
+
+
 @pytest.fixture(scope="module")
 def target():
     return create_model(TARGET, seed=3)
@@ -48,7 +54,7 @@ def reference_drafts(head, target, features_TxD, tokens_T1, drafted_Nd):
 def test_drafting_equals_the_training_form_run_step_by_step(target, temperature):
     head = create_draft_head(TARGET, seed=1)
     tokens_T1 = jax.random.randint(jax.random.key(0), (12,), 0, TARGET.vocab_size)
-    features_TxD = target.hidden(tokens_T1[None, :-1])[0]
+    features_TxD = hidden(target, tokens_T1[None, :-1])[0]
     draft = jax.jit(draft_tokens, static_argnames="k")
     drafted_Nd, q_NdxV = draft(head, target, features_TxD, tokens_T1, k=4, temperature=temperature,
                                key=jax.random.key(5))
@@ -59,7 +65,7 @@ def test_drafting_equals_the_training_form_run_step_by_step(target, temperature)
     else:
         np.testing.assert_allclose(q_NdxV, jax.nn.softmax(ref_logits_NdxV / temperature), atol=1e-5)
     # The first drafted token is the training form's prediction at the last given position.
-    _, logits_1xTxV = draft_forward(head, target, features_TxD[None], tokens_T1[None, 1:])
+    _, logits_1xTxV = batch_form(head, target, features_TxD[None], tokens_T1[None, 1:])
     np.testing.assert_allclose(ref_logits_NdxV[0], logits_1xTxV[0, -1], rtol=1e-5, atol=1e-5)
 
     # Padding past `length` changes nothing (a caller buckets lengths).
@@ -78,7 +84,7 @@ def test_training_on_a_repetitive_text_learns_the_targets_greedy_tokens(target):
     head, last = fit_draft_head(target, text[:4000], cfg, text[4000:], records.append)
     assert records[-1]["loss"] < 0.5 * records[0]["loss"], records
     # Baseline: always proposing the target's most frequent greedy token.
-    greedy = np.asarray(jnp.argmax(target(jnp.asarray(text[None, 4000:4200])), -1))
+    greedy = np.asarray(jnp.argmax(logits(target, jnp.asarray(text[None, 4000:4200])), -1))
     baseline = np.bincount(greedy.ravel()).max() / greedy.size
     assert last["val_agree"] > max(0.2, 3 * baseline), (last, baseline)
 
@@ -101,12 +107,12 @@ def test_training_on_a_repetitive_text_learns_the_targets_greedy_tokens(target):
 def test_a_saved_head_reloads_to_identical_outputs(target, tmp_path):
     head = create_draft_head(TARGET, seed=2)
     tokens_BxT1 = jax.random.randint(jax.random.key(1), (2, 9), 0, TARGET.vocab_size)
-    features = target.hidden(tokens_BxT1[:, :-1])
+    features = hidden(target, tokens_BxT1[:, :-1])
     save_draft_head(head, tmp_path / "head", {"target_source": "run:somewhere"})
     again, meta = load_draft_head(tmp_path / "head", TARGET)
     assert meta["target_source"] == "run:somewhere" and again.cfg == head.cfg
-    for a, b in zip(draft_forward(head, target, features, tokens_BxT1[:, 1:]),
-                    draft_forward(again, target, features, tokens_BxT1[:, 1:]), strict=True):
+    for a, b in zip(batch_form(head, target, features, tokens_BxT1[:, 1:]),
+                    batch_form(again, target, features, tokens_BxT1[:, 1:]), strict=True):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="vocab_size 259, but this target has vocab_size 300"):
         load_draft_head(tmp_path / "head", TARGET.replace(vocab_size=300))
@@ -117,7 +123,7 @@ def test_a_saved_head_reloads_to_identical_outputs(target, tmp_path):
 def test_bad_input_is_refused_naming_it(target):
     head = create_draft_head(TARGET)
     tokens_T1 = jnp.arange(6)
-    features_TxD = target.hidden(tokens_T1[None, :-1])[0]
+    features_TxD = hidden(target, tokens_T1[None, :-1])[0]
     with pytest.raises(ValueError, match="k \\(tokens to draft\\) must be a positive integer, got 0"):
         draft_tokens(head, target, features_TxD, tokens_T1, 0)
     other = create_model(TARGET.replace(vocab_size=300))
