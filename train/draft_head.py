@@ -14,7 +14,6 @@ equals the target's argmax next token: what greedy speculation would accept as t
 from __future__ import annotations
 
 import dataclasses
-import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,8 +32,6 @@ from train.data import load_corpus, windows_at
 from train.metrics import MetricsLog
 from train.pretrained import init_source
 from train.run_tokenizer import AnyTokenizer, training_tokenizer
-
-log = logging.getLogger(__name__)
 
 CLS_TARGETS = ("target", "data")
 
@@ -122,7 +119,7 @@ def greedy_acceptance(head: DraftHead, target: Transformer, windows_BxT1: jax.Ar
     """How many of the head's k greedy drafts after each window the target's greedy decoding would accept [B]
     (0..k): the drafts from the target's features of the window (`draft_tokens`) against the target's own
     greedy continuation of it (k full forwards, no cache). Jit with `k` static."""
-    B, T1 = windows_BxT1.shape
+    T1 = windows_BxT1.shape[1]
     features_BxTxD = target.hidden(windows_BxT1[:, :-1])
 
     def extend(seq_BxS: jax.Array, j: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -141,9 +138,12 @@ def make_optimizer(cfg: DraftTrainConfig) -> optax.GradientTransformation:
     so a 1-D parameter is a norm scale or a bias)."""
     schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, min(cfg.warmup_steps, cfg.steps - 1), cfg.steps,
                                                   cfg.lr * 0.1)
-    mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+
+    def matrices(params: nnx.State) -> nnx.State:
+        return jax.tree.map(lambda p: p.ndim >= 2, params)
+
     return optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
-                       optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=mask))
+                       optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=matrices))
 
 
 def make_steps(head: DraftHead, target: Transformer, cfg: DraftTrainConfig, optimizer: optax.GradientTransformation

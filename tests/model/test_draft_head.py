@@ -137,6 +137,8 @@ def test_bad_input_is_refused_naming_it(target):
         DraftTrainConfig(cls_target="soft")
     with pytest.raises(ValueError, match="draft.seq_len must be at least 2"):
         DraftTrainConfig(seq_len=1)
+    with pytest.raises(ValueError, match="draft.eval_draft_tokens must be at most draft.seq_len - 2 = 2"):
+        DraftTrainConfig(seq_len=4, eval_draft_tokens=3)
     with pytest.raises(ValueError, match="exceeds the target's max_seq_len 64"):
         fit_draft_head(target, np.zeros(1000, np.int32), DraftTrainConfig(seq_len=128))
     assert nnx.state(head)  # the head is a plain nnx module
