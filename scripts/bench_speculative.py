@@ -78,6 +78,9 @@ def serve(model, cfg, draft, prompts: list[list[int]], max_new: int, stop: tuple
     done = engine.generate(requests)
     seconds = time.perf_counter() - start
     tokens = sum(len(c.token_ids) for c in done)
+    errors = [c.error for c in done if c.error]
+    if errors:
+        raise ValueError(f"{len(errors)} requests failed, e.g. {errors[0]}")
     row = {"output_tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 2),
            "_tokens": [c.token_ids for c in done]}
     if cfg.speculative is not None:
