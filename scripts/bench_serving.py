@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         rates = [float(r) for r in args.rates.split(",")]
         start = time.perf_counter()
         model = build_model(args, groups["model"])
-        draft_model = load_draft_model(args)
+        draft_model = load_draft_model(args, model.cfg)
         load_s = time.perf_counter() - start
         cfg = model.cfg
         # Static batching's memory (plus the null page) unless the command line sizes the cache: both servers get it.

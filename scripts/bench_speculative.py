@@ -11,7 +11,8 @@ the same, and the acceptance (rate, mean accepted length, per drafted position).
 Tasks: `rewrite` asks a chat model to repeat a slice of a source file with a comment added (the answer copies the
 prompt: prompt lookup's case); `continue` gives a slice of a source file as plain text to continue (a base model's
 case). Batch 1 serves `--requests` prompts one at a time; batch B > 1 serves B prompts at once. Each configuration
-runs the workload once untimed (compiling its step shapes), then timed.
+runs the workload untimed (compiling its step shapes; three times with speculation, whose measured policy may choose
+differently the second time), then timed.
 """
 
 from __future__ import annotations
@@ -71,9 +72,11 @@ def serve(model, cfg, draft, prompts: list[list[int]], max_new: int, stop: tuple
 
     engine = Engine(model, cfg, draft_model=draft)
     requests = [Request(tuple(p), max_new, stop_ids=stop, request_id=f"r{i}") for i, p in enumerate(prompts)]
-    engine.generate(requests)
-    engine.reset_prefix_cache()
+    for _ in range(3 if cfg.speculative else 1):  # the policy's choices differ run to run: their shapes too
+        engine.generate(requests)
+        engine.reset_prefix_cache()
     engine.reset_speculation_stats()
+    compiles = engine.compiles()
     start = time.perf_counter()
     done = engine.generate(requests)
     seconds = time.perf_counter() - start
@@ -82,7 +85,7 @@ def serve(model, cfg, draft, prompts: list[list[int]], max_new: int, stop: tuple
     if errors:
         raise ValueError(f"{len(errors)} requests failed, e.g. {errors[0]}")
     row = {"output_tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 2),
-           "_tokens": [c.token_ids for c in done]}
+           "compiles_in_timed_run": engine.compiles() - compiles, "_tokens": [c.token_ids for c in done]}
     if cfg.speculative is not None:
         row["speculation"] = engine.speculation.summary()
         if engine.policy is not None:
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec_cfg = serve_config(args, split_overrides(args.overrides)["serve"])
         model, tok = load_source(args)
-        draft = load_draft_model(args)
+        draft = load_draft_model(args, model.cfg)
         if tok is None:
             raise ValueError("this model has no tokenizer: the workload is text")
         prompts = prompts_for(args.task, max(args.requests, *args.batch_sizes), args.prompt_lines, tok)
@@ -122,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs = [serve(model, cfg, d, [p], args.max_new_tokens, stop) for p in prompts[:args.requests]]
                 row = {"output_tokens": sum(r["output_tokens"] for r in runs),
                        "seconds": round(sum(r["seconds"] for r in runs), 2),
+                       "compiles_in_timed_run": sum(r["compiles_in_timed_run"] for r in runs),
                        "_tokens": [t for r in runs for t in r["_tokens"]]}
                 row["tokens_per_s"] = round(row["output_tokens"] / row["seconds"], 2)
                 if name == "speculative":

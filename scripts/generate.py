@@ -268,7 +268,7 @@ def serve_and_report(args: argparse.Namespace, serve_cfg, cache_dir: str | None,
             server = StaticBatcher(model, batch_size=serve_cfg.max_running, page_size=serve_cfg.page_size,
                                    decode_impl=serve_cfg.decode_impl, seed=serve_cfg.seed)
         else:
-            server = Engine(model, serve_cfg, draft_model=load_draft_model(args))
+            server = Engine(model, serve_cfg, draft_model=load_draft_model(args, model.cfg))
         engine_compile_start = getattr(server, "compile_s", None)
         if args.warmup and not args.static:
             server.warmup()

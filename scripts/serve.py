@@ -56,7 +56,7 @@ def load_engine(args: argparse.Namespace, serve_cfg, state, loop: asyncio.Abstra
     try:
         start = time.perf_counter()
         model, tokenizer = load_source(args)
-        engine = Engine(model, serve_cfg, draft_model=load_draft_model(args))
+        engine = Engine(model, serve_cfg, draft_model=load_draft_model(args, model.cfg))
         if args.warmup:
             engine.warmup()
         loop.call_soon_threadsafe(state.set_engine, engine, tokenizer)

@@ -1,6 +1,7 @@
 """The serving engine's settings on a command line: every `ServeConfig` field as `--set serve.FIELD=value`, a few
 shorthands (`--page-size`, `--max-running`, `--token-budget`, `--kv-pages`, `--decode-impl`), and speculative
-decoding (`--speculative ngram|draft:SOURCE`, `--num-speculative-tokens K`: a SpeculativeConfig and the draft model).
+decoding (`--speculative ngram|draft:SOURCE|head:DIR`, `--num-speculative-tokens K`: a SpeculativeConfig and the
+draft model or head).
 
 There is one set of defaults, `ServeConfig`'s own: a flag not given leaves its field alone. Values are parsed by the
 field's declared type (int, float, bool, str, or an optional of those, where `none`/`null` is None); a shorthand is
@@ -62,9 +63,10 @@ def add_serve_args(p: argparse.ArgumentParser, *, other_sections: str = "") -> N
                         "up to 2 GiB)")
     p.add_argument("--decode-impl", choices=decode_impls(),
                    help=f"= --set serve.decode_impl (default {serve_default('decode_impl')})")
-    p.add_argument("--speculative", metavar="ngram|draft:SOURCE",
-                   help="speculative decoding: 'ngram' (prompt lookup) or 'draft:SOURCE', a smaller model with the "
-                        "same vocabulary drafting (SOURCE: a meshlm run directory, hf:DIR or gguf:FILE)")
+    p.add_argument("--speculative", metavar="ngram|draft:SOURCE|head:DIR",
+                   help="speculative decoding: 'ngram' (prompt lookup), 'draft:SOURCE', a smaller model with the "
+                        "same vocabulary drafting (SOURCE: a meshlm run directory, hf:DIR or gguf:FILE), or "
+                        "'head:DIR', a draft head trained on this model by scripts/train_draft_head.py")
     p.add_argument("--num-speculative-tokens", type=int, metavar="K",
                    help="tokens drafted per decode step with --speculative (default "
                         f"{speculative_default_tokens()})")
@@ -88,19 +90,20 @@ def speculative_config(args: argparse.Namespace):
             raise ValueError("--num-speculative-tokens needs --speculative")
         return None
     method, _, source = spec.partition(":")
-    if method == "head":
-        raise ValueError(f"--speculative {spec!r}: the draft-head proposer is not in the engine yet (the head trains "
-                         "with scripts/train_draft_head.py); use ngram or draft:SOURCE")
-    if (method == "ngram") != (source == "") or method not in ("ngram", "draft"):
-        raise ValueError(f"--speculative {spec!r}: expected 'ngram' or 'draft:SOURCE' (a run directory, hf:DIR or "
-                         "gguf:FILE)")
+    if (method == "ngram") != (source == "") or method not in ("ngram", "draft", "head"):
+        raise ValueError(f"--speculative {spec!r}: expected 'ngram', 'draft:SOURCE' (a run directory, hf:DIR or "
+                         "gguf:FILE) or 'head:DIR' (a draft head from scripts/train_draft_head.py)")
     return SpeculativeConfig(method=method, **({} if k is None else {"num_tokens": k}))
 
 
-def load_draft_model(args: argparse.Namespace):
-    """The draft model of --speculative draft:SOURCE (None otherwise). Raises FileNotFoundError or ValueError
-    naming the source."""
+def load_draft_model(args: argparse.Namespace, target_cfg=None):
+    """The draft model of --speculative draft:SOURCE, or the draft head of head:DIR (checked against the target's
+    `target_cfg` when given); None otherwise. Raises FileNotFoundError or ValueError naming the source."""
     spec = getattr(args, "speculative", None) or ""
+    if spec.startswith("head:"):
+        from model.draft_head import load_draft_head
+
+        return load_draft_head(spec.partition(":")[2], target_cfg)[0]
     if not spec.startswith("draft:"):
         return None
     source = spec.partition(":")[2]

@@ -1,20 +1,20 @@
-"""The draft-model proposer of speculative decoding: a smaller model with the target's vocabulary drafts k tokens
-per decoding sequence on the device, and the target verifies them in the same step's forward.
+"""The draft-model proposer of speculative decoding: a smaller model with the target's vocabulary drafts k tokens per
+decoding sequence on the device, and the target verifies them in the same step's forward.
 
-The draft model keeps its own paged KV cache with the target's page ids: a sequence's block table indexes both pools,
-so allocation, preemption, prefix sharing and the roll-back of rejected tokens need nothing of their own. The draft
-catches up lazily: `RequestState.num_draft_computed` tokens of a sequence have draft K/V (reset to 0 when it is
-admitted or preempted, since shared or recycled pages may hold another sequence's draft K/V); before drafting, the
-draft runs its missing tokens -- the whole prompt the first time, then the one or two tokens the last verification
-added -- as one ragged step, samples the first draft token from that, and then decodes k - 1 more tokens in a
-`jax.lax.scan`, all in one device call whose outputs (drafts [Bd, k] and their draft distributions q [Bd, k, V])
-stay on the device for the target's step. Drafted positions the target rejects are beyond the sequence's length
-afterwards; the count `min(num_draft_computed, num_computed)` leaves them out.
+The draft model keeps its own paged KV cache with the target's page ids: a sequence's block table indexes both
+pools, so allocation, preemption, prefix sharing and the roll-back of rejected tokens need nothing of their own. The
+draft catches up lazily: `RequestState.num_draft_computed` tokens of a sequence have draft K/V (reset to 0 when it
+is admitted or preempted, since shared or recycled pages may hold another sequence's draft K/V); before drafting,
+the draft runs its missing tokens -- the whole prompt the first time, then the one or two tokens the last
+verification added -- as one ragged step (compiled per bucket of serve/step_batch.py), samples the first draft token
+from that, and then decodes k - 1 more tokens in a `jax.lax.scan` (compiled per decode rows and table width); the
+outputs (drafts [Bd, k] and their draft distributions q [Bd, k, V]) stay on the device for the target's step.
+Drafted positions the target rejects are beyond the sequence's length afterwards; the count `min(num_draft_computed,
+num_computed)` leaves them out.
 """
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -53,28 +53,34 @@ def _sample(logits_BxV: jax.Array, seeds_B: jax.Array, counters_B: jax.Array, te
     return jax.vmap(one)(logits_BxV, seeds_B, counters_B, temperature_B, top_k_B, top_p_B, min_p_B)
 
 
-def _draft_step(graph: StepGraph, decode_impl: str, page_size: int, k: int, params: StepParams, cache: KVCache,
-                catch_up: StepInputs, row_slots_B: jax.Array, positions_B: jax.Array, tables_BxW: jax.Array,
-                sampling_B: tuple[jax.Array, ...]) -> tuple[jax.Array, jax.Array, KVCache]:
-    """Catch the draft up (`catch_up`, whose slot `row_slots_B[b]` is row b's last known token, at
-    `positions_B[b]`; -1: a pad row), then draft k tokens per row. Returns drafts [B, k], q [B, k, V], cache."""
+def _catch_up(graph: StepGraph, decode_impl: str, params: StepParams, cache: KVCache, catch_up: StepInputs,
+              row_slots_B: jax.Array) -> tuple[jax.Array, KVCache]:
+    """Run the tokens the draft has not seen (`catch_up`, a ragged step); the logits [B, V] of each row's last
+    known token (its slot `row_slots_B[b]`)."""
     logits_SxV, cache = model_step(graph, params, cache, catch_up, decode_impl=decode_impl)
-    first, q_first = _sample(logits_SxV[row_slots_B], *sampling_B, 0)
-    B = positions_B.shape[0]
+    return logits_SxV[row_slots_B], cache
+
+
+def _draft_k(graph: StepGraph, decode_impl: str, page_size: int, k: int, params: StepParams, cache: KVCache,
+             logits_BxV: jax.Array, positions_B: jax.Array, tables_BxW: jax.Array, sampling_B: tuple[jax.Array, ...]
+             ) -> tuple[jax.Array, jax.Array, KVCache]:
+    """Draft k tokens per row from its last known token's logits (at `positions_B[b]`; -1: a pad row): the first
+    sampled from `logits_BxV`, the rest decoded one position at a time. Returns drafts [B, k], q [B, k, V], cache."""
+    first, q_first = _sample(logits_BxV, *sampling_B, 0)
+    B, W = tables_BxW.shape
 
     def body(carry: tuple[jax.Array, KVCache], j: jax.Array) -> tuple[tuple[jax.Array, KVCache], tuple]:
         token_B, cache = carry
         pos_B = jnp.where(positions_B >= 0, positions_B + j, -1)
         index_B = pos_B // page_size
-        page_B = jnp.take_along_axis(tables_BxW, jnp.clip(index_B, 0, tables_BxW.shape[1] - 1)[:, None], axis=1)[:, 0]
+        page_B = jnp.take_along_axis(tables_BxW, jnp.clip(index_B, 0, W - 1)[:, None], axis=1)[:, 0]
         # a position past the table (a row drafting beyond its lookahead) writes the null page
-        page_B = jnp.where((pos_B >= 0) & (index_B < tables_BxW.shape[1]), page_B, 0)
-        W = tables_BxW.shape[1]
+        page_B = jnp.where((pos_B >= 0) & (index_B < W), page_B, 0)
         inputs = StepInputs(token_B, pos_B, page_B, jnp.maximum(pos_B, 0) % page_size, tables_BxW,
                             jnp.where(pos_B >= 0, pos_B + 1, 0), jnp.zeros((0, W), jnp.int32), jnp.zeros(0, jnp.int32),
                             jnp.arange(B, dtype=jnp.int32), jnp.full(B, -1, jnp.int32), jnp.zeros((B, 0), jnp.int32))
-        logits_BxV, cache = model_step(graph, params, cache, inputs, decode_impl=decode_impl)
-        token_B, q_BxV = _sample(logits_BxV, *sampling_B, j)
+        logits, cache = model_step(graph, params, cache, inputs, decode_impl=decode_impl)
+        token_B, q_BxV = _sample(logits, *sampling_B, j)
         return (token_B, cache), (token_B, q_BxV)
 
     (_, cache), (tokens_KxB, q_KxBxV) = jax.lax.scan(body, (first, cache), jnp.arange(1, k))
@@ -97,7 +103,8 @@ class DraftRunner:
         ps = engine.cfg.page_size
         self.cache = init_cache(CacheShape.for_model(model.cfg, ps, engine.cache_shape.num_pages))
         self.layout = engine.layout
-        self._steps = _compiled_draft_steps(self.graph, engine.decode_impl, ps, num_tokens)
+        self._catch_up = _compiled(partial(_catch_up, self.graph, engine.decode_impl))
+        self._draft_k = _compiled(partial(_draft_k, self.graph, engine.decode_impl, ps, num_tokens))
 
     def draft(self, decodes: Sequence[ScheduledChunk], inputs: StepInputs) -> tuple[jax.Array, jax.Array]:
         """Draft k tokens for each decode row of the target's step `inputs` (rows in `decodes` order, padded to its
@@ -123,22 +130,29 @@ class DraftRunner:
             a[:len(rows)] = full[row_slots[:len(rows)]]
         positions_B = np.full(Bd, -1, np.int32)
         positions_B[:len(rows)] = [c.seq.num_tokens - 1 for c in decodes]
-        args = (self.params, self.cache, StepInputs(*map(jnp.asarray, catch_up)), jnp.asarray(row_slots),
-                jnp.asarray(positions_B), inputs.decode_tables_BxW, tuple(map(jnp.asarray, sampling_B)))
-        drafts, q, self.cache = self._steps(tuple(a.shape for a in catch_up) + (Bd, W, str(self.cache.k.dtype),
-                                                                               self.cache.k.shape), args)
+        logits_BxV, self.cache = self._catch_up(self.params, self.cache, StepInputs(*map(jnp.asarray, catch_up)),
+                                                jnp.asarray(row_slots))
+        drafts, q, self.cache = self._draft_k(self.params, self.cache, logits_BxV, jnp.asarray(positions_B),
+                                              inputs.decode_tables_BxW, tuple(map(jnp.asarray, sampling_B)))
         return drafts, q
 
+    @property
+    def compile_count(self) -> int:
+        """Shapes compiled for this draft model structure (catch-up and drafting)."""
+        return self._catch_up.count + self._draft_k.count
 
-class _DraftSteps:
-    """The draft step of one draft-model structure, compiled once per shape and shared by every engine using it."""
 
-    def __init__(self, graph: StepGraph, decode_impl: str, page_size: int, k: int):
-        self._jitted = jax.jit(partial(_draft_step, graph, decode_impl, page_size, k), donate_argnums=(1,))
+class _Compiled:
+    """A function compiled ahead of time once per shape of its arguments (the weights' included), the cache
+    donated (argument 1): the catch-up's shapes follow the ragged step's buckets, the drafting's (Bd, W)."""
+
+    def __init__(self, fn: Callable):
+        self._jitted = jax.jit(fn, donate_argnums=(1,))
         self._compiled: dict[tuple, Callable] = {}
         self.compile_s = 0.0
 
-    def __call__(self, key: tuple, args: tuple) -> tuple[jax.Array, jax.Array, KVCache]:
+    def __call__(self, *args: object) -> tuple:
+        key = tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args))
         fn = self._compiled.get(key)
         if fn is None:
             start = time.perf_counter()
@@ -148,7 +162,18 @@ class _DraftSteps:
             self._compiled[key] = fn
         return fn(*args)
 
+    @property
+    def count(self) -> int:
+        return len(self._compiled)
 
-@functools.cache
-def _compiled_draft_steps(graph: StepGraph, decode_impl: str, page_size: int, k: int) -> _DraftSteps:
-    return _DraftSteps(graph, decode_impl, page_size, k)
+
+_COMPILED: dict[tuple, _Compiled] = {}
+
+
+def _compiled(fn: partial) -> _Compiled:
+    """The shared `_Compiled` of this function and static arguments (every engine with the same draft model
+    structure reuses the executables)."""
+    key = (fn.func, *fn.args)
+    if key not in _COMPILED:
+        _COMPILED[key] = _Compiled(fn)
+    return _COMPILED[key]

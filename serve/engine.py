@@ -168,7 +168,8 @@ class CompiledSteps:
     def _key(params: StepParams, cache: KVCache, prev_tokens: jax.Array, inputs: StepInputs,
              draft: tuple | None = None) -> tuple:
         return tuple(a.shape for a in inputs) + (cache.k.shape, str(cache.k.dtype), prev_tokens.shape,
-                                                 isinstance(params.blocks, tuple), draft is not None)
+                                                 isinstance(params.blocks, tuple), draft is not None,
+                                                 cache.features is not None)
 
     def compiled(self, params: StepParams, cache: KVCache, prev_tokens: jax.Array, inputs: StepInputs,
                  draft: tuple | None = None) -> bool:
@@ -264,7 +265,8 @@ class SpeculationStats:
 class Engine:
     """Continuous batching over a paged KV cache for one model (any `model.transformer.Transformer`), with
     speculative decoding when `cfg.speculative` says so (serve/speculative.py verifies; `draft_model` is the
-    proposer of method "draft", a model with the same vocabulary)."""
+    proposer of method "draft", a model with the same vocabulary, or of method "head", a trained
+    `model.draft_head.DraftHead` of this model)."""
 
     def __init__(self, model: nnx.Module, cfg: ServeConfig = ServeConfig(), draft_model: nnx.Module | None = None):
         model = for_inference(model)
@@ -317,13 +319,17 @@ class Engine:
         self._speculated = False  # whether the last step speculated
         self._ngram = NgramConfig(spec.ngram_max_n, spec.ngram_min_n, spec.num_tokens) if spec else None
         self._drafter = None
-        if spec and spec.method == "draft":
+        if spec and spec.method in ("draft", "head"):
             if draft_model is None:
-                raise ValueError("speculative method 'draft' needs a draft_model")
-            from serve.draft_model import DraftRunner  # noqa: PLC0415 (only engines with a draft model load it)
-            self._drafter = DraftRunner(draft_model, self, spec.num_tokens)
+                raise ValueError(f"speculative method {spec.method!r} needs a draft_model (a model, or a DraftHead)")
+            if spec.method == "draft":
+                from serve.draft_model import DraftRunner  # noqa: PLC0415 (only engines with a draft model load it)
+                self._drafter = DraftRunner(draft_model, self, spec.num_tokens)
+            else:
+                from serve.draft_head_runner import HeadRunner  # noqa: PLC0415
+                self._drafter = HeadRunner(draft_model, self, spec.num_tokens)
         elif draft_model is not None:
-            raise ValueError("a draft_model was given but serve.speculative.method is not 'draft'")
+            raise ValueError("a draft_model was given but serve.speculative.method is neither 'draft' nor 'head'")
 
     # --- requests ------------------------------------------------------------------------------------------
 
@@ -415,7 +421,7 @@ class Engine:
         (request id, token) pairs read back."""
         start = time.perf_counter()
         self._waited = 0.0
-        compiles = self.compile_count
+        compiles = self.compiles()
         events = []
         lookahead = self._lookahead()
         if lookahead and self._in_flight:  # drafting needs every sequence's last token
@@ -438,7 +444,7 @@ class Engine:
             self._in_flight = None
         # a step measures its mode's rate unless it compiled, prefilled, or switched mode (its read-back then
         # holds the other mode's tokens, or none)
-        if (self.policy and schedule.chunks and not schedule.prefills and self.compile_count == compiles
+        if (self.policy and schedule.chunks and not schedule.prefills and self.compiles() == compiles
                 and bool(lookahead) == self._speculated):
             self.policy.record(bucket(len(schedule.decodes)), bool(lookahead), len(events),
                                time.perf_counter() - start)
@@ -453,6 +459,10 @@ class Engine:
         self.wait_s += self._waited
         self.num_steps += 1
         return events
+
+    def compiles(self) -> int:
+        """Shapes compiled so far by this engine's model structure and its draft model's."""
+        return self.compile_count + (self._drafter.compile_count if self._drafter else 0)
 
     def _lookahead(self) -> int:
         """Drafted tokens per decode this step: the configured k, or 0 where the policy finds speculation slower

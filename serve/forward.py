@@ -62,8 +62,9 @@ def unstacked(params: StepParams) -> StepParams:
 
 def model_step(graph: StepGraph, params: StepParams, cache: KVCache, inputs: StepInputs, *,
                decode_impl: str = "reference") -> tuple[jax.Array, KVCache]:
-    """Run `inputs` through the model, writing their K/V into `cache`. Returns the float32 logits [Rs, V] of
-    each sampling slot's last token and the updated cache. `decode_impl` is "pallas" or "reference"
+    """Run `inputs` through the model, writing their K/V into `cache` (and their last hidden states into
+    `cache.features` if it has that pool). Returns the float32 logits [Rs, V] of each sampling slot's last token and
+    the updated cache. `decode_impl` is "pallas" or "reference"
     (serve/ragged_attention.py `resolve_decode_impl` turns "auto" into one of them)."""
     if decode_impl not in ("pallas", "reference"):
         raise ValueError(f"model_step needs decode_impl 'pallas' or 'reference', got {decode_impl!r}")
@@ -103,5 +104,8 @@ def model_step(graph: StepGraph, params: StepParams, cache: KVCache, inputs: Ste
 
         (x_1xTxD, k_pool, v_pool), _ = jax.lax.scan(body, (x_1xTxD, k_pool, v_pool),
                                                     (params.blocks, jnp.arange(cfg.n_layers)))
+    features = cache.features
+    if features is not None:  # the last hidden state of every token, for a draft head
+        features = write_pages(features, x_1xTxD[:, :, None], inputs.pages_T[None], inputs.offsets_T[None])
     last_1xRsxD = x_1xTxD[:, inputs.last_Rs]
-    return model.logits(last_1xRsxD)[0], KVCache(k_pool, v_pool)
+    return model.logits(last_1xRsxD)[0], KVCache(k_pool, v_pool, features)

@@ -27,10 +27,13 @@ from model.config import ModelConfig
 
 
 class KVCache(NamedTuple):
-    """K and V page pools, each [kv_heads, n_layers * num_pages, page_size, head_dim]."""
+    """K and V page pools, each [kv_heads, n_layers * num_pages, page_size, head_dim]; with a draft head
+    (serve/draft_head_runner.py), also the target's last hidden state of every token, [1, num_pages, page_size,
+    d_model] (the same slots)."""
 
     k: jax.Array
     v: jax.Array
+    features: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)

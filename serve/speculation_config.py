@@ -7,13 +7,14 @@ import dataclasses
 
 from model.checks import check_bool, check_ints, check_one_of
 
-PROPOSERS = ("ngram", "draft")
+PROPOSERS = ("ngram", "draft", "head")
 
 
 @dataclasses.dataclass(frozen=True)
 class SpeculativeConfig:
     """`method` "ngram" drafts by prompt lookup (serve/ngram.py: the last `ngram_max_n` down to `ngram_min_n` tokens
-    matched earlier in the sequence), "draft" with a smaller model given to the engine; `num_tokens` (k) drafted
+    matched earlier in the sequence), "draft" with a smaller model given to the engine, "head" with a draft head
+    trained on the target's hidden states (serve/draft_head_runner.py); `num_tokens` (k) drafted
     tokens per decode, verified in one target forward. With `adaptive`, each decode-batch size measures its tokens/s
     with and without speculation and keeps the faster (probing the other now and then), so a batch where verifying
     k extra positions costs more than the accepted tokens bring decodes plainly."""

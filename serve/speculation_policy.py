@@ -3,7 +3,7 @@
 Verifying k drafted tokens costs a forward over k + 1 positions per row; it pays while the device is memory-bound
 (small batches) and the drafts are accepted, and costs more than it brings once the step is compute-bound or the
 drafts miss. No cost model predicts that crossing on every machine, so the engine measures it: for each bucket of
-decode rows, the output tokens per second of steps with and without speculation (an exponential moving average);
+decode rows, the output tokens per second of steps with and without speculation (decayed sums of both);
 it runs the faster mode and, every `probe_every` steps of a bucket, spends `probe_steps` steps on the other to keep
 its figure current.
 """
@@ -15,27 +15,33 @@ import dataclasses
 
 @dataclasses.dataclass
 class _Rates:
-    tokens_per_s: dict[bool, float] = dataclasses.field(default_factory=dict)
+    tokens: dict[bool, float] = dataclasses.field(default_factory=dict)  # decayed sums per mode
+    seconds: dict[bool, float] = dataclasses.field(default_factory=dict)
     steps: int = 0
+
+    def rate(self, speculated: bool) -> float | None:
+        return self.tokens[speculated] / self.seconds[speculated] if speculated in self.tokens else None
 
 
 class SpeculationPolicy:
-    """Chooses per step whether to speculate, from the measured rates of each decode-batch bucket."""
+    """Chooses per step whether to speculate, from the measured rates of each decode-batch bucket. A mode's rate is
+    its tokens over its seconds, both summed with exponential decay (`decay` per recorded step): a ratio of sums,
+    so a step that read back nothing (overlap's first step) or one slow step does not swing it."""
 
-    def __init__(self, probe_every: int = 48, probe_steps: int = 4, smoothing: float = 0.3):
-        self.probe_every, self.probe_steps, self.smoothing = probe_every, probe_steps, smoothing
+    def __init__(self, probe_every: int = 48, probe_steps: int = 6, decay: float = 0.9):
+        self.probe_every, self.probe_steps, self.decay = probe_every, probe_steps, decay
         self._rates: dict[int, _Rates] = {}
 
     def speculate(self, bucket: int) -> bool:
         """Whether the next step with this many decode rows (bucketed) should speculate."""
         rates = self._rates.setdefault(bucket, _Rates())
         rates.steps += 1
-        known = rates.tokens_per_s
-        if True not in known:
+        spec, plain = rates.rate(True), rates.rate(False)
+        if spec is None:
             return True
-        if False not in known:
+        if plain is None:
             return False
-        best = known[True] >= known[False]
+        best = spec >= plain
         return (not best) if rates.steps % self.probe_every < self.probe_steps else best
 
     def record(self, bucket: int, speculated: bool, tokens: int, seconds: float) -> None:
@@ -43,10 +49,9 @@ class SpeculationPolicy:
         if seconds <= 0:
             return
         rates = self._rates.setdefault(bucket, _Rates())
-        rate = tokens / seconds
-        old = rates.tokens_per_s.get(speculated)
-        rates.tokens_per_s[speculated] = rate if old is None else old + self.smoothing * (rate - old)
+        rates.tokens[speculated] = rates.tokens.get(speculated, 0.0) * self.decay + tokens
+        rates.seconds[speculated] = rates.seconds.get(speculated, 0.0) * self.decay + seconds
 
     def rates(self) -> dict[int, dict[bool, float]]:
         """bucket -> {speculated: tokens/s} as measured so far."""
-        return {b: dict(r.tokens_per_s) for b, r in self._rates.items()}
+        return {b: {m: r.rate(m) for m in r.tokens} for b, r in self._rates.items()}

@@ -10,20 +10,23 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import stats
 
+from model.draft_head import create_draft_head, draft_tokens
 from model.transformer import create_model
 from serve.engine import Engine, Request, SamplingParams
 from serve.naive import generate
 from serve.speculation_config import SpeculativeConfig
 from serve.speculation_policy import SpeculationPolicy
-from tests.serve.test_engine import CFG, SERVE, model, naive_outputs, serve_staggered
+from tests.serve.test_engine import CFG, SERVE, model, naive_outputs, prompts, serve_staggered
 
 K = 3
 NGRAM = SpeculativeConfig(method="ngram", num_tokens=K, adaptive=False)
 DRAFT = SpeculativeConfig(method="draft", num_tokens=K, adaptive=False)
+HEAD = SpeculativeConfig(method="head", num_tokens=K, adaptive=False)
 
 
 @functools.cache
@@ -36,9 +39,11 @@ def engine(spec, draft=None, **serve):
     return Engine(model(), dataclasses.replace(SERVE, speculative=spec, **serve), draft_model=draft)
 
 
-@pytest.mark.parametrize("proposer", ["ngram", "self", pytest.param("other", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("proposer", ["ngram", "self", pytest.param("other", marks=pytest.mark.slow),
+                                      pytest.param("head", marks=pytest.mark.slow)])
 def test_greedy_speculation_matches_the_naive_decoder(proposer):
-    spec, draft = {"ngram": (NGRAM, None), "self": (DRAFT, model()), "other": (DRAFT, other_draft())}[proposer]
+    spec, draft = {"ngram": (NGRAM, None), "self": (DRAFT, model()), "other": (DRAFT, other_draft()),
+                   "head": (HEAD, create_draft_head(CFG, seed=1))}[proposer]
     e = engine(spec, draft)
     assert serve_staggered(e) == list(naive_outputs())
     assert e.allocator.num_free == e.allocator.num_usable
@@ -150,3 +155,29 @@ def test_the_policy_keeps_the_faster_mode_and_probes_the_other():
     choices = [policy.speculate(4) for _ in range(20)]
     assert choices.count(False) >= 14 and choices.count(True) >= 2  # mostly plain, with probes
     assert policy.speculate(8) is True  # another batch size has its own figures
+
+
+def test_the_head_proposer_drafts_what_the_cache_free_head_drafts():
+    """The engine's draft head (its paged pool, catching up lazily on the target's stored hidden states) drafts the
+    tokens of model/draft_head.py `draft_tokens`, which recomputes the head over the whole sequence from the
+    target's own full forward; and the outputs stay the naive decoder's."""
+    head = create_draft_head(CFG, seed=1)
+    e = engine(HEAD, head)
+    calls = []
+    original = e._drafter.draft
+
+    def recording(decodes, inputs):
+        drafts, q = original(decodes, inputs)
+        calls.append(([list(c.seq.all_ids) for c in decodes], np.asarray(drafts)))
+        return drafts, q
+
+    e._drafter.draft = recording
+    ps = prompts()[:3]
+    done = e.generate([Request(tuple(p), 12) for p in ps])
+    assert [c.token_ids for c in done] == generate(model(), ps, 12)
+    assert len(calls) >= 5
+    for ids_of_rows, drafts in calls:
+        for b, ids in enumerate(ids_of_rows):
+            features = model().hidden(jnp.asarray([ids[:-1]]))[0]  # f_0 .. f_{N-2}
+            reference, _ = draft_tokens(head, model(), features, jnp.asarray(ids), K)
+            assert drafts[b].tolist() == np.asarray(reference).tolist(), (b, len(ids))

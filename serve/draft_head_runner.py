@@ -1,0 +1,156 @@
+"""The draft-head proposer of speculative decoding: an EAGLE-style head (model/draft_head.py) drafts k tokens per
+decoding sequence from the target's own last hidden states, and the target verifies them in its next step.
+
+The target's step writes every token's last hidden state (its feature f_i) into a feature pool beside its KV cache
+(`KVCache.features`, the same page slots). The head is one decoder layer over pairs [f_i, e(x_{i+1})] at position i;
+its K/V lives in a one-layer paged pool over the target's page ids, like a draft model's (serve/draft_model.py), so
+allocation, preemption and prefix sharing need nothing of their own. `RequestState.num_draft_computed` counts the
+pairs whose head K/V was made from the target's real features; before drafting, the head catches up on the pairs
+[num_draft_computed, N - 1) of a sequence of N tokens (the features of the tokens the target computed since: the
+prompt the first time, then those the last verification accepted) as one ragged step, whose last pair's output
+g_{N-2} predicts f_{N-1} and, through the target's final norm and LM head, the first draft d_1. Then k - 1 steps feed
+the head its own output: pair N-2+j is [g_{N-3+j}, e(d_j)], giving d_{j+1} (EAGLE's feature autoregression). Those
+pairs were made from predicted features, so they do not count: the next catch-up recomputes them from the target's
+real ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from model.draft_head import DraftHead, check_compatible
+from serve.draft_model import _compiled, _sample
+from serve.forward import StepGraph
+from serve.kv_cache import CacheShape, KVCache, init_cache, write_pages
+from serve.ragged_attention import ragged_paged_attention
+from serve.scheduler import ScheduledChunk
+from serve.step_batch import Row, StepInputs, StepLayout, build_step
+
+if TYPE_CHECKING:
+    from serve.engine import Engine
+
+
+def _head_forward(head_graph: nnx.GraphDef, head_params: nnx.State, target_graph: StepGraph, target_rest: nnx.State,
+                  pool: KVCache, inputs: StepInputs, features_TxD: jax.Array, decode_impl: str
+                  ) -> tuple[jax.Array, jax.Array, KVCache]:
+    """The head over a ragged batch of pairs (`inputs.tokens_T` the next tokens, `features_TxD` the features):
+    (g [T, D], the target's logits of each sampling slot's g [Rs, V], the head's pool)."""
+    head = nnx.merge(head_graph, head_params)
+    target = nnx.merge(target_graph.model, target_rest)
+    pools = [pool.k, pool.v]
+    pages_1xT, offsets_1xT = inputs.pages_T[None], inputs.offsets_T[None]
+
+    def attend(q_1xTxHxDh: jax.Array, k_1xTxKxDh: jax.Array, v_1xTxKxDh: jax.Array) -> jax.Array:
+        pools[0] = write_pages(pools[0], k_1xTxKxDh, pages_1xT, offsets_1xT)
+        pools[1] = write_pages(pools[1], v_1xTxKxDh, pages_1xT, offsets_1xT)
+        return ragged_paged_attention(q_1xTxHxDh[0], pools[0], pools[1], inputs.positions_T, inputs.decode_tables_BxW,
+                                      inputs.decode_lengths_B, inputs.tile_tables_NtxW, inputs.tile_lengths_Nt,
+                                      decode_impl=decode_impl)[None]
+
+    g_1xTxD = head(features_TxD[None], target.embed_tokens(inputs.tokens_T[None]),
+                   jnp.maximum(inputs.positions_T, 0)[None], attend)
+    logits_RsxV = target.logits(g_1xTxD[:, inputs.last_Rs])[0]
+    return g_1xTxD[0], logits_RsxV, KVCache(pools[0], pools[1])
+
+
+def _catch_up(head_graph: nnx.GraphDef, target_graph: StepGraph, decode_impl: str, head_params: nnx.State,
+              pool: KVCache, target_rest: nnx.State, features: jax.Array, catch_up: StepInputs, row_slots_B: jax.Array
+              ) -> tuple[jax.Array, jax.Array, KVCache]:
+    """The pairs the head has not made from real features (`catch_up`; features read from the target's pool at
+    the pairs' own slots). Returns each row's last pair's logits [B, V] and output g [B, D], and the pool."""
+    features_TxD = features[0, catch_up.pages_T, catch_up.offsets_T]
+    g_TxD, logits_RsxV, pool = _head_forward(head_graph, head_params, target_graph, target_rest, pool, catch_up,
+                                             features_TxD, decode_impl)
+    return logits_RsxV[row_slots_B], g_TxD[catch_up.last_Rs[row_slots_B]], pool
+
+
+def _draft_k(head_graph: nnx.GraphDef, target_graph: StepGraph, decode_impl: str, page_size: int, k: int,
+             head_params: nnx.State, pool: KVCache, target_rest: nnx.State, logits_BxV: jax.Array, g_BxD: jax.Array,
+             positions_B: jax.Array, tables_BxW: jax.Array, sampling_B: tuple[jax.Array, ...]
+             ) -> tuple[jax.Array, jax.Array, KVCache]:
+    """k drafts per row from its last real pair (at `positions_B[b]`; -1: a pad row): the first from `logits_BxV`,
+    then pairs [g, e(d_j)] one position further each. Returns drafts [B, k], q [B, k, V], the pool."""
+    first, q_first = _sample(logits_BxV, *sampling_B, 0)
+    B, W = tables_BxW.shape
+
+    def body(carry: tuple[jax.Array, jax.Array, KVCache], j: jax.Array) -> tuple[tuple, tuple]:
+        token_B, g_BxD, pool = carry
+        pos_B = jnp.where(positions_B >= 0, positions_B + j, -1)
+        index_B = pos_B // page_size
+        page_B = jnp.take_along_axis(tables_BxW, jnp.clip(index_B, 0, W - 1)[:, None], axis=1)[:, 0]
+        page_B = jnp.where((pos_B >= 0) & (index_B < W), page_B, 0)
+        inputs = StepInputs(token_B, pos_B, page_B, jnp.maximum(pos_B, 0) % page_size, tables_BxW,
+                            jnp.where(pos_B >= 0, pos_B + 1, 0), jnp.zeros((0, W), jnp.int32), jnp.zeros(0, jnp.int32),
+                            jnp.arange(B, dtype=jnp.int32), jnp.full(B, -1, jnp.int32), jnp.zeros((B, 0), jnp.int32))
+        g_out_BxD, logits, pool = _head_forward(head_graph, head_params, target_graph, target_rest, pool, inputs,
+                                                g_BxD, decode_impl)
+        token_B, q_BxV = _sample(logits, *sampling_B, j)
+        return (token_B, g_out_BxD, pool), (token_B, q_BxV)
+
+    (_, _, pool), (tokens_KxB, q_KxBxV) = jax.lax.scan(body, (first, g_BxD, pool), jnp.arange(1, k))
+    drafts_BxK = jnp.concatenate([first[:, None], tokens_KxB.T], axis=1)
+    q_BxKxV = jnp.concatenate([q_first[:, None], jnp.moveaxis(q_KxBxV, 0, 1)], axis=1)
+    return drafts_BxK, q_BxKxV, pool
+
+
+class HeadRunner:
+    """A draft head beside an engine: its weights, its one-layer pool over the engine's page ids, and the feature
+    pool it adds to the engine's cache."""
+
+    def __init__(self, head: DraftHead, engine: Engine, num_tokens: int):
+        check_compatible(head.cfg, engine.model_cfg)
+        self.engine, self.k = engine, num_tokens
+        self.head_graph, self.head_params = nnx.split(head)
+        cfg = head.cfg.block_config
+        ps, num_pages = engine.cfg.page_size, engine.cache_shape.num_pages
+        dtype = str(engine.model_cfg.compute_dtype)
+        self.pool = init_cache(CacheShape(1, cfg.n_kv_heads, cfg.head_dim, ps, num_pages, dtype))
+        engine.cache = engine.cache._replace(features=jnp.zeros((1, num_pages, ps, engine.model_cfg.d_model), dtype))
+        self.layout = engine.layout
+        self._catch_up = _compiled(partial(_catch_up, self.head_graph, engine.graph, engine.decode_impl))
+        self._draft_k = _compiled(partial(_draft_k, self.head_graph, engine.graph, engine.decode_impl, ps, num_tokens))
+
+    def draft(self, decodes: Sequence[ScheduledChunk], inputs: StepInputs) -> tuple[jax.Array, jax.Array]:
+        """Draft k tokens for each decode row of the target's step `inputs` (rows in `decodes` order, padded to its
+        Bd): (drafts [Bd, k], q [Bd, k, V]) on the device."""
+        Bd, W = inputs.decode_tables_BxW.shape
+        rows, one_pair, longer = [], [], []
+        for chunk in decodes:
+            seq, s = chunk.seq, chunk.seq.sampling
+            last = seq.num_tokens - 2  # the last pair with a real feature: f_{N-2}, x_{N-1}
+            done = min(seq.num_draft_computed, last)
+            row = Row(seq.all_ids[done + 1:seq.num_tokens], done, seq.block_table, seed=s.seed,
+                      counter=len(seq.output_ids), temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                      min_p=s.min_p)
+            (one_pair if len(row.token_ids) == 1 else longer).append(len(rows))
+            rows.append(row)
+            seq.num_draft_computed = last + 1
+        layout = StepLayout(self.layout.page_size, max(self.layout.max_decode_rows, Bd), self.layout.tile,
+                            self.layout.min_pages, self.layout.max_pages)
+        catch_up, sampling, slots = build_step([rows[i] for i in one_pair], [rows[i] for i in longer], layout)
+        row_slots = np.zeros(Bd, np.int32)
+        row_slots[[*one_pair, *longer]] = slots
+        sampling_B = [np.zeros(Bd, a.dtype) for a in sampling[:-1]]
+        for a, full in zip(sampling_B, sampling[:-1], strict=True):
+            a[:len(rows)] = full[row_slots[:len(rows)]]
+        positions_B = np.full(Bd, -1, np.int32)
+        positions_B[:len(rows)] = [c.seq.num_tokens - 2 for c in decodes]
+        rest = self.engine.params.rest
+        logits_BxV, g_BxD, self.pool = self._catch_up(self.head_params, self.pool, rest, self.engine.cache.features,
+                                                      StepInputs(*map(jnp.asarray, catch_up)), jnp.asarray(row_slots))
+        drafts, q, self.pool = self._draft_k(self.head_params, self.pool, rest, logits_BxV, g_BxD,
+                                             jnp.asarray(positions_B), inputs.decode_tables_BxW,
+                                             tuple(map(jnp.asarray, sampling_B)))
+        return drafts, q
+
+    @property
+    def compile_count(self) -> int:
+        """Shapes compiled for this head structure (catch-up and drafting)."""
+        return self._catch_up.count + self._draft_k.count
