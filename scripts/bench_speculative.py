@@ -11,8 +11,8 @@ the same, and the acceptance (rate, mean accepted length, per drafted position).
 Tasks: `rewrite` asks a chat model to repeat a slice of a source file with a comment added (the answer copies the
 prompt: prompt lookup's case); `continue` gives a slice of a source file as plain text to continue (a base model's
 case). Batch 1 serves `--requests` prompts one at a time; batch B > 1 serves B prompts at once. Each configuration
-runs the workload untimed (compiling its step shapes; three times with speculation, whose measured policy may choose
-differently the second time), then timed.
+runs the workload untimed until a pass compiles nothing new (at most 8 passes: speculation's measured policy
+chooses differently from pass to pass, and so meets new step shapes), then timed.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from scripts.model_source import add_source_args, load_source
 from scripts.serve_flags import add_serve_args, load_draft_model, serve_config, split_overrides
 
 SOURCES = ("serve", "model", "train", "parallel", "scaling")
+WARM_PASSES = 8
 INSTRUCTION = "Repeat this Python code exactly, adding one short comment line above each function:\n\n"
 
 
@@ -72,9 +73,12 @@ def serve(model, cfg, draft, prompts: list[list[int]], max_new: int, stop: tuple
 
     engine = Engine(model, cfg, draft_model=draft)
     requests = [Request(tuple(p), max_new, stop_ids=stop, request_id=f"r{i}") for i, p in enumerate(prompts)]
-    for _ in range(3 if cfg.speculative else 1):  # the policy's choices differ run to run: their shapes too
+    for _ in range(WARM_PASSES):  # the policy's choices differ run to run, and so do their shapes: until none new
+        before = engine.compiles()
         engine.generate(requests)
         engine.reset_prefix_cache()
+        if engine.compiles() == before:
+            break
     engine.reset_speculation_stats()
     compiles = engine.compiles()
     start = time.perf_counter()

@@ -11,6 +11,13 @@ stop token is found one step late; the token computed for it in the meantime is 
 (the default) a newly admitted request first takes the cached pages of its prompt's longest already-computed
 prefix of full pages, and its prefill starts after them (serve/block_allocator.py). Device calls have bucketed
 shapes (serve/step_batch.py), so the loop stops compiling once each bucket has been seen.
+
+With speculative decoding (`ServeConfig.speculative`), a step that speculates first reads back the step in flight
+(drafting needs every sequence's last token), asks the scheduler for k lookahead slots per decode, has the proposer
+draft (serve/ngram.py on the host; serve/draft_model.py or serve/draft_head_runner.py on the device), and verifies
+each decode row's k + 1 positions in the same ragged step as the prefill chunks (serve/speculative.py); it is read
+back at once, since the next drafts start from its tokens. serve/speculation_policy.py decides per step whether to
+speculate, from the tokens/s each mode has reached at this batch size.
 """
 
 from __future__ import annotations
@@ -316,7 +323,6 @@ class Engine:
         spec = cfg.speculative
         self.speculation = SpeculationStats(accepted_at=[0] * (spec.num_tokens if spec else 0))
         self.policy = SpeculationPolicy() if spec and spec.adaptive else None
-        self._speculated = False  # whether the last step speculated
         self._ngram = NgramConfig(spec.ngram_max_n, spec.ngram_min_n, spec.num_tokens) if spec else None
         self._drafter = None
         if spec and spec.method in ("draft", "head"):
@@ -442,13 +448,11 @@ class Engine:
         if launched and (not self.cfg.overlap or launched.verifying):  # the next drafts start from its tokens
             events += self._read_back(launched)
             self._in_flight = None
-        # a step measures its mode's rate unless it compiled, prefilled, or switched mode (its read-back then
-        # holds the other mode's tokens, or none)
-        if (self.policy and schedule.chunks and not schedule.prefills and self.compiles() == compiles
-                and bool(lookahead) == self._speculated):
+        # a step measures its mode's rate unless it compiled or prefilled; a switch's costs (a draft catching up,
+        # the overlap lost or restarted with nothing read back) count for the mode switched to
+        if self.policy and schedule.chunks and not schedule.prefills and self.compiles() == compiles:
             self.policy.record(bucket(len(schedule.decodes)), bool(lookahead), len(events),
                                time.perf_counter() - start)
-        self._speculated = bool(lookahead)
         running = self.scheduler.running
         if running and self.allocator.num_used:
             stored = sum(seq.num_computed for seq in running)
