@@ -17,6 +17,7 @@ import dataclasses
 class _Rates:
     tokens: dict[bool, float] = dataclasses.field(default_factory=dict)  # decayed sums per mode
     seconds: dict[bool, float] = dataclasses.field(default_factory=dict)
+    recorded: dict[bool, int] = dataclasses.field(default_factory=dict)  # steps measured per mode
     steps: int = 0
 
     def rate(self, speculated: bool) -> float | None:
@@ -36,12 +37,10 @@ class SpeculationPolicy:
         """Whether the next step with this many decode rows (bucketed) should speculate."""
         rates = self._rates.setdefault(bucket, _Rates())
         rates.steps += 1
-        spec, plain = rates.rate(True), rates.rate(False)
-        if spec is None:
-            return True
-        if plain is None:
-            return False
-        best = spec >= plain
+        for mode in (True, False):  # each mode's first figure from several steps (a switch's first step is odd)
+            if rates.recorded.get(mode, 0) < self.probe_steps:
+                return mode
+        best = rates.rate(True) >= rates.rate(False)
         return (not best) if rates.steps % self.probe_every < self.probe_steps else best
 
     def record(self, bucket: int, speculated: bool, tokens: int, seconds: float) -> None:
@@ -51,6 +50,7 @@ class SpeculationPolicy:
         rates = self._rates.setdefault(bucket, _Rates())
         rates.tokens[speculated] = rates.tokens.get(speculated, 0.0) * self.decay + tokens
         rates.seconds[speculated] = rates.seconds.get(speculated, 0.0) * self.decay + seconds
+        rates.recorded[speculated] = rates.recorded.get(speculated, 0) + 1
 
     def rates(self) -> dict[int, dict[bool, float]]:
         """bucket -> {speculated: tokens/s} as measured so far."""

@@ -148,10 +148,13 @@ def test_sampled_speculation_keeps_the_target_distribution():
 
 def test_the_policy_keeps_the_faster_mode_and_probes_the_other():
     policy = SpeculationPolicy(probe_every=10, probe_steps=2)
-    assert policy.speculate(4) is True  # unmeasured: try speculation first
-    policy.record(4, True, 2, 1.0)  # 2 tokens/s speculating
+    for _ in range(2):
+        assert policy.speculate(4) is True  # unmeasured: try speculation first, for probe_steps steps
+        policy.record(4, True, 2, 1.0)  # 2 tokens/s speculating
     assert policy.speculate(4) is False  # then plain decoding, to measure it
-    policy.record(4, False, 4, 1.0)  # 4 tokens/s plain: plain is faster
+    policy.record(4, False, 0, 0.1)  # a switch's first step reads nothing back: one step does not decide
+    assert policy.speculate(4) is False
+    policy.record(4, False, 8, 1.0)  # plain: 8 tokens in 1.1 s all told, faster
     choices = [policy.speculate(4) for _ in range(20)]
     assert choices.count(False) >= 14 and choices.count(True) >= 2  # mostly plain, with probes
     assert policy.speculate(8) is True  # another batch size has its own figures
@@ -172,10 +175,10 @@ def test_the_head_proposer_drafts_what_the_cache_free_head_drafts():
         return drafts, q
 
     e._drafter.draft = recording
-    ps = prompts()[:3]
-    done = e.generate([Request(tuple(p), 12) for p in ps])
-    assert [c.token_ids for c in done] == generate(model(), ps, 12)
-    assert len(calls) >= 5
+    ps = prompts()[:2]
+    done = e.generate([Request(tuple(p), 10) for p in ps])
+    assert [c.token_ids for c in done] == generate(model(), ps, 10)
+    assert len(calls) >= 3
     for ids_of_rows, drafts in calls:
         for b, ids in enumerate(ids_of_rows):
             features = model().hidden(jnp.asarray([ids[:-1]]))[0]  # f_0 .. f_{N-2}
