@@ -22,16 +22,15 @@ from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from model.draft_head import DraftHead, check_compatible
-from serve.draft_model import _compiled, _sample
+from serve.draft_model import catch_up_batch, decode_inputs, positions_of, sample_draft, shared_compiled
 from serve.forward import StepGraph
 from serve.kv_cache import CacheShape, KVCache, init_cache, write_pages
 from serve.ragged_attention import ragged_paged_attention
 from serve.scheduler import ScheduledChunk
-from serve.step_batch import Row, StepInputs, StepLayout, build_step
+from serve.step_batch import StepInputs
 
 if TYPE_CHECKING:
     from serve.engine import Engine
@@ -77,21 +76,14 @@ def _draft_k(head_graph: nnx.GraphDef, target_graph: StepGraph, decode_impl: str
              ) -> tuple[jax.Array, jax.Array, KVCache]:
     """k drafts per row from its last real pair (at `positions_B[b]`; -1: a pad row): the first from `logits_BxV`,
     then pairs [g, e(d_j)] one position further each. Returns drafts [B, k], q [B, k, V], the pool."""
-    first, q_first = _sample(logits_BxV, *sampling_B, 0)
-    B, W = tables_BxW.shape
+    first, q_first = sample_draft(logits_BxV, *sampling_B, 0)
 
     def body(carry: tuple[jax.Array, jax.Array, KVCache], j: jax.Array) -> tuple[tuple, tuple]:
         token_B, g_BxD, pool = carry
-        pos_B = jnp.where(positions_B >= 0, positions_B + j, -1)
-        index_B = pos_B // page_size
-        page_B = jnp.take_along_axis(tables_BxW, jnp.clip(index_B, 0, W - 1)[:, None], axis=1)[:, 0]
-        page_B = jnp.where((pos_B >= 0) & (index_B < W), page_B, 0)
-        inputs = StepInputs(token_B, pos_B, page_B, jnp.maximum(pos_B, 0) % page_size, tables_BxW,
-                            jnp.where(pos_B >= 0, pos_B + 1, 0), jnp.zeros((0, W), jnp.int32), jnp.zeros(0, jnp.int32),
-                            jnp.arange(B, dtype=jnp.int32), jnp.full(B, -1, jnp.int32), jnp.zeros((B, 0), jnp.int32))
+        inputs = decode_inputs(token_B, jnp.where(positions_B >= 0, positions_B + j, -1), tables_BxW, page_size)
         g_out_BxD, logits, pool = _head_forward(head_graph, head_params, target_graph, target_rest, pool, inputs,
                                                 g_BxD, decode_impl)
-        token_B, q_BxV = _sample(logits, *sampling_B, j)
+        token_B, q_BxV = sample_draft(logits, *sampling_B, j)
         return (token_B, g_out_BxD, pool), (token_B, q_BxV)
 
     (_, _, pool), (tokens_KxB, q_KxBxV) = jax.lax.scan(body, (first, g_BxD, pool), jnp.arange(1, k))
@@ -114,40 +106,25 @@ class HeadRunner:
         self.pool = init_cache(CacheShape(1, cfg.n_kv_heads, cfg.head_dim, ps, num_pages, dtype))
         engine.cache = engine.cache._replace(features=jnp.zeros((1, num_pages, ps, engine.model_cfg.d_model), dtype))
         self.layout = engine.layout
-        self._catch_up = _compiled(partial(_catch_up, self.head_graph, engine.graph, engine.decode_impl))
-        self._draft_k = _compiled(partial(_draft_k, self.head_graph, engine.graph, engine.decode_impl, ps, num_tokens))
+        self._catch_up = shared_compiled(partial(_catch_up, self.head_graph, engine.graph, engine.decode_impl))
+        self._draft_k = shared_compiled(partial(_draft_k, self.head_graph, engine.graph, engine.decode_impl, ps,
+                                                num_tokens))
 
     def draft(self, decodes: Sequence[ScheduledChunk], inputs: StepInputs) -> tuple[jax.Array, jax.Array]:
         """Draft k tokens for each decode row of the target's step `inputs` (rows in `decodes` order, padded to its
         Bd): (drafts [Bd, k], q [Bd, k, V]) on the device."""
-        Bd, W = inputs.decode_tables_BxW.shape
-        rows, one_pair, longer = [], [], []
+        Bd = inputs.decode_tables_BxW.shape[0]
+        # pairs [start, N - 1): the tokens after them, x_{start+1} .. x_{N-1}, at the pairs' positions
+        starts = [min(c.seq.num_draft_computed, c.seq.num_tokens - 2) for c in decodes]
         for chunk in decodes:
-            seq, s = chunk.seq, chunk.seq.sampling
-            last = seq.num_tokens - 2  # the last pair with a real feature: f_{N-2}, x_{N-1}
-            done = min(seq.num_draft_computed, last)
-            row = Row(seq.all_ids[done + 1:seq.num_tokens], done, seq.block_table, seed=s.seed,
-                      counter=len(seq.output_ids), temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                      min_p=s.min_p)
-            (one_pair if len(row.token_ids) == 1 else longer).append(len(rows))
-            rows.append(row)
-            seq.num_draft_computed = last + 1
-        layout = StepLayout(self.layout.page_size, max(self.layout.max_decode_rows, Bd), self.layout.tile,
-                            self.layout.min_pages, self.layout.max_pages)
-        catch_up, sampling, slots = build_step([rows[i] for i in one_pair], [rows[i] for i in longer], layout)
-        row_slots = np.zeros(Bd, np.int32)
-        row_slots[[*one_pair, *longer]] = slots
-        sampling_B = [np.zeros(Bd, a.dtype) for a in sampling[:-1]]
-        for a, full in zip(sampling_B, sampling[:-1], strict=True):
-            a[:len(rows)] = full[row_slots[:len(rows)]]
-        positions_B = np.full(Bd, -1, np.int32)
-        positions_B[:len(rows)] = [c.seq.num_tokens - 2 for c in decodes]
+            chunk.seq.num_draft_computed = chunk.seq.num_tokens - 1
+        catch_up, row_slots, sampling_B = catch_up_batch(decodes, starts, self.layout, Bd, shift=1)
         rest = self.engine.params.rest
         logits_BxV, g_BxD, self.pool = self._catch_up(self.head_params, self.pool, rest, self.engine.cache.features,
-                                                      StepInputs(*map(jnp.asarray, catch_up)), jnp.asarray(row_slots))
+                                                      catch_up, row_slots)
         drafts, q, self.pool = self._draft_k(self.head_params, self.pool, rest, logits_BxV, g_BxD,
-                                             jnp.asarray(positions_B), inputs.decode_tables_BxW,
-                                             tuple(map(jnp.asarray, sampling_B)))
+                                             positions_of([c.seq.num_tokens - 2 for c in decodes], Bd),
+                                             inputs.decode_tables_BxW, sampling_B)
         return drafts, q
 
     @property

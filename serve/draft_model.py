@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from serve.engine import Engine
 
 
-def _sample(logits_BxV: jax.Array, seeds_B: jax.Array, counters_B: jax.Array, temperature_B: jax.Array,
+def sample_draft(logits_BxV: jax.Array, seeds_B: jax.Array, counters_B: jax.Array, temperature_B: jax.Array,
             top_k_B: jax.Array, top_p_B: jax.Array, min_p_B: jax.Array, j: jax.Array | int
             ) -> tuple[jax.Array, jax.Array]:
     """Draft token j of each row and its draft distribution q [B, V] (the row's own filtered distribution; greedy
@@ -53,6 +53,51 @@ def _sample(logits_BxV: jax.Array, seeds_B: jax.Array, counters_B: jax.Array, te
     return jax.vmap(one)(logits_BxV, seeds_B, counters_B, temperature_B, top_k_B, top_p_B, min_p_B)
 
 
+def decode_inputs(token_B: jax.Array, pos_B: jax.Array, tables_BxW: jax.Array, page_size: int) -> StepInputs:
+    """A decode-only step's inputs on the device: row b's `token_B[b]` at `pos_B[b]` (-1: a pad row). A position
+    past its block table (a row drafting beyond its lookahead) writes the null page."""
+    B, W = tables_BxW.shape
+    index_B = pos_B // page_size
+    page_B = jnp.take_along_axis(tables_BxW, jnp.clip(index_B, 0, W - 1)[:, None], axis=1)[:, 0]
+    page_B = jnp.where((pos_B >= 0) & (index_B < W), page_B, 0)
+    return StepInputs(token_B, pos_B, page_B, jnp.maximum(pos_B, 0) % page_size, tables_BxW,
+                      jnp.where(pos_B >= 0, pos_B + 1, 0), jnp.zeros((0, W), jnp.int32), jnp.zeros(0, jnp.int32),
+                      jnp.arange(B, dtype=jnp.int32), jnp.full(B, -1, jnp.int32), jnp.zeros((B, 0), jnp.int32))
+
+
+def catch_up_batch(decodes: Sequence[ScheduledChunk], starts: Sequence[int], layout: StepLayout, Bd: int,
+                   shift: int = 0) -> tuple[StepInputs, jax.Array, tuple[jax.Array, ...]]:
+    """A proposer's catch-up step on the host: each decoding sequence's positions from `starts[i]` on, holding its
+    tokens from `starts[i] + shift` to its last one (a draft head's pair i holds token i + 1), as one ragged step
+    (one-token rows as decodes, longer ones in tiles), with the sampling parameters of its request. Returns the
+    step's inputs, each decode row's sampling slot [Bd] and its sampling parameters [Bd] (padded to the target
+    step's Bd rows), on the device."""
+    rows, one_token, longer = [], [], []
+    for chunk, start in zip(decodes, starts, strict=True):
+        seq, s = chunk.seq, chunk.seq.sampling
+        row = Row(seq.all_ids[start + shift:seq.num_tokens], start, seq.block_table, seed=s.seed,
+                  counter=len(seq.output_ids), temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                  min_p=s.min_p)
+        (one_token if len(row.token_ids) == 1 else longer).append(len(rows))
+        rows.append(row)
+    layout = StepLayout(layout.page_size, max(layout.max_decode_rows, Bd), layout.tile, layout.min_pages,
+                        layout.max_pages)
+    catch_up, sampling, slots = build_step([rows[i] for i in one_token], [rows[i] for i in longer], layout)
+    row_slots = np.zeros(Bd, np.int32)
+    row_slots[[*one_token, *longer]] = slots
+    sampling_B = [np.zeros(Bd, a.dtype) for a in sampling[:-1]]
+    for a, full in zip(sampling_B, sampling[:-1], strict=True):
+        a[:len(rows)] = full[row_slots[:len(rows)]]
+    return StepInputs(*map(jnp.asarray, catch_up)), jnp.asarray(row_slots), tuple(map(jnp.asarray, sampling_B))
+
+
+def positions_of(values: Sequence[int], Bd: int) -> jax.Array:
+    """`values` padded with -1 (pad rows) to Bd, int32, on the device."""
+    out = np.full(Bd, -1, np.int32)
+    out[:len(values)] = values
+    return jnp.asarray(out)
+
+
 def _catch_up(graph: StepGraph, decode_impl: str, params: StepParams, cache: KVCache, catch_up: StepInputs,
               row_slots_B: jax.Array) -> tuple[jax.Array, KVCache]:
     """Run the tokens the draft has not seen (`catch_up`, a ragged step); the logits [B, V] of each row's last
@@ -66,21 +111,13 @@ def _draft_k(graph: StepGraph, decode_impl: str, page_size: int, k: int, params:
              ) -> tuple[jax.Array, jax.Array, KVCache]:
     """Draft k tokens per row from its last known token's logits (at `positions_B[b]`; -1: a pad row): the first
     sampled from `logits_BxV`, the rest decoded one position at a time. Returns drafts [B, k], q [B, k, V], cache."""
-    first, q_first = _sample(logits_BxV, *sampling_B, 0)
-    B, W = tables_BxW.shape
+    first, q_first = sample_draft(logits_BxV, *sampling_B, 0)
 
     def body(carry: tuple[jax.Array, KVCache], j: jax.Array) -> tuple[tuple[jax.Array, KVCache], tuple]:
         token_B, cache = carry
-        pos_B = jnp.where(positions_B >= 0, positions_B + j, -1)
-        index_B = pos_B // page_size
-        page_B = jnp.take_along_axis(tables_BxW, jnp.clip(index_B, 0, W - 1)[:, None], axis=1)[:, 0]
-        # a position past the table (a row drafting beyond its lookahead) writes the null page
-        page_B = jnp.where((pos_B >= 0) & (index_B < W), page_B, 0)
-        inputs = StepInputs(token_B, pos_B, page_B, jnp.maximum(pos_B, 0) % page_size, tables_BxW,
-                            jnp.where(pos_B >= 0, pos_B + 1, 0), jnp.zeros((0, W), jnp.int32), jnp.zeros(0, jnp.int32),
-                            jnp.arange(B, dtype=jnp.int32), jnp.full(B, -1, jnp.int32), jnp.zeros((B, 0), jnp.int32))
+        inputs = decode_inputs(token_B, jnp.where(positions_B >= 0, positions_B + j, -1), tables_BxW, page_size)
         logits, cache = model_step(graph, params, cache, inputs, decode_impl=decode_impl)
-        token_B, q_BxV = _sample(logits, *sampling_B, j)
+        token_B, q_BxV = sample_draft(logits, *sampling_B, j)
         return (token_B, cache), (token_B, q_BxV)
 
     (_, cache), (tokens_KxB, q_KxBxV) = jax.lax.scan(body, (first, cache), jnp.arange(1, k))
@@ -103,37 +140,21 @@ class DraftRunner:
         ps = engine.cfg.page_size
         self.cache = init_cache(CacheShape.for_model(model.cfg, ps, engine.cache_shape.num_pages))
         self.layout = engine.layout
-        self._catch_up = _compiled(partial(_catch_up, self.graph, engine.decode_impl))
-        self._draft_k = _compiled(partial(_draft_k, self.graph, engine.decode_impl, ps, num_tokens))
+        self._catch_up = shared_compiled(partial(_catch_up, self.graph, engine.decode_impl))
+        self._draft_k = shared_compiled(partial(_draft_k, self.graph, engine.decode_impl, ps, num_tokens))
 
     def draft(self, decodes: Sequence[ScheduledChunk], inputs: StepInputs) -> tuple[jax.Array, jax.Array]:
         """Draft k tokens for each decode row of the target's step `inputs` (rows in `decodes` order, padded to its
         Bd): (drafts [Bd, k], q [Bd, k, V]) on the device. Advances each sequence's `num_draft_computed`."""
-        Bd, W = inputs.decode_tables_BxW.shape
-        rows, one_token, longer = [], [], []
+        Bd = inputs.decode_tables_BxW.shape[0]
+        starts = [min(c.seq.num_draft_computed, c.seq.num_computed) for c in decodes]
         for chunk in decodes:
-            seq, s = chunk.seq, chunk.seq.sampling
-            done = min(seq.num_draft_computed, seq.num_computed)
-            row = Row(seq.all_ids[done:seq.num_tokens], done, seq.block_table, seed=s.seed,
-                      counter=len(seq.output_ids), temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                      min_p=s.min_p)
-            (one_token if len(row.token_ids) == 1 else longer).append(len(rows))
-            rows.append(row)
-            seq.num_draft_computed = seq.num_tokens - 1 + self.k
-        layout = StepLayout(self.layout.page_size, max(self.layout.max_decode_rows, Bd), self.layout.tile,
-                            self.layout.min_pages, self.layout.max_pages)
-        catch_up, sampling, slots = build_step([rows[i] for i in one_token], [rows[i] for i in longer], layout)
-        row_slots = np.zeros(Bd, np.int32)
-        row_slots[[*one_token, *longer]] = slots
-        sampling_B = [np.zeros(Bd, a.dtype) for a in sampling[:-1]]
-        for a, full in zip(sampling_B, sampling[:-1], strict=True):
-            a[:len(rows)] = full[row_slots[:len(rows)]]
-        positions_B = np.full(Bd, -1, np.int32)
-        positions_B[:len(rows)] = [c.seq.num_tokens - 1 for c in decodes]
-        logits_BxV, self.cache = self._catch_up(self.params, self.cache, StepInputs(*map(jnp.asarray, catch_up)),
-                                                jnp.asarray(row_slots))
-        drafts, q, self.cache = self._draft_k(self.params, self.cache, logits_BxV, jnp.asarray(positions_B),
-                                              inputs.decode_tables_BxW, tuple(map(jnp.asarray, sampling_B)))
+            chunk.seq.num_draft_computed = chunk.seq.num_tokens - 1 + self.k
+        catch_up, row_slots, sampling_B = catch_up_batch(decodes, starts, self.layout, Bd)
+        logits_BxV, self.cache = self._catch_up(self.params, self.cache, catch_up, row_slots)
+        drafts, q, self.cache = self._draft_k(self.params, self.cache, logits_BxV,
+                                              positions_of([c.seq.num_tokens - 1 for c in decodes], Bd),
+                                              inputs.decode_tables_BxW, sampling_B)
         return drafts, q
 
     @property
@@ -170,7 +191,7 @@ class _Compiled:
 _COMPILED: dict[tuple, _Compiled] = {}
 
 
-def _compiled(fn: partial) -> _Compiled:
+def shared_compiled(fn: partial) -> _Compiled:
     """The shared `_Compiled` of this function and static arguments (every engine with the same draft model
     structure reuses the executables)."""
     key = (fn.func, *fn.args)

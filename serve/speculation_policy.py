@@ -4,8 +4,8 @@ Verifying k drafted tokens costs a forward over k + 1 positions per row; it pays
 (small batches) and the drafts are accepted, and costs more than it brings once the step is compute-bound or the
 drafts miss. No cost model predicts that crossing on every machine, so the engine measures it: for each bucket of
 decode rows, the output tokens per second of steps with and without speculation (decayed sums of both);
-it runs the faster mode and, every `probe_every` steps of a bucket, spends `probe_steps` steps on the other to keep
-its figure current.
+it measures each mode over `explore_steps` steps first, then runs the faster one and, every `probe_every` steps of
+a bucket, spends `probe_steps` steps on the other to keep its figure current.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ class SpeculationPolicy:
     its tokens over its seconds, both summed with exponential decay (`decay` per recorded step): a ratio of sums,
     so a step that read back nothing (overlap's first step) or one slow step does not swing it."""
 
-    def __init__(self, probe_every: int = 48, probe_steps: int = 6, decay: float = 0.9):
-        self.probe_every, self.probe_steps, self.decay = probe_every, probe_steps, decay
+    def __init__(self, explore_steps: int = 4, probe_every: int = 64, probe_steps: int = 2, decay: float = 0.9):
+        self.explore_steps, self.probe_every, self.probe_steps = explore_steps, probe_every, probe_steps
+        self.decay = decay
         self._rates: dict[int, _Rates] = {}
 
     def speculate(self, bucket: int) -> bool:
@@ -38,7 +39,7 @@ class SpeculationPolicy:
         rates = self._rates.setdefault(bucket, _Rates())
         rates.steps += 1
         for mode in (True, False):  # each mode's first figure from several steps (a switch's first step is odd)
-            if rates.recorded.get(mode, 0) < self.probe_steps:
+            if rates.recorded.get(mode, 0) < self.explore_steps:
                 return mode
         best = rates.rate(True) >= rates.rate(False)
         return (not best) if rates.steps % self.probe_every < self.probe_steps else best

@@ -147,7 +147,7 @@ def test_sampled_speculation_keeps_the_target_distribution():
 
 
 def test_the_policy_keeps_the_faster_mode_and_probes_the_other():
-    policy = SpeculationPolicy(probe_every=10, probe_steps=2)
+    policy = SpeculationPolicy(explore_steps=2, probe_every=10, probe_steps=2)
     for _ in range(2):
         assert policy.speculate(4) is True  # unmeasured: try speculation first, for probe_steps steps
         policy.record(4, True, 2, 1.0)  # 2 tokens/s speculating
