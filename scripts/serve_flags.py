@@ -23,12 +23,16 @@ SHORTHANDS = {"page_size": "--page-size", "max_running": "--max-running", "token
               "num_pages": "--kv-pages", "decode_impl": "--decode-impl"}
 
 
+OWN_FLAGS = {"speculative": "--speculative and --num-speculative-tokens"}  # fields that are not one scalar
+
+
 def serve_fields() -> dict[str, Any]:
-    """ServeConfig's field names -> their declared types (resolved), in declaration order."""
+    """ServeConfig's scalar field names (those `--set` reaches) -> their declared types (resolved), in declaration
+    order."""
     from serve.engine import ServeConfig
 
     hints = typing.get_type_hints(ServeConfig)
-    return {f.name: hints[f.name] for f in dataclasses.fields(ServeConfig)}
+    return {f.name: hints[f.name] for f in dataclasses.fields(ServeConfig) if f.name not in OWN_FLAGS}
 
 
 def serve_default(name: str) -> Any:
@@ -149,6 +153,8 @@ def serve_changes(args: argparse.Namespace, overrides: list[str]) -> dict[str, A
     for item in overrides:
         key, _, text = item.partition("=")
         name = key.strip().partition(".")[2]
+        if name in OWN_FLAGS:
+            raise ValueError(f"--set {item!r}: serve.{name} is set with {OWN_FLAGS[name]}")
         if name not in fields:
             raise ValueError(f"--set {item!r}: unknown field serve.{name}; the serve fields are {', '.join(fields)}")
         changes[name] = parse_value(text, fields[name], key.strip())

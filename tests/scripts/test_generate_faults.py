@@ -40,7 +40,7 @@ def model():
     """A tiny random model served through `main` (byte tokenizer, no stop ids) with one engine per config."""
     m, tok, engines, real_engine = create_model(CFG, seed=3), ByteTokenizer(), {}, serve.engine.Engine
 
-    def engine(model, cfg):
+    def engine(model, cfg, draft_model=None):
         if cfg not in engines:
             engines[cfg] = real_engine(model, cfg)
         return engines[cfg]
@@ -154,7 +154,7 @@ def test_a_failure_of_serving_still_writes_every_finished_result(model, expected
         return real_step()
 
     monkeypatch.setattr(engine, "step", failing_step)
-    monkeypatch.setattr(serve.engine, "Engine", lambda model, cfg: engine)
+    monkeypatch.setattr(serve.engine, "Engine", lambda model, cfg, draft_model=None: engine)
     long = {"prompt_ids": [5, 6], "max_new_tokens": 40, "id": "long"}
     try:
         code, results = run_batch([GOOD[0], long, GOOD[1]], tmp_path)

@@ -52,7 +52,7 @@ def test_nothing_given_is_serveconfigs_own_defaults():
     assert parsed() == ServeConfig()
 
 
-@pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(ServeConfig)])
+@pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(ServeConfig) if f.name != "speculative"])
 def test_every_field_is_reachable_and_parsed_by_its_type(field):
     hint = typing.get_type_hints(ServeConfig)[field]
     default = getattr(ServeConfig(), field)
@@ -60,6 +60,21 @@ def test_every_field_is_reachable_and_parsed_by_its_type(field):
     cfg = parsed("--set", f"serve.{field}={text_of(value)}")
     assert getattr(cfg, field) == value and type(getattr(cfg, field)) is type(value)
     assert dataclasses.replace(cfg, **{field: default}) == ServeConfig()  # nothing else changed
+
+
+def test_speculative_decoding_has_its_own_flags():
+    from serve.speculation_config import SpeculativeConfig
+
+    assert parsed("--speculative", "ngram", "--num-speculative-tokens", "3").speculative == SpeculativeConfig(
+        method="ngram", num_tokens=3)
+    assert parsed("--speculative", "draft:runs/tiny").speculative == SpeculativeConfig(method="draft")
+    assert parsed("--speculative", "head:heads/h").speculative == SpeculativeConfig(method="head")
+    for argv, message in ((["--speculative", "eagle"], "expected 'ngram'"), (["--speculative", "draft:"], "draft"),
+                          (["--num-speculative-tokens", "3"], "needs --speculative"),
+                          (["--speculative", "ngram", "--num-speculative-tokens", "0"], "num_tokens"),
+                          (["--set", "serve.speculative=ngram"], "--speculative and --num-speculative-tokens")):
+        with pytest.raises(ValueError, match=message):
+            parsed(*argv)
 
 
 def test_shorthands_are_the_same_settings_and_a_later_set_wins():
