@@ -49,6 +49,12 @@ def check_number(name: str, value: object, strict: bool = True) -> None:
         raise ValueError(f"{name} must be a {_KINDS[int(strict)]} number, got {value!r}")
 
 
+def check_numbers(prefix: str, owner: object, names: tuple[str, ...], strict: bool = True) -> None:
+    """`check_number` on each attribute `names` of `owner`, named `<prefix><name>` (e.g. "train.lr")."""
+    for name in names:
+        check_number(f"{prefix}{name}", getattr(owner, name), strict)
+
+
 def check_float32(name: str, value: object, note: str = "") -> None:
     """Refuse anything but a number that is finite in float32 (|value| <= FLOAT32_MAX; NaN and inf are refused):
     `<name> must be a number, got <value!r>` or `<name> must be a finite number<note>, got <value!r>`."""

@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from model.checks import check_bool, check_int, check_ints, check_number, check_one_of
+from model.checks import check_bool, check_int, check_ints, check_number, check_numbers, check_one_of
 
 ATTENTION_IMPLS = ("auto", "reference", "xla", "cudnn", "flash", "ring", "ulysses")
 REMAT_POLICIES = ("none", "full", "dots")
@@ -44,8 +44,7 @@ class MoEConfig:
                              f"got {self.top_k}")
         check_one_of("model.moe.dispatch", self.dispatch, MOE_DISPATCH)
         check_number("model.moe.capacity_factor", self.capacity_factor)
-        for name in ("aux_loss_weight", "z_loss_weight"):
-            check_number(f"model.moe.{name}", getattr(self, name), strict=False)
+        check_numbers("model.moe.", self, ("aux_loss_weight", "z_loss_weight"), strict=False)
 
     @property
     def enabled(self) -> bool:
@@ -106,8 +105,7 @@ class ModelConfig:
                 f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:
             raise ValueError(f"model.head_dim must be even for rotary embeddings, got {self.head_dim}")
-        for name in ("rope_theta", "norm_eps", "init_std"):
-            check_number(f"model.{name}", getattr(self, name))
+        check_numbers("model.", self, ("rope_theta", "norm_eps", "init_std"))
         check_one_of("model.dtype", self.dtype, DTYPES)
         check_one_of("model.param_dtype", self.param_dtype, DTYPES[1:])
         check_one_of("model.attention_impl", self.attention_impl, ATTENTION_IMPLS)

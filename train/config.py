@@ -8,7 +8,7 @@ import types
 import typing
 from typing import Any
 
-from model.checks import check_float32, check_interval, check_ints, check_number
+from model.checks import check_float32, check_interval, check_ints, check_number, check_numbers
 from model.config import ModelConfig
 from parallel.mesh import MeshConfig
 
@@ -61,8 +61,7 @@ class TrainConfig:
                              f"({self.grad_accum})")
         for name in ("lr", "eps", "clip_norm", "min_lr_ratio", "beta1", "beta2", "weight_decay", "val_fraction"):
             check_float32(f"train.{name}", getattr(self, name), " (in float32, as the optimizer uses it)")
-        for name in ("lr", "eps", "clip_norm"):
-            check_number(f"train.{name}", getattr(self, name))
+        check_numbers("train.", self, ("lr", "eps", "clip_norm"))
         for name in ("min_lr_ratio", "beta1", "beta2"):
             check_interval(f"train.{name}", getattr(self, name), 0, 1)
         check_number("train.weight_decay", self.weight_decay, strict=False)

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from model.checks import check_int, check_number, check_one_of
+from model.checks import check_int, check_ints, check_numbers, check_one_of
 from model.draft_head import DraftHead, create_draft_head, draft_forward, draft_tokens, save_draft_head
 from model.transformer import Transformer, for_inference
 from train.data import load_corpus, windows_at
@@ -59,17 +59,13 @@ class DraftTrainConfig:
     log_every: int = 10
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "log_every"):
-            check_int(f"draft.{name}", getattr(self, name))
-        for name in ("warmup_steps", "seed", "eval_batches", "eval_draft_tokens"):
-            check_int(f"draft.{name}", getattr(self, name), 0)
+        check_ints("draft.", self, ("steps", "batch_size", "log_every"))
+        check_ints("draft.", self, ("warmup_steps", "seed", "eval_batches", "eval_draft_tokens"), minimum=0)
         check_int("draft.seq_len", self.seq_len)
         if self.seq_len < 2:
             raise ValueError(f"draft.seq_len must be at least 2 (a pair and the feature after it), got {self.seq_len}")
-        for name in ("lr", "clip_norm"):
-            check_number(f"draft.{name}", getattr(self, name))
-        for name in ("weight_decay", "w_cls"):
-            check_number(f"draft.{name}", getattr(self, name), strict=False)
+        check_numbers("draft.", self, ("lr", "clip_norm"))
+        check_numbers("draft.", self, ("weight_decay", "w_cls"), strict=False)
         check_one_of("draft.cls_target", self.cls_target, CLS_TARGETS)
         if self.eval_draft_tokens > self.seq_len - 2:
             raise ValueError(f"draft.eval_draft_tokens must be at most draft.seq_len - 2 = {self.seq_len - 2} (the "

@@ -7,7 +7,14 @@ import re
 import numpy as np
 import pytest
 
-from model.checks import FLOAT32_MAX, check_float32, check_interval, check_power_of_two, interval_problem
+from model.checks import (
+    FLOAT32_MAX,
+    check_float32,
+    check_interval,
+    check_numbers,
+    check_power_of_two,
+    interval_problem,
+)
 
 VALUES = [-1, -0.0, 0, 1e-300, 0.5, 1, 1.0000001, 2, math.nan, math.inf, -math.inf]
 
@@ -47,3 +54,16 @@ def test_power_of_two():
     for value in (True, 4.0, None, 0, 6):
         with pytest.raises(ValueError, match=f"b.w must be a power of two, got {value!r}"):
             check_power_of_two("b.w", value)
+
+
+def test_numbers_checks_each_named_attribute_with_its_prefix():
+    class Owner:
+        lr, eps, decay = 0.1, 1e-8, 0.0
+
+    check_numbers("t.", Owner, ("lr", "eps"))
+    check_numbers("t.", Owner, ("decay",), strict=False)
+    with pytest.raises(ValueError, match=r"t.decay must be a positive number, got 0.0"):
+        check_numbers("t.", Owner, ("lr", "decay"))
+    Owner.eps = math.nan
+    with pytest.raises(ValueError, match=r"t.eps must be a non-negative number, got nan"):
+        check_numbers("t.", Owner, ("lr", "eps"), strict=False)
