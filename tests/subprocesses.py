@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -61,6 +62,21 @@ def start_train(out: Path, args: list[str], *extra: str, stdout: int | None = su
     return subprocess.Popen([sys.executable, "-m", "scripts.train", *args, *extra, "--out", str(out)], cwd=ROOT,
                             env=child_env(XLA_FLAGS="", JAX_PLATFORMS="cpu"), stdout=stdout,
                             stderr=subprocess.PIPE, text=True)
+
+
+def tiny_train_args(steps: int, **train: object) -> list[str]:
+    """scripts.train's arguments for the tiny preset trained `steps` steps, warnings only, each `train` field set
+    (`--set train.NAME=VALUE`, in order)."""
+    sets = [arg for name, value in train.items() for arg in ("--set", f"train.{name}={value}")]
+    return ["--preset", "tiny", "--steps", str(steps), "--log-level", "WARNING", *sets]
+
+
+def wait_for_step(process: subprocess.Popen, out: Path, step: int, timeout: float = HANG_LIMIT_S) -> None:
+    """Return once the run `process` writing into `out` has logged `step` (or a later one), or has ended, or after
+    `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while last_logged_step(out) < step and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
 
 
 def logged_losses(out: Path) -> dict[int, float]:

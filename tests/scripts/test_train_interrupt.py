@@ -9,7 +9,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,18 +17,17 @@ from tests.subprocesses import (
     HANG_LIMIT_S,
     ROOT,
     child_env,
-    last_logged_step,
     logged_losses,
     start_train,
     tail,
+    tiny_train_args,
     wait,
+    wait_for_step,
 )
 
 STEPS = 300
-ARGS = ["--preset", "tiny", "--steps", str(STEPS), "--log-level", "WARNING",
-        "--set", "train.batch_size=8", "--set", "train.seq_len=32", "--set", "train.log_every=1",
-        "--set", "train.ckpt_every=1000", "--set", "train.eval_every=100", "--set", "train.eval_batches=1",
-        "--set", "train.warmup_steps=10"]
+ARGS = tiny_train_args(STEPS, batch_size=8, seq_len=32, log_every=1, ckpt_every=1000, eval_every=100, eval_batches=1,
+                       warmup_steps=10)
 
 
 pytestmark = pytest.mark.slow  # runs in child processes: make test-slow (CI runs it)
@@ -53,9 +51,7 @@ def test_profile_writes_a_trace_of_the_steps(straight):
 def test_a_signal_saves_the_step_and_the_printed_command_resumes_exactly(straight, tmp_path, sig, code):
     out = tmp_path / "run"
     run = start_train(out, ARGS, stdout=subprocess.PIPE)
-    deadline = time.monotonic() + HANG_LIMIT_S
-    while last_logged_step(out) < 30 and run.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
+    wait_for_step(run, out, 30)
     assert run.poll() is None, f"the run ended before the signal: {tail(run.stderr.read())}"
     run.send_signal(sig)
     assert wait(run) == code, tail(run.stderr.read())

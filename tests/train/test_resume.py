@@ -3,17 +3,14 @@ uninterrupted run (bitwise on CPU), because batches are a pure function of (seed
 the full train state."""
 
 import signal
-import time
 
 import pytest
 
-from tests.subprocesses import HANG_LIMIT_S, last_logged_step, logged_losses, start_train, tail, wait
+from tests.subprocesses import last_logged_step, logged_losses, start_train, tail, tiny_train_args, wait, wait_for_step
 
 STEPS = 300
-ARGS = ["--preset", "tiny", "--steps", str(STEPS), "--log-level", "WARNING",
-        "--set", "train.batch_size=4", "--set", "train.seq_len=32", "--set", "train.log_every=1",
-        "--set", "train.ckpt_every=40", "--set", "train.eval_every=1000", "--set", "train.eval_batches=2",
-        "--set", "train.warmup_steps=10"]
+ARGS = tiny_train_args(STEPS, batch_size=4, seq_len=32, log_every=1, ckpt_every=40, eval_every=1000, eval_batches=2,
+                       warmup_steps=10)
 
 
 @pytest.mark.slow  # a whole run in child processes: make test-slow (CI runs it)
@@ -22,9 +19,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     assert wait(straight) == 0, tail(straight.stderr.read())
     killed_dir = tmp_path / "killed"
     victim = start_train(killed_dir, ARGS)
-    deadline = time.monotonic() + HANG_LIMIT_S
-    while last_logged_step(killed_dir) < 100 and victim.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
+    wait_for_step(victim, killed_dir, 100)
     assert victim.poll() is None, f"the run ended before it could be killed: {tail(victim.stderr.read())}"
     victim.send_signal(signal.SIGKILL)
     victim.wait()
