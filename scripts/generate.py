@@ -185,7 +185,7 @@ def serve_with_stop_strings(engine, requests: list, stops: list[tuple[str, ...]]
                             on_finish: Callable) -> list:
     """`Engine.generate` for requests all arriving now, except that a request whose text reaches one of its stop
     strings is aborted after the step that showed it (its result is cut at the stop string afterwards)."""
-    from serve.engine import Completion
+    from serve.prompts import rejected
     from serve.request_checks import RequestError
     from serve.stop_strings import TextStream
 
@@ -207,9 +207,7 @@ def serve_with_stop_strings(engine, requests: list, stops: list[tuple[str, ...]]
         try:
             rid = engine.submit(request, token)
         except RequestError as e:
-            prompt = getattr(request, "prompt_ids", None)
-            results.append(Completion(e.request_id, list(prompt) if isinstance(prompt, (list, tuple)) else [],
-                                      finish_reason="error", error=str(e)))
+            results.append(rejected(e, request))
             ids.append(None)
             on_finish(results[-1])
             continue

@@ -109,9 +109,12 @@ def request_from(record: Any, defaults: Request, encode: Encode | None, where: s
     return BatchItem(request, stops)
 
 
-def rejected(error: RequestError) -> Completion:
-    """The result of a request refused before serving: finish_reason "error", the error's text and id."""
-    return Completion(error.request_id, [], finish_reason="error", error=str(error))
+def rejected(error: RequestError, request: object = None) -> Completion:
+    """The result of a request refused before serving: finish_reason "error", the error's text and id, and the
+    prompt of `request` when it has one (a list or tuple of `prompt_ids`)."""
+    prompt = getattr(request, "prompt_ids", None)
+    return Completion(error.request_id, list(prompt) if isinstance(prompt, (list, tuple)) else [],
+                      finish_reason="error", error=str(error))
 
 
 def read_records(path: str | Path) -> list[tuple[str, Any]]:
