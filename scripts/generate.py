@@ -148,7 +148,7 @@ def fit_to_context(items: list, default: int | None, max_seq_len: int) -> tuple[
     the room, with a warning for that request's result. A request that gave its own value keeps it (the engine
     refuses it if it overflows). Returns the items and each one's warning (or None)."""
     from serve.engine import Request
-    from serve.prompts import rejected
+    from serve.request import rejected
     from serve.request_checks import RequestError
 
     fitted, warnings = [], []
@@ -185,7 +185,7 @@ def serve_with_stop_strings(engine, requests: list, stops: list[tuple[str, ...]]
                             on_finish: Callable) -> list:
     """`Engine.generate` for requests all arriving now, except that a request whose text reaches one of its stop
     strings is aborted after the step that showed it (its result is cut at the stop string afterwards)."""
-    from serve.prompts import rejected
+    from serve.request import rejected
     from serve.request_checks import RequestError
     from serve.stop_strings import TextStream
 

@@ -21,6 +21,7 @@ from typing import Any
 from model.jsonl import read_json_objects
 from serve import request_checks
 from serve.engine import Completion, Request, SamplingParams
+from serve.request import rejected
 from serve.request_checks import RequestError
 from serve.stop_strings import stop_strings_problem
 
@@ -107,14 +108,6 @@ def request_from(record: Any, defaults: Request, encode: Encode | None, where: s
                       tuple(fields["stop"]) if "stop" in fields else defaults.stop_ids, sampling, rid,
                       logprobs=fields.get("logprobs", defaults.logprobs))
     return BatchItem(request, stops)
-
-
-def rejected(error: RequestError, request: object = None) -> Completion:
-    """The result of a request refused before serving: finish_reason "error", the error's text and id, and the
-    prompt of `request` when it has one (a list or tuple of `prompt_ids`)."""
-    prompt = getattr(request, "prompt_ids", None)
-    return Completion(error.request_id, list(prompt) if isinstance(prompt, (list, tuple)) else [],
-                      finish_reason="error", error=str(error))
 
 
 def read_records(path: str | Path) -> list[tuple[str, Any]]:

@@ -1,5 +1,5 @@
 """What a request is (`Request`, `SamplingParams`), the one record the scheduler keeps for it while it is served
-(`RequestState`), and the caller's view of that record (`Completion`).
+(`RequestState`), and the caller's view of that record (`Completion`; `rejected`: a refused request's).
 
 A request's tokens are its prompt followed by its outputs; `num_computed` of them have K/V in the cache. With the
 engine's overlap of host and device work, the token sampled by the step in flight is not known yet: it is held in
@@ -10,6 +10,10 @@ see -- stops before it.
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from serve.request_checks import RequestError
 
 PENDING = -1  # an output token sampled by a step whose result has not been read back yet
 
@@ -137,3 +141,11 @@ class Completion:
     def __repr__(self) -> str:
         return (f"Completion(request_id={self.request_id!r}, token_ids={self.token_ids}, "
                 f"finish_reason={self.finish_reason!r}, error={self.error!r})")
+
+
+def rejected(error: RequestError, request: object = None) -> Completion:
+    """The result of a request refused before serving: finish_reason "error", the error's text and id, and the
+    prompt of `request` when it has one (a list or tuple of `prompt_ids`)."""
+    prompt = getattr(request, "prompt_ids", None)
+    return Completion(error.request_id, list(prompt) if isinstance(prompt, (list, tuple)) else [],
+                      finish_reason="error", error=str(error))

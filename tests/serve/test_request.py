@@ -1,9 +1,9 @@
-"""serve/prompts.py's `rejected`: a refused request's result carries the error's id and text, and the request's
+"""serve/request.py's `rejected`: a refused request's result carries the error's id and text, and the request's
 prompt only when the request has a well-formed one."""
 
 from types import SimpleNamespace
 
-from serve.prompts import rejected
+from serve.request import rejected
 from serve.request_checks import RequestError
 
 
