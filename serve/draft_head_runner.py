@@ -51,7 +51,7 @@ def _head_forward(head_graph: nnx.GraphDef, head_params: nnx.State, target_graph
         pools[1] = write_pages(pools[1], v_1xTxKxDh, pages_1xT, offsets_1xT)
         return ragged_paged_attention(q_1xTxHxDh[0], pools[0], pools[1], inputs.positions_T, inputs.decode_tables_BxW,
                                       inputs.decode_lengths_B, inputs.tile_tables_NtxW, inputs.tile_lengths_Nt,
-                                      decode_impl=decode_impl)[None]
+                                      decode_impl=decode_impl, decode_width=inputs.drafts_BxNd.shape[1] + 1)[None]
 
     g_1xTxD = head(features_TxD[None], target.embed_tokens(inputs.tokens_T[None]),
                    jnp.maximum(inputs.positions_T, 0)[None], attend)
@@ -118,7 +118,8 @@ class HeadRunner:
         starts = [min(c.seq.num_draft_computed, c.seq.num_tokens - 2) for c in decodes]
         for chunk in decodes:
             chunk.seq.num_draft_computed = chunk.seq.num_tokens - 1
-        catch_up, row_slots, sampling_B = catch_up_batch(decodes, starts, self.layout, Bd, shift=1)
+        # after a verification the head lacks the pairs of the accepted tokens and the bonus: at most k + 1
+        catch_up, row_slots, sampling_B = catch_up_batch(decodes, starts, self.layout, Bd, self.k + 1, shift=1)
         rest = self.engine.params.rest
         logits_BxV, g_BxD, self.pool = self._catch_up(self.head_params, self.pool, rest, self.engine.cache.features,
                                                       catch_up, row_slots)

@@ -66,36 +66,41 @@ def decode_inputs(token_B: jax.Array, pos_B: jax.Array, tables_BxW: jax.Array, p
 
 
 def catch_up_batch(decodes: Sequence[ScheduledChunk], starts: Sequence[int], layout: StepLayout, Bd: int,
-                   shift: int = 0) -> tuple[StepInputs, jax.Array, tuple[jax.Array, ...]]:
+                   width: int, shift: int = 0) -> tuple[StepInputs, np.ndarray, tuple[np.ndarray, ...]]:
     """A proposer's catch-up step on the host: each decoding sequence's positions from `starts[i]` on, holding its
     tokens from `starts[i] + shift` to its last one (a draft head's pair i holds token i + 1), as one ragged step
-    (one-token rows as decodes, longer ones in tiles), with the sampling parameters of its request. Returns the
-    step's inputs, each decode row's sampling slot [Bd] and its sampling parameters [Bd] (padded to the target
-    step's Bd rows), on the device."""
-    rows, one_token, longer = [], [], []
+    with the sampling parameters of its request. A row of at most `width` tokens (what one verification adds) is a
+    decode row `width` tokens wide, so steady decoding compiles one catch-up shape per (Bd, W) whatever each row
+    accepted; a longer one (a prompt, after admission) fills prefill tiles. Returns the step's inputs, each decode
+    row's sampling slot of its last token [Bd] and its sampling parameters [Bd] (padded to the target step's Bd
+    rows), as host arrays (a compiled call takes them with one transfer each)."""
+    rows, short, longer = [], [], []
     for chunk, start in zip(decodes, starts, strict=True):
         seq, s = chunk.seq, chunk.seq.sampling
-        row = Row(seq.all_ids[start + shift:seq.num_tokens], start, seq.block_table, seed=s.seed,
-                  counter=len(seq.output_ids), temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                  min_p=s.min_p)
-        (one_token if len(row.token_ids) == 1 else longer).append(len(rows))
+        ids = seq.all_ids[start + shift:seq.num_tokens]
+        is_short = len(ids) <= width
+        row = Row(ids[:1] if is_short else ids, start, seq.block_table, seed=s.seed, counter=len(seq.output_ids),
+                  temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
+                  drafts=ids[1:] if is_short else ())
+        (short if is_short else longer).append(len(rows))
         rows.append(row)
     layout = StepLayout(layout.page_size, max(layout.max_decode_rows, Bd), layout.tile, layout.min_pages,
                         layout.max_pages)
-    catch_up, sampling, slots = build_step([rows[i] for i in one_token], [rows[i] for i in longer], layout)
+    catch_up, sampling, slots = build_step([rows[i] for i in short], [rows[i] for i in longer], layout, width - 1)
+    slots = [slot + len(rows[i].drafts) for i, slot in zip([*short, *longer], slots, strict=True)]
     row_slots = np.zeros(Bd, np.int32)
-    row_slots[[*one_token, *longer]] = slots
+    row_slots[[*short, *longer]] = slots
     sampling_B = [np.zeros(Bd, a.dtype) for a in sampling[:-1]]
     for a, full in zip(sampling_B, sampling[:-1], strict=True):
         a[:len(rows)] = full[row_slots[:len(rows)]]
-    return StepInputs(*map(jnp.asarray, catch_up)), jnp.asarray(row_slots), tuple(map(jnp.asarray, sampling_B))
+    return catch_up, row_slots, tuple(sampling_B)
 
 
-def positions_of(values: Sequence[int], Bd: int) -> jax.Array:
-    """`values` padded with -1 (pad rows) to Bd, int32, on the device."""
+def positions_of(values: Sequence[int], Bd: int) -> np.ndarray:
+    """`values` padded with -1 (pad rows) to Bd, int32."""
     out = np.full(Bd, -1, np.int32)
     out[:len(values)] = values
-    return jnp.asarray(out)
+    return out
 
 
 def _catch_up(graph: StepGraph, decode_impl: str, params: StepParams, cache: KVCache, catch_up: StepInputs,
@@ -150,7 +155,8 @@ class DraftRunner:
         starts = [min(c.seq.num_draft_computed, c.seq.num_computed) for c in decodes]
         for chunk in decodes:
             chunk.seq.num_draft_computed = chunk.seq.num_tokens - 1 + self.k
-        catch_up, row_slots, sampling_B = catch_up_batch(decodes, starts, self.layout, Bd)
+        # after a verification the draft lacks one token, or two when every draft was accepted
+        catch_up, row_slots, sampling_B = catch_up_batch(decodes, starts, self.layout, Bd, 2)
         logits_BxV, self.cache = self._catch_up(self.params, self.cache, catch_up, row_slots)
         drafts, q, self.cache = self._draft_k(self.params, self.cache, logits_BxV,
                                               positions_of([c.seq.num_tokens - 1 for c in decodes], Bd),
@@ -171,9 +177,15 @@ class _Compiled:
         self._jitted = jax.jit(fn, donate_argnums=(1,))
         self._compiled: dict[tuple, Callable] = {}
         self.compile_s = 0.0
+        self._weights: tuple[object, tuple] = (None, ())  # the last weights seen and their shapes
+
+    def _shapes(self, tree: object) -> tuple:
+        return tuple((a.shape, a.dtype) for a in jax.tree.leaves(tree))
 
     def __call__(self, *args: object) -> tuple:
-        key = tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args))
+        if args[0] is not self._weights[0]:  # the weights' many leaves are read once, not every call
+            self._weights = (args[0], self._shapes(args[0]))
+        key = self._weights[1] + self._shapes(args[1:])
         fn = self._compiled.get(key)
         if fn is None:
             start = time.perf_counter()

@@ -500,9 +500,9 @@ class Engine:
         self.shapes_seen.add(self.layout.shape_of(inputs))
         chunks = decodes + prefills
         drafted = {id(c.seq): len(d) for c, d in zip(decodes, drafts, strict=True) if d}
-        inputs = StepInputs(*map(jnp.asarray, inputs))
+        # host arrays go to the compiled step as they are: one transfer each, not a dispatch each
         draft = self._drafter.draft(decodes, inputs) if self._drafter and num_drafts else None
-        return (self.params, inputs, SamplingInputs(*map(jnp.asarray, sampling)),
+        return (self.params, inputs, sampling,
                 [(c.seq, slot) for c, slot in zip(chunks, slots_of, strict=True)], draft, drafted)
 
     def _propose(self, decodes: list[ScheduledChunk]) -> list[list[int]]:
