@@ -16,6 +16,7 @@ REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOGITS_GRAD_DTYPES = ("float32", "compute")
 MOE_DISPATCH = ("capacity", "dropless")
+MOE_ROUTERS = ("softmax", "sigmoid")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +29,14 @@ class MoEConfig:
     experts shardable over the mesh's `expert` axis); `"dropless"` sorts the tokens by expert and runs grouped
     matmuls (`jax.lax.ragged_dot`), dropping nothing. The router's load-balancing loss (Switch) is weighted by
     `aux_loss_weight`, its z-loss (ST-MoE) by `z_loss_weight`; both are averaged over layers.
+
+    DeepSeekMoE (model/router.py): `router="sigmoid"` scores experts with sigmoid affinities and keeps a
+    per-expert bias that only chooses experts; `n_group`/`topk_group` first keep the `topk_group` best of
+    `n_group` expert groups; the chosen weights are renormalised when `norm_topk_prob` (and top_k > 1) and
+    scaled by `routed_scaling_factor`. `n_shared_experts` adds a SwiGLU of that many times d_ff hidden that
+    every token takes. `bias_update_rate > 0` (sigmoid only; DeepSeek-V3: 0.001) balances load without a loss:
+    after each step bias += rate * sign(mean load - load), outside the optimizer; `seq_aux_loss_weight` weighs
+    DeepSeek-V3's sequence-wise balance loss.
     """
 
     n_experts: int = 0
@@ -36,19 +45,49 @@ class MoEConfig:
     capacity_factor: float = 1.25
     aux_loss_weight: float = 0.01
     z_loss_weight: float = 0.001
+    router: str = "softmax"
+    n_shared_experts: int = 0
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    norm_topk_prob: bool = True
+    bias_update_rate: float = 0.0
+    seq_aux_loss_weight: float = 0.0
 
     def __post_init__(self) -> None:
-        check_ints("model.moe.", self, ("n_experts", "top_k"), minimum=0)
+        check_ints("model.moe.", self, ("n_experts", "top_k", "n_shared_experts"), minimum=0)
         if self.n_experts and not 1 <= self.top_k <= self.n_experts:
             raise ValueError(f"model.moe.top_k must be between 1 and model.moe.n_experts ({self.n_experts}), "
                              f"got {self.top_k}")
         check_one_of("model.moe.dispatch", self.dispatch, MOE_DISPATCH)
         check_number("model.moe.capacity_factor", self.capacity_factor)
-        check_numbers("model.moe.", self, ("aux_loss_weight", "z_loss_weight"), strict=False)
+        check_numbers("model.moe.", self, ("aux_loss_weight", "z_loss_weight", "bias_update_rate",
+                                           "seq_aux_loss_weight"), strict=False)
+        check_one_of("model.moe.router", self.router, MOE_ROUTERS)
+        check_ints("model.moe.", self, ("n_group", "topk_group"))
+        check_number("model.moe.routed_scaling_factor", self.routed_scaling_factor)
+        check_bool("model.moe.norm_topk_prob", self.norm_topk_prob)
+        if self.topk_group > self.n_group:
+            raise ValueError(f"model.moe.topk_group ({self.topk_group}) must be at most model.moe.n_group "
+                             f"({self.n_group})")
+        if self.n_experts and self.n_experts % self.n_group:
+            raise ValueError(f"model.moe.n_experts ({self.n_experts}) must be divisible by model.moe.n_group "
+                             f"({self.n_group})")
+        if self.n_experts and self.top_k > self.topk_group * (self.n_experts // self.n_group):
+            raise ValueError(f"model.moe.top_k ({self.top_k}) must be at most model.moe.topk_group "
+                             f"({self.topk_group}) x experts per group ({self.n_experts // self.n_group})")
+        if self.bias_update_rate and self.router != "sigmoid":
+            raise ValueError(f"model.moe.bias_update_rate ({self.bias_update_rate}) needs model.moe.router "
+                             f"'sigmoid' (the per-expert bias is DeepSeekMoE's), got {self.router!r}")
 
     @property
     def enabled(self) -> bool:
         return self.n_experts > 0
+
+    @property
+    def expert_bias(self) -> bool:
+        """Whether the router keeps a per-expert selection bias (DeepSeekMoE's sigmoid router)."""
+        return self.router == "sigmoid"
 
     def capacity(self, tokens: int) -> int:
         """Slots per expert for a group of `tokens` tokens under capacity dispatch."""

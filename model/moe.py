@@ -1,13 +1,16 @@
 """Mixture-of-Experts SwiGLU MLP: a router sends each token to `top_k` of `n_experts` experts.
 
-Routing (float32). logits = x @ W_router, probs = softmax(logits); each token takes its top_k experts. With
+Routing (float32, model/router.py). logits = x @ W_router, probs = softmax(logits) (or DeepSeekMoE's sigmoid
+affinities, a per-expert selection bias and group-limited routing); each token takes its top_k experts. With
 top_k > 1 their weights are renormalised to sum to 1 (Mixtral); with top_k = 1 the weight is the probability
-itself (Switch), so the router still learns from the language-model loss.
+itself (Switch), so the router still learns from the language-model loss. Shared experts (DeepSeekMoE), one
+SwiGLU of n_shared_experts * d_ff hidden, take every token and add to the routed output.
 
 Router losses, returned to the caller (the model averages them over layers and the trainer adds them):
 load balance (Switch, over all top-k assignments) E * sum_e f_e * P_e, with f_e the fraction of assignments
 that go to expert e and P_e its mean router probability: 1 when balanced, E when one expert takes everything;
-z-loss (ST-MoE) mean(logsumexp(logits)^2), which keeps the logits small.
+z-loss (ST-MoE) mean(logsumexp(logits)^2), which keeps the logits small; DeepSeek-V3's sequence-wise balance
+loss. With them comes each expert's load f_e, which the trainer logs and balances the selection bias by.
 
 Capacity dispatch (GShard). Each sequence is a group; every expert has C = ceil(capacity_factor * T * top_k / E)
 slots per group, filled in priority order: all first choices in sequence order, then all second choices, and so
@@ -24,7 +27,6 @@ its weights with grouped matmuls (`jax.lax.ragged_dot`); nothing is dropped, and
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,50 +34,10 @@ from flax import nnx
 
 from model import axes
 from model.config import ModelConfig, MoEConfig
-from model.layers import normal, param
+from model.layers import MLP, normal, param
+from model.router import ExpertBias, Routing, expert_load, load_balance_loss, route, router_loss, router_z_loss
 
-
-class Routing(NamedTuple):
-    weights_BxTxJ: jax.Array  # float32 combine weights of the chosen experts
-    experts_BxTxJ: jax.Array  # int32 expert ids, best first
-    probs_BxTxE: jax.Array    # float32 router probabilities
-    logits_BxTxE: jax.Array   # float32 router logits
-
-
-def route(x_BxTxD: jax.Array, router_DxE: jax.Array, top_k: int) -> Routing:
-    """The router's choice for every token (float32 throughout)."""
-    logits_BxTxE = jnp.einsum("btd,de->bte", x_BxTxD.astype(jnp.float32), router_DxE.astype(jnp.float32))
-    probs_BxTxE = jax.nn.softmax(logits_BxTxE, axis=-1)
-    weights_BxTxJ, experts_BxTxJ = _top_k(probs_BxTxE, top_k)
-    if top_k > 1:
-        weights_BxTxJ = weights_BxTxJ / jnp.sum(weights_BxTxJ, axis=-1, keepdims=True)
-    return Routing(weights_BxTxJ, experts_BxTxJ.astype(jnp.int32), probs_BxTxE, logits_BxTxE)
-
-
-def _top_k(x_BxTxE: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """`jax.lax.top_k` over the last axis (ties to the lower index) as k rounds of argmax: elementwise work and
-    reductions that shard along the batch, where XLA's TopK gathers the whole batch onto every device."""
-    values, indices = [], []
-    for _ in range(k):
-        index_BxT = jnp.argmax(x_BxTxE, axis=-1)
-        values.append(jnp.take_along_axis(x_BxTxE, index_BxT[..., None], axis=-1)[..., 0])
-        indices.append(index_BxT)
-        x_BxTxE = jnp.where(jax.nn.one_hot(index_BxT, x_BxTxE.shape[-1], dtype=bool), -jnp.inf, x_BxTxE)
-    return jnp.stack(values, axis=-1), jnp.stack(indices, axis=-1)
-
-
-def load_balance_loss(routing: Routing) -> jax.Array:
-    """Switch's auxiliary loss E * sum_e f_e * P_e over all top-k assignments (1 when balanced)."""
-    n_experts = routing.probs_BxTxE.shape[-1]
-    assigned_BxTxJxE = jax.nn.one_hot(routing.experts_BxTxJ, n_experts, dtype=jnp.float32)
-    fraction_E = jnp.mean(assigned_BxTxJxE, axis=(0, 1, 2))
-    mean_prob_E = jnp.mean(routing.probs_BxTxE, axis=(0, 1))
-    return n_experts * jnp.sum(fraction_E * mean_prob_E)
-
-
-def router_z_loss(routing: Routing) -> jax.Array:
-    """ST-MoE's z-loss: the mean squared log-partition of the router logits."""
-    return jnp.mean(jax.nn.logsumexp(routing.logits_BxTxE, axis=-1) ** 2)
+__all__ = ["MoE", "Routing", "capacity_slots", "load_balance_loss", "route", "router_z_loss"]  # routing: router.py
 
 
 def capacity_slots(experts_BxTxJ: jax.Array, n_experts: int, capacity: int) -> jax.Array:
@@ -91,7 +53,7 @@ def capacity_slots(experts_BxTxJ: jax.Array, n_experts: int, capacity: int) -> j
 
 
 class MoE(nnx.Module):
-    """Top-k routed SwiGLU experts; returns (output [B, T, D], weighted router loss)."""
+    """Top-k routed SwiGLU experts (plus shared ones); returns (output [B, T, D], weighted router loss)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         e, d, f, pd = cfg.moe.n_experts, cfg.d_model, cfg.d_ff, cfg.weight_dtype
@@ -100,18 +62,28 @@ class MoE(nnx.Module):
         self.w_gate = param(rngs, normal(cfg.init_std), (e, d, f), (axes.EXPERT, axes.EMBED, axes.MLP), pd)
         self.w_up = param(rngs, normal(cfg.init_std), (e, d, f), (axes.EXPERT, axes.EMBED, axes.MLP), pd)
         self.w_down = param(rngs, normal(out_std), (e, f, d), (axes.EXPERT, axes.MLP, axes.EMBED), pd)
+        if cfg.moe.expert_bias:
+            self.expert_bias = ExpertBias(jnp.zeros((e,), jnp.float32), out_sharding=(None,), eager_sharding=False)
+        if cfg.moe.n_shared_experts:
+            self.shared = MLP(cfg.replace(d_ff=cfg.moe.n_shared_experts * f), rngs)
         self.moe: MoEConfig = cfg.moe
         self.dtype = cfg.compute_dtype
 
     def __call__(self, x_BxTxD: jax.Array) -> tuple[jax.Array, jax.Array]:
-        routing = route(x_BxTxD, self.router[...], self.moe.top_k)
+        y_BxTxD, loss, _ = self.with_load(x_BxTxD)
+        return y_BxTxD, loss
+
+    def with_load(self, x_BxTxD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(output [B, T, D], weighted router loss, each expert's load [E]: its fraction of the assignments)."""
+        bias_E = self.expert_bias[...] if self.moe.expert_bias else None
+        routing = route(x_BxTxD, self.router[...], self.moe.top_k, self.moe, bias_E)
         if self.moe.dispatch == "capacity":
             y_BxTxD = self._capacity(x_BxTxD, routing)
         else:
             y_BxTxD = self._dropless(x_BxTxD, routing)
-        router_loss = (self.moe.aux_loss_weight * load_balance_loss(routing)
-                       + self.moe.z_loss_weight * router_z_loss(routing))
-        return y_BxTxD.astype(x_BxTxD.dtype), router_loss
+        if self.moe.n_shared_experts:
+            y_BxTxD = y_BxTxD + self.shared(x_BxTxD.astype(self.dtype))
+        return y_BxTxD.astype(x_BxTxD.dtype), router_loss(routing, self.moe), expert_load(routing)
 
     def _capacity(self, x_BxTxD: jax.Array, routing: Routing) -> jax.Array:
         dt = self.dtype
