@@ -109,7 +109,8 @@ class ModelConfig:
     with the cross-entropy over n chunks of the sequence (model/loss.py), so the float32 [B, T, vocab] logits
     and their gradient are never materialised whole; off by default. `pipeline_microbatches` cuts each
     micro-step's batch into that many micro-batches when the mesh has pipeline stages (0: one per stage); GPipe's
-    idle share is (stages - 1) / (pipeline_microbatches + stages - 1)."""
+    idle share is (stages - 1) / (pipeline_microbatches + stages - 1). `qkv_bias` adds q/k/v biases (Qwen2);
+    `qk_norm` RMS-normalises each query and key head (a learned head_dim scale each) before RoPE (Qwen3)."""
 
     vocab_size: int = 259
     d_model: int = 256
@@ -130,6 +131,7 @@ class ModelConfig:
     logits_grad_dtype: str = "compute"
     loss_chunks: int = 0
     qkv_bias: bool = False
+    qk_norm: bool = False
     pipeline_microbatches: int = 0
     init_std: float = 0.02
     moe: MoEConfig = MoEConfig()
@@ -152,7 +154,7 @@ class ModelConfig:
         check_one_of("model.logits_grad_dtype", self.logits_grad_dtype, LOGITS_GRAD_DTYPES)
         if not isinstance(self.moe, MoEConfig):
             raise ValueError(f"model.moe must be a MoEConfig, got {self.moe!r}")
-        for name in ("tie_embeddings", "qkv_bias", "scan_layers"):
+        for name in ("tie_embeddings", "qkv_bias", "qk_norm", "scan_layers"):
             check_bool(f"model.{name}", getattr(self, name))
 
     @property

@@ -27,8 +27,9 @@ def normal(std: float) -> Callable:
 class RMSNorm(nnx.Module):
     """y = x / rms(x) * scale, computed in float32."""
 
-    def __init__(self, dim: int, eps: float, dtype: jnp.dtype, rngs: nnx.Rngs):
-        self.scale = param(rngs, jax.nn.initializers.ones, (dim,), (axes.EMBED,), dtype)
+    def __init__(self, dim: int, eps: float, dtype: jnp.dtype, rngs: nnx.Rngs, name: str = axes.EMBED):
+        """`name`: the logical axis of the normalised (last) dimension."""
+        self.scale = param(rngs, jax.nn.initializers.ones, (dim,), (name,), dtype)
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -42,7 +42,8 @@ REMAT_POLICIES = {
 
 
 class Attention(nnx.Module):
-    """Grouped-query self-attention with rotary position embeddings."""
+    """Grouped-query self-attention with rotary position embeddings (and, with `qk_norm`, each query and key
+    head RMS-normalised before RoPE, as Qwen3)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, h, k, hd, pd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.weight_dtype
@@ -57,7 +58,11 @@ class Attention(nnx.Module):
             self.bq = param(rngs, zeros, (h, hd), (axes.HEADS, axes.HEAD_DIM), pd)
             self.bk = param(rngs, zeros, (k, hd), (axes.KV_HEADS, axes.HEAD_DIM), pd)
             self.bv = param(rngs, zeros, (k, hd), (axes.KV_HEADS, axes.HEAD_DIM), pd)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.norm_eps, pd, rngs, name=axes.HEAD_DIM)
+            self.k_norm = RMSNorm(hd, cfg.norm_eps, pd, rngs, name=axes.HEAD_DIM)
         self.qkv_bias = cfg.qkv_bias
+        self.qk_norm = cfg.qk_norm
         self.impl = cfg.attention_impl
         self.dtype = cfg.compute_dtype
 
@@ -73,6 +78,8 @@ class Attention(nnx.Module):
             q_BxTxHxDh = q_BxTxHxDh + self.bq[...].astype(dt)
             k_BxTxKxDh = k_BxTxKxDh + self.bk[...].astype(dt)
             v_BxTxKxDh = v_BxTxKxDh + self.bv[...].astype(dt)
+        if self.qk_norm:
+            q_BxTxHxDh, k_BxTxKxDh = self.q_norm(q_BxTxHxDh), self.k_norm(k_BxTxKxDh)
         q_BxTxHxDh = axes.constrain(apply_rope(q_BxTxHxDh, cos, sin), (axes.BATCH, axes.LENGTH, axes.HEADS, None))
         k_BxTxKxDh = axes.constrain(apply_rope(k_BxTxKxDh, cos, sin), (axes.BATCH, axes.LENGTH, axes.KV_HEADS, None))
         v_BxTxKxDh = axes.constrain(v_BxTxKxDh, (axes.BATCH, axes.LENGTH, axes.KV_HEADS, None))
