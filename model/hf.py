@@ -1,6 +1,15 @@
-"""Hugging Face interop for the Llama family (Llama, Mistral without sliding windows, Qwen2): config.json and
-safetensors weights in, and out again in the layout `transformers.LlamaForCausalLM` / `Qwen2ForCausalLM` load.
+"""Hugging Face interop for the Llama family (Llama, Mistral without sliding windows, Qwen2) and its
+Mixture-of-Experts kin (Mixtral, Qwen3-MoE): config.json and safetensors weights in, and out again in the layout
+`transformers`' LlamaForCausalLM / Qwen2ForCausalLM / MixtralForCausalLM / Qwen3MoeForCausalLM load (experts
+one tensor each, `experts.{j}.w1` or `experts.{j}.gate_proj`, as on the Hub and as transformers writes them).
 Weights are read and written with the `safetensors` package (`pip install meshlm[hf]`); torch is not needed.
+
+MoE checkpoints load with `dispatch="dropless"`: transformers computes every token's chosen experts, and
+capacity dispatch would drop a token past its expert's slots, so only dropless gives transformers' logits.
+The routers agree: softmax over the expert logits, the top k, renormalised to sum to 1 when k > 1 (our
+`model/moe.py`); configs whose router does otherwise are refused (Mixtral with k = 1, which weighs its one
+expert 1; Qwen3-MoE with norm_topk_prob=false and k > 1), as are Qwen3-MoE's dense layers (mlp_only_layers,
+decoder_sparse_step), which meshlm's uniform layer stack does not have.
 """
 
 from __future__ import annotations
@@ -16,10 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from model.config import ModelConfig
+from model.config import ModelConfig, MoEConfig
 from model.transformer import Transformer
 
-MODEL_TYPES = ("llama", "mistral", "qwen2")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "mixtral", "qwen3_moe")
+MOE_TYPES = ("mixtral", "qwen3_moe")
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")  # safetensors dtype codes load_hf accepts
@@ -56,18 +66,46 @@ def _rope_theta(hf_config: dict) -> float:
     return float(theta) if theta is not None else 10000.0
 
 
+def _moe_from_hf(hf_config: dict, model_type: str) -> MoEConfig:
+    """The MoE of a Mixtral / Qwen3-MoE config: dropless dispatch (transformers drops no token), the router's
+    balance loss weighted as transformers weighs it, no z-loss (transformers has none)."""
+    if model_type == "qwen3_moe":
+        for key, fine in (("decoder_sparse_step", 1), ("mlp_only_layers", [])):
+            if (hf_config.get(key) or fine) != fine:
+                raise ValueError(f"qwen3_moe {key}={hf_config[key]!r} is not supported: it makes some layers "
+                                 f"dense and meshlm's layers are all alike (only {key}={fine!r} loads)")
+    n_experts = hf_config.get("num_local_experts") or hf_config.get("num_experts")
+    if not n_experts:
+        raise ValueError(f"{model_type} config has no experts (num_local_experts / num_experts "
+                         f"{n_experts!r}); a Mixture-of-Experts config needs at least 1")
+    top_k = _require(hf_config, "num_experts_per_tok")
+    renormalised = hf_config.get("norm_topk_prob", False) if model_type == "qwen3_moe" else True
+    if renormalised != (top_k > 1):  # model/moe.py renormalises the top-k weights exactly when k > 1
+        key, value = ("norm_topk_prob", renormalised) if top_k > 1 else ("num_experts_per_tok", top_k)
+        does = "renormalises" if renormalised else "does not renormalise"
+        raise ValueError(f"{model_type} {key}={value!r} is not supported: with num_experts_per_tok={top_k} "
+                         f"transformers {does} the chosen experts' weights, and meshlm's router renormalises them "
+                         f"exactly when num_experts_per_tok > 1")
+    # transformers' aux loss is E * sum over the k choices and experts of f_{k,e} * P_e: k times model/moe.py's.
+    coef = float(hf_config.get("router_aux_loss_coef", 0.0))
+    return MoEConfig(n_experts=n_experts, top_k=top_k, dispatch="dropless", aux_loss_weight=coef * top_k,
+                     z_loss_weight=0.0)
+
+
 def config_from_hf(hf_config: dict) -> ModelConfig:
-    """A `ModelConfig` for a Llama / Mistral / Qwen2 `config.json` dict; raises ValueError, naming the field, for
-    anything this model cannot reproduce exactly (sliding windows, scaled RoPE, o_proj/MLP biases, other
-    activations)."""
+    """A `ModelConfig` for a Llama / Mistral / Qwen2 / Mixtral / Qwen3-MoE `config.json` dict; raises ValueError,
+    naming the field, for anything this model cannot reproduce exactly (sliding windows, scaled RoPE, o_proj/MLP
+    biases, other activations, dense layers among MoE ones, a router that weighs experts otherwise). MoE configs
+    get dropless dispatch (see the module docstring); Mixtral's router_jitter_noise, which transformers applies
+    only in training, is not reproduced."""
     model_type = hf_config.get("model_type")
     if model_type not in MODEL_TYPES:
         raise ValueError(f"unsupported HF model_type {model_type!r}; supported: {list(MODEL_TYPES)}")
-    if model_type == "mistral" and hf_config.get("sliding_window") is not None:
-        raise ValueError(f"mistral sliding_window={hf_config['sliding_window']!r} is not supported "
+    if model_type in ("mistral", "mixtral") and hf_config.get("sliding_window") is not None:
+        raise ValueError(f"{model_type} sliding_window={hf_config['sliding_window']!r} is not supported "
                          "(no sliding-window attention); only checkpoints with sliding_window null load")
-    if model_type == "qwen2" and hf_config.get("use_sliding_window"):
-        raise ValueError("qwen2 use_sliding_window=true is not supported (no sliding-window attention)")
+    if model_type in ("qwen2", "qwen3_moe") and hf_config.get("use_sliding_window"):
+        raise ValueError(f"{model_type} use_sliding_window=true is not supported (no sliding-window attention)")
     layer_types = set(hf_config.get("layer_types") or ())
     if layer_types - {"full_attention"}:
         raise ValueError(f"HF config layer_types {sorted(layer_types)} are not supported; only 'full_attention'")
@@ -79,6 +117,8 @@ def config_from_hf(hf_config: dict) -> ModelConfig:
     if hf_config.get("mlp_bias"):
         raise ValueError(f"{model_type} mlp_bias=true is not supported")
     d_model, n_heads = _require(hf_config, "hidden_size"), _require(hf_config, "num_attention_heads")
+    moe = _moe_from_hf(hf_config, model_type) if model_type in MOE_TYPES else MoEConfig()
+    d_ff_key = "moe_intermediate_size" if model_type == "qwen3_moe" else "intermediate_size"
     return ModelConfig(
         vocab_size=_require(hf_config, "vocab_size"),
         d_model=d_model,
@@ -86,27 +126,50 @@ def config_from_hf(hf_config: dict) -> ModelConfig:
         n_heads=n_heads,
         n_kv_heads=hf_config.get("num_key_value_heads") or n_heads,
         head_dim=hf_config.get("head_dim") or d_model // n_heads,
-        d_ff=_require(hf_config, "intermediate_size"),
+        d_ff=_require(hf_config, d_ff_key),
         max_seq_len=_require(hf_config, "max_position_embeddings"),
         rope_theta=_rope_theta(hf_config),
         norm_eps=float(_require(hf_config, "rms_norm_eps")),
         tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
         qkv_bias=model_type == "qwen2",
+        qk_norm=model_type == "qwen3_moe",
         init_std=float(hf_config.get("initializer_range", 0.02)),
         dtype="auto",
         param_dtype="float32",
+        moe=moe,
     )
 
 
-def hf_config_from(cfg: ModelConfig) -> dict:
-    """The `config.json` dict for `cfg`: model_type "qwen2" when it has q/k/v biases, else "llama"."""
+def _hf_family(cfg: ModelConfig) -> tuple[str, str]:
+    """(model_type, architecture) that describes `cfg` exactly; ValueError naming the field when none does."""
+    if cfg.qk_norm and cfg.qkv_bias:
+        raise ValueError("HF export of model.qk_norm=true with model.qkv_bias=true is not supported: no exported "
+                         "family has both (Qwen3-MoE has q/k norms and no biases, Qwen2 the reverse)")
     if cfg.moe.enabled:
-        raise ValueError(f"HF export of Mixture-of-Experts models (model.moe.n_experts={cfg.moe.n_experts}) is not "
-                         f"supported; Llama and Qwen2 are dense")
-    qwen = cfg.qkv_bias
+        if cfg.qkv_bias:
+            raise ValueError("HF export of a Mixture-of-Experts model with model.qkv_bias=true is not supported: "
+                             "Mixtral and Qwen3-MoE have no q/k/v biases")
+        if cfg.qk_norm:
+            return "qwen3_moe", "Qwen3MoeForCausalLM"
+        if cfg.moe.top_k == 1:
+            raise ValueError("HF export of a Mixture-of-Experts model with model.moe.top_k=1 as Mixtral is not "
+                             "supported: Mixtral weighs a lone expert 1, meshlm by its router probability "
+                             "(Qwen3-MoE, model.qk_norm=true, matches it)")
+        return "mixtral", "MixtralForCausalLM"
+    if cfg.qk_norm:
+        raise ValueError("HF export of a dense model with model.qk_norm=true is not supported (Qwen3-MoE, the "
+                         "family with q/k norms that meshlm writes, needs model.moe.n_experts > 0)")
+    return ("qwen2", "Qwen2ForCausalLM") if cfg.qkv_bias else ("llama", "LlamaForCausalLM")
+
+
+def hf_config_from(cfg: ModelConfig) -> dict:
+    """The `config.json` dict for `cfg`: model_type "qwen2" when it has q/k/v biases, "mixtral" for an MoE, and
+    "qwen3_moe" for an MoE with q/k norms, else "llama". The MoE balance loss goes out as transformers weighs it;
+    the z-loss and the dispatch are training choices transformers has no field for (it computes dropless)."""
+    model_type, architecture = _hf_family(cfg)
     out = {
-        "architectures": ["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
-        "model_type": "qwen2" if qwen else "llama",
+        "architectures": [architecture],
+        "model_type": model_type,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model,
         "intermediate_size": cfg.d_ff,
@@ -125,9 +188,16 @@ def hf_config_from(cfg: ModelConfig) -> dict:
         "dtype": cfg.param_dtype,
         "torch_dtype": cfg.param_dtype,
     }
-    if qwen:
+    if model_type in ("qwen2", "qwen3_moe"):
         out.update(use_sliding_window=False, sliding_window=None)
-    else:
+    if model_type == "mixtral":
+        out.update(sliding_window=None, num_local_experts=cfg.moe.n_experts, router_jitter_noise=0.0)
+    if model_type == "qwen3_moe":  # every layer sparse; intermediate_size (dense layers' width) is then unused
+        out.update(attention_bias=False, num_experts=cfg.moe.n_experts, moe_intermediate_size=cfg.d_ff,
+                   decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=cfg.moe.top_k > 1)
+    if cfg.moe.enabled:
+        out.update(num_experts_per_tok=cfg.moe.top_k, router_aux_loss_coef=cfg.moe.aux_loss_weight / cfg.moe.top_k)
+    if model_type == "llama":
         out.update(attention_bias=False, mlp_bias=False)
     return out
 
@@ -137,11 +207,13 @@ def hf_config_from(cfg: ModelConfig) -> dict:
 class _Tensor(NamedTuple):
     """One meshlm parameter and its HF tensor. `n_in` is how many leading meshlm axes are the input of an HF
     Linear (stored [out, in]): HF = ours.reshape(prod(in), -1).T; 0 means the same layout, None a flattened bias.
-    Per-layer tensors have "{i}" in `hf_name` and a leading layers axis on our side."""
+    Per-layer tensors have "{i}" in `hf_name` and a leading layers axis on our side; per-expert ones also "{j}"
+    and, after the layers axis, an experts axis of `n_experts`."""
 
     path: tuple[str, ...]
     hf_name: str
     n_in: int | None
+    n_experts: int = 0
 
 
 def _tensors(cfg: ModelConfig) -> list[_Tensor]:
@@ -158,15 +230,33 @@ def _tensors(cfg: ModelConfig) -> list[_Tensor]:
     ]
     if cfg.qkv_bias:
         layer += [(("attn", f"b{x}"), f"self_attn.{x}_proj.bias", None) for x in "qkv"]
+    if cfg.qk_norm:
+        layer += [(("attn", f"{x}_norm", "scale"), f"self_attn.{x}_norm.weight", 0) for x in "qk"]
+    e = cfg.moe.n_experts
+    if e:  # the dense MLP's three rows give way to the router and the experts
+        moe, gate, up, down = (("block_sparse_moe", "w1", "w3", "w2") if not cfg.qk_norm
+                               else ("mlp", "gate_proj", "up_proj", "down_proj"))
+        layer = [row for row in layer if row[0][0] != "mlp"] + [(("mlp", "router"), f"{moe}.gate.weight", 1)]
+        layer += [(("mlp", ours), f"{moe}.experts.{{j}}.{theirs}.weight", 1)
+                  for ours, theirs in (("w_gate", gate), ("w_up", up), ("w_down", down))]
     out = [_Tensor(("embed",), "model.embed_tokens.weight", 0)]
-    out += [_Tensor(("blocks", *path), "model.layers.{i}." + name, n_in) for path, name, n_in in layer]
+    out += [_Tensor(("blocks", *path), "model.layers.{i}." + name, n_in, e if "{j}" in name else 0)
+            for path, name, n_in in layer]
     out.append(_Tensor(("final_norm", "scale"), "model.norm.weight", 0))
     if not cfg.tie_embeddings:
         out.append(_Tensor(("lm_head",), "lm_head.weight", 1))
     return out
 
 
+def _stacked(t: _Tensor) -> int:
+    """How many leading meshlm axes (layers, experts) one HF tensor of `t` is a slice of."""
+    return ("{i}" in t.hf_name) + ("{j}" in t.hf_name)
+
+
 def _hf_names(t: _Tensor, n_layers: int) -> list[str]:
+    """`t`'s HF names in the order of its stacked meshlm axes (layer-major, then expert)."""
+    if "{j}" in t.hf_name:
+        return [t.hf_name.format(i=i, j=j) for i in range(n_layers) for j in range(t.n_experts)]
     return [t.hf_name.format(i=i) for i in range(n_layers)] if "{i}" in t.hf_name else [t.hf_name]
 
 
@@ -199,11 +289,12 @@ def _refuse_unexpected(unexpected: list[str], where: str, described_by: str) -> 
 
 def _abstract_model(cfg: ModelConfig, specs: list[_Tensor]) -> tuple[Transformer, nnx.State, dict, dict]:
     """The model of `cfg` in shapes only (no weights allocated), its Param state, that state's variables by path,
-    and each tensor's shape in the model (one layer's, for a stacked tensor): what the loaders fill in."""
+    and each tensor's shape in the model (one layer's or expert's, for a stacked tensor): what the loaders fill
+    in."""
     model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     state = nnx.state(model, nnx.Param)
     variables = dict(nnx.to_flat_state(state))
-    shapes = {t.path: variables[t.path].shape[1:] if "{i}" in t.hf_name else variables[t.path].shape for t in specs}
+    shapes = {t.path: variables[t.path].shape[_stacked(t):] for t in specs}
     return model, state, variables, shapes
 
 
@@ -266,7 +357,8 @@ def load_hf(directory: str | Path, dtype: str = "auto", param_dtype: str = "floa
         for t in specs:
             arrays = [_from_hf(handles[file_of[name]].get_tensor(name), t.n_in, shapes[t.path]).astype(cfg.weight_dtype)
                       for name in _hf_names(t, cfg.n_layers)]
-            variables[t.path].set_value(jnp.stack(arrays) if "{i}" in t.hf_name else arrays[0])
+            variables[t.path].set_value(jnp.stack(arrays).reshape(variables[t.path].shape) if _stacked(t)
+                                        else arrays[0])
     nnx.update(model, state)
     return model
 
@@ -283,9 +375,10 @@ def save_hf(model: Transformer, directory: str | Path) -> None:
     for t in _tensors(cfg):
         value = np.asarray(jax.device_get(params[t.path][...]))
         # The writer copies each array's raw buffer, so the transposed views must be made contiguous.
-        if "{i}" in t.hf_name:
-            for i, name in enumerate(_hf_names(t, cfg.n_layers)):
-                tensors[name] = np.ascontiguousarray(_to_hf(value[i], t.n_in))
+        if _stacked(t):
+            slices = value.reshape(-1, *value.shape[_stacked(t):])  # layer-major, then expert: as _hf_names
+            for name, one in zip(_hf_names(t, cfg.n_layers), slices, strict=True):
+                tensors[name] = np.ascontiguousarray(_to_hf(one, t.n_in))
         else:
             tensors[t.hf_name] = np.ascontiguousarray(_to_hf(value, t.n_in))
     (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
