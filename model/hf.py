@@ -6,10 +6,11 @@ Weights are read and written with the `safetensors` package (`pip install meshlm
 
 MoE checkpoints load with `dispatch="dropless"`: transformers computes every token's chosen experts, and
 capacity dispatch would drop a token past its expert's slots, so only dropless gives transformers' logits.
-The routers agree: softmax over the expert logits, the top k, renormalised to sum to 1 when k > 1 (our
-`model/moe.py`); configs whose router does otherwise are refused (Mixtral with k = 1, which weighs its one
-expert 1; Qwen3-MoE with norm_topk_prob=false and k > 1), as are Qwen3-MoE's dense layers (mlp_only_layers,
-decoder_sparse_step), which meshlm's uniform layer stack does not have.
+The routers agree: softmax over the expert logits, the top k, renormalised to sum to 1 when k > 1 and
+norm_topk_prob (Mixtral: always) (model/router.py); configs whose router does otherwise are refused (k = 1 with
+renormalisation, which weighs the one expert 1 where meshlm keeps its probability), as are Qwen3-MoE's dense
+layers (mlp_only_layers, decoder_sparse_step), which meshlm's uniform layer stack does not have, and, on export,
+DeepSeekMoE's router features (sigmoid scores, groups, shared experts, scaling).
 """
 
 from __future__ import annotations
@@ -79,17 +80,15 @@ def _moe_from_hf(hf_config: dict, model_type: str) -> MoEConfig:
         raise ValueError(f"{model_type} config has no experts (num_local_experts / num_experts "
                          f"{n_experts!r}); a Mixture-of-Experts config needs at least 1")
     top_k = _require(hf_config, "num_experts_per_tok")
-    renormalised = hf_config.get("norm_topk_prob", False) if model_type == "qwen3_moe" else True
-    if renormalised != (top_k > 1):  # model/moe.py renormalises the top-k weights exactly when k > 1
-        key, value = ("norm_topk_prob", renormalised) if top_k > 1 else ("num_experts_per_tok", top_k)
-        does = "renormalises" if renormalised else "does not renormalise"
-        raise ValueError(f"{model_type} {key}={value!r} is not supported: with num_experts_per_tok={top_k} "
-                         f"transformers {does} the chosen experts' weights, and meshlm's router renormalises them "
-                         f"exactly when num_experts_per_tok > 1")
+    renormalised = bool(hf_config.get("norm_topk_prob", False)) if model_type == "qwen3_moe" else True
+    if renormalised and top_k == 1:  # meshlm's router renormalises (norm_topk_prob) only when top_k > 1
+        field = "num_experts_per_tok=1" + (" with norm_topk_prob=true" if model_type == "qwen3_moe" else "")
+        raise ValueError(f"{model_type} {field} is not supported: transformers then weighs the one chosen expert "
+                         f"1, meshlm's router by its probability (which keeps the router learning)")
     # transformers' aux loss is E * sum over the k choices and experts of f_{k,e} * P_e: k times model/moe.py's.
     coef = float(hf_config.get("router_aux_loss_coef", 0.0))
     return MoEConfig(n_experts=n_experts, top_k=top_k, dispatch="dropless", aux_loss_weight=coef * top_k,
-                     z_loss_weight=0.0)
+                     z_loss_weight=0.0, norm_topk_prob=renormalised or top_k == 1)
 
 
 def config_from_hf(hf_config: dict) -> ModelConfig:
@@ -145,16 +144,23 @@ def _hf_family(cfg: ModelConfig) -> tuple[str, str]:
     if cfg.qk_norm and cfg.qkv_bias:
         raise ValueError("HF export of model.qk_norm=true with model.qkv_bias=true is not supported: no exported "
                          "family has both (Qwen3-MoE has q/k norms and no biases, Qwen2 the reverse)")
-    if cfg.moe.enabled:
+    moe = cfg.moe
+    if moe.enabled:
+        for name, plain in (("router", "softmax"), ("n_shared_experts", 0), ("n_group", 1),
+                            ("routed_scaling_factor", 1.0)):
+            if getattr(moe, name) != plain:
+                raise ValueError(f"HF export of model.moe.{name}={getattr(moe, name)!r} is not supported: Mixtral "
+                                 f"and Qwen3-MoE have a plain softmax router ({name}={plain!r})")
         if cfg.qkv_bias:
             raise ValueError("HF export of a Mixture-of-Experts model with model.qkv_bias=true is not supported: "
                              "Mixtral and Qwen3-MoE have no q/k/v biases")
         if cfg.qk_norm:
             return "qwen3_moe", "Qwen3MoeForCausalLM"
-        if cfg.moe.top_k == 1:
-            raise ValueError("HF export of a Mixture-of-Experts model with model.moe.top_k=1 as Mixtral is not "
-                             "supported: Mixtral weighs a lone expert 1, meshlm by its router probability "
-                             "(Qwen3-MoE, model.qk_norm=true, matches it)")
+        if moe.top_k == 1 or not moe.norm_topk_prob:
+            field = "top_k=1" if moe.top_k == 1 else "norm_topk_prob=false"
+            raise ValueError(f"HF export of model.moe.{field} as Mixtral is not supported: Mixtral renormalises "
+                             f"the chosen experts' weights, a lone expert's to 1 (Qwen3-MoE, model.qk_norm=true, "
+                             f"matches it)")
         return "mixtral", "MixtralForCausalLM"
     if cfg.qk_norm:
         raise ValueError("HF export of a dense model with model.qk_norm=true is not supported (Qwen3-MoE, the "
@@ -194,7 +200,8 @@ def hf_config_from(cfg: ModelConfig) -> dict:
         out.update(sliding_window=None, num_local_experts=cfg.moe.n_experts, router_jitter_noise=0.0)
     if model_type == "qwen3_moe":  # every layer sparse; intermediate_size (dense layers' width) is then unused
         out.update(attention_bias=False, num_experts=cfg.moe.n_experts, moe_intermediate_size=cfg.d_ff,
-                   decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=cfg.moe.top_k > 1)
+                   decoder_sparse_step=1, mlp_only_layers=[],
+                   norm_topk_prob=cfg.moe.norm_topk_prob and cfg.moe.top_k > 1)
     if cfg.moe.enabled:
         out.update(num_experts_per_tok=cfg.moe.top_k, router_aux_loss_coef=cfg.moe.aux_loss_weight / cfg.moe.top_k)
     if model_type == "llama":

@@ -74,21 +74,24 @@ def _param_count(model: Transformer) -> int:
 @pytest.mark.parametrize("family,changes", [
     ("mixtral", {}), ("qwen3_moe", {}),
     ("qwen3_moe", {"num_experts_per_tok": 1, "norm_topk_prob": False}),  # one expert weighed by its probability
-], ids=["mixtral", "qwen3_moe", "qwen3_moe-top1"])
+    ("qwen3_moe", {"norm_topk_prob": False}),  # two, by their probabilities
+], ids=["mixtral", "qwen3_moe", "qwen3_moe-top1", "qwen3_moe-unnormalised"])
 def test_load_hf_moe_matches_transformers(tmp_path, family, changes):
     hf_model = _hf_model(family, **changes)
     hf_model.save_pretrained(tmp_path)
     model = load_hf(tmp_path, dtype="float32")
     moe = model.cfg.moe
     assert (moe.n_experts, moe.top_k, moe.dispatch) == (8, changes.get("num_experts_per_tok", 2), "dropless")
+    assert moe.norm_topk_prob == changes.get("norm_topk_prob", True) or moe.top_k == 1
     assert model.cfg.qk_norm == (family == "qwen3_moe") and model.cfg.d_ff == 32
     _assert_logits_close(np.asarray(model(jnp.asarray(TOKENS))), _torch_logits(hf_model, TOKENS))
 
 
-def _meshlm_moe(qk_norm: bool, top_k: int = 2) -> Transformer:
+def _meshlm_moe(qk_norm: bool, top_k: int = 2, norm_topk_prob: bool = True) -> Transformer:
     """A small meshlm MoE model with its norm scales and routers perturbed (they start at one and at 0.02)."""
     cfg = get_preset("tiny").replace(dtype="float32", tie_embeddings=False, qk_norm=qk_norm, d_ff=48,
                                      moe=MoEConfig(n_experts=4, top_k=top_k, dispatch="dropless",
+                                                   norm_topk_prob=norm_topk_prob,
                                                    z_loss_weight=0.0))  # transformers has no z-loss
     model = create_model(cfg, seed=3)
     rng = np.random.default_rng(1)
@@ -100,12 +103,13 @@ def _meshlm_moe(qk_norm: bool, top_k: int = 2) -> Transformer:
     return model
 
 
-@pytest.mark.parametrize("qk_norm,top_k,architecture", [
-    (False, 2, "MixtralForCausalLM"), (True, 2, "Qwen3MoeForCausalLM"), (True, 1, "Qwen3MoeForCausalLM"),
-], ids=["mixtral", "qwen3_moe", "qwen3_moe-top1"])
-def test_save_hf_moe_loads_in_transformers(tmp_path, qk_norm, top_k, architecture):
+@pytest.mark.parametrize("qk_norm,top_k,norm_topk_prob,architecture", [
+    (False, 2, True, "MixtralForCausalLM"), (True, 2, True, "Qwen3MoeForCausalLM"),
+    (True, 1, True, "Qwen3MoeForCausalLM"), (True, 2, False, "Qwen3MoeForCausalLM"),
+], ids=["mixtral", "qwen3_moe", "qwen3_moe-top1", "qwen3_moe-unnormalised"])
+def test_save_hf_moe_loads_in_transformers(tmp_path, qk_norm, top_k, norm_topk_prob, architecture):
     transformers = pytest.importorskip("transformers")
-    model = _meshlm_moe(qk_norm, top_k)
+    model = _meshlm_moe(qk_norm, top_k, norm_topk_prob)
     save_hf(model, tmp_path)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager",
                                                                  experts_implementation="eager").eval()
@@ -133,11 +137,12 @@ def test_param_count_equals_transformers(family):
     assert _param_count(model) == sum(p.numel() for p in hf_model.parameters())
 
 
-@pytest.mark.parametrize("qk_norm", [False, True], ids=["mixtral", "qwen3_moe"])
-def test_moe_config_round_trip(qk_norm):
+@pytest.mark.parametrize("qk_norm,norm_topk_prob", [(False, True), (True, True), (True, False)],
+                         ids=["mixtral", "qwen3_moe", "qwen3_moe-unnormalised"])
+def test_moe_config_round_trip(qk_norm, norm_topk_prob):
     cfg = get_preset("tiny").replace(qk_norm=qk_norm, tie_embeddings=False, norm_eps=1e-6, rope_theta=1e6,
                                      moe=MoEConfig(n_experts=8, top_k=2, dispatch="dropless", aux_loss_weight=0.04,
-                                                   z_loss_weight=0.0))
+                                                   z_loss_weight=0.0, norm_topk_prob=norm_topk_prob))
     hf_config = hf_config_from(cfg)
     assert hf_config["model_type"] == ("qwen3_moe" if qk_norm else "mixtral")
     assert hf_config["router_aux_loss_coef"] == 0.02  # transformers' loss is top_k times model/moe.py's
@@ -173,8 +178,7 @@ def test_moe_config_from_hf_fields():
     (MIXTRAL, {"num_experts_per_tok": 9}, "top_k must be between 1 and model.moe.n_experts"),
     (MIXTRAL, {"hidden_act": "gelu"}, "hidden_act 'gelu'"),
     (MIXTRAL, {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "rope_type 'yarn'"),
-    (QWEN3_MOE, {"norm_topk_prob": False}, "qwen3_moe norm_topk_prob=False"),
-    (QWEN3_MOE, {"num_experts_per_tok": 1}, "qwen3_moe num_experts_per_tok=1"),
+    (QWEN3_MOE, {"num_experts_per_tok": 1}, "qwen3_moe num_experts_per_tok=1 with norm_topk_prob=true"),
     (QWEN3_MOE, {"mlp_only_layers": [0]}, r"qwen3_moe mlp_only_layers=\[0\]"),
     (QWEN3_MOE, {"decoder_sparse_step": 2}, "qwen3_moe decoder_sparse_step=2"),
     (QWEN3_MOE, {"use_sliding_window": True}, "qwen3_moe use_sliding_window"),
@@ -190,8 +194,15 @@ def test_moe_config_from_hf_rejects(base, changes, match):
     ({"qkv_bias": True}, r"Mixture-of-Experts model with model.qkv_bias=true"),
     ({"qkv_bias": True, "qk_norm": True}, r"model.qk_norm=true with model.qkv_bias=true"),
     ({"moe": MoEConfig(n_experts=4, top_k=1)}, r"model.moe.top_k=1 as Mixtral"),
+    ({"moe": MoEConfig(n_experts=4, norm_topk_prob=False)}, r"model.moe.norm_topk_prob=false as Mixtral"),
     ({"qk_norm": True, "moe": MoEConfig()}, r"dense model with model.qk_norm=true"),
-], ids=["moe-qkv-bias", "qk-norm-and-bias", "mixtral-top1", "dense-qk-norm"])
+    ({"moe": MoEConfig(n_experts=4, router="sigmoid")}, r"model.moe.router='sigmoid'"),
+    ({"moe": MoEConfig(n_experts=4, n_shared_experts=1)}, r"model.moe.n_shared_experts=1"),
+    ({"moe": MoEConfig(n_experts=4, n_group=2)}, r"model.moe.n_group=2"),
+    ({"qk_norm": True, "moe": MoEConfig(n_experts=4, routed_scaling_factor=2.5)},
+     r"model.moe.routed_scaling_factor=2.5"),
+], ids=["moe-qkv-bias", "qk-norm-and-bias", "mixtral-top1", "mixtral-unnormalised", "dense-qk-norm",
+        "sigmoid-router", "shared-experts", "expert-groups", "routed-scaling"])
 def test_save_hf_refuses_what_no_family_describes(tmp_path, changes, match):
     cfg = dataclasses.replace(get_preset("tiny"), moe=MoEConfig(n_experts=4)).replace(**changes)
     with pytest.raises(ValueError, match=match):
