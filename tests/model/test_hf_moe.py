@@ -137,6 +137,36 @@ def test_param_count_equals_transformers(family):
     assert _param_count(model) == sum(p.numel() for p in hf_model.parameters())
 
 
+# The published config.json of mistralai/Mixtral-8x7B-v0.1 and Qwen/Qwen3-30B-A3B (fields that matter here).
+PUBLISHED = {
+    "Mixtral-8x7B": {"model_type": "mixtral", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
+                     "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                     "num_local_experts": 8, "num_experts_per_tok": 2, "max_position_embeddings": 32768,
+                     "rope_theta": 1e6, "rms_norm_eps": 1e-5, "sliding_window": None, "tie_word_embeddings": False,
+                     "router_aux_loss_coef": 0.02},
+    "Qwen3-30B-A3B": {"model_type": "qwen3_moe", "vocab_size": 151936, "hidden_size": 2048,
+                      "intermediate_size": 6144, "moe_intermediate_size": 768, "num_hidden_layers": 48,
+                      "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128,
+                      "num_experts_per_tok": 8, "norm_topk_prob": True, "rope_theta": 1e6,
+                      "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+                      "decoder_sparse_step": 1, "mlp_only_layers": [], "use_sliding_window": False,
+                      "sliding_window": None, "max_window_layers": 48},
+}
+
+
+@pytest.mark.parametrize("name,billions", [("Mixtral-8x7B", 46.7), ("Qwen3-30B-A3B", 30.5)])
+def test_param_count_of_published_configs(name, billions):
+    """Shapes only on both sides (transformers on the meta device, meshlm under eval_shape)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.AutoConfig.for_model(**PUBLISHED[name])
+    with torch.device("meta"):
+        hf_count = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(config).parameters())
+    cfg = config_from_hf(PUBLISHED[name])
+    assert _param_count(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))) == hf_count
+    assert round(hf_count / 1e9, 1) == billions
+
+
 @pytest.mark.parametrize("qk_norm,norm_topk_prob", [(False, True), (True, True), (True, False)],
                          ids=["mixtral", "qwen3_moe", "qwen3_moe-unnormalised"])
 def test_moe_config_round_trip(qk_norm, norm_topk_prob):
