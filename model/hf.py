@@ -171,7 +171,8 @@ def _hf_family(cfg: ModelConfig) -> tuple[str, str]:
 def hf_config_from(cfg: ModelConfig) -> dict:
     """The `config.json` dict for `cfg`: model_type "qwen2" when it has q/k/v biases, "mixtral" for an MoE, and
     "qwen3_moe" for an MoE with q/k norms, else "llama". The MoE balance loss goes out as transformers weighs it;
-    the z-loss and the dispatch are training choices transformers has no field for (it computes dropless)."""
+    the z-loss, the sequence-wise balance loss and the dispatch are training choices transformers has no field
+    for (it computes dropless), so a capacity-dispatch model comes back from `load_hf` dropless."""
     model_type, architecture = _hf_family(cfg)
     out = {
         "architectures": [architecture],
