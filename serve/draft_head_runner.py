@@ -17,7 +17,6 @@ real ones.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import partial
 from typing import TYPE_CHECKING
 
 import jax
@@ -25,7 +24,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model.draft_head import DraftHead, check_compatible
-from serve.draft_model import catch_up_batch, decode_inputs, positions_of, sample_draft, shared_compiled
+from serve.compiled import shared_compiled
+from serve.draft_model import catch_up_batch, decode_inputs, positions_of, sample_draft
 from serve.forward import StepGraph
 from serve.kv_cache import CacheShape, KVCache, init_cache, write_pages
 from serve.ragged_attention import ragged_paged_attention
@@ -106,9 +106,8 @@ class HeadRunner:
         self.pool = init_cache(CacheShape(1, cfg.n_kv_heads, cfg.head_dim, ps, num_pages, dtype))
         engine.cache = engine.cache._replace(features=jnp.zeros((1, num_pages, ps, engine.model_cfg.d_model), dtype))
         self.layout = engine.layout
-        self._catch_up = shared_compiled(partial(_catch_up, self.head_graph, engine.graph, engine.decode_impl))
-        self._draft_k = shared_compiled(partial(_draft_k, self.head_graph, engine.graph, engine.decode_impl, ps,
-                                                num_tokens))
+        self._catch_up = shared_compiled(_catch_up, self.head_graph, engine.graph, engine.decode_impl)
+        self._draft_k = shared_compiled(_draft_k, self.head_graph, engine.graph, engine.decode_impl, ps, num_tokens)
 
     def draft(self, decodes: Sequence[ScheduledChunk], inputs: StepInputs) -> tuple[jax.Array, jax.Array]:
         """Draft k tokens for each decode row of the target's step `inputs` (rows in `decodes` order, padded to its

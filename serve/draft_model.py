@@ -15,9 +15,7 @@ num_computed)` leaves them out.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
-from functools import partial
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import jax
@@ -25,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from model.kernels.triton import triton_deprecation_ignored
 from model.transformer import for_inference
+from serve.compiled import shared_compiled
 from serve.forward import StepGraph, StepParams, model_step, split_for_serving
 from serve.kv_cache import CacheShape, KVCache, init_cache
 from serve.sampling import filtered_logits, row_key
@@ -38,11 +36,12 @@ if TYPE_CHECKING:
 
 
 def sample_draft(logits_BxV: jax.Array, seeds_B: jax.Array, counters_B: jax.Array, temperature_B: jax.Array,
-            top_k_B: jax.Array, top_p_B: jax.Array, min_p_B: jax.Array, j: jax.Array | int
-            ) -> tuple[jax.Array, jax.Array]:
+                 top_k_B: jax.Array, top_p_B: jax.Array, min_p_B: jax.Array, j: jax.Array | int
+                 ) -> tuple[jax.Array, jax.Array]:
     """Draft token j of each row and its draft distribution q [B, V] (the row's own filtered distribution; greedy
     rows take the argmax, their q is unused). The key is the row's draw key folded with 1 + j, apart from the ones
-    verification uses."""
+    verification uses. An all-greedy batch skips the filtering's sort of the vocabulary (as `sample_rows` does);
+    its q is zeros, which verification's greedy rule never reads."""
     def one(logits_V: jax.Array, seed: jax.Array, counter: jax.Array, temperature: jax.Array, top_k: jax.Array,
             top_p: jax.Array, min_p: jax.Array) -> tuple[jax.Array, jax.Array]:
         filtered_V = filtered_logits(logits_V, temperature, top_k, top_p, min_p)
@@ -50,7 +49,14 @@ def sample_draft(logits_BxV: jax.Array, seeds_B: jax.Array, counters_B: jax.Arra
         token = jnp.where(temperature == 0, jnp.argmax(logits_V), drawn).astype(jnp.int32)
         return token, jax.nn.softmax(filtered_V)
 
-    return jax.vmap(one)(logits_BxV, seeds_B, counters_B, temperature_B, top_k_B, top_p_B, min_p_B)
+    def drawn() -> tuple[jax.Array, jax.Array]:
+        return jax.vmap(one)(logits_BxV, seeds_B, counters_B, temperature_B, top_k_B, top_p_B, min_p_B)
+
+    def greedy() -> tuple[jax.Array, jax.Array]:
+        return (jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32),
+                jnp.zeros(logits_BxV.shape, jnp.float32))
+
+    return jax.lax.cond(jnp.any(temperature_B != 0), drawn, greedy)
 
 
 def decode_inputs(token_B: jax.Array, pos_B: jax.Array, tables_BxW: jax.Array, page_size: int) -> StepInputs:
@@ -145,8 +151,8 @@ class DraftRunner:
         ps = engine.cfg.page_size
         self.cache = init_cache(CacheShape.for_model(model.cfg, ps, engine.cache_shape.num_pages))
         self.layout = engine.layout
-        self._catch_up = shared_compiled(partial(_catch_up, self.graph, engine.decode_impl))
-        self._draft_k = shared_compiled(partial(_draft_k, self.graph, engine.decode_impl, ps, num_tokens))
+        self._catch_up = shared_compiled(_catch_up, self.graph, engine.decode_impl)
+        self._draft_k = shared_compiled(_draft_k, self.graph, engine.decode_impl, ps, num_tokens)
 
     def draft(self, decodes: Sequence[ScheduledChunk], inputs: StepInputs) -> tuple[jax.Array, jax.Array]:
         """Draft k tokens for each decode row of the target's step `inputs` (rows in `decodes` order, padded to its
@@ -167,46 +173,3 @@ class DraftRunner:
     def compile_count(self) -> int:
         """Shapes compiled for this draft model structure (catch-up and drafting)."""
         return self._catch_up.count + self._draft_k.count
-
-
-class _Compiled:
-    """A function compiled ahead of time once per shape of its arguments (the weights' included), the cache
-    donated (argument 1): the catch-up's shapes follow the ragged step's buckets, the drafting's (Bd, W)."""
-
-    def __init__(self, fn: Callable):
-        self._jitted = jax.jit(fn, donate_argnums=(1,))
-        self._compiled: dict[tuple, Callable] = {}
-        self.compile_s = 0.0
-        self._weights: tuple[object, tuple] = (None, ())  # the last weights seen and their shapes
-
-    def _shapes(self, tree: object) -> tuple:
-        return tuple((a.shape, a.dtype) for a in jax.tree.leaves(tree))
-
-    def __call__(self, *args: object) -> tuple:
-        if args[0] is not self._weights[0]:  # the weights' many leaves are read once, not every call
-            self._weights = (args[0], self._shapes(args[0]))
-        key = self._weights[1] + self._shapes(args[1:])
-        fn = self._compiled.get(key)
-        if fn is None:
-            start = time.perf_counter()
-            with triton_deprecation_ignored():
-                fn = self._jitted.lower(*args).compile()
-            self.compile_s += time.perf_counter() - start
-            self._compiled[key] = fn
-        return fn(*args)
-
-    @property
-    def count(self) -> int:
-        return len(self._compiled)
-
-
-_COMPILED: dict[tuple, _Compiled] = {}
-
-
-def shared_compiled(fn: partial) -> _Compiled:
-    """The shared `_Compiled` of this function and static arguments (every engine with the same draft model
-    structure reuses the executables)."""
-    key = (fn.func, *fn.args)
-    if key not in _COMPILED:
-        _COMPILED[key] = _Compiled(fn)
-    return _COMPILED[key]

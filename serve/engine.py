@@ -23,13 +23,11 @@ speculate, from the tokens/s each mode has reached at this batch size.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import math
 import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -38,10 +36,10 @@ from flax import nnx
 
 from model.checks import check_bool, check_ints, check_one_of
 from model.config import ModelConfig
-from model.kernels.triton import triton_deprecation_ignored
 from model.transformer import for_inference
 from serve import request_checks
 from serve.block_allocator import BlockAllocator
+from serve.compiled import CompiledPerShape, shared_compiled
 from serve.forward import (
     LAYER_LOOPS,
     StepGraph,
@@ -53,7 +51,7 @@ from serve.forward import (
 from serve.kv_cache import CacheShape, KVCache, init_cache, pages_for_budget
 from serve.ngram import NgramConfig, propose_ngram
 from serve.ragged_attention import DECODE_IMPLS, resolve_decode_impl
-from serve.request import PENDING, Completion, Request, RequestState, SamplingParams
+from serve.request import PENDING, Completion, Request, RequestState, SamplingParams, rejected
 from serve.request_checks import RequestError
 from serve.sampling import sample_rows, token_logprobs
 from serve.scheduler import Schedule, ScheduledChunk, Scheduler, SchedulerConfig
@@ -124,7 +122,7 @@ class ServeConfig:
 
 def _device_step(graph: StepGraph, decode_impl: str, params: StepParams, cache: KVCache,
                  prev_tokens: jax.Array, inputs: StepInputs, sampling: SamplingInputs,
-                 draft: tuple[jax.Array, jax.Array] | None = None
+                 draft: tuple[jax.Array, jax.Array] | None
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array], KVCache, jax.Array]:
     """The model step and the sampler. Tokens marked `from_prev_T` >= 0 are the previous step's sampled tokens
     (`prev_tokens`, that step's output padded to a fixed length), which the host has not read yet. Decode rows with
@@ -161,55 +159,12 @@ def _device_step(graph: StepGraph, decode_impl: str, params: StepParams, cache: 
     return tokens_Rs, logprobs, cache, jnp.zeros_like(prev_tokens).at[:Rs].set(tokens_Rs[:Rs])
 
 
-class CompiledSteps:
-    """The device step of one model structure, compiled ahead of time once per step shape and shared by every
-    engine serving that structure (a benchmark's baseline, a restarted server, the next test reuse the first
-    one's executables). Counts the shapes and the seconds spent tracing and compiling them."""
-
-    def __init__(self, graph: StepGraph, decode_impl: str):
-        self._jitted = jax.jit(partial(_device_step, graph, decode_impl), donate_argnums=(1, 2))
-        self._compiled: dict[tuple, Callable] = {}
-        self.compile_s = 0.0
-
-    @staticmethod
-    def _key(params: StepParams, cache: KVCache, prev_tokens: jax.Array, inputs: StepInputs,
-             draft: tuple | None = None) -> tuple:
-        return tuple(a.shape for a in inputs) + (cache.k.shape, str(cache.k.dtype), prev_tokens.shape,
-                                                 isinstance(params.blocks, tuple), draft is not None,
-                                                 cache.features is not None)
-
-    def compiled(self, params: StepParams, cache: KVCache, prev_tokens: jax.Array, inputs: StepInputs,
-                 draft: tuple | None = None) -> bool:
-        """Whether the step for these shapes is compiled already."""
-        return self._key(params, cache, prev_tokens, inputs, draft) in self._compiled
-
-    def __call__(self, params: StepParams, cache: KVCache, prev_tokens: jax.Array, inputs: StepInputs,
-                 sampling: SamplingInputs, draft: tuple | None = None) -> tuple[jax.Array, tuple, KVCache, jax.Array]:
-        key = self._key(params, cache, prev_tokens, inputs, draft)
-        fn = self._compiled.get(key)
-        if fn is None:
-            start = time.perf_counter()
-            with triton_deprecation_ignored():
-                fn = self._jitted.lower(params, cache, prev_tokens, inputs, sampling, draft).compile()
-            self.compile_s += time.perf_counter() - start
-            self._compiled[key] = fn
-        return fn(params, cache, prev_tokens, inputs, sampling, draft)
-
-    def cost(self, params: StepParams, cache: KVCache, prev_tokens: jax.Array, inputs: StepInputs,
-             sampling: SamplingInputs) -> dict:
-        """XLA's cost analysis (flops, bytes accessed) of the step for these inputs' shapes."""
-        with triton_deprecation_ignored():
-            return self._jitted.lower(params, cache, prev_tokens, inputs, sampling).compile().cost_analysis()
-
-    @property
-    def count(self) -> int:
-        return len(self._compiled)
-
-
-@functools.cache
-def compiled_steps(graph: StepGraph, decode_impl: str) -> CompiledSteps:
-    """The shared `CompiledSteps` of this model structure and decode implementation."""
-    return CompiledSteps(graph, decode_impl)
+def compiled_steps(graph: StepGraph, decode_impl: str) -> CompiledPerShape:
+    """The engine step of this model structure and decode implementation, compiled once per step shape and shared
+    by every engine serving that structure (serve/compiled.py); the cache and the previous tokens are donated.
+    Callers pass every argument, `draft` too (None without a draft model): the shapes of what is passed are the
+    key."""
+    return shared_compiled(_device_step, graph, decode_impl, donate=(1, 2))
 
 
 @dataclasses.dataclass
@@ -436,7 +391,7 @@ class Engine:
         schedule = self.scheduler.schedule(lookahead)
         built = self._build(schedule) if schedule.chunks else None
         if built and self._in_flight and not self._steps.compiled(built[0], self.cache, self._prev_tokens,
-                                                                 built[1], built[4]):
+                                                                 *built[1:3], built[4]):
             events += self._read_back(self._in_flight)  # the tokens in flight do not wait for a compile
             self._in_flight = None
         launched = self._launch(*built) if built else None
@@ -605,7 +560,7 @@ class Engine:
         for bd, nt, w in self.step_shapes():
             if w <= widest:
                 _, _, self.cache, self._prev_tokens = self._steps(self.params, self.cache, self._prev_tokens,
-                                                               *self._padding(bd, nt, w))
+                                                               *self._padding(bd, nt, w), None)
         return self.compile_count
 
     def _padding(self, bd: int, nt: int, w: int) -> tuple[StepInputs, SamplingInputs]:
@@ -621,7 +576,7 @@ class Engine:
         """XLA's cost analysis (flops, bytes accessed, ...) of the last step this engine ran."""
         if self.last_step is None:
             raise ValueError("no step has run yet")
-        return self._steps.cost(self._last_params, self.cache, self._prev_tokens, *self.last_step)
+        return self._steps.cost(self._last_params, self.cache, self._prev_tokens, *self.last_step, None)
 
     @property
     def compile_count(self) -> int:
@@ -656,9 +611,7 @@ class Engine:
                                          arrival_s=start + (arrivals_s[i] if arrivals_s else 0.0))
                     results[i] = self.completions[ids[i]]
                 except RequestError as e:
-                    prompt = getattr(requests[i], "prompt_ids", None)
-                    results[i] = Completion(e.request_id, list(prompt) if isinstance(prompt, (list, tuple)) else [],
-                                            finish_reason="error", error=str(e))
+                    results[i] = rejected(e, requests[i])
                     if on_finish:
                         on_finish(results[i])
             if self.has_unfinished:

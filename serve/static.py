@@ -24,7 +24,7 @@ from serve.forward import LAYER_LOOPS, split_for_serving, unstacked
 from serve.kv_cache import CacheShape, init_cache
 from serve.ragged_attention import resolve_decode_impl
 from serve.request import RequestState
-from serve.step_batch import Row, SamplingInputs, StepInputs, StepLayout, bucket, build_step
+from serve.step_batch import Row, StepLayout, bucket, build_step
 
 
 class StaticBatcher:
@@ -101,9 +101,8 @@ class StaticBatcher:
         prefills = [row(i, list(r.prompt_ids), 0) for i, r in enumerate(requests)]
         while True:
             inputs, sampling, slots_of = build_step(decodes, prefills, self.layout)
-            new, _, self.cache, self._prev_tokens = self._steps(
-                self.params, self.cache, self._prev_tokens, StepInputs(*map(jnp.asarray, inputs)),
-                SamplingInputs(*map(jnp.asarray, sampling)))
+            new, _, self.cache, self._prev_tokens = self._steps(self.params, self.cache, self._prev_tokens, inputs,
+                                                                sampling, None)
             new, now = np.asarray(new), time.perf_counter()
             last_tokens = []
             for i, r in enumerate(requests):
