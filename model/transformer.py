@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,14 +25,15 @@ from model.loss import cross_entropy, linear_cross_entropy
 from model.moe import MoE
 
 Attend = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # (q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh) -> out_BxTxHxDh
-StageFn = Callable[[nnx.State, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
-# (some of the stacked layers' state [L', ...], x_BxTxD, positions_BxT) -> (x_BxTxD, their router losses summed)
-LayerStack = Callable[[StageFn, nnx.State, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
-# (stage, the stacked layers' state [L, ...], x_BxTxD, positions_BxT) -> (x_BxTxD, router loss summed over layers)
+LayerAux = tuple[jax.Array, jax.Array]  # (router losses summed over layers [], each layer's expert load [L', E])
+StageFn = Callable[[nnx.State, jax.Array, jax.Array], tuple[jax.Array, LayerAux]]
+# (some of the stacked layers' state [L', ...], x_BxTxD, positions_BxT) -> (x_BxTxD, their LayerAux)
+LayerStack = Callable[[StageFn, nnx.State, jax.Array, jax.Array], tuple[jax.Array, LayerAux]]
+# (stage, the stacked layers' state [L, ...], x_BxTxD, positions_BxT) -> (x_BxTxD, LayerAux of all L layers)
 
 
 def layers_in_turn(stage: StageFn, stacked: nnx.State, x_BxTxD: jax.Array, positions_BxT: jax.Array
-                   ) -> tuple[jax.Array, jax.Array]:
+                   ) -> tuple[jax.Array, LayerAux]:
     """The default `LayerStack`: every layer in turn on this device (one stage holding them all)."""
     return stage(stacked, x_BxTxD, positions_BxT)
 
@@ -100,14 +102,15 @@ class Block(nnx.Module):
         self.mlp = MoE(cfg, rngs) if cfg.moe.enabled else MLP(cfg, rngs)
 
     def __call__(self, x_BxTxD: jax.Array, cos: jax.Array, sin: jax.Array, attend: Attend | None = None
-                 ) -> tuple[jax.Array, jax.Array]:
-        """(the block's output, its weighted MoE router loss: 0 for a dense block)."""
+                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """(the block's output, (its weighted MoE router loss, its experts' load [E]): 0 and [] when dense)."""
         x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), cos, sin, attend)
         if isinstance(self.mlp, MoE):
-            y_BxTxD, router_loss = self.mlp(self.mlp_norm(x_BxTxD))
+            y_BxTxD, router_loss, load_E = self.mlp.with_load(self.mlp_norm(x_BxTxD))
         else:
-            y_BxTxD, router_loss = self.mlp(self.mlp_norm(x_BxTxD)), jnp.zeros((), jnp.float32)
-        return axes.constrain(x_BxTxD + y_BxTxD, (axes.BATCH, axes.LENGTH, axes.EMBED)), router_loss
+            y_BxTxD = self.mlp(self.mlp_norm(x_BxTxD))
+            router_loss, load_E = jnp.zeros((), jnp.float32), jnp.zeros((0,), jnp.float32)
+        return axes.constrain(x_BxTxD + y_BxTxD, (axes.BATCH, axes.LENGTH, axes.EMBED)), (router_loss, load_E)
 
 
 class Transformer(nnx.Module):
@@ -165,6 +168,12 @@ class Transformer(nnx.Module):
     def hidden_and_router_loss(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None
                                ) -> tuple[jax.Array, jax.Array]:
         """`hidden`, and the MoE router loss averaged over layers (0 for a dense model)."""
+        return self.hidden_and_router_stats(tokens_BxT, positions_BxT)[:2]
+
+    def hidden_and_router_stats(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None
+                                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """`hidden_and_router_loss`, and each layer's expert load [L, E] (the fraction of its routed assignments
+        each expert took; [L, 0] for a dense model)."""
         cfg = self.cfg
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
@@ -172,21 +181,22 @@ class Transformer(nnx.Module):
         graphdef, stacked = nnx.split(self.blocks)
 
         def stage(layers_state: nnx.State, x_BxTxD: jax.Array, positions_BxT: jax.Array
-                  ) -> tuple[jax.Array, jax.Array]:
+                  ) -> tuple[jax.Array, LayerAux]:
             layer = self._layer_fn(graphdef, positions_BxT)
-            x_BxTxD, router_losses = _run_layers(layer, x_BxTxD, layers_state, cfg.scan_layers)
-            return x_BxTxD, jnp.sum(router_losses)
+            x_BxTxD, (router_losses, loads_LxE) = _run_layers(layer, x_BxTxD, layers_state, cfg.scan_layers)
+            return x_BxTxD, (jnp.sum(router_losses), loads_LxE)
 
-        x_BxTxD, router_loss_sum = (self.layer_stack or layers_in_turn)(stage, stacked, x_BxTxD, positions_BxT)
-        return x_BxTxD, router_loss_sum / cfg.n_layers
+        x_BxTxD, (router_loss_sum, load_LxE) = (self.layer_stack or layers_in_turn)(stage, stacked, x_BxTxD,
+                                                                                     positions_BxT)
+        return x_BxTxD, router_loss_sum / cfg.n_layers, load_LxE
 
     def _layer_fn(self, graphdef: nnx.GraphDef, positions_BxT: jax.Array) -> Callable:
-        """`layer(x, layer_state) -> (x, router loss)` for one block at these positions, rematerialised per
-        `remat`: the step `_run_layers` applies over the stacked layers."""
+        """`layer(x, layer_state) -> (x, (router loss, expert load))` for one block at these positions,
+        rematerialised per `remat`: the step `_run_layers` applies over the stacked layers."""
         cfg = self.cfg
         cos, sin = rope_tables(positions_BxT, cfg.head_dim, cfg.rope_theta)
 
-        def layer(x_BxTxD: jax.Array, layer_state: nnx.State) -> tuple[jax.Array, jax.Array]:
+        def layer(x_BxTxD: jax.Array, layer_state: nnx.State) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
             return nnx.merge(graphdef, layer_state)(x_BxTxD, cos, sin, self.attend)
 
         if cfg.remat != "none":
@@ -203,17 +213,24 @@ class Transformer(nnx.Module):
 
     def losses(self, tokens_BxT: jax.Array, targets_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(`loss`, the MoE router loss averaged over layers): training minimises their sum."""
+        return self.losses_and_load(tokens_BxT, targets_BxT)[:2]
+
+    def losses_and_load(self, tokens_BxT: jax.Array, targets_BxT: jax.Array
+                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """`losses`, and each layer's expert load [L, E] (see `hidden_and_router_stats`)."""
         cfg = self.cfg
-        x_BxTxD, router_loss = self.hidden_and_router_loss(tokens_BxT)
+        x_BxTxD, router_loss, load_LxE = self.hidden_and_router_stats(tokens_BxT)
         if not cfg.loss_chunks:
-            return cross_entropy(self.logits(x_BxTxD), targets_BxT), router_loss
+            return cross_entropy(self.logits(x_BxTxD), targets_BxT), router_loss, load_LxE
         grad_dtype = cfg.compute_dtype if cfg.logits_grad_dtype == "compute" else jnp.float32
         x_BxTxD = self.final_norm(x_BxTxD)
-        return linear_cross_entropy(x_BxTxD, self.head(), targets_BxT, cfg.loss_chunks, grad_dtype), router_loss
+        loss = linear_cross_entropy(x_BxTxD, self.head(), targets_BxT, cfg.loss_chunks, grad_dtype)
+        return loss, router_loss, load_LxE
 
 
-def _run_layers(layer: Callable, x_BxTxD: jax.Array, stacked: nnx.State, scan: bool) -> tuple[jax.Array, jax.Array]:
-    """Apply `layer(x, layer_state) -> (x, aux)` over the stacked layers' leading axis: (x, aux per layer)."""
+def _run_layers(layer: Callable, x_BxTxD: jax.Array, stacked: nnx.State, scan: bool) -> tuple[jax.Array, Any]:
+    """Apply `layer(x, layer_state) -> (x, aux)` over the stacked layers' leading axis: (x, aux per layer), every
+    leaf of the aux pytree stacked on a leading layers axis."""
     if scan:
         return jax.lax.scan(layer, x_BxTxD, stacked)
     # One split per weight, not a slice per layer: the transpose of a split is a single concatenate, while each
@@ -226,7 +243,7 @@ def _run_layers(layer: Callable, x_BxTxD: jax.Array, stacked: nnx.State, scan: b
     for i in range(n_layers):
         x_BxTxD, aux_i = layer(x_BxTxD, jax.tree.unflatten(treedef, [parts[i] for parts in split]))
         aux.append(aux_i)
-    return x_BxTxD, jnp.stack(aux)
+    return x_BxTxD, jax.tree.map(lambda *per_layer: jnp.stack(per_layer), *aux)
 
 
 @jax.custom_vjp

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +33,10 @@ from model import axes
 from model.config import ModelConfig
 from parallel.rules import Rules, logical_to_spec
 
-StageFn = Callable[[object, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
-# (this stage's layer params [L/p, ...], x [b, T, D], positions [b, T]) -> (x [b, T, D], summed aux loss [])
+StageFn = Callable[[object, jax.Array, jax.Array], tuple[jax.Array, Any]]
+# (this stage's layer params [L/p, ...], x [b, T, D], positions [b, T]) -> (x [b, T, D], aux): a pytree whose
+# scalar leaves are sums over the stage's layers (an aux loss) and whose other leaves lead with the stage's
+# layers [L/p, ...] (per-layer statistics, e.g. MoE expert load)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +50,7 @@ class GPipe:
     n_microbatches: int
 
     def __call__(self, stage_fn: StageFn, stacked_params: object, x_BxTxD: jax.Array, positions_BxT: jax.Array
-                 ) -> tuple[jax.Array, jax.Array]:
+                 ) -> tuple[jax.Array, Any]:
         return gpipe(stage_fn, stacked_params, x_BxTxD, positions_BxT, n_stages=self.n_stages,
                      n_microbatches=self.n_microbatches, axis=self.axis)
 
@@ -131,13 +134,13 @@ def _from_last_stage(x_Px: jax.Array, axis: str | tuple[str, ...] | None, p: int
 
 def gpipe(stage_fn: StageFn, stacked_params: object, x_BxTxD: jax.Array, positions_BxT: jax.Array, *,
           n_stages: int, n_microbatches: int, axis: str | tuple[str, ...] | None,
-          bubble: float = 0.0) -> tuple[jax.Array, jax.Array]:
+          bubble: float = 0.0) -> tuple[jax.Array, Any]:
     """Run the layer stack `stacked_params` (every leaf [L, ...]) over x as a p-stage, m-micro-batch pipeline.
 
     `stage_fn` runs one stage's L/p layers on one micro-batch. `axis`: the mesh axis (or axes) the stage
     dimension is sharded over (None: no mesh, a plain single-device run of the same schedule). Returns the last
-    layer's output [B, T, D] (rows in x's order) and the aux losses summed over layers and averaged over
-    micro-batches."""
+    layer's output [B, T, D] (rows in x's order) and the aux averaged over micro-batches: its scalar leaves
+    summed over all layers, its per-layer leaves [L, ...] in layer order."""
     p, m = n_stages, n_microbatches
     B = x_BxTxD.shape[0]
     n_layers = jax.tree.leaves(stacked_params)[0].shape[0]
@@ -152,7 +155,7 @@ def gpipe(stage_fn: StageFn, stacked_params: object, x_BxTxD: jax.Array, positio
     run_stages = jax.vmap(stage_fn, spmd_axis_name=axis) if axis is not None else jax.vmap(stage_fn)
     stage_ids = jnp.arange(p)
 
-    def iteration(carry: tuple[jax.Array, jax.Array], t: jax.Array) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
+    def iteration(carry: tuple[jax.Array, Any], t: jax.Array) -> tuple[tuple[jax.Array, Any], jax.Array]:
         state_PxbxTxD, aux_sum = carry
         micro = t - stage_ids
         valid_P = (micro >= 0) & (micro < m)
@@ -160,15 +163,22 @@ def gpipe(stage_fn: StageFn, stacked_params: object, x_BxTxD: jax.Array, positio
         positions_PxbxT = positions_MxbxT[jnp.clip(micro, 0, m - 1)]
         out_PxbxTxD, aux_P = run_stages(params_Px, _constrain_stage(state_PxbxTxD, axis), positions_PxbxT)
         out_PxbxTxD = _constrain_stage(out_PxbxTxD, axis)
-        aux_sum = aux_sum + jnp.sum(jnp.where(valid_P, aux_P, 0))
+        aux_sum = jax.tree.map(lambda s, a: s + jnp.where(valid_P.reshape(p, *[1] * (a.ndim - 1)), a, 0),
+                               aux_sum, aux_P)
         # Stage s + 1 takes stage s's output, stage 0 the next micro-batch (which only it holds).
         shifted = _shift(out_PxbxTxD, axis, p) + inputs_PxMxbxTxD[:, jnp.minimum(t + 1, m - 1)]
         return (_constrain_stage(shifted, axis), aux_sum), out_PxbxTxD
 
     first = inputs_PxMxbxTxD[:, 0]
     state = jnp.where((stage_ids == 0)[:, None, None, None], first, jnp.full_like(first, bubble))
-    (_, aux_sum), outs_IxPxbxTxD = jax.lax.scan(iteration, (_constrain_stage(state, axis), jnp.zeros((), jnp.float32)),
+    aux_shapes = jax.eval_shape(run_stages, params_Px, state, positions_MxbxT[jnp.zeros(p, jnp.int32)])[1]
+    no_aux = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux_shapes)
+    (_, aux_sum), outs_IxPxbxTxD = jax.lax.scan(iteration, (_constrain_stage(state, axis), no_aux),
                                                 jnp.arange(m + p - 1))
     # The last stage's outputs stay on its devices through the loop; one all-reduce hands all m to the LM head.
     last_MxbxTxD = _from_last_stage(jnp.swapaxes(outs_IxPxbxTxD[p - 1:], 0, 1), axis, p)
-    return _from_microbatches(last_MxbxTxD), aux_sum / m
+    def over_stages(a_Px: jax.Array) -> jax.Array:  # sum a loss over stages; a per-layer leaf's stages in order
+        return jnp.sum(a_Px, axis=0) if a_Px.ndim == 1 else a_Px.reshape(p * a_Px.shape[1], *a_Px.shape[2:])
+
+    aux = jax.tree.map(lambda a_Px: over_stages(a_Px) / m, aux_sum)
+    return _from_microbatches(last_MxbxTxD), aux

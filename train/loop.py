@@ -20,7 +20,7 @@ from parallel.sharding import batch_sharding
 from train.checkpoint import Checkpointer, restore_newest, restore_run_params
 from train.config import RunConfig
 from train.data import check_corpus
-from train.metrics import MetricsLog
+from train.metrics import MetricsLog, moe_record
 from train.optimizer import lr_schedule, make_optimizer
 from train.profile import StepProfiler
 from train.run_data import (  # noqa: F401 (EVAL_SEED: tests read it here)
@@ -86,7 +86,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, flops_per_token: float | None 
 
     The data and the mesh are checked before anything is written to `out_dir`; then the run directory is locked
     (RunDirInUse names the trainer already there) and checked against this config. Every `log_every` steps a
-    record {step, loss, lr, grad_norm, tokens_per_s, mfu} (+ router_loss for MoE) goes to metrics.jsonl and
+    record {step, loss, lr, grad_norm, tokens_per_s, mfu} (+ MoE: router_loss, expert_load) goes to metrics.jsonl and
     `on_record`; evaluations add {val_loss, val_bpb}. `on_compiled(compiled_step, plan)` sees the compiled train
     step before the first step (for `--explain`). Raises NonFiniteError naming the step and the last finite
     checkpoint if the loss, the gradient norm or the updated state stops being finite; nothing non-finite is
@@ -193,8 +193,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, flops_per_token: float | None 
                 mfu = tps * flops_per_token / peak_flops if tps and flops_per_token and peak_flops else None
                 last = {"step": done, "loss": loss, "lr": float(metrics["lr"]), "grad_norm": grad_norm,
                         "tokens_per_s": tps, "mfu": mfu}
-                if "router_loss" in metrics:  # MoE models
-                    last["router_loss"] = float(metrics["router_loss"])
+                last.update(moe_record(metrics))  # MoE models: router loss and expert load
                 report(last)
             if done % t.eval_every == 0 or boundary:
                 paused = time.perf_counter()

@@ -60,6 +60,18 @@ class MetricsLog:
             self._tensorboard.close()
 
 
+def moe_record(metrics: dict[str, Any]) -> dict[str, Any]:
+    """An MoE train step's fields for its record: the router loss, the worst layer's max/mean expert load, and
+    every layer's expert load (a list per layer, rounded to 5 digits); empty for a dense model's metrics."""
+    if "router_loss" not in metrics:
+        return {}
+    record = {"router_loss": float(metrics["router_loss"])}
+    if "expert_load" in metrics:
+        record["load_max_over_mean"] = float(metrics["load_max_over_mean"])
+        record["expert_load"] = [[round(float(f), 5) for f in layer] for layer in metrics["expert_load"]]
+    return record
+
+
 def _step(line: str) -> int | None:
     """The step of one JSONL record, or None for a line cut short by a kill (or otherwise unreadable)."""
     try:

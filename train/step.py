@@ -3,6 +3,10 @@
 A batch is token ids [A, B, T + 1], or for supervised fine-tuning a pair (tokens, weights) of that shape: then
 the loss is the weighted mean of the per-token losses over the whole batch (weight t applies to predicting
 token t; 1 on assistant tokens, 0 elsewhere), with the logits materialised (`loss_chunks` is not used).
+
+An MoE model's metrics carry each layer's expert load [L, E] (`expert_load`) and its worst max/mean
+(`load_max_over_mean`); a sigmoid router's selection bias is set by the step after the optimizer's update
+(aux-loss-free balancing, `with_expert_bias`), so the optimizer never moves it.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from model.router import load_max_over_mean, update_expert_bias
+
 TrainState = dict[str, Any]  # {"params": pure dict, "opt_state": optax state, "step": int32 scalar}
 Batch = jax.Array | tuple[jax.Array, jax.Array]  # tokens [..., T + 1], or (tokens, weights) of that shape
 
@@ -26,11 +32,15 @@ def loss_fn(params: dict, graphdef: nnx.GraphDef, tokens_BxT1: jax.Array) -> jax
 
 def objective_fn(params: dict, graphdef: nnx.GraphDef, tokens_BxT1: jax.Array) -> tuple[jax.Array, dict]:
     """What training minimises: `loss_fn` plus, for an MoE model, its router loss; with the terms reported
-    ({"loss"} or {"loss", "router_loss"})."""
+    ({"loss"} or {"loss", "router_loss", "expert_load"}, the last each layer's expert load [L, E])."""
     model = nnx.merge(graphdef, params)
-    loss, router_loss = model.losses(tokens_BxT1[:, :-1], tokens_BxT1[:, 1:])
-    terms = {"loss": loss, "router_loss": router_loss} if model.cfg.moe.enabled else {"loss": loss}
-    return loss + router_loss, terms
+    loss, router_loss, load_LxE = model.losses_and_load(tokens_BxT1[:, :-1], tokens_BxT1[:, 1:])
+    return loss + router_loss, _terms(model.cfg.moe.enabled, loss, router_loss, load_LxE)
+
+
+def _terms(moe: bool, loss: jax.Array, router_loss: jax.Array, load_LxE: jax.Array) -> dict:
+    """The reported terms of a micro-batch's objective (an MoE model's router loss and expert load too)."""
+    return {"loss": loss, "router_loss": router_loss, "expert_load": load_LxE} if moe else {"loss": loss}
 
 
 def token_nll(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
@@ -40,14 +50,15 @@ def token_nll(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
     return jax.nn.logsumexp(logits, axis=-1) - target_BxT
 
 
-def weighted_loss_terms(params: dict, graphdef: nnx.GraphDef, tokens_BxT1: jax.Array,
-                        weights_BxT1: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(sum of weight x loss over the targets tokens[:, 1:], sum of their weights, the MoE router loss)."""
+def weighted_loss_terms(params: dict, graphdef: nnx.GraphDef, tokens_BxT1: jax.Array, weights_BxT1: jax.Array
+                        ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(sum of weight x loss over the targets tokens[:, 1:], sum of their weights, the MoE router loss, each
+    layer's expert load [L, E])."""
     model = nnx.merge(graphdef, params)
-    x_BxTxD, router_loss = model.hidden_and_router_loss(tokens_BxT1[:, :-1])
+    x_BxTxD, router_loss, load_LxE = model.hidden_and_router_stats(tokens_BxT1[:, :-1])
     w_BxT = weights_BxT1[:, 1:].astype(jnp.float32)
     nll_BxT = token_nll(model.logits(x_BxTxD), tokens_BxT1[:, 1:])
-    return jnp.sum(nll_BxT * w_BxT), jnp.sum(w_BxT), router_loss
+    return jnp.sum(nll_BxT * w_BxT), jnp.sum(w_BxT), router_loss, load_LxE
 
 
 def weighted_eval(params: dict, graphdef: nnx.GraphDef, tokens_BxT1: jax.Array,
@@ -63,11 +74,22 @@ def _batch_objective(params: dict, graphdef: nnx.GraphDef, batch: Batch, scale: 
     of the whole batch)."""
     if not isinstance(batch, tuple):
         return objective_fn(params, graphdef, batch)
-    loss_sum, _, router_loss = weighted_loss_terms(params, graphdef, *batch)
+    loss_sum, _, router_loss, load_LxE = weighted_loss_terms(params, graphdef, *batch)
     loss = loss_sum * scale
     model_cfg = nnx.merge(graphdef, params).cfg
-    terms = {"loss": loss, "router_loss": router_loss} if model_cfg.moe.enabled else {"loss": loss}
-    return loss + router_loss, terms
+    return loss + router_loss, _terms(model_cfg.moe.enabled, loss, router_loss, load_LxE)
+
+
+def with_expert_bias(new_params: dict, params: dict, load_LxE: jax.Array, rate: float) -> dict:
+    """`new_params` (the optimizer's update of `params`) with every `expert_bias` leaf [L, E] set outside the
+    optimizer: the old bias moved by aux-loss-free balancing, rate * sign(mean load - load) (model/router.py),
+    whatever the optimizer (its weight decay) did to it."""
+    def one(path: tuple, new: jax.Array, old: jax.Array) -> jax.Array:
+        if str(getattr(path[-1], "key", path[-1])) != "expert_bias":
+            return new
+        return update_expert_bias(old, load_LxE, rate) if rate else old
+
+    return jax.tree_util.tree_map_with_path(one, new_params, params)
 
 
 def all_finite(tree: Any) -> jax.Array:
@@ -108,9 +130,14 @@ def train_step_fn(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformatio
         (terms_sum, grad_sum), _ = jax.lax.scan(micro, (no_terms, zeros), batch_AxBxT1)
         grads = jax.tree.map(lambda g, p: (g / n).astype(p.dtype), grad_sum, params)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-        new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
-                     "step": state["step"] + 1}
-        metrics = {**{name: total / n for name, total in terms_sum.items()}, "grad_norm": optax.tree.norm(grads),
+        new_params = optax.apply_updates(params, updates)
+        terms = {name: total / n for name, total in terms_sum.items()}
+        if "expert_load" in terms:  # MoE: the selection bias is set here, never by the optimizer
+            moe = nnx.merge(graphdef, params).cfg.moe
+            new_params = with_expert_bias(new_params, params, terms["expert_load"], moe.bias_update_rate)
+            terms["load_max_over_mean"] = load_max_over_mean(terms["expert_load"])
+        new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
+        metrics = {**terms, "grad_norm": optax.tree.norm(grads),
                    "lr": schedule(state["step"]), "state_finite": all_finite((new_state["params"], opt_state))}
         return new_state, metrics
 
