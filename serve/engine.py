@@ -400,13 +400,16 @@ class Engine:
         if launched:
             self._advance(schedule, launched)
         self._in_flight = launched
+        produced = len(launched.sampled) if launched else 0  # its tokens, whichever step reads them back
         if launched and (not self.cfg.overlap or launched.verifying):  # the next drafts start from its tokens
-            events += self._read_back(launched)
+            own = self._read_back(launched)
+            events += own
+            produced = len(own)
             self._in_flight = None
-        # a step measures its mode's rate unless it compiled or prefilled; a switch's costs (a draft catching up,
-        # the overlap lost or restarted with nothing read back) count for the mode switched to
+        # a step measures its mode's rate (the tokens it computes, over its time) unless it compiled or prefilled;
+        # a switch's costs (a draft catching up, the overlap lost) count for the mode switched to
         if self.policy and schedule.chunks and not schedule.prefills and self.compiles() == compiles:
-            self.policy.record(bucket(len(schedule.decodes)), bool(lookahead), len(events),
+            self.policy.record(bucket(len(schedule.decodes)), bool(lookahead), produced,
                                time.perf_counter() - start)
         running = self.scheduler.running
         if running and self.allocator.num_used:
@@ -425,9 +428,14 @@ class Engine:
 
     def _lookahead(self) -> int:
         """Drafted tokens per decode this step: the configured k, or 0 where the policy finds speculation slower
-        for this many running sequences."""
-        spec = self.cfg.speculative
-        if spec is None or not self.scheduler.num_running:
+        for this many running sequences, or while prompts are being prefilled."""
+        spec, scheduler = self.cfg.speculative, self.scheduler
+        if spec is None or not scheduler.num_running:
+            return 0
+        # a step that runs prompt chunks is not measured by the policy, and its cost is the prompts': decode plainly
+        if scheduler.num_waiting and scheduler.num_running < self.cfg.max_running:
+            return 0
+        if any(seq.num_computed < seq.num_tokens - 1 for seq in scheduler.running):
             return 0
         if self.policy and not self.policy.speculate(bucket(self.scheduler.num_running)):
             return 0
