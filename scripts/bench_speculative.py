@@ -11,8 +11,10 @@ the same, and the acceptance (rate, mean accepted length, per drafted position).
 Tasks: `rewrite` asks a chat model to repeat a slice of a source file with a comment added (the answer copies the
 prompt: prompt lookup's case); `continue` gives a slice of a source file as plain text to continue (a base model's
 case). Batch 1 serves `--requests` prompts one at a time; batch B > 1 serves B prompts at once. Each configuration
-runs the workload untimed until a pass compiles nothing new (at most 8 passes: speculation's measured policy
-chooses differently from pass to pass, and so meets new step shapes), then timed.
+runs the workload untimed until two passes in a row compile nothing new (at most 12 passes: speculation's measured
+policy chooses differently from pass to pass, and so meets new step shapes), then `--repeats` timed passes of the two
+configurations interleaved, the median pass reported (the speculative engine keeps its policy's measurements from
+pass to pass, as a server would).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,8 +31,10 @@ from scripts.common import add_compilation_cache_args, fail, ints, setup_logging
 from scripts.model_source import add_source_args, load_source
 from scripts.serve_flags import add_serve_args, load_draft_model, serve_config, split_overrides
 
-SOURCES = ("serve", "model", "train", "parallel", "scaling")
-WARM_PASSES = 8
+# a fixed set of files, so the workload changes only when they do (not when files are added)
+SOURCE_FILES = ("serve/block_allocator.py", "serve/scheduler.py", "model/kernels/flash_attention.py",
+                "parallel/ring_attention.py")
+WARM_PASSES = 12
 INSTRUCTION = "Repeat this Python code exactly, adding one short comment line above each function:\n\n"
 
 
@@ -42,18 +47,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=4, help="prompts served one at a time at batch 1")
     p.add_argument("--prompt-lines", type=int, default=24, help="source lines in each prompt")
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=5, help="timed passes of each configuration, interleaved; the "
+                                                          "median pass is reported (default 5)")
     add_compilation_cache_args(p)
     return p.parse_args(argv)
 
 
 def source_slices(n: int, lines: int) -> list[str]:
-    """n slices of `lines` lines from this repository's own source files (a fixed, varied, real-code workload)."""
+    """n slices of `lines` lines from a fixed set of this repository's own source files (a varied, real-code
+    workload): file i % 4, its (i // 4)-th slice."""
     root = Path(__file__).resolve().parent.parent
-    files = sorted(f for d in SOURCES for f in (root / d).glob("*.py") if f.stat().st_size > 2000)
     slices = []
     for i in range(n):
-        text = files[i % len(files)].read_text().splitlines()
-        start = (i // len(files)) * lines
+        text = (root / SOURCE_FILES[i % len(SOURCE_FILES)]).read_text().splitlines()
+        start = (i // len(SOURCE_FILES)) * lines
         slices.append("\n".join(text[start:start + lines]) + "\n")
     return slices
 
@@ -67,30 +74,47 @@ def prompts_for(task: str, n: int, lines: int, tok) -> list[list[int]]:
     return [tok.encode_chat([{"role": "user", "content": INSTRUCTION + "```python\n" + s + "```"}]) for s in slices]
 
 
-def serve(model, cfg, draft, prompts: list[list[int]], max_new: int, stop: tuple[int, ...]) -> dict:
-    """Serve `prompts` (all at once) untimed, then timed; the figures of the timed run."""
-    from serve.engine import Engine, Request
+def run_once(engine, requests: list, one_at_a_time: bool) -> list:
+    """The Completions of serving `requests` all at once, or one after the other (the latency case)."""
+    if one_at_a_time:
+        return [c for r in requests for c in engine.generate([r])]
+    return engine.generate(requests)
 
-    engine = Engine(model, cfg, draft_model=draft)
-    requests = [Request(tuple(p), max_new, stop_ids=stop, request_id=f"r{i}") for i, p in enumerate(prompts)]
-    for _ in range(WARM_PASSES):  # the policy's choices differ run to run, and so do their shapes: until none new
+
+def warm(engine, requests: list, one_at_a_time: bool) -> None:
+    """Serve the workload untimed until two passes in a row compile nothing new (the policy's choices differ from
+    pass to pass, and so do their shapes: a draft catching up after plain steps meets new prefill buckets)."""
+    quiet = 0
+    for _ in range(WARM_PASSES):
         before = engine.compiles()
-        engine.generate(requests)
+        run_once(engine, requests, one_at_a_time)
         engine.reset_prefix_cache()
-        if engine.compiles() == before:
+        quiet = quiet + 1 if engine.compiles() == before else 0
+        if quiet == 2:
             break
-    engine.reset_speculation_stats()
+
+
+def timed(engine, requests: list, one_at_a_time: bool) -> dict:
+    """One timed pass: output tokens, seconds, compiles during it, the tokens of each request."""
     compiles = engine.compiles()
     start = time.perf_counter()
-    done = engine.generate(requests)
+    done = run_once(engine, requests, one_at_a_time)
     seconds = time.perf_counter() - start
-    tokens = sum(len(c.token_ids) for c in done)
+    engine.reset_prefix_cache()
     errors = [c.error for c in done if c.error]
     if errors:
         raise ValueError(f"{len(errors)} requests failed, e.g. {errors[0]}")
-    row = {"output_tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 2),
-           "compiles_in_timed_run": engine.compiles() - compiles, "_tokens": [c.token_ids for c in done]}
-    if cfg.speculative is not None:
+    return {"tokens": sum(len(c.token_ids) for c in done), "seconds": seconds,
+            "compiles": engine.compiles() - compiles, "outputs": [c.token_ids for c in done]}
+
+
+def summary(engine, runs: list[dict]) -> dict:
+    """A configuration's figures over its timed passes: the median pass's tokens/s, and every pass's."""
+    rates = sorted(r["tokens"] / r["seconds"] for r in runs)
+    row = {"output_tokens_per_pass": runs[0]["tokens"], "tokens_per_s": round(statistics.median(rates), 2),
+           "tokens_per_s_of_each_pass": [round(r, 2) for r in rates],
+           "compiles_in_timed_runs": sum(r["compiles"] for r in runs)}
+    if engine.cfg.speculative is not None:
         row["speculation"] = engine.speculation.summary()
         if engine.policy is not None:
             row["policy_tokens_per_s"] = {str(b): {("speculative" if k else "plain"): round(v, 2)
@@ -121,28 +145,27 @@ def main(argv: list[str] | None = None) -> int:
                       "num_speculative_tokens": spec_cfg.speculative.num_tokens,
                       "mean_prompt_tokens": round(sum(map(len, prompts)) / len(prompts), 1),
                       "max_new_tokens": args.max_new_tokens, "compilation_cache": cache_dir}), flush=True)
+    from serve.engine import Engine, Request
+
     for batch in args.batch_sizes:
-        rows = {}
-        for name, cfg, d in (("plain", plain_cfg, None), ("speculative", spec_cfg, draft)):
-            cfg = dataclasses.replace(cfg, max_running=batch)
-            if batch == 1:  # one request at a time: the latency case
-                runs = [serve(model, cfg, d, [p], args.max_new_tokens, stop) for p in prompts[:args.requests]]
-                row = {"output_tokens": sum(r["output_tokens"] for r in runs),
-                       "seconds": round(sum(r["seconds"] for r in runs), 2),
-                       "compiles_in_timed_run": sum(r["compiles_in_timed_run"] for r in runs),
-                       "_tokens": [t for r in runs for t in r["_tokens"]]}
-                row["tokens_per_s"] = round(row["output_tokens"] / row["seconds"], 2)
-                if name == "speculative":
-                    row["speculation"] = [r["speculation"] for r in runs]
-            else:
-                row = serve(model, cfg, d, prompts[:batch], args.max_new_tokens, stop)
-            rows[name] = row
-        same = sum(a == b for a, b in zip(rows["plain"].pop("_tokens"), rows["speculative"].pop("_tokens"),
-                                          strict=True))
-        print(json.dumps({"batch": batch, **{k: v for k, v in rows.items()},
+        one_at_a_time = batch == 1
+        chosen = prompts[:args.requests if one_at_a_time else batch]
+        requests = [Request(tuple(p), args.max_new_tokens, stop_ids=stop, request_id=f"r{i}")
+                    for i, p in enumerate(chosen)]
+        engines = {name: Engine(model, dataclasses.replace(cfg, max_running=batch), draft_model=d)
+                   for name, cfg, d in (("plain", plain_cfg, None), ("speculative", spec_cfg, draft))}
+        for engine in engines.values():
+            warm(engine, requests, one_at_a_time)
+            engine.reset_speculation_stats()
+        runs: dict[str, list[dict]] = {name: [] for name in engines}
+        for rep in range(args.repeats):  # interleaved, the order alternating: a noisy machine drifts
+            for name in (engines if rep % 2 == 0 else reversed(engines)):
+                runs[name].append(timed(engines[name], requests, one_at_a_time))
+        rows = {name: summary(engines[name], runs[name]) for name in engines}
+        same = sum(a == b for a, b in zip(runs["plain"][0]["outputs"], runs["speculative"][0]["outputs"], strict=True))
+        print(json.dumps({"batch": batch, **rows,
                           "speedup": round(rows["speculative"]["tokens_per_s"] / rows["plain"]["tokens_per_s"], 3),
-                          "same_greedy_outputs": f"{same}/{len(prompts[:batch if batch > 1 else args.requests])}"}),
-              flush=True)
+                          "same_greedy_outputs": f"{same}/{len(chosen)}"}), flush=True)
     return 0
 
 
