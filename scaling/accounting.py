@@ -69,12 +69,14 @@ class Layout:
 
 def layer_params(cfg: ModelConfig) -> dict[str, int]:
     """Parameters of one block: attention h*a*d (q) + 2*h*k*d (k, v) + a*d*h (o) [+ a*d + 2*k*d q/k/v biases],
-    SwiGLU MLP 3*h*f (gate, up, down), two RMSNorm scales 2*h."""
+    SwiGLU MLP 3*h*f (gate, up, down), two RMSNorm scales 2*h [+ 2*d: the q and k norms of `qk_norm`]. An MoE
+    block has E experts of 3*h*f, the router h*E and the shared experts' SwiGLU of s*f hidden, 3*h*s*f (the
+    selection bias of DeepSeekMoE is not a parameter)."""
     h, a, k, d, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
     attention = h * a * d + 2 * h * k * d + a * d * h + ((a + 2 * k) * d if cfg.qkv_bias else 0)
-    e = cfg.moe.n_experts
-    mlp = e * 3 * h * f + h * e if e else 3 * h * f  # MoE: E experts and the router
-    return {"attention": attention, "mlp": mlp, "norms": 2 * h}
+    e, shared = cfg.moe.n_experts, cfg.moe.n_shared_experts
+    mlp = e * 3 * h * f + h * e + 3 * h * shared * f if e else 3 * h * f
+    return {"attention": attention, "mlp": mlp, "norms": 2 * h + (2 * d if cfg.qk_norm else 0)}
 
 
 def expert_params(cfg: ModelConfig) -> int:

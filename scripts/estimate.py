@@ -19,7 +19,8 @@ from scripts.common import fail
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="7b", help="model preset (tiny, small, 125m, 350m, 1b, 7b)")
-    p.add_argument("--hf-config", help="a Hugging Face config.json (Llama, Mistral, Qwen2); replaces --preset")
+    p.add_argument("--hf-config", help="a Hugging Face config.json (Llama, Mistral, Qwen2, Mixtral, Qwen3-MoE); "
+                                       "replaces --preset")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="model.KEY=VALUE",
                    help="override a model field, e.g. model.n_layers=48 (repeatable)")
     p.add_argument("--layout", default="", help="parallel sizes, e.g. data=2,fsdp=4,tensor=2 (default: 1 device)")

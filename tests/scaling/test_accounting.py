@@ -63,6 +63,14 @@ def test_moe_param_count_equals_model_and_active_params_by_hand():
     assert matmul_params(cfg) - matmul_params(dense) == 2 * (3 * 64 * 192 + 64 * 8)  # a 2nd expert + router
 
 
+@pytest.mark.parametrize("changes", [{"qk_norm": True},
+                                     {"moe": MoEConfig(n_experts=8, top_k=2, router="sigmoid", n_shared_experts=2,
+                                                       n_group=4, topk_group=2)}])
+def test_param_count_equals_model_for_qk_norm_and_shared_experts(changes):
+    cfg = get_preset("tiny").replace(**changes)
+    assert param_count(cfg)["total"] == model_param_count(cfg)
+
+
 def test_param_count_tiny_by_hand():
     # tiny: h=64, a=4 heads, k=2 KV heads, d=16, f=192, L=2, v=259, tied.
     attention = 64 * 4 * 16 + 2 * 64 * 2 * 16 + 4 * 16 * 64  # q, k+v, o = 4096 + 4096 + 4096
