@@ -26,6 +26,7 @@ from model.hf import (
     _hf_names,
     _hf_shape,
     _safetensors,
+    _stacked,
     _Tensor,
     _tensors,
     config_from_hf,
@@ -95,12 +96,12 @@ def _set_nested(tree: dict, path: tuple[str, ...], value) -> None:
 
 
 def _shapes(cfg: ModelConfig, abstract: dict) -> Iterator[tuple[_Tensor, tuple[int, ...], bool, tuple[int, ...]]]:
-    """(tensor, its parameter's shape, whether it stacks the layers, one layer's shape) for each tensor of
-    model/hf.py's table, the shapes read from `abstract`."""
+    """(tensor, its parameter's shape, whether it stacks HF tensors (layers, and experts), one HF tensor's shape in
+    meshlm's layout) for each tensor of model/hf.py's table, the shapes read from `abstract`."""
     for t in _tensors(cfg):
         shape = tuple(_nested(abstract, t.path).shape)
-        layered = "{i}" in t.hf_name
-        yield t, shape, layered, shape[1:] if layered else shape
+        stacked = _stacked(t)
+        yield t, shape, stacked > 0, shape[stacked:]
 
 
 def _hf_arrays(directory: Path, cfg: ModelConfig, abstract: dict) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
@@ -110,7 +111,7 @@ def _hf_arrays(directory: Path, cfg: ModelConfig, abstract: dict) -> Iterator[tu
     with contextlib.ExitStack() as stack:
         handles = [stack.enter_context(safetensors.safe_open(f, framework="flax")) for f in files]
         file_of = {name: h for h in handles for name in h.keys()}
-        for t, _, layered, one in _shapes(cfg, abstract):
+        for t, shape, layered, one in _shapes(cfg, abstract):
             parts = []
             for name in _hf_names(t, cfg.n_layers):
                 if name not in file_of:
@@ -120,7 +121,7 @@ def _hf_arrays(directory: Path, cfg: ModelConfig, abstract: dict) -> Iterator[tu
                     raise ValueError(f"tensor {name!r} in {str(directory)!r} has shape {list(x.shape)}, expected "
                                      f"{list(_hf_shape(one, t.n_in))}")
                 parts.append(np.asarray(_from_hf(x, t.n_in, one)))
-            yield t.path, np.stack(parts) if layered else parts[0]
+            yield t.path, np.stack(parts).reshape(shape) if layered else parts[0]
 
 
 def _gguf_arrays(path: Path, cfg: ModelConfig, abstract: dict) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
@@ -136,6 +137,7 @@ def _gguf_arrays(path: Path, cfg: ModelConfig, abstract: dict) -> Iterator[tuple
     rope_heads = {("attn", "wq"): cfg.n_heads, ("attn", "wk"): cfg.n_kv_heads} if arch == "llama" else {}
     for t, shape, layered, one in _shapes(cfg, abstract):
         out = np.empty(shape, np.float32)
+        flat = out.reshape(-1, *one) if layered else out  # a view: one HF tensor per row
         for i, hf_name in enumerate(_hf_names(t, cfg.n_layers)):
             name = _gguf_name(hf_name, names)
             if name not in tensors:
@@ -143,7 +145,7 @@ def _gguf_arrays(path: Path, cfg: ModelConfig, abstract: dict) -> Iterator[tuple
             w = _dequantize(tensors[name])
             if t.path[1:] in rope_heads:
                 w = _undo_rope_permutation(w, rope_heads[t.path[1:]])
-            out[i if layered else ...] = _from_hf(w, t.n_in, one)
+            flat[i if layered else ...] = _from_hf(w, t.n_in, one)
         yield t.path, out
 
 

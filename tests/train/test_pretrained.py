@@ -95,3 +95,23 @@ def test_train_cli_takes_the_config_from_init_and_refuses_a_contradiction(hf_dir
     with pytest.raises(SystemExit) as exit_info:
         build_config(parse_args(["--out", "x", "--init", f"hf:{directory}", "--set", "model.d_model=128"]))
     assert exit_info.value.code == 2
+
+
+def test_init_from_a_mixtral_checkpoint_gives_transformers_logits(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                        num_local_experts=4, num_experts_per_tok=2, rms_norm_eps=1e-5,
+                                        tie_word_embeddings=False)
+    hf_model = transformers.MixtralForCausalLM(config).eval()
+    hf_model.save_pretrained(tmp_path)
+    cfg = run_config(tmp_path)
+    plan, params = loaded_params(cfg, MeshConfig(data=1), jax.devices()[:1])
+    tokens = np.random.default_rng(0).integers(0, 300, (2, 17)).astype(np.int32)
+    with torch.no_grad():
+        out = hf_model(torch.from_numpy(tokens.astype(np.int64)))
+    from flax import nnx
+
+    logits = np.asarray(nnx.merge(plan.graphdef, params)(jax.numpy.asarray(tokens)))
+    np.testing.assert_allclose(logits, out.logits.numpy(), atol=2e-4)
+
