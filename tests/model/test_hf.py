@@ -21,13 +21,10 @@ from flax import nnx
 
 from model import create_model, get_preset
 from model.hf import config_from_hf, hf_config_from, load_hf, save_hf
+from tests.model.hf_reference import assert_logits_close, perturbed, torch_logits
 
 VOCAB = 300
 TOKENS = np.random.default_rng(0).integers(0, VOCAB, size=(2, 20))
-
-
-def _assert_logits_close(actual: np.ndarray, ref: np.ndarray) -> None:
-    np.testing.assert_allclose(actual, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
 def _hf_model(family: str, kv_heads: int = 2, tie: bool = False, seed: int = 0):
@@ -44,17 +41,7 @@ def _hf_model(family: str, kv_heads: int = 2, tie: bool = False, seed: int = 0):
                         attn_implementation="eager", **extra)
     torch.manual_seed(seed)
     model = model_cls(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
-
-
-def _torch_logits(hf_model, tokens: np.ndarray) -> np.ndarray:
-    import torch
-
-    with torch.no_grad():
-        return hf_model(torch.as_tensor(tokens)).logits.float().numpy()
+    return perturbed(model)
 
 
 def _logits(model, tokens: np.ndarray) -> np.ndarray:
@@ -71,7 +58,7 @@ def test_load_hf_matches_transformers(tmp_path, family, kv_heads, tie):
     model = load_hf(tmp_path, dtype="float32")
     assert model.cfg.n_kv_heads == kv_heads and model.cfg.tie_embeddings == tie
     assert model.cfg.qkv_bias == (family == "qwen2") and model.cfg.rope_theta == 500000.0
-    _assert_logits_close(_logits(model, TOKENS), _torch_logits(hf_model, TOKENS))
+    assert_logits_close(_logits(model, TOKENS), torch_logits(hf_model, TOKENS))
 
 
 def test_load_hf_sharded_checkpoint(tmp_path):
@@ -79,7 +66,7 @@ def test_load_hf_sharded_checkpoint(tmp_path):
     hf_model.save_pretrained(tmp_path, max_shard_size="20KB")
     assert (tmp_path / "model.safetensors.index.json").exists() and not (tmp_path / "model.safetensors").exists()
     model = load_hf(tmp_path, dtype="float32")
-    _assert_logits_close(_logits(model, TOKENS), _torch_logits(hf_model, TOKENS))
+    assert_logits_close(_logits(model, TOKENS), torch_logits(hf_model, TOKENS))
 
 
 def test_load_hf_bfloat16_checkpoint(tmp_path):
@@ -93,7 +80,7 @@ def test_load_hf_bfloat16_checkpoint(tmp_path):
     assert saved.get("dtype", saved.get("torch_dtype")) == "bfloat16"
     model = load_hf(tmp_path, dtype="float32", param_dtype="float32")
     assert model.embed[...].dtype == jnp.float32
-    _assert_logits_close(_logits(model, TOKENS), _torch_logits(hf_model, TOKENS))
+    assert_logits_close(_logits(model, TOKENS), torch_logits(hf_model, TOKENS))
 
 
 @pytest.mark.parametrize("qkv_bias,tie,head_dim", [(False, True, 16), (False, False, 16), (True, False, 32)],
@@ -111,7 +98,7 @@ def test_save_hf_loads_in_transformers(tmp_path, qkv_bias, tie, head_dim):
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
     assert type(hf_model).__name__ == ("Qwen2ForCausalLM" if qkv_bias else "LlamaForCausalLM")
     tokens = TOKENS % cfg.vocab_size
-    _assert_logits_close(_logits(model, tokens), _torch_logits(hf_model, tokens))
+    assert_logits_close(_logits(model, tokens), torch_logits(hf_model, tokens))
 
 
 def test_save_then_load_is_exact_in_bfloat16(tmp_path):

@@ -23,6 +23,7 @@ from model import create_model, get_preset
 from model.config import MoEConfig
 from model.hf import config_from_hf, hf_config_from, load_hf, save_hf
 from model.transformer import Transformer
+from tests.model.hf_reference import assert_logits_close, perturbed, torch_logits
 
 VOCAB = 300
 TOKENS = np.random.default_rng(0).integers(0, VOCAB, size=(2, 20))
@@ -35,10 +36,6 @@ FAMILIES = {  # (config class, model class, family-specific fields)
                   dict(intermediate_size=96, moe_intermediate_size=32, num_experts=8, norm_topk_prob=True,
                        head_dim=32)),  # head_dim != hidden_size / heads, as Qwen3's own
 }
-
-
-def _assert_logits_close(actual: np.ndarray, ref: np.ndarray) -> None:
-    np.testing.assert_allclose(actual, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
 def _hf_config(family: str, **changes):
@@ -54,17 +51,7 @@ def _hf_model(family: str, seed: int = 0, **changes):
     config = _hf_config(family, **changes)
     torch.manual_seed(seed)
     model = getattr(pytest.importorskip("transformers"), FAMILIES[family][1])(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
-
-
-def _torch_logits(hf_model, tokens: np.ndarray) -> np.ndarray:
-    import torch
-
-    with torch.no_grad():
-        return hf_model(torch.as_tensor(tokens)).logits.float().numpy()
+    return perturbed(model)
 
 
 def _param_count(model: Transformer) -> int:
@@ -84,7 +71,7 @@ def test_load_hf_moe_matches_transformers(tmp_path, family, changes):
     assert (moe.n_experts, moe.top_k, moe.dispatch) == (8, changes.get("num_experts_per_tok", 2), "dropless")
     assert moe.norm_topk_prob == changes.get("norm_topk_prob", True) or moe.top_k == 1
     assert model.cfg.qk_norm == (family == "qwen3_moe") and model.cfg.d_ff == 32
-    _assert_logits_close(np.asarray(model(jnp.asarray(TOKENS))), _torch_logits(hf_model, TOKENS))
+    assert_logits_close(np.asarray(model(jnp.asarray(TOKENS))), torch_logits(hf_model, TOKENS))
 
 
 def _meshlm_moe(qk_norm: bool, top_k: int = 2, norm_topk_prob: bool = True) -> Transformer:
@@ -115,7 +102,7 @@ def test_save_hf_moe_loads_in_transformers(tmp_path, qk_norm, top_k, norm_topk_p
                                                                  experts_implementation="eager").eval()
     assert type(hf_model).__name__ == architecture
     tokens = TOKENS % model.cfg.vocab_size
-    _assert_logits_close(np.asarray(model(jnp.asarray(tokens))), _torch_logits(hf_model, tokens))
+    assert_logits_close(np.asarray(model(jnp.asarray(tokens))), torch_logits(hf_model, tokens))
     assert sum(p.numel() for p in hf_model.parameters()) == _param_count(model)
     loaded = load_hf(tmp_path, dtype="float32")  # and back, exactly
     assert loaded.cfg == model.cfg
