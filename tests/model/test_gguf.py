@@ -25,7 +25,8 @@ from flax import nnx
 from model.gguf import config_from_gguf, gguf_metadata, load_gguf, smollm2_path
 from model.hf import _tensors, _to_hf
 from model.transformer import Transformer
-from tests.model.test_hf import _logits, _torch_logits
+from tests.model.hf_reference import torch_logits
+from tests.model.test_hf import _logits
 
 Q = gguf.GGMLQuantizationType
 VOCAB, D, FF, HEADS, KV_HEADS, LAYERS = 300, 64, 128, 4, 2, 2
@@ -154,7 +155,7 @@ def test_load_gguf_matches_transformers(tmp_path, qtype):
     embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
     assert embd.tensor_type == (Q.F32 if qtype == Q.F32 else qtype)
     np.testing.assert_array_equal(np.asarray(model.embed[...]), gguf.quants.dequantize(embd.data, embd.tensor_type))
-    ref_logits = _torch_logits(hf_model, TOKENS)
+    ref_logits = torch_logits(hf_model, TOKENS)
     assert _max_rel_diff(_logits(model, TOKENS), ref_logits) < 1e-5
 
 
@@ -162,7 +163,7 @@ def test_load_gguf_untied_head_and_param_dtype(tmp_path):
     path = _write_gguf(tmp_path / "untied.gguf", Q.Q8_0, tie=False)
     model = load_gguf(path, dtype="float32")
     assert not model.cfg.tie_embeddings
-    assert _max_rel_diff(_logits(model, TOKENS), _torch_logits(_transformers_model(path), TOKENS)) < 1e-5
+    assert _max_rel_diff(_logits(model, TOKENS), torch_logits(_transformers_model(path), TOKENS)) < 1e-5
     bf16 = load_gguf(path, dtype="float32", param_dtype="bfloat16")  # cast after dequantizing, as load_hf does
     assert bf16.lm_head[...].dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(bf16.lm_head[...]), np.asarray(model.lm_head[...].astype(jnp.bfloat16)))
@@ -175,7 +176,7 @@ def test_load_gguf_qwen2_matches_transformers(tmp_path, tie):
     assert model.cfg.qkv_bias and model.cfg.tie_embeddings == tie
     hf_model = _transformers_model(path)
     assert type(hf_model).__name__ == "Qwen2ForCausalLM"
-    assert _max_rel_diff(_logits(model, TOKENS), _torch_logits(hf_model, TOKENS)) < 1e-5
+    assert _max_rel_diff(_logits(model, TOKENS), torch_logits(hf_model, TOKENS)) < 1e-5
 
 
 def test_gguf_metadata_gives_plain_python_values(tmp_path):
@@ -298,7 +299,7 @@ def test_smollm2_logits_match_transformers(smollm2_pair):
     model, hf_model, tokenizer = smollm2_pair
     tokens = np.asarray([tokenizer(TEXT)["input_ids"]])
     assert tokens.shape[1] == 40
-    ours, ref = _logits(model, tokens), _torch_logits(hf_model, tokens)
+    ours, ref = _logits(model, tokens), torch_logits(hf_model, tokens)
     assert _max_rel_diff(ours, ref) < 1e-4
     assert (ours.argmax(-1) == ref.argmax(-1)).all()
 
