@@ -23,7 +23,7 @@ MOE_ROUTERS = ("softmax", "sigmoid")
 class MoEConfig:
     """Mixture-of-Experts MLPs (model/moe.py); `n_experts=0` keeps every block's dense SwiGLU MLP.
 
-    Each MoE block routes every token to `top_k` of `n_experts` SwiGLU experts of hidden size `model.d_ff`.
+    Each MoE block routes every token to `top_k` of `n_experts` SwiGLU experts of hidden size `d_ff`.
     `dispatch="capacity"` gives each expert a fixed number of slots per sequence, ceil(capacity_factor * T *
     top_k / n_experts) (GShard/Switch: overflow tokens skip the expert, the residual carries them; fixed shapes,
     experts shardable over the mesh's `expert` axis); `"dropless"` sorts the tokens by expert and runs grouped
@@ -33,10 +33,14 @@ class MoEConfig:
     DeepSeekMoE (model/router.py): `router="sigmoid"` scores experts with sigmoid affinities and keeps a
     per-expert bias that only chooses experts; `n_group`/`topk_group` first keep the `topk_group` best of
     `n_group` expert groups; the chosen weights are renormalised when `norm_topk_prob` (and top_k > 1) and
-    scaled by `routed_scaling_factor`. `n_shared_experts` adds a SwiGLU of that many times d_ff hidden that
+    scaled by `routed_scaling_factor`. `n_shared_experts` adds a SwiGLU of that many times `d_ff` hidden that
     every token takes. `bias_update_rate > 0` (sigmoid only; DeepSeek-V3: 0.001) balances load without a loss:
     after each step bias += rate * sign(mean load - load), outside the optimizer; `seq_aux_loss_weight` weighs
     DeepSeek-V3's sequence-wise balance loss.
+
+    `d_ff` is each routed and shared expert's hidden size (0: `model.d_ff`; DeepSeek's moe_intermediate_size);
+    the first `first_dense_layers` blocks keep the dense SwiGLU MLP of hidden `model.d_ff` (DeepSeek's
+    first_k_dense_replace).
     """
 
     n_experts: int = 0
@@ -53,9 +57,12 @@ class MoEConfig:
     norm_topk_prob: bool = True
     bias_update_rate: float = 0.0
     seq_aux_loss_weight: float = 0.0
+    d_ff: int = 0
+    first_dense_layers: int = 0
 
     def __post_init__(self) -> None:
-        check_ints("model.moe.", self, ("n_experts", "top_k", "n_shared_experts"), minimum=0)
+        check_ints("model.moe.", self, ("n_experts", "top_k", "n_shared_experts", "d_ff", "first_dense_layers"),
+                   minimum=0)
         if self.n_experts and not 1 <= self.top_k <= self.n_experts:
             raise ValueError(f"model.moe.top_k must be between 1 and model.moe.n_experts ({self.n_experts}), "
                              f"got {self.top_k}")
@@ -89,9 +96,47 @@ class MoEConfig:
         """Whether the router keeps a per-expert selection bias (DeepSeekMoE's sigmoid router)."""
         return self.router == "sigmoid"
 
+    def expert_d_ff(self, model_d_ff: int) -> int:
+        """Each routed expert's hidden size: `d_ff`, or the model's when 0."""
+        return self.d_ff or model_d_ff
+
     def capacity(self, tokens: int) -> int:
         """Slots per expert for a group of `tokens` tokens under capacity dispatch."""
         return max(1, math.ceil(self.capacity_factor * tokens * self.top_k / self.n_experts))
+
+
+@dataclasses.dataclass(frozen=True)
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2/V3, model/mla.py); `kv_lora_rank=0` keeps GQA attention.
+
+    Keys and values come from one shared latent of `kv_lora_rank` per token (RMS-normalised, then expanded per
+    head to `qk_nope_head_dim` key and `v_head_dim` value dims), plus one `qk_rope_head_dim` rotary key shared
+    by all heads. Queries are `q_lora_rank`-ranked (down, RMSNorm, up) or, with `q_lora_rank=0`, one full-rank
+    projection (DeepSeek-V2-Lite); each query head is `qk_nope_head_dim` plain dims and `qk_rope_head_dim` rotary
+    ones. The softmax scale is 1/sqrt(qk_nope_head_dim + qk_rope_head_dim).
+    """
+
+    kv_lora_rank: int = 0
+    q_lora_rank: int = 0
+    qk_nope_head_dim: int = 64
+    qk_rope_head_dim: int = 32
+    v_head_dim: int = 64
+
+    def __post_init__(self) -> None:
+        check_ints("model.mla.", self, ("kv_lora_rank", "q_lora_rank", "qk_nope_head_dim"), minimum=0)
+        check_ints("model.mla.", self, ("qk_rope_head_dim", "v_head_dim"))
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(f"model.mla.qk_rope_head_dim must be even for rotary embeddings, got "
+                             f"{self.qk_rope_head_dim}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Each query and key head's dims: the plain ones and the rotary ones."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +155,10 @@ class ModelConfig:
     and their gradient are never materialised whole; off by default. `pipeline_microbatches` cuts each
     micro-step's batch into that many micro-batches when the mesh has pipeline stages (0: one per stage); GPipe's
     idle share is (stages - 1) / (pipeline_microbatches + stages - 1). `qkv_bias` adds q/k/v biases (Qwen2);
-    `qk_norm` RMS-normalises each query and key head (a learned head_dim scale each) before RoPE (Qwen3)."""
+    `qk_norm` RMS-normalises each query and key head (a learned head_dim scale each) before RoPE (Qwen3).
+    `mla` with a `kv_lora_rank` makes every block's attention DeepSeek's multi-head latent attention over
+    `n_heads` heads (each with its own key and value); `n_kv_heads` and `head_dim` are then unused, and `qkv_bias`
+    and `qk_norm` are refused."""
 
     vocab_size: int = 259
     d_model: int = 256
@@ -135,6 +183,7 @@ class ModelConfig:
     pipeline_microbatches: int = 0
     init_std: float = 0.02
     moe: MoEConfig = MoEConfig()
+    mla: MLAConfig = MLAConfig()
 
     def __post_init__(self) -> None:
         check_ints("model.", self, ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
@@ -154,8 +203,17 @@ class ModelConfig:
         check_one_of("model.logits_grad_dtype", self.logits_grad_dtype, LOGITS_GRAD_DTYPES)
         if not isinstance(self.moe, MoEConfig):
             raise ValueError(f"model.moe must be a MoEConfig, got {self.moe!r}")
+        if not isinstance(self.mla, MLAConfig):
+            raise ValueError(f"model.mla must be an MLAConfig, got {self.mla!r}")
+        if self.moe.first_dense_layers >= self.n_layers:
+            raise ValueError(f"model.moe.first_dense_layers ({self.moe.first_dense_layers}) must be less than "
+                             f"model.n_layers ({self.n_layers})")
         for name in ("tie_embeddings", "qkv_bias", "qk_norm", "scan_layers"):
             check_bool(f"model.{name}", getattr(self, name))
+        for name in ("qkv_bias", "qk_norm"):
+            if self.mla.enabled and getattr(self, name):
+                raise ValueError(f"model.{name} does not apply to multi-head latent attention (model.mla."
+                                 f"kv_lora_rank {self.mla.kv_lora_rank}), got {getattr(self, name)!r}")
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -182,10 +240,12 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model config keys {unknown}; known keys are {sorted(names)}")
         values = dict(values)
-        if isinstance(values.get("moe"), dict):
-            moe_names = {f.name for f in dataclasses.fields(MoEConfig)}
-            unknown = sorted(set(values["moe"]) - moe_names)
-            if unknown:
-                raise ValueError(f"unknown model.moe config keys {unknown}; known keys are {sorted(moe_names)}")
-            values["moe"] = MoEConfig(**values["moe"])
+        for name, kind in (("moe", MoEConfig), ("mla", MLAConfig)):
+            if isinstance(values.get(name), dict):
+                sub_names = {f.name for f in dataclasses.fields(kind)}
+                unknown = sorted(set(values[name]) - sub_names)
+                if unknown:
+                    raise ValueError(f"unknown model.{name} config keys {unknown}; known keys are "
+                                     f"{sorted(sub_names)}")
+                values[name] = kind(**values[name])
         return cls(**values)
