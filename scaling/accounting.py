@@ -6,9 +6,18 @@ s sequence length, b micro-batch (sequences one device processes per micro-step)
 k = n_kv_heads, d = head_dim, f = d_ff, L = n_layers, v = vocab_size, P parameters; t, p, n are the sizes of the
 tensor, stage (pipeline) and other parallel dimensions.
 
-MoE (`cfg.moe`, E experts, top-k routing): each block's MLP is E SwiGLU experts (3*h*f each) and a router h*E;
-`expert_params` counts the experts, `_inactive_params` the (E - k) / E of them a token does not use, and every
-count below picks them up.
+MoE (`cfg.moe`, E experts, top-k routing): an MoE block's MLP is E SwiGLU experts of hidden f_e = `moe.d_ff`
+(0: f), 3*h*f_e each, a router h*E and S = `moe.n_shared_experts` shared experts, one SwiGLU of S*f_e hidden;
+the first L_d = `moe.first_dense_layers` blocks keep a dense SwiGLU of f, so L_m = L - L_d blocks are MoE.
+`expert_params` counts the routed experts, `_inactive_params` the (E - k) / E of them a token does not use, and
+every count below picks them up.
+
+MLA (`cfg.mla`, DeepSeek-V2/V3's multi-head latent attention; `mla.enabled` when kv_lora_rank > 0): r_q =
+q_lora_rank (0: a direct query projection), r_kv = kv_lora_rank, d_n = qk_nope_head_dim, d_r = qk_rope_head_dim,
+d_v = v_head_dim; each head's query and key have d_qk = d_n + d_r dims, its value d_v (GQA: d_qk = d_v = d).
+The KV cache keeps the latent and the shared RoPE key, r_kv + d_r numbers per layer and token. Counts follow
+transformers' DeepseekV3ForCausalLM, which (like meshlm) has no multi-token-prediction module: DeepSeek-V3's
+released 685B include 14B of MTP weights that these 671B leave out.
 """
 
 from __future__ import annotations
@@ -67,21 +76,67 @@ class Layout:
 
 # --- parameters ----------------------------------------------------------------------------------------------
 
-def layer_params(cfg: ModelConfig) -> dict[str, int]:
-    """Parameters of one block: attention h*a*d (q) + 2*h*k*d (k, v) + a*d*h (o) [+ a*d + 2*k*d q/k/v biases],
-    SwiGLU MLP 3*h*f (gate, up, down), two RMSNorm scales 2*h [+ 2*d: the q and k norms of `qk_norm`]. An MoE
-    block has E experts of 3*h*f, the router h*E and the shared experts' SwiGLU of s*f hidden, 3*h*s*f (the
-    selection bias of DeepSeekMoE is not a parameter)."""
-    h, a, k, d, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
-    attention = h * a * d + 2 * h * k * d + a * d * h + ((a + 2 * k) * d if cfg.qkv_bias else 0)
-    e, shared = cfg.moe.n_experts, cfg.moe.n_shared_experts
-    mlp = e * 3 * h * f + h * e + 3 * h * shared * f if e else 3 * h * f
-    return {"attention": attention, "mlp": mlp, "norms": 2 * h + (2 * d if cfg.qk_norm else 0)}
+def moe_layers(cfg: ModelConfig) -> int:
+    """Blocks with an MoE MLP: L_m = L - `moe.first_dense_layers` (0 for a dense config)."""
+    return cfg.n_layers - cfg.moe.first_dense_layers if cfg.moe.enabled else 0
+
+
+def head_dims(cfg: ModelConfig) -> tuple[int, int]:
+    """(d_qk, d_v): the dims of each head's query and key, and of its value (GQA: (d, d); MLA: (d_n + d_r,
+    d_v))."""
+    if cfg.mla.enabled:
+        return cfg.mla.qk_head_dim, cfg.mla.v_head_dim
+    return cfg.head_dim, cfg.head_dim
+
+
+def _attention_weights(cfg: ModelConfig) -> int:
+    """One block's attention projection matrices (matmul weights; no biases, no norm scales).
+
+    GQA: h*a*d (q) + 2*h*k*d (k, v) + a*d*h (o). MLA: the query h*r_q + r_q*a*d_qk (h*a*d_qk when r_q = 0),
+    the joint KV down-projection with the RoPE key h*(r_kv + d_r), the up-projection of keys and values
+    r_kv*a*(d_n + d_v), and o a*d_v*h."""
+    h, a = cfg.d_model, cfg.n_heads
+    if not cfg.mla.enabled:
+        k, d = cfg.n_kv_heads, cfg.head_dim
+        return h * a * d + 2 * h * k * d + a * d * h
+    m = cfg.mla
+    qk, v = head_dims(cfg)
+    q = h * m.q_lora_rank + m.q_lora_rank * a * qk if m.q_lora_rank else h * a * qk
+    kv = h * (m.kv_lora_rank + m.qk_rope_head_dim) + m.kv_lora_rank * a * (m.qk_nope_head_dim + v)
+    return q + kv + a * v * h
+
+
+def _mlp_weights(cfg: ModelConfig, *, dense: bool, active: bool) -> int:
+    """One block's MLP weights: a dense SwiGLU 3*h*f; an MoE MLP E*3*h*f_e experts (`active`: the top-k
+    routed ones, k*3*h*f_e) + the router h*E + the shared experts 3*h*S*f_e."""
+    h = cfg.d_model
+    if dense or not cfg.moe.enabled:
+        return 3 * h * cfg.d_ff
+    e, fe = cfg.moe.n_experts, cfg.moe.expert_d_ff(cfg.d_ff)
+    routed = cfg.moe.top_k if active else e
+    return routed * 3 * h * fe + h * e + 3 * h * cfg.moe.n_shared_experts * fe
+
+
+def layer_params(cfg: ModelConfig, *, dense: bool = False) -> dict[str, int]:
+    """Parameters of one block (of an MoE config: an MoE block; `dense=True`: one of its first
+    `moe.first_dense_layers` blocks, whose MLP is a dense SwiGLU of d_ff).
+
+    attention: `_attention_weights` [+ a*d + 2*k*d q/k/v biases]; mlp: `_mlp_weights` (the selection bias
+    of DeepSeekMoE is not a parameter; a buffer in transformers); norms: two RMSNorm scales 2*h [+ 2*d:
+    the q and k norms of `qk_norm`] [MLA: + r_q + r_kv, the scales of the query and KV latents' RMSNorms
+    (no query norm when r_q = 0); `ModelConfig` refuses q/k/v biases and q/k norms with MLA]."""
+    h, a, k, d = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    attention = _attention_weights(cfg) + ((a + 2 * k) * d if cfg.qkv_bias else 0)
+    norms = 2 * h + (2 * d if cfg.qk_norm else 0)
+    if cfg.mla.enabled:
+        norms += cfg.mla.q_lora_rank + cfg.mla.kv_lora_rank
+    return {"attention": attention, "mlp": _mlp_weights(cfg, dense=dense, active=False), "norms": norms}
 
 
 def expert_params(cfg: ModelConfig) -> int:
-    """Parameters in MoE expert MLPs, which `Layout.expert` shards: L * E * 3*h*f (0 for a dense config)."""
-    return cfg.n_layers * cfg.moe.n_experts * 3 * cfg.d_model * cfg.d_ff
+    """Parameters in routed MoE experts, which `Layout.expert` shards: L_m * E * 3*h*f_e (0 for a dense config;
+    shared experts and routers are dense parameters)."""
+    return moe_layers(cfg) * cfg.moe.n_experts * 3 * cfg.d_model * cfg.moe.expert_d_ff(cfg.d_ff)
 
 
 def _inactive_params(cfg: ModelConfig) -> int:
@@ -94,16 +149,20 @@ def param_count(cfg: ModelConfig) -> dict[str, int]:
     """Parameter counts.
 
     total = embedding + non_embedding; embedding = v*h (input table) + v*h more when the LM head is untied;
-    non_embedding = L * (attention + mlp + norms) + h (final norm), see `layer_params`; active = total minus the
-    parameters a token does not use (= total for dense models; see `_inactive_params`).
+    non_embedding = L_d * dense block + L_m * MoE block (L * block for dense models) + h (final norm), see
+    `layer_params`; active = total minus the parameters a token does not use (= total for dense models; see
+    `_inactive_params`).
 
-    Exact for the Llama family (Llama 2/3, Mistral without sliding windows, Qwen2 with q/k/v biases). GPT-2 is
-    not expressible: it has learned position embeddings, LayerNorm (scale and bias) and a 4h GELU MLP with
-    biases, none of which `ModelConfig` describes.
+    Exact for the Llama family (Llama 2/3, Mistral without sliding windows, Qwen2 with q/k/v biases), Mixtral,
+    Qwen3-MoE and DeepSeek-V3 (transformers' counts, without MTP: 671,026,404,352 total, 37,552,282,624 active).
+    GPT-2 is not expressible: it has learned position embeddings, LayerNorm (scale and bias) and a 4h GELU MLP
+    with biases, none of which `ModelConfig` describes.
     """
-    per_layer = sum(layer_params(cfg).values())
+    sparse = moe_layers(cfg)
+    dense = cfg.n_layers - sparse
+    blocks = sparse * sum(layer_params(cfg).values()) + dense * sum(layer_params(cfg, dense=True).values())
     embedding = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
-    non_embedding = cfg.n_layers * per_layer + cfg.d_model
+    non_embedding = blocks + cfg.d_model
     total = embedding + non_embedding
     return {"total": total, "embedding": embedding, "non_embedding": non_embedding,
             "active": total - _inactive_params(cfg)}
@@ -112,30 +171,34 @@ def param_count(cfg: ModelConfig) -> dict[str, int]:
 # --- FLOPs ---------------------------------------------------------------------------------------------------
 
 def matmul_params(cfg: ModelConfig) -> int:
-    """Weights a token multiplies by: L * (h*a*d + 2*h*k*d + a*d*h + 3*h*f) + h*v (the LM head, tied or not);
-    for MoE, 3*h*f becomes the top-k routed experts and the router, k*3*h*f + h*E (dropped tokens and capacity
-    padding not counted: model FLOPs). Embedding lookups, norms and biases are not matmuls."""
-    h, a, k, d, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
-    mlp = cfg.moe.top_k * 3 * h * f + h * cfg.moe.n_experts if cfg.moe.enabled else 3 * h * f
-    per_layer = h * a * d + 2 * h * k * d + a * d * h + mlp
-    return cfg.n_layers * per_layer + h * cfg.vocab_size
+    """Weights a token multiplies by: L * attention weights (`_attention_weights`) + L_d * 3*h*f (dense MLPs)
+    + L_m * (k*3*h*f_e + h*E + 3*h*S*f_e) (the top-k routed experts, router and shared experts; dropped tokens
+    and capacity padding not counted: model FLOPs) + h*v (the LM head, tied or not); a dense model's L blocks
+    all have 3*h*f. Embedding lookups, norms and biases are not matmuls. MLA counts its up-projections as
+    training runs them (keys and values expanded per head), not the absorbed form of a decode kernel."""
+    sparse = moe_layers(cfg)
+    mlp = (sparse * _mlp_weights(cfg, dense=False, active=True)
+           + (cfg.n_layers - sparse) * _mlp_weights(cfg, dense=True, active=True))
+    return cfg.n_layers * _attention_weights(cfg) + mlp + cfg.d_model * cfg.vocab_size
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, *, causal_halved: bool = False,
                     training: bool = True) -> float:
     """FLOPs per token of a forward pass (`training=False`) or of forward + backward (`training=True`, 3x).
 
-    forward = 2 * matmul_params + 4 * L * s * a * d, where the second term is attention's QK^T and PV matmuls
-    (each 2 * s * a * d per query token). Backward costs twice the forward (gradients with respect to both the
-    inputs and the weights of every matmul), so training = 6 * matmul_params + 12 * L * s * a * d (Kaplan et al.
-    2020; PaLM, Chowdhery et al. 2022, App. B). Elementwise work (softmax, norms, SwiGLU, RoPE) is not counted.
+    forward = 2 * matmul_params + 2 * L * s * a * (d_qk + d_v), where the second term is attention's QK^T and PV
+    matmuls (2 * s * a * d_qk and 2 * s * a * d_v per query token; GQA: 4 * L * s * a * d). Backward costs twice
+    the forward (gradients with respect to both the inputs and the weights of every matmul), so training =
+    6 * matmul_params + 6 * L * s * a * (d_qk + d_v) (Kaplan et al. 2020; PaLM, Chowdhery et al. 2022, App. B).
+    Elementwise work (softmax, norms, SwiGLU, RoPE) is not counted.
 
     Causal masking: PaLM and Levanter count the full s x s score matrix (`causal_halved=False`, our default and
     what bench_train's MFU uses); MaxText halves the attention term, since only the lower triangle is needed
     (`causal_halved=True`). No recomputation is counted: this is model FLOPs (MFU), not hardware FLOPs (HFU).
     """
     check_int("seq_len", seq_len)
-    attention = 4 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim
+    qk, v = head_dims(cfg)
+    attention = 2 * cfg.n_layers * seq_len * cfg.n_heads * (qk + v)
     if causal_halved:
         attention /= 2
     forward = 2 * matmul_params(cfg) + attention
@@ -248,29 +311,51 @@ def train_memory(cfg: ModelConfig, layout: Layout, micro_batch: int, seq_len: in
 
 
 def kv_cache_bytes(cfg: ModelConfig, tokens: int, dtype: str = "bfloat16") -> int:
-    """Bytes of K and V for `tokens` cached tokens: 2 * L * k * d * bytes_per_element * tokens
-    (Llama-2-7B in bfloat16: 2 * 32 * 32 * 128 * 2 = 524,288 bytes = 0.5 MiB per token)."""
+    """Bytes of the KV cache for `tokens` cached tokens: L * c * bytes_per_element * tokens, c the numbers one
+    layer keeps per token: GQA's keys and values, c = 2*k*d (Llama-2-7B in bfloat16: 2 * 32 * 32 * 128 * 2 =
+    524,288 bytes = 0.5 MiB per token); MLA's latent and shared RoPE key, c = r_kv + d_r (DeepSeek-V3 in
+    bfloat16: 61 * (512 + 64) * 2 = 70,272 bytes per token)."""
     check_int("tokens", tokens, minimum=0)
     try:
         itemsize = jnp.dtype(dtype).itemsize
     except TypeError:
         raise ValueError(f"unknown dtype {dtype!r} for the KV cache") from None
-    return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * itemsize * tokens
+    if cfg.mla.enabled:
+        per_layer = cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim
+    else:
+        per_layer = 2 * cfg.n_kv_heads * cfg.head_dim
+    return cfg.n_layers * per_layer * itemsize * tokens
 
 
 # --- communication -------------------------------------------------------------------------------------------
 
+def expert_all_to_all_bytes(cfg: ModelConfig, expert: int, tokens: float, seq_len: int, compute_bytes: int = 2
+                            ) -> float:
+    """Bytes one device sends in ONE MoE layer's forward all-to-alls under expert parallelism over `expert`
+    devices, for its `tokens` local tokens (in sequences of `seq_len`): the dispatch sends each token's routed
+    copies of its d_model activation to their experts' devices and the combine brings the experts' outputs
+    back, (e-1)/e of them to other devices: 2 * (e-1)/e * tokens * r * h * compute_bytes, e = `expert`, with
+    r the routed rows per token: top_k under dropless dispatch (each token's top_k copies; meshlm's mesh runs
+    dropless dispatch without expert parallelism today, so this is what an expert-parallel dropless dispatch
+    such as DeepEP's sends), E*C/s under capacity dispatch (every expert's C = `MoEConfig.capacity(s)` slots
+    per sequence, padding included: about capacity_factor * top_k). 0 for a dense model or e = 1. DeepSeek-V3
+    in bfloat16 at e = 64: 2 * 63/64 * 8 * 7168 * 2 = 225,792 bytes per token and MoE layer."""
+    check_int("expert", expert)
+    check_int("seq_len", seq_len)
+    if not cfg.moe.enabled or expert == 1:
+        return 0.0
+    if cfg.moe.dispatch == "dropless":
+        rows = tokens * cfg.moe.top_k
+    else:
+        rows = tokens / seq_len * cfg.moe.n_experts * cfg.moe.capacity(seq_len)
+    return 2 * (expert - 1) / expert * rows * cfg.d_model * compute_bytes
+
+
 def _expert_comm_bytes(cfg: ModelConfig, layout: Layout, tokens: float, seq_len: int, compute_bytes: int
                        ) -> float:
-    """Each MoE layer's dispatch and combine all-to-alls, forward and backward, of the local dispatched slots
-    (E experts x C slots per sequence, C = `MoEConfig.capacity(s)`, so about capacity_factor * top_k per token):
-    L * 4 * (e-1)/e * (tokens / s) * E * C * h * compute_bytes per device (e = layout.expert); 0 for a dense
-    model or e = 1."""
-    e = layout.expert
-    if not cfg.moe.enabled or e == 1:
-        return 0.0
-    slots = tokens / seq_len * cfg.moe.n_experts * cfg.moe.capacity(seq_len)
-    return cfg.n_layers * 4 * (e - 1) / e * slots * cfg.d_model * compute_bytes
+    """Every MoE layer's dispatch and combine all-to-alls, forward and again backward (their gradients go the
+    opposite way): L_m * 2 * `expert_all_to_all_bytes` per device; 0 for a dense model or layout.expert = 1."""
+    return moe_layers(cfg) * 2 * expert_all_to_all_bytes(cfg, layout.expert, tokens, seq_len, compute_bytes)
 
 
 def comm_bytes(cfg: ModelConfig, layout: Layout, micro_batch: int, seq_len: int, *, n_microbatches: int = 1,
@@ -307,7 +392,9 @@ def comm_bytes(cfg: ModelConfig, layout: Layout, micro_batch: int, seq_len: int,
                 ring: per layer, n-1 ppermutes of the local K and V blocks forward; backward, K and V go
                 around again (n-1 hops) with their float32 gradients beside them (n hops: the last brings them
                 home): m * L' * b*s'*2k*d/t * (2*(n-1) * compute_bytes + n * 4)
-      expert    MoE all-to-alls (`_expert_comm_bytes`); 0 for dense models
+                MLA: 2d becomes d_qk + d_v and k becomes a (keys and values expanded per head from the latent)
+      expert    MoE all-to-alls, dispatch and combine, forward and backward, in the L_m MoE blocks
+                (`expert_all_to_all_bytes`); 0 for dense models
 
     Every entry is 0 when its dimension is 1 (the data entry also needs sequence = expert = 1). Not counted: the
     embedding/LM-head all-reduces under tensor parallelism, recomputed forwards' collectives under remat, and
@@ -342,12 +429,14 @@ def comm_bytes(cfg: ModelConfig, layout: Layout, micro_batch: int, seq_len: int,
         "sequence": 0.0,
         "expert": _expert_comm_bytes(cfg, layout, m * b * s_local, seq_len, compute_bytes),
     }
-    d, a, k = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+    (qk, v), a = head_dims(cfg), cfg.n_heads
+    k = a if cfg.mla.enabled else cfg.n_kv_heads  # MLA's keys and values, expanded from the latent, are per head
     if sequence_impl == "ulysses":
         k_sent = k if (k // t) % n == 0 else a
-        out["sequence"] = m * layers * 2 * (n - 1) / n * b * s_local * d * (2 * a + 2 * k_sent) / t * compute_bytes
+        per_token = a * (qk + v) + k_sent * (qk + v)  # q and the output; k and v
+        out["sequence"] = m * layers * 2 * (n - 1) / n * b * s_local * per_token / t * compute_bytes
     else:
-        out["sequence"] = m * layers * b * s_local * 2 * k * d / t * (2 * (n - 1) * compute_bytes + n * 4)
+        out["sequence"] = m * layers * b * s_local * k * (qk + v) / t * (2 * (n - 1) * compute_bytes + n * 4)
     out = {key: math.ceil(value) for key, value in out.items()}
     out["total"] = sum(out.values())
     return out

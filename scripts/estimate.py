@@ -1,10 +1,11 @@
 """What training a model costs, before running it: `python -m scripts.estimate --preset 7b
 [--hf-config path/config.json] [--layout data=2,fsdp=4,tensor=1] [--micro-batch 1 --seq-len 4096]`.
 
-Prints parameters, FLOPs per token, training memory per device, bytes each device sends per step for each
-parallel dimension, and KV-cache bytes per token, all from `scaling.accounting` (no model is built, no device
-is used). `--layout` names the size of each parallel dimension (data, fsdp, tensor, stage, sequence, expert);
-unnamed ones are 1. A bad preset, config, layout or option exits with code 2.
+Prints parameters (total and, for MoE, active), FLOPs per token, training memory per device, bytes each device
+sends per step for each parallel dimension, for MoE the all-to-all bytes per token and MoE layer, and KV-cache
+bytes per token (MLA: its latent), all from `scaling.accounting` (no model is built, no device is used).
+`--layout` names the size of each parallel dimension (data, fsdp, tensor, stage, sequence, expert); unnamed
+ones are 1. A bad preset, config, layout or option exits with code 2.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from scripts.common import fail
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="7b", help="model preset (tiny, small, 125m, 350m, 1b, 7b)")
-    p.add_argument("--hf-config", help="a Hugging Face config.json (Llama, Mistral, Qwen2, Mixtral, Qwen3-MoE); "
-                                       "replaces --preset")
+    p.add_argument("--hf-config", help="a Hugging Face config.json (Llama, Mistral, Qwen2, Mixtral, Qwen3-MoE, "
+                                       "DeepSeek-V3); replaces --preset")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="model.KEY=VALUE",
                    help="override a model field, e.g. model.n_layers=48 (repeatable)")
     p.add_argument("--layout", default="", help="parallel sizes, e.g. data=2,fsdp=4,tensor=2 (default: 1 device)")
@@ -100,6 +101,15 @@ def _count(n: float) -> str:
     return f"{n:>20,.0f}  {n / 1e9:>9.3f} B"
 
 
+def _attention(cfg) -> str:
+    if not cfg.mla.enabled:
+        return f"{cfg.n_heads} heads ({cfg.n_kv_heads} KV) x {cfg.head_dim}"
+    m = cfg.mla
+    query = f"q_lora {m.q_lora_rank}" if m.q_lora_rank else "full-rank q"
+    return (f"MLA {cfg.n_heads} heads x qk {m.qk_nope_head_dim}+{m.qk_rope_head_dim}, v {m.v_head_dim}, "
+            f"kv_lora {m.kv_lora_rank}, {query}")
+
+
 def render(rows: list[tuple[str, str]], title: str) -> str:
     return "\n".join([title] + [f"  {name:<24}{value}" for name, value in rows])
 
@@ -107,7 +117,16 @@ def render(rows: list[tuple[str, str]], title: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
-    from scaling.accounting import Layout, comm_bytes, flops_per_token, kv_cache_bytes, param_count, train_memory
+    from scaling.accounting import (
+        Layout,
+        comm_bytes,
+        expert_all_to_all_bytes,
+        flops_per_token,
+        kv_cache_bytes,
+        moe_layers,
+        param_count,
+        train_memory,
+    )
 
     try:
         designed = design_for_budget(args) if args.budget or args.gpu_hours else None
@@ -125,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                           sequence_impl=args.sequence_impl, param_bytes=args.param_bytes,
                           compute_bytes=args.compute_bytes)
         kv = kv_cache_bytes(cfg, 1, args.kv_dtype)
+        all_to_all = expert_all_to_all_bytes(cfg, layout.expert, 1, seq_len, args.compute_bytes)
     except (ValueError, TypeError) as e:
         fail(str(e))
 
@@ -136,9 +156,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.device_gib:g} GiB devices at micro-batch 1, full remat")
     sizes = " ".join(f"{axis}={getattr(layout, axis)}" for axis in ("data", "fsdp", "tensor", "stage", "sequence",
                                                                       "expert"))
-    print(f"model   {name}: d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads ({cfg.n_kv_heads} KV) "
-          f"x {cfg.head_dim}, d_ff {cfg.d_ff}, vocab {cfg.vocab_size}, "
-          f"{'tied' if cfg.tie_embeddings else 'untied'}{', qkv bias' if cfg.qkv_bias else ''}")
+    print(f"model   {name}: d_model {cfg.d_model}, {cfg.n_layers} layers, {_attention(cfg)}, d_ff {cfg.d_ff}, "
+          f"vocab {cfg.vocab_size}, {'tied' if cfg.tie_embeddings else 'untied'}{', qkv bias' if cfg.qkv_bias else ''}")
+    if cfg.moe.enabled:
+        moe = cfg.moe
+        shared = f", {moe.n_shared_experts} shared" if moe.n_shared_experts else ""
+        dense = f" after {moe.first_dense_layers} dense" if moe.first_dense_layers else ""
+        print(f"moe     {moe.n_experts} experts, top {moe.top_k}, hidden {moe.expert_d_ff(cfg.d_ff)}{shared}, "
+              f"{moe.dispatch} dispatch; {moe_layers(cfg)} MoE layers{dense}")
     print(f"layout  {sizes} ({layout.devices} devices); micro-batch {args.micro_batch} x {seq_len} tokens, "
           f"{args.microbatches} micro-batch(es) per step")
     print()
@@ -149,8 +174,13 @@ def main(argv: list[str] | None = None) -> int:
                  f"{args.param_bytes}-byte params, {args.compute_bytes}-byte activations)"))
     print(render([(k, _bytes(v)) for k, v in comm.items()],
                  f"bytes sent per device per step (ring collectives; sequence: {args.sequence_impl})"))
+    if cfg.moe.enabled:
+        print(render([("per token, one layer", _bytes(all_to_all)),
+                       (f"x {moe_layers(cfg)} MoE layers", _bytes(all_to_all * moe_layers(cfg)))],
+                     f"expert all-to-all sent per device, forward (dispatch + combine, expert={layout.expert}, "
+                     f"{args.compute_bytes}-byte activations)"))
     print(render([("per token", _bytes(kv)), (f"x {seq_len} tokens", _bytes(kv * seq_len))],
-                 f"KV cache ({args.kv_dtype})"))
+                 f"KV cache ({args.kv_dtype}{', MLA latent' if cfg.mla.enabled else ''})"))
     return 0
 
 
