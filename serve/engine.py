@@ -278,6 +278,7 @@ class Engine:
         spec = cfg.speculative
         self.speculation = SpeculationStats(accepted_at=[0] * (spec.num_tokens if spec else 0))
         self.policy = SpeculationPolicy() if spec and spec.adaptive else None
+        self._last_mode: bool | None = None  # the last step's mode, if the policy could measure it
         self._ngram = NgramConfig(spec.ngram_max_n, spec.ngram_min_n, spec.num_tokens) if spec else None
         self._drafter = None
         if spec and spec.method in ("draft", "head"):
@@ -406,11 +407,13 @@ class Engine:
             events += own
             produced = len(own)
             self._in_flight = None
-        # a step measures its mode's rate (the tokens it computes, over its time) unless it compiled or prefilled;
-        # a switch's costs (a draft catching up, the overlap lost) count for the mode switched to
-        if self.policy and schedule.chunks and not schedule.prefills and self.compiles() == compiles:
-            self.policy.record(bucket(len(schedule.decodes)), bool(lookahead), produced,
-                               time.perf_counter() - start)
+        # a step measures its mode's steady rate (the tokens it computes, over its time) when neither it nor the
+        # step before compiled or prefilled and both ran the same mode: with overlap a step's time holds the device
+        # time of the step before, so a switch's first step would be charged for the other mode's step
+        mode = bool(lookahead) if schedule.chunks and not schedule.prefills and self.compiles() == compiles else None
+        if self.policy and mode is not None and mode == self._last_mode:
+            self.policy.record(bucket(len(schedule.decodes)), mode, produced, time.perf_counter() - start)
+        self._last_mode = mode
         running = self.scheduler.running
         if running and self.allocator.num_used:
             stored = sum(seq.num_computed for seq in running)

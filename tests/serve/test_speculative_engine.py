@@ -160,6 +160,36 @@ def test_the_policy_keeps_the_faster_mode_and_probes_the_other():
     assert policy.speculate(8) is True  # another batch size has its own figures
 
 
+def test_the_engine_measures_each_mode_in_steady_state_only():
+    """With overlap a step's time holds the device time of the step before it, so the policy is given only steps
+    that follow a measurable step of the same mode (the first step after a switch, a prefill or a compile would be
+    charged for another kind of step); and the output stays the naive decoder's while it switches."""
+    e = engine(dataclasses.replace(NGRAM, adaptive=True))
+    e.policy = SpeculationPolicy(explore_steps=2, probe_every=6, probe_steps=2)  # switch often
+    modes, recorded = [], []
+    record, lookahead = e.policy.record, e._lookahead
+
+    def spy_lookahead():
+        k = lookahead()
+        modes.append(bool(k))
+        return k
+
+    def spy_record(bucket, speculated, tokens, seconds):
+        recorded.append((len(modes) - 1, speculated))
+        record(bucket, speculated, tokens, seconds)
+
+    e._lookahead, e.policy.record = spy_lookahead, spy_record
+    prompt = prompts()[3]
+    expected = generate(model(), [prompt], 40)[0]
+    for i in range(3):  # one request at a time, long enough for steps that compile nothing
+        assert e.generate([Request(tuple(prompt), 40, request_id=f"s{i}")])[0].token_ids == expected
+    assert {m for _, m in recorded} == {True, False}
+    for i, mode in recorded:
+        assert i > 0 and modes[i] == mode and modes[i - 1] == mode, (i, modes[max(0, i - 2):i + 1])
+    switches = [i for i in range(1, len(modes)) if modes[i] != modes[i - 1]]
+    assert switches and not {i for i, _ in recorded} & set(switches)
+
+
 def test_the_head_proposer_drafts_what_the_cache_free_head_drafts():
     """The engine's draft head (its paged pool, catching up lazily on the target's stored hidden states) drafts the
     tokens of model/draft_head.py `draft_tokens`, which recomputes the head over the whole sequence from the
