@@ -27,8 +27,8 @@ def normal(std: float) -> Callable:
 class RMSNorm(nnx.Module):
     """y = x / rms(x) * scale, computed in float32."""
 
-    def __init__(self, dim: int, eps: float, dtype: jnp.dtype, rngs: nnx.Rngs, name: str = axes.EMBED):
-        """`name`: the logical axis of the normalised (last) dimension."""
+    def __init__(self, dim: int, eps: float, dtype: jnp.dtype, rngs: nnx.Rngs, name: str | None = axes.EMBED):
+        """`name`: the logical axis of the normalised (last) dimension (None: replicated)."""
         self.scale = param(rngs, jax.nn.initializers.ones, (dim,), (name,), dtype)
         self.eps = eps
 

@@ -4,7 +4,8 @@ Routing (float32, model/router.py). logits = x @ W_router, probs = softmax(logit
 affinities, a per-expert selection bias and group-limited routing); each token takes its top_k experts. With
 top_k > 1 their weights are renormalised to sum to 1 (Mixtral); with top_k = 1 the weight is the probability
 itself (Switch), so the router still learns from the language-model loss. Shared experts (DeepSeekMoE), one
-SwiGLU of n_shared_experts * d_ff hidden, take every token and add to the routed output.
+SwiGLU of n_shared_experts * d_ff hidden, take every token and add to the routed output. Experts' d_ff is
+`moe.d_ff` (or the model's when 0).
 
 Router losses, returned to the caller (the model averages them over layers and the trainer adds them):
 load balance (Switch, over all top-k assignments) E * sum_e f_e * P_e, with f_e the fraction of assignments
@@ -56,7 +57,7 @@ class MoE(nnx.Module):
     """Top-k routed SwiGLU experts (plus shared ones); returns (output [B, T, D], weighted router loss)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        e, d, f, pd = cfg.moe.n_experts, cfg.d_model, cfg.d_ff, cfg.weight_dtype
+        e, d, f, pd = cfg.moe.n_experts, cfg.d_model, cfg.moe.expert_d_ff(cfg.d_ff), cfg.weight_dtype
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
         self.router = param(rngs, normal(cfg.init_std), (d, e), (axes.EMBED, None), pd)
         self.w_gate = param(rngs, normal(cfg.init_std), (e, d, f), (axes.EXPERT, axes.EMBED, axes.MLP), pd)

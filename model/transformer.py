@@ -22,6 +22,7 @@ from model.attention import attention
 from model.config import ModelConfig
 from model.layers import MLP, RMSNorm, apply_rope, normal, param, rope_tables
 from model.loss import cross_entropy, linear_cross_entropy
+from model.mla import MLA
 from model.moe import MoE
 
 Attend = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # (q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh) -> out_BxTxHxDh
@@ -93,13 +94,14 @@ class Attention(nnx.Module):
 
 
 class Block(nnx.Module):
-    """x + attn(norm(x)), then + mlp(norm(x)); the MLP is a Mixture of Experts when `cfg.moe` has experts."""
+    """x + attn(norm(x)), then + mlp(norm(x)); the attention is multi-head latent attention when `cfg.mla` is
+    enabled, and the MLP a Mixture of Experts when `cfg.moe` has experts (unless `dense_mlp`)."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dense_mlp: bool = False):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.weight_dtype, rngs)
-        self.attn = Attention(cfg, rngs)
+        self.attn = MLA(cfg, rngs) if cfg.mla.enabled else Attention(cfg, rngs)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.weight_dtype, rngs)
-        self.mlp = MoE(cfg, rngs) if cfg.moe.enabled else MLP(cfg, rngs)
+        self.mlp = MoE(cfg, rngs) if cfg.moe.enabled and not dense_mlp else MLP(cfg, rngs)
 
     def __call__(self, x_BxTxD: jax.Array, cos: jax.Array, sin: jax.Array, attend: Attend | None = None
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
@@ -115,7 +117,9 @@ class Block(nnx.Module):
 
 class Transformer(nnx.Module):
     """Token ids [B, T] -> float32 logits [B, T, vocab]. Layers are stacked on a leading `layers` axis and run as
-    an unrolled loop (`scan_layers=True`: one `jax.lax.scan`, whose compile time does not grow with depth)."""
+    an unrolled loop (`scan_layers=True`: one `jax.lax.scan`, whose compile time does not grow with depth). An MoE
+    model with `moe.first_dense_layers = k` has two stacks, run in turn: `dense_blocks` (its first k blocks, with
+    the dense MLP) and `blocks` (the rest); a pipelined layer stack takes only one, and is refused then."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, attend: Attend | None = None,
                  layer_stack: LayerStack | None = None):
@@ -127,13 +131,14 @@ class Transformer(nnx.Module):
         self.layer_stack = layer_stack
         pd = cfg.weight_dtype
         self.embed = param(rngs, normal(cfg.init_std), (cfg.vocab_size, cfg.d_model), (axes.VOCAB, axes.EMBED), pd)
-
-        @nnx.split_rngs(splits=cfg.n_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: axes.LAYERS})
-        def make_blocks(rngs: nnx.Rngs) -> Block:
-            return Block(cfg, rngs)
-
-        self.blocks = make_blocks(rngs)
+        n_dense = dense_layers(cfg)
+        if n_dense and layer_stack is not None:
+            raise ValueError(f"model.moe.first_dense_layers ({n_dense}) with a pipelined layer stack (mesh.stage > 1) "
+                             f"is not supported: the pipeline takes one stack of like blocks; use "
+                             f"model.moe.first_dense_layers=0 or mesh.stage=1")
+        if n_dense:
+            self.dense_blocks = _stacked_blocks(cfg, rngs, n_dense, dense_mlp=True)
+        self.blocks = _stacked_blocks(cfg, rngs, cfg.n_layers - n_dense)
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd, rngs)
         if not cfg.tie_embeddings:
             self.lm_head = param(rngs, normal(cfg.init_std), (cfg.d_model, cfg.vocab_size),
@@ -172,29 +177,33 @@ class Transformer(nnx.Module):
 
     def hidden_and_router_stats(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None
                                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """`hidden_and_router_loss`, and each layer's expert load [L, E] (the fraction of its routed assignments
-        each expert took; [L, 0] for a dense model)."""
+        """`hidden_and_router_loss`, and each MoE layer's expert load [L, E] (the fraction of its routed
+        assignments each expert took; [L, 0] for a dense model; the `blocks` stack's L - first_dense_layers rows
+        with dense first layers), the router loss averaged over the MoE layers."""
         cfg = self.cfg
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
         x_BxTxD = self.embed_tokens(tokens_BxT)
-        graphdef, stacked = nnx.split(self.blocks)
+        stacks = [self.dense_blocks, self.blocks] if dense_layers(cfg) else [self.blocks]
+        for blocks in stacks:  # the last stack's loads are the MoE layers'; a dense stack's are [k, 0]
+            graphdef, stacked = nnx.split(blocks)
 
-        def stage(layers_state: nnx.State, x_BxTxD: jax.Array, positions_BxT: jax.Array
-                  ) -> tuple[jax.Array, LayerAux]:
-            layer = self._layer_fn(graphdef, positions_BxT)
-            x_BxTxD, (router_losses, loads_LxE) = _run_layers(layer, x_BxTxD, layers_state, cfg.scan_layers)
-            return x_BxTxD, (jnp.sum(router_losses), loads_LxE)
+            def stage(layers_state: nnx.State, x_BxTxD: jax.Array, positions_BxT: jax.Array,
+                      graphdef: nnx.GraphDef = graphdef) -> tuple[jax.Array, LayerAux]:
+                layer = self._layer_fn(graphdef, positions_BxT)
+                x_BxTxD, (router_losses, loads_LxE) = _run_layers(layer, x_BxTxD, layers_state, cfg.scan_layers)
+                return x_BxTxD, (jnp.sum(router_losses), loads_LxE)
 
-        x_BxTxD, (router_loss_sum, load_LxE) = (self.layer_stack or layers_in_turn)(stage, stacked, x_BxTxD,
-                                                                                     positions_BxT)
-        return x_BxTxD, router_loss_sum / cfg.n_layers, load_LxE
+            x_BxTxD, (router_loss_sum, load_LxE) = (self.layer_stack or layers_in_turn)(stage, stacked, x_BxTxD,
+                                                                                         positions_BxT)
+        return x_BxTxD, router_loss_sum / (cfg.n_layers - dense_layers(cfg)), load_LxE
 
     def _layer_fn(self, graphdef: nnx.GraphDef, positions_BxT: jax.Array) -> Callable:
         """`layer(x, layer_state) -> (x, (router loss, expert load))` for one block at these positions,
         rematerialised per `remat`: the step `_run_layers` applies over the stacked layers."""
         cfg = self.cfg
-        cos, sin = rope_tables(positions_BxT, cfg.head_dim, cfg.rope_theta)
+        rope_dim = cfg.mla.qk_rope_head_dim if cfg.mla.enabled else cfg.head_dim
+        cos, sin = rope_tables(positions_BxT, rope_dim, cfg.rope_theta)
 
         def layer(x_BxTxD: jax.Array, layer_state: nnx.State) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
             return nnx.merge(graphdef, layer_state)(x_BxTxD, cos, sin, self.attend)
@@ -226,6 +235,22 @@ class Transformer(nnx.Module):
         x_BxTxD = self.final_norm(x_BxTxD)
         loss = linear_cross_entropy(x_BxTxD, self.head(), targets_BxT, cfg.loss_chunks, grad_dtype)
         return loss, router_loss, load_LxE
+
+
+def dense_layers(cfg: ModelConfig) -> int:
+    """How many leading blocks keep the dense MLP in an MoE model (`moe.first_dense_layers`; 0 when dense)."""
+    return cfg.moe.first_dense_layers if cfg.moe.enabled else 0
+
+
+def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs, n: int, dense_mlp: bool = False) -> Block:
+    """`n` blocks stacked on a leading `layers` axis (one vmapped `Block`)."""
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: axes.LAYERS})
+    def make_blocks(rngs: nnx.Rngs) -> Block:
+        return Block(cfg, rngs, dense_mlp)
+
+    return make_blocks(rngs)
 
 
 def _run_layers(layer: Callable, x_BxTxD: jax.Array, stacked: nnx.State, scan: bool) -> tuple[jax.Array, Any]:
