@@ -194,7 +194,9 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, *, causal_halved: bool = Fal
 
     Causal masking: PaLM and Levanter count the full s x s score matrix (`causal_halved=False`, our default and
     what bench_train's MFU uses); MaxText halves the attention term, since only the lower triangle is needed
-    (`causal_halved=True`). No recomputation is counted: this is model FLOPs (MFU), not hardware FLOPs (HFU).
+    (`causal_halved=True`). No recomputation is counted: this is model FLOPs (MFU), not hardware FLOPs (HFU);
+    likewise MLA's d_qk + d_v, where model/mla.py, whose attention takes one head dim, zero-pads the shorter
+    of them and computes 4 * s * a * max(d_qk, d_v).
     """
     check_int("seq_len", seq_len)
     qk, v = head_dims(cfg)
