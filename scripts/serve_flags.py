@@ -44,7 +44,7 @@ def serve_default(name: str) -> Any:
 
 def decode_impls() -> tuple[str, ...]:
     """The choices of serve.decode_impl, as the engine checks them."""
-    from serve.engine import DECODE_IMPLS
+    from serve.ragged_attention import DECODE_IMPLS
 
     return tuple(DECODE_IMPLS)
 

@@ -34,14 +34,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from model.checks import check_bool, check_ints, check_one_of
 from model.config import ModelConfig
 from model.transformer import for_inference
 from serve import request_checks
 from serve.block_allocator import BlockAllocator
 from serve.compiled import CompiledPerShape, shared_compiled
 from serve.forward import (
-    LAYER_LOOPS,
     StepGraph,
     StepParams,
     model_step,
@@ -50,18 +48,18 @@ from serve.forward import (
 )
 from serve.kv_cache import CacheShape, KVCache, init_cache, pages_for_budget
 from serve.ngram import NgramConfig, propose_ngram
-from serve.ragged_attention import DECODE_IMPLS, resolve_decode_impl
+from serve.ragged_attention import resolve_decode_impl
 from serve.request import PENDING, Completion, Request, RequestState, SamplingParams, rejected
 from serve.request_checks import RequestError
 from serve.sampling import sample_rows, token_logprobs
 from serve.scheduler import Schedule, ScheduledChunk, Scheduler, SchedulerConfig
-from serve.speculation_config import SpeculativeConfig
+from serve.serve_config import DEFAULT_KV_BYTES, ServeConfig
 from serve.speculation_policy import SpeculationPolicy
+from serve.speculation_stats import SpeculationStats
 from serve.speculative import verify_rows
 from serve.step_batch import Row, SamplingInputs, StepInputs, StepLayout, bucket, build_step, tiles_for
 
 TokenCallback = Callable[[str, int], None]
-DEFAULT_KV_BYTES = 2 << 30  # the default cache's cap: 16 full 8,192-token contexts of a 135M model would be 6 GB
 
 
 def request_problem(request: Request, model_cfg: ModelConfig) -> str | None:
@@ -78,46 +76,6 @@ def request_problem(request: Request, model_cfg: ModelConfig) -> str | None:
               "stop": request.stop_ids, "logprobs": request.logprobs}
     return request_checks.request_problem(fields, vocab_size=model_cfg.vocab_size,
                                           max_seq_len=model_cfg.max_seq_len)
-
-
-@dataclasses.dataclass(frozen=True)
-class ServeConfig:
-    """Engine settings. The cache holds `num_pages` pages, or as many as `memory_bytes` or `memory_fraction` of
-    free device memory buys; with none given, enough for `max_running` sequences of the model's full context, up to
-    `DEFAULT_KV_BYTES` (beyond that, sequences share the pages and the scheduler preempts when they run out).
-    `prefix_caching` lets a request reuse the K/V pages of full blocks an earlier request computed for the same
-    prefix (a shared system prompt, a multi-turn chat), so its prefill starts after them. `overlap` reads each
-    step's tokens back while the next step runs (see the module docstring). `decode_impl` "auto" is
-    the Pallas decode kernel on GPU and the plain-JAX path elsewhere; `layer_loop` "scan" compiles the layers once,
-    "unrolled" once per layer (serve/forward.py). Step shapes (serve/step_batch.py): prefill
-    chunks go in tiles of `prefill_tile` tokens; block tables are at least `min_context_bucket` tokens wide."""
-
-    page_size: int = 16
-    num_pages: int | None = None
-    memory_bytes: int | None = None
-    memory_fraction: float | None = None
-    max_running: int = 16
-    token_budget: int = 512
-    max_prefill_chunk: int | None = None
-    decode_impl: str = "auto"
-    layer_loop: str = "scan"
-    prefill_tile: int = 32
-    min_context_bucket: int = 128
-    seed: int = 0
-    prefix_caching: bool = True
-    overlap: bool = True
-    speculative: SpeculativeConfig | None = None
-
-    def __post_init__(self) -> None:
-        check_ints("serve.", self, ("page_size", "max_running", "token_budget", "prefill_tile", "min_context_bucket"))
-        if sum(x is not None for x in (self.num_pages, self.memory_bytes, self.memory_fraction)) > 1:
-            raise ValueError("give at most one of serve.num_pages, serve.memory_bytes, serve.memory_fraction")
-        for name in ("prefix_caching", "overlap"):
-            check_bool(f"serve.{name}", getattr(self, name))
-        check_one_of("serve.decode_impl", self.decode_impl, DECODE_IMPLS)
-        check_one_of("serve.layer_loop", self.layer_loop, LAYER_LOOPS)
-        if self.speculative is not None and not isinstance(self.speculative, SpeculativeConfig):
-            raise ValueError(f"serve.speculative must be a SpeculativeConfig or None, got {self.speculative!r}")
 
 
 def _device_step(graph: StepGraph, decode_impl: str, params: StepParams, cache: KVCache,
@@ -194,34 +152,6 @@ class _Launched:
     def slot_of(self) -> dict[int, int]:
         """id(request) -> its sampling slot."""
         return {id(seq): slot for seq, slot in self.sampled}
-
-
-@dataclasses.dataclass
-class SpeculationStats:
-    """Speculative decoding so far: verified decode rows, tokens drafted and accepted, and how many rows accepted
-    their j-th drafted token (`accepted_at[j]`; a row accepts a prefix of its drafts)."""
-
-    rows: int = 0
-    drafted: int = 0
-    accepted: int = 0
-    accepted_at: list[int] = dataclasses.field(default_factory=list)
-
-    @property
-    def mean_accepted_length(self) -> float:
-        """Tokens each verified row emitted on average: its accepted drafts plus the one the target sampled."""
-        return 1.0 + self.accepted / self.rows if self.rows else 0.0
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.drafted if self.drafted else 0.0
-
-    def summary(self) -> dict:
-        """The figures a benchmark or `generate` reports: counts, acceptance rate, mean accepted length, and the
-        rate at which rows accepted their j-th drafted token."""
-        return {"verified_rows": self.rows, "drafted": self.drafted, "accepted": self.accepted,
-                "acceptance_rate": round(self.acceptance_rate, 4),
-                "mean_accepted_length": round(self.mean_accepted_length, 3),
-                "accepted_at_position": [round(n / self.rows, 4) if self.rows else 0.0 for n in self.accepted_at]}
 
 
 class Engine:

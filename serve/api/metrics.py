@@ -72,7 +72,7 @@ class ServerMetrics:
         self.kv_pages_total.set(pages_total)
 
     def speculation(self, *, rows: int, drafted: int, accepted: int, accepted_at: list[int]) -> None:
-        """The engine's speculative-decoding totals (serve/engine.py SpeculationStats)."""
+        """The engine's speculative-decoding totals (serve/speculation_stats.py)."""
         self.spec_drafts.set(rows)
         self.spec_draft_tokens.set(drafted)
         self.spec_accepted_tokens.set(accepted)

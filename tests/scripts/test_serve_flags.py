@@ -12,8 +12,9 @@ import pytest
 import scripts.bench_serving
 import scripts.generate
 from scripts.serve_flags import add_serve_args, serve_argv, serve_config
-from serve.engine import DECODE_IMPLS, ServeConfig
+from serve.engine import ServeConfig
 from serve.forward import LAYER_LOOPS
+from serve.ragged_attention import DECODE_IMPLS
 
 
 def parsed(*argv):
