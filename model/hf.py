@@ -10,7 +10,9 @@ The routers agree: softmax over the expert logits, the top k, renormalised to su
 norm_topk_prob (Mixtral: always) (model/router.py); configs whose router does otherwise are refused (k = 1 with
 renormalisation, which weighs the one expert 1 where meshlm keeps its probability), as are Qwen3-MoE's dense
 layers (mlp_only_layers, decoder_sparse_step), which meshlm's uniform layer stack does not have, and, on export,
-DeepSeekMoE's router features (sigmoid scores, groups, shared experts, scaling).
+DeepSeekMoE's router features (sigmoid scores, groups, shared experts, scaling). DeepSeek-V3
+(DeepseekV3ForCausalLM: multi-head latent attention, dense first layers, DeepSeekMoE) has its config and layer
+names in model/hf_deepseek.py.
 """
 
 from __future__ import annotations
@@ -26,15 +28,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from model import hf_deepseek
 from model.config import ModelConfig, MoEConfig
-from model.transformer import Transformer
+from model.router import ExpertBias
+from model.transformer import Transformer, dense_layers
 
-MODEL_TYPES = ("llama", "mistral", "qwen2", "mixtral", "qwen3_moe")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "mixtral", "qwen3_moe", hf_deepseek.MODEL_TYPE)
 MOE_TYPES = ("mixtral", "qwen3_moe")
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")  # safetensors dtype codes load_hf accepts
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some older Llama exports carry; recomputed, not loaded
+_WEIGHTS = nnx.Any(nnx.Param, ExpertBias)  # what a checkpoint holds
 
 
 # --- config.json <-> ModelConfig -----------------------------------------------------------------------------
@@ -115,24 +120,30 @@ def config_from_hf(hf_config: dict) -> ModelConfig:
         raise ValueError(f"{model_type} attention_bias=true is not supported (it adds an o_proj bias)")
     if hf_config.get("mlp_bias"):
         raise ValueError(f"{model_type} mlp_bias=true is not supported")
-    d_model, n_heads = _require(hf_config, "hidden_size"), _require(hf_config, "num_attention_heads")
-    moe = _moe_from_hf(hf_config, model_type) if model_type in MOE_TYPES else MoEConfig()
-    d_ff_key = "moe_intermediate_size" if model_type == "qwen3_moe" else "intermediate_size"
-    return ModelConfig(
+    d_model = _require(hf_config, "hidden_size")
+    common = dict(
         vocab_size=_require(hf_config, "vocab_size"),
         d_model=d_model,
         n_layers=_require(hf_config, "num_hidden_layers"),
-        n_heads=n_heads,
-        n_kv_heads=hf_config.get("num_key_value_heads") or n_heads,
-        head_dim=hf_config.get("head_dim") or d_model // n_heads,
-        d_ff=_require(hf_config, d_ff_key),
         max_seq_len=_require(hf_config, "max_position_embeddings"),
         rope_theta=_rope_theta(hf_config),
         norm_eps=float(_require(hf_config, "rms_norm_eps")),
         tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
+        init_std=float(hf_config.get("initializer_range", 0.02)),
+    )
+    if model_type == hf_deepseek.MODEL_TYPE:
+        return hf_deepseek.config_from_hf(hf_config, common)
+    n_heads = _require(hf_config, "num_attention_heads")
+    moe = _moe_from_hf(hf_config, model_type) if model_type in MOE_TYPES else MoEConfig()
+    d_ff_key = "moe_intermediate_size" if model_type == "qwen3_moe" else "intermediate_size"
+    return ModelConfig(
+        **common,
+        n_heads=n_heads,
+        n_kv_heads=hf_config.get("num_key_value_heads") or n_heads,
+        head_dim=hf_config.get("head_dim") or d_model // n_heads,
+        d_ff=_require(hf_config, d_ff_key),
         qkv_bias=model_type == "qwen2",
         qk_norm=model_type == "qwen3_moe",
-        init_std=float(hf_config.get("initializer_range", 0.02)),
         dtype="auto",
         param_dtype="float32",
         moe=moe,
@@ -141,16 +152,19 @@ def config_from_hf(hf_config: dict) -> ModelConfig:
 
 def _hf_family(cfg: ModelConfig) -> tuple[str, str]:
     """(model_type, architecture) that describes `cfg` exactly; ValueError naming the field when none does."""
+    if cfg.mla.enabled:
+        return hf_deepseek.MODEL_TYPE, hf_deepseek.ARCHITECTURE
     if cfg.qk_norm and cfg.qkv_bias:
         raise ValueError("HF export of model.qk_norm=true with model.qkv_bias=true is not supported: no exported "
                          "family has both (Qwen3-MoE has q/k norms and no biases, Qwen2 the reverse)")
     moe = cfg.moe
     if moe.enabled:
         for name, plain in (("router", "softmax"), ("n_shared_experts", 0), ("n_group", 1),
-                            ("routed_scaling_factor", 1.0)):
+                            ("routed_scaling_factor", 1.0), ("first_dense_layers", 0), ("d_ff", 0)):
             if getattr(moe, name) != plain:
                 raise ValueError(f"HF export of model.moe.{name}={getattr(moe, name)!r} is not supported: Mixtral "
-                                 f"and Qwen3-MoE have a plain softmax router ({name}={plain!r})")
+                                 f"and Qwen3-MoE have a plain softmax router and every layer's experts of "
+                                 f"model.d_ff ({name}={plain!r}); DeepSeek-V3's needs model.mla")
         if cfg.qkv_bias:
             raise ValueError("HF export of a Mixture-of-Experts model with model.qkv_bias=true is not supported: "
                              "Mixtral and Qwen3-MoE have no q/k/v biases")
@@ -207,6 +221,8 @@ def hf_config_from(cfg: ModelConfig) -> dict:
         out.update(num_experts_per_tok=cfg.moe.top_k, router_aux_loss_coef=cfg.moe.aux_loss_weight / cfg.moe.top_k)
     if model_type == "llama":
         out.update(attention_bias=False, mlp_bias=False)
+    if model_type == hf_deepseek.MODEL_TYPE:
+        out.update(hf_deepseek.hf_config_from(cfg))
     return out
 
 
@@ -215,16 +231,30 @@ def hf_config_from(cfg: ModelConfig) -> dict:
 class _Tensor(NamedTuple):
     """One meshlm parameter and its HF tensor. `n_in` is how many leading meshlm axes are the input of an HF
     Linear (stored [out, in]): HF = ours.reshape(prod(in), -1).T; 0 means the same layout, None a flattened bias.
-    Per-layer tensors have "{i}" in `hf_name` and a leading layers axis on our side; per-expert ones also "{j}"
-    and, after the layers axis, an experts axis of `n_experts`."""
+    Per-layer tensors have "{i}" in `hf_name` and a leading layers axis on our side (HF layers `layers`, a
+    (first, stop) range; None: all); per-expert ones also "{j}" and, after the layers axis, an experts axis of
+    `n_experts`. `order`, where given, is our last axis as HF's (after the reshape) taken in that order."""
 
     path: tuple[str, ...]
     hf_name: str
     n_in: int | None
     n_experts: int = 0
+    layers: tuple[int, int] | None = None
+    order: tuple[int, ...] | None = None
 
 
-def _tensors(cfg: ModelConfig) -> list[_Tensor]:
+def _deepseek_tensors(cfg: ModelConfig, rope_interleave: bool) -> list[_Tensor]:
+    """DeepSeek-V3's per-layer tensors: `dense_blocks` for its first dense layers, `blocks` for the rest."""
+    n_dense, e = dense_layers(cfg), cfg.moe.n_experts
+    stacks = [("dense_blocks", (0, n_dense), False)] if n_dense else []
+    stacks.append(("blocks", (n_dense, cfg.n_layers), cfg.moe.enabled))
+    return [_Tensor((stack, *path), "model.layers.{i}." + name, n_in, e if "{j}" in name else 0, layers,
+                    hf_deepseek.rope_rows(cfg, path) if rope_interleave else None)
+            for stack, layers, moe in stacks for path, name, n_in in hf_deepseek.layer_rows(cfg, moe)]
+
+
+def _tensors(cfg: ModelConfig, rope_interleave: bool = True) -> list[_Tensor]:
+    """Every tensor of `cfg`'s model (`rope_interleave`: DeepSeek-V3 checkpoints' rotary row order)."""
     layer = [
         (("attn_norm", "scale"), "input_layernorm.weight", 0),
         (("attn", "wq"), "self_attn.q_proj.weight", 1),
@@ -248,8 +278,11 @@ def _tensors(cfg: ModelConfig) -> list[_Tensor]:
         layer += [(("mlp", ours), f"{moe}.experts.{{j}}.{theirs}.weight", 1)
                   for ours, theirs in (("w_gate", gate), ("w_up", up), ("w_down", down))]
     out = [_Tensor(("embed",), "model.embed_tokens.weight", 0)]
-    out += [_Tensor(("blocks", *path), "model.layers.{i}." + name, n_in, e if "{j}" in name else 0)
-            for path, name, n_in in layer]
+    if cfg.mla.enabled:
+        out += _deepseek_tensors(cfg, rope_interleave)
+    else:
+        out += [_Tensor(("blocks", *path), "model.layers.{i}." + name, n_in, e if "{j}" in name else 0)
+                for path, name, n_in in layer]
     out.append(_Tensor(("final_norm", "scale"), "model.norm.weight", 0))
     if not cfg.tie_embeddings:
         out.append(_Tensor(("lm_head",), "lm_head.weight", 1))
@@ -263,9 +296,10 @@ def _stacked(t: _Tensor) -> int:
 
 def _hf_names(t: _Tensor, n_layers: int) -> list[str]:
     """`t`'s HF names in the order of its stacked meshlm axes (layer-major, then expert)."""
+    layers = range(*t.layers) if t.layers else range(n_layers)
     if "{j}" in t.hf_name:
-        return [t.hf_name.format(i=i, j=j) for i in range(n_layers) for j in range(t.n_experts)]
-    return [t.hf_name.format(i=i) for i in range(n_layers)] if "{i}" in t.hf_name else [t.hf_name]
+        return [t.hf_name.format(i=i, j=j) for i in layers for j in range(t.n_experts)]
+    return [t.hf_name.format(i=i) for i in layers] if "{i}" in t.hf_name else [t.hf_name]
 
 
 def _hf_shape(shape: tuple[int, ...], n_in: int | None) -> tuple[int, ...]:
@@ -276,7 +310,9 @@ def _hf_shape(shape: tuple[int, ...], n_in: int | None) -> tuple[int, ...]:
     return (math.prod(shape[n_in:]), math.prod(shape[:n_in]))
 
 
-def _to_hf(x: np.ndarray, n_in: int | None) -> np.ndarray:
+def _to_hf(x: np.ndarray, n_in: int | None, order: tuple[int, ...] | None = None) -> np.ndarray:
+    if order is not None:
+        x = x[..., np.argsort(order)]
     if n_in is None:
         return x.reshape(-1)
     if n_in == 0:
@@ -284,8 +320,19 @@ def _to_hf(x: np.ndarray, n_in: int | None) -> np.ndarray:
     return x.reshape(math.prod(x.shape[:n_in]), -1).T
 
 
-def _from_hf(x: jax.Array, n_in: int | None, shape: tuple[int, ...]) -> jax.Array:
-    return (x if n_in in (None, 0) else x.T).reshape(shape)
+def _from_hf(x: jax.Array, n_in: int | None, shape: tuple[int, ...], order: tuple[int, ...] | None = None
+             ) -> jax.Array:
+    x = (x if n_in in (None, 0) else x.T).reshape(shape)
+    return x if order is None else x[..., np.asarray(order)]
+
+
+def _is_mtp_layer(name: str, hf_config: dict, n_layers: int) -> bool:
+    """Whether `name` is in DeepSeek-V3's multi-token-prediction layers (model.layers.{n_layers + k}.*), which
+    meshlm does not load."""
+    if hf_config.get("model_type") != hf_deepseek.MODEL_TYPE or not name.startswith("model.layers."):
+        return False
+    index = name.split(".")[2]
+    return index.isdigit() and int(index) >= n_layers
 
 
 def _refuse_unexpected(unexpected: list[str], where: str, described_by: str) -> None:
@@ -296,11 +343,11 @@ def _refuse_unexpected(unexpected: list[str], where: str, described_by: str) -> 
 
 
 def _abstract_model(cfg: ModelConfig, specs: list[_Tensor]) -> tuple[Transformer, nnx.State, dict, dict]:
-    """The model of `cfg` in shapes only (no weights allocated), its Param state, that state's variables by path,
-    and each tensor's shape in the model (one layer's or expert's, for a stacked tensor): what the loaders fill
-    in."""
+    """The model of `cfg` in shapes only (no weights allocated), its weights' state (Params and the routers' expert
+    biases), that state's variables by path, and each tensor's shape in the model (one layer's or expert's, for a
+    stacked tensor): what the loaders fill in."""
     model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-    state = nnx.state(model, nnx.Param)
+    state = nnx.state(model, _WEIGHTS)
     variables = dict(nnx.to_flat_state(state))
     shapes = {t.path: variables[t.path].shape[_stacked(t):] for t in specs}
     return model, state, variables, shapes
@@ -334,17 +381,18 @@ def load_hf(directory: str | Path, dtype: str = "auto", param_dtype: str = "floa
     any missing, unexpected or misshaped tensor and its file, before any weight is read."""
     safetensors = _safetensors()
     directory = Path(directory)
-    cfg = config_from_hf(json.loads((directory / "config.json").read_text()))
-    cfg = cfg.replace(dtype=dtype, param_dtype=param_dtype)
+    hf_config = json.loads((directory / "config.json").read_text())
+    cfg = config_from_hf(hf_config).replace(dtype=dtype, param_dtype=param_dtype)
     files, weight_map = _checkpoint_files(directory)
     where = f"{str(directory / SINGLE_FILE)!r}" if not weight_map else f"the shards of {str(directory)!r}"
 
     with contextlib.ExitStack() as stack:  # headers only until every tensor has been checked
         handles = {file: stack.enter_context(safetensors.safe_open(file, framework="flax")) for file in files}
         file_of = {name: file for file, f in handles.items() for name in f.keys()}
-        specs = _tensors(cfg)
+        specs = _tensors(cfg, bool(hf_config.get("rope_interleave", True)))
         expected = {name for t in specs for name in _hf_names(t, cfg.n_layers)}
         ignored = {"lm_head.weight"} if cfg.tie_embeddings else set()  # HF ties it to the embedding anyway
+        ignored |= {n for n in file_of if _is_mtp_layer(n, hf_config, cfg.n_layers)}
         unexpected = sorted(n for n in set(file_of) - expected - ignored if not n.endswith(_IGNORED_SUFFIXES))
         _refuse_unexpected(unexpected, f"{sorted({file_of[n].name for n in unexpected})} of {str(directory)!r}",
                            "config.json")
@@ -363,7 +411,8 @@ def load_hf(directory: str | Path, dtype: str = "auto", param_dtype: str = "floa
                     raise ValueError(f"tensor {name!r} in {str(file_of[name])!r} has shape {list(info.get_shape())}, "
                                      f"expected {list(want)} from config.json")
         for t in specs:
-            arrays = [_from_hf(handles[file_of[name]].get_tensor(name), t.n_in, shapes[t.path]).astype(cfg.weight_dtype)
+            dtype = variables[t.path].get_value().dtype  # the params' dtype; an expert bias stays float32
+            arrays = [_from_hf(handles[file_of[name]].get_tensor(name), t.n_in, shapes[t.path], t.order).astype(dtype)
                       for name in _hf_names(t, cfg.n_layers)]
             variables[t.path].set_value(jnp.stack(arrays).reshape(variables[t.path].shape) if _stacked(t)
                                         else arrays[0])
@@ -378,7 +427,7 @@ def save_hf(model: Transformer, directory: str | Path) -> None:
     hf_config = hf_config_from(cfg)  # refuses what HF cannot describe before anything is written
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    params = {path: var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    params = {path: var for path, var in nnx.to_flat_state(nnx.state(model, _WEIGHTS))}
     tensors: dict[str, np.ndarray] = {}
     for t in _tensors(cfg):
         value = np.asarray(jax.device_get(params[t.path][...]))
@@ -386,8 +435,8 @@ def save_hf(model: Transformer, directory: str | Path) -> None:
         if _stacked(t):
             slices = value.reshape(-1, *value.shape[_stacked(t):])  # layer-major, then expert: as _hf_names
             for name, one in zip(_hf_names(t, cfg.n_layers), slices, strict=True):
-                tensors[name] = np.ascontiguousarray(_to_hf(one, t.n_in))
+                tensors[name] = np.ascontiguousarray(_to_hf(one, t.n_in, t.order))
         else:
-            tensors[t.hf_name] = np.ascontiguousarray(_to_hf(value, t.n_in))
+            tensors[t.hf_name] = np.ascontiguousarray(_to_hf(value, t.n_in, t.order))
     (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     safetensors.flax.save_file(tensors, directory / SINGLE_FILE, metadata={"format": "pt"})  # "pt": transformers

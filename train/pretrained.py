@@ -95,10 +95,12 @@ def _set_nested(tree: dict, path: tuple[str, ...], value) -> None:
     tree[path[-1]] = value
 
 
-def _shapes(cfg: ModelConfig, abstract: dict) -> Iterator[tuple[_Tensor, tuple[int, ...], bool, tuple[int, ...]]]:
+def _shapes(cfg: ModelConfig, abstract: dict, rope_interleave: bool = True
+            ) -> Iterator[tuple[_Tensor, tuple[int, ...], bool, tuple[int, ...]]]:
     """(tensor, its parameter's shape, whether it stacks HF tensors (layers, and experts), one HF tensor's shape in
-    meshlm's layout) for each tensor of model/hf.py's table, the shapes read from `abstract`."""
-    for t in _tensors(cfg):
+    meshlm's layout) for each tensor of model/hf.py's table, the shapes read from `abstract` (`rope_interleave`:
+    a DeepSeek-V3 checkpoint's rotary row order)."""
+    for t in _tensors(cfg, rope_interleave):
         shape = tuple(_nested(abstract, t.path).shape)
         stacked = _stacked(t)
         yield t, shape, stacked > 0, shape[stacked:]
@@ -111,7 +113,8 @@ def _hf_arrays(directory: Path, cfg: ModelConfig, abstract: dict) -> Iterator[tu
     with contextlib.ExitStack() as stack:
         handles = [stack.enter_context(safetensors.safe_open(f, framework="flax")) for f in files]
         file_of = {name: h for h in handles for name in h.keys()}
-        for t, shape, layered, one in _shapes(cfg, abstract):
+        rope_interleave = bool(json.loads((directory / "config.json").read_text()).get("rope_interleave", True))
+        for t, shape, layered, one in _shapes(cfg, abstract, rope_interleave):
             parts = []
             for name in _hf_names(t, cfg.n_layers):
                 if name not in file_of:
@@ -120,7 +123,7 @@ def _hf_arrays(directory: Path, cfg: ModelConfig, abstract: dict) -> Iterator[tu
                 if x.shape != _hf_shape(one, t.n_in):
                     raise ValueError(f"tensor {name!r} in {str(directory)!r} has shape {list(x.shape)}, expected "
                                      f"{list(_hf_shape(one, t.n_in))}")
-                parts.append(np.asarray(_from_hf(x, t.n_in, one)))
+                parts.append(np.asarray(_from_hf(x, t.n_in, one, t.order)))
             yield t.path, np.stack(parts).reshape(shape) if layered else parts[0]
 
 
