@@ -262,3 +262,18 @@ def test_forward_flops_match_xla(name, monkeypatch):
     padding = 2 * cfg.n_layers * seq_len * cfg.n_heads * (2 * max(qk, v) - qk - v)
     analytic = (flops_per_token(cfg, seq_len, training=False) + padding) * batch * seq_len
     assert 1.0 <= measured / analytic <= 1.05, measured / analytic
+
+
+# --- scripts/estimate.py -------------------------------------------------------------------------------------
+
+def test_estimate_cli_on_deepseek_v3_config_json(tmp_path, capsys):
+    from scripts.estimate import main
+
+    path = tmp_path / "config.json"
+    transformers.DeepseekV3Config().to_json_file(str(path))  # DeepSeek-V3's published config.json fields
+    assert main(["--hf-config", str(path), "--layout", "expert=64"]) == 0
+    out = capsys.readouterr().out
+    assert "MLA 128 heads x qk 128+64, v 128, kv_lora 512, q_lora 1536" in out
+    assert "58 MoE layers after 3 dense" in out
+    for figure in ("671,026,404,352", "37,552,282,624", "70,272", "225,792", f"{58 * 225_792:,}"):
+        assert figure in out, figure
