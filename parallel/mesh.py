@@ -78,7 +78,7 @@ class MeshConfig:
         if model_cfg.n_layers % self.stage:
             raise ValueError(f"model.n_layers ({model_cfg.n_layers}) must be divisible by mesh.stage ({self.stage}): "
                              f"each pipeline stage holds an equal block of layers")
-        for name in ("n_heads", "n_kv_heads", "d_ff"):
+        for name in ("n_heads", "d_ff") + (() if model_cfg.mla.enabled else ("n_kv_heads",)):  # MLA: unused
             value = getattr(model_cfg, name)
             if value % self.tensor:
                 raise ValueError(f"model.{name} ({value}) must be divisible by mesh.tensor ({self.tensor})")
@@ -99,6 +99,9 @@ class MeshConfig:
         if seq_len is not None and seq_len % self.sequence:
             raise ValueError(f"train.seq_len ({seq_len}) must be divisible by mesh.sequence ({self.sequence})")
         moe = model_cfg.moe
+        if moe.enabled and moe.first_dense_layers and self.stage > 1:
+            raise ValueError(f"model.moe.first_dense_layers ({moe.first_dense_layers}) with mesh.stage ({self.stage}) "
+                             f"is not supported: the pipeline takes one stack of like blocks")
         if moe.enabled and moe.n_experts % self.expert:
             raise ValueError(f"model.moe.n_experts ({moe.n_experts}) must be divisible by mesh.expert ({self.expert})")
         if moe.enabled and moe.dispatch == "dropless" and self.expert > 1:

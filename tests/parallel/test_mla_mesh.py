@@ -28,3 +28,21 @@ def test_mla_deepseek_model_on_a_mesh_matches_one_device():
     np.testing.assert_allclose(terms["router_loss"], terms_ref["router_loss"], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), grads, grads_ref)
     assert "all-reduce" in hlo or "reduce-scatter" in hlo  # the heads' partial outputs meet
+
+
+def test_mesh_checks_for_deepseek_shapes():
+    parse_mesh("tensor=4").validate_for(DEEPSEEK.replace(n_kv_heads=2), micro_batch=4)  # MLA: n_kv_heads unused
+    with pytest.raises(ValueError, match=r"model.moe.first_dense_layers \(1\) with mesh.stage \(3\)"):
+        parse_mesh("stage=3").validate_for(DEEPSEEK, micro_batch=3)
+
+
+@pytest.mark.slow  # ~60 s on 2 cores
+def test_mla_model_in_a_pipeline_matches_one_device():
+    """MLA blocks (no dense first layers: a pipeline takes one stack) over data x stage x tensor, against one device
+    averaging the pipeline's micro-batches."""
+    cfg = DEEPSEEK.replace(n_layers=2, moe=MoEConfig())
+    tokens = jax.random.randint(jax.random.key(5), (4, 13), 0, cfg.vocab_size)
+    objective_ref, _, grads_ref = one_device(cfg, tokens, micro_batches=2)
+    objective, _, grads = on_mesh(cfg, tokens, parse_mesh("data=2,stage=2,tensor=2"))
+    np.testing.assert_allclose(objective, objective_ref, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, grads_ref)
