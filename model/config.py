@@ -223,6 +223,11 @@ class ModelConfig:
         return jnp.dtype(self.dtype)
 
     @property
+    def rope_dim(self) -> int:
+        """Each head's rotary dims (its RoPE tables' width): `mla.qk_rope_head_dim` under MLA, else `head_dim`."""
+        return self.mla.qk_rope_head_dim if self.mla.enabled else self.head_dim
+
+    @property
     def weight_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.param_dtype)
 

@@ -202,8 +202,7 @@ class Transformer(nnx.Module):
         """`layer(x, layer_state) -> (x, (router loss, expert load))` for one block at these positions,
         rematerialised per `remat`: the step `_run_layers` applies over the stacked layers."""
         cfg = self.cfg
-        rope_dim = cfg.mla.qk_rope_head_dim if cfg.mla.enabled else cfg.head_dim
-        cos, sin = rope_tables(positions_BxT, rope_dim, cfg.rope_theta)
+        cos, sin = rope_tables(positions_BxT, cfg.rope_dim, cfg.rope_theta)
 
         def layer(x_BxTxD: jax.Array, layer_state: nnx.State) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
             return nnx.merge(graphdef, layer_state)(x_BxTxD, cos, sin, self.attend)

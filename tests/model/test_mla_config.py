@@ -29,6 +29,7 @@ def test_mla_config_errors_name_field_and_value(changes, pattern):
 def test_mla_enabled_and_head_dims():
     assert not MLAConfig().enabled
     assert MLA.enabled and MLA.qk_head_dim == 24
+    assert ModelConfig(head_dim=32).rope_dim == 32 and ModelConfig(head_dim=32, mla=MLA).rope_dim == 8
 
 
 @pytest.mark.parametrize("changes, pattern", [
