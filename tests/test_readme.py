@@ -22,6 +22,8 @@ pytestmark = pytest.mark.slow  # a dozen children that import JAX, eight of them
 RUN = (
     "python -m scripts.estimate --preset 7b",
     "python -m scripts.estimate --budget 1e21",
+    "python -c \"from transformers import DeepseekV3Config",
+    "python -m scripts.estimate --hf-config deepseek-v3.json",
     "python -m scripts.train --preset tiny --steps 200 --out runs/tiny --profile 20:22",
     "python -m scripts.plot_runs runs/tiny",
     "python -m scripts.train --preset tiny --steps 200 --out runs/tiny --extend 100",
