@@ -12,16 +12,15 @@ renormalisation, which weighs the one expert 1 where meshlm keeps its probabilit
 layers (mlp_only_layers, decoder_sparse_step), which meshlm's uniform layer stack does not have, and, on export,
 DeepSeekMoE's router features (sigmoid scores, groups, shared experts, scaling). DeepSeek-V3
 (DeepseekV3ForCausalLM: multi-head latent attention, dense first layers, DeepSeekMoE) has its config and layer
-names in model/hf_deepseek.py.
+names in model/hf_deepseek.py; the layout of a table row (names, reshapes) is model/hf_tensors.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,8 +29,9 @@ from flax import nnx
 
 from model import hf_deepseek
 from model.config import ModelConfig, MoEConfig
+from model.hf_tensors import _from_hf, _hf_names, _hf_shape, _stacked, _Tensor, _to_hf
 from model.router import ExpertBias
-from model.transformer import Transformer, dense_layers
+from model.transformer import Transformer
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "mixtral", "qwen3_moe", hf_deepseek.MODEL_TYPE)
 MOE_TYPES = ("mixtral", "qwen3_moe")
@@ -228,31 +228,6 @@ def hf_config_from(cfg: ModelConfig) -> dict:
 
 # --- the weight mapping --------------------------------------------------------------------------------------
 
-class _Tensor(NamedTuple):
-    """One meshlm parameter and its HF tensor. `n_in` is how many leading meshlm axes are the input of an HF
-    Linear (stored [out, in]): HF = ours.reshape(prod(in), -1).T; 0 means the same layout, None a flattened bias.
-    Per-layer tensors have "{i}" in `hf_name` and a leading layers axis on our side (HF layers `layers`, a
-    (first, stop) range; None: all); per-expert ones also "{j}" and, after the layers axis, an experts axis of
-    `n_experts`. `order`, where given, is our last axis as HF's (after the reshape) taken in that order."""
-
-    path: tuple[str, ...]
-    hf_name: str
-    n_in: int | None
-    n_experts: int = 0
-    layers: tuple[int, int] | None = None
-    order: tuple[int, ...] | None = None
-
-
-def _deepseek_tensors(cfg: ModelConfig, rope_interleave: bool) -> list[_Tensor]:
-    """DeepSeek-V3's per-layer tensors: `dense_blocks` for its first dense layers, `blocks` for the rest."""
-    n_dense, e = dense_layers(cfg), cfg.moe.n_experts
-    stacks = [("dense_blocks", (0, n_dense), False)] if n_dense else []
-    stacks.append(("blocks", (n_dense, cfg.n_layers), cfg.moe.enabled))
-    return [_Tensor((stack, *path), "model.layers.{i}." + name, n_in, e if "{j}" in name else 0, layers,
-                    hf_deepseek.rope_rows(cfg, path) if rope_interleave else None)
-            for stack, layers, moe in stacks for path, name, n_in in hf_deepseek.layer_rows(cfg, moe)]
-
-
 def _tensors(cfg: ModelConfig, rope_interleave: bool = True) -> list[_Tensor]:
     """Every tensor of `cfg`'s model (`rope_interleave`: DeepSeek-V3 checkpoints' rotary row order)."""
     layer = [
@@ -279,7 +254,7 @@ def _tensors(cfg: ModelConfig, rope_interleave: bool = True) -> list[_Tensor]:
                   for ours, theirs in (("w_gate", gate), ("w_up", up), ("w_down", down))]
     out = [_Tensor(("embed",), "model.embed_tokens.weight", 0)]
     if cfg.mla.enabled:
-        out += _deepseek_tensors(cfg, rope_interleave)
+        out += hf_deepseek.tensors(cfg, rope_interleave)
     else:
         out += [_Tensor(("blocks", *path), "model.layers.{i}." + name, n_in, e if "{j}" in name else 0)
                 for path, name, n_in in layer]
@@ -287,52 +262,6 @@ def _tensors(cfg: ModelConfig, rope_interleave: bool = True) -> list[_Tensor]:
     if not cfg.tie_embeddings:
         out.append(_Tensor(("lm_head",), "lm_head.weight", 1))
     return out
-
-
-def _stacked(t: _Tensor) -> int:
-    """How many leading meshlm axes (layers, experts) one HF tensor of `t` is a slice of."""
-    return ("{i}" in t.hf_name) + ("{j}" in t.hf_name)
-
-
-def _hf_names(t: _Tensor, n_layers: int) -> list[str]:
-    """`t`'s HF names in the order of its stacked meshlm axes (layer-major, then expert)."""
-    layers = range(*t.layers) if t.layers else range(n_layers)
-    if "{j}" in t.hf_name:
-        return [t.hf_name.format(i=i, j=j) for i in layers for j in range(t.n_experts)]
-    return [t.hf_name.format(i=i) for i in layers] if "{i}" in t.hf_name else [t.hf_name]
-
-
-def _hf_shape(shape: tuple[int, ...], n_in: int | None) -> tuple[int, ...]:
-    if n_in is None:
-        return (math.prod(shape),)
-    if n_in == 0:
-        return tuple(shape)
-    return (math.prod(shape[n_in:]), math.prod(shape[:n_in]))
-
-
-def _to_hf(x: np.ndarray, n_in: int | None, order: tuple[int, ...] | None = None) -> np.ndarray:
-    if order is not None:
-        x = x[..., np.argsort(order)]
-    if n_in is None:
-        return x.reshape(-1)
-    if n_in == 0:
-        return x
-    return x.reshape(math.prod(x.shape[:n_in]), -1).T
-
-
-def _from_hf(x: jax.Array, n_in: int | None, shape: tuple[int, ...], order: tuple[int, ...] | None = None
-             ) -> jax.Array:
-    x = (x if n_in in (None, 0) else x.T).reshape(shape)
-    return x if order is None else x[..., np.asarray(order)]
-
-
-def _is_mtp_layer(name: str, hf_config: dict, n_layers: int) -> bool:
-    """Whether `name` is in DeepSeek-V3's multi-token-prediction layers (model.layers.{n_layers + k}.*), which
-    meshlm does not load."""
-    if hf_config.get("model_type") != hf_deepseek.MODEL_TYPE or not name.startswith("model.layers."):
-        return False
-    index = name.split(".")[2]
-    return index.isdigit() and int(index) >= n_layers
 
 
 def _refuse_unexpected(unexpected: list[str], where: str, described_by: str) -> None:
@@ -392,7 +321,7 @@ def load_hf(directory: str | Path, dtype: str = "auto", param_dtype: str = "floa
         specs = _tensors(cfg, bool(hf_config.get("rope_interleave", True)))
         expected = {name for t in specs for name in _hf_names(t, cfg.n_layers)}
         ignored = {"lm_head.weight"} if cfg.tie_embeddings else set()  # HF ties it to the embedding anyway
-        ignored |= {n for n in file_of if _is_mtp_layer(n, hf_config, cfg.n_layers)}
+        ignored |= {n for n in file_of if hf_deepseek.is_mtp_layer(n, hf_config, cfg.n_layers)}
         unexpected = sorted(n for n in set(file_of) - expected - ignored if not n.endswith(_IGNORED_SUFFIXES))
         _refuse_unexpected(unexpected, f"{sorted({file_of[n].name for n in unexpected})} of {str(directory)!r}",
                            "config.json")

@@ -18,6 +18,8 @@ from __future__ import annotations
 from typing import Any
 
 from model.config import MLAConfig, ModelConfig, MoEConfig
+from model.hf_tensors import _Tensor
+from model.transformer import dense_layers
 
 MODEL_TYPE = "deepseek_v3"
 ARCHITECTURE = "DeepseekV3ForCausalLM"
@@ -57,6 +59,26 @@ def rope_rows(cfg: ModelConfig, path: tuple[str, ...]) -> tuple[int, ...] | None
     if path[-2:] == ("attn", "wkv_a"):
         return tuple(range(mla.kv_lora_rank)) + tuple(mla.kv_lora_rank + r for r in rope)
     return None
+
+
+def tensors(cfg: ModelConfig, rope_interleave: bool) -> list[_Tensor]:
+    """DeepSeek-V3's per-layer tensors: `dense_blocks` for its first dense layers, `blocks` for the rest
+    (`rope_interleave`: the checkpoint's rotary row order)."""
+    n_dense, e = dense_layers(cfg), cfg.moe.n_experts
+    stacks = [("dense_blocks", (0, n_dense), False)] if n_dense else []
+    stacks.append(("blocks", (n_dense, cfg.n_layers), cfg.moe.enabled))
+    return [_Tensor((stack, *path), "model.layers.{i}." + name, n_in, e if "{j}" in name else 0, layers,
+                    rope_rows(cfg, path) if rope_interleave else None)
+            for stack, layers, moe in stacks for path, name, n_in in layer_rows(cfg, moe)]
+
+
+def is_mtp_layer(name: str, hf_config: dict, n_layers: int) -> bool:
+    """Whether `name` is in DeepSeek-V3's multi-token-prediction layers (model.layers.{n_layers + k}.*), which
+    meshlm does not load."""
+    if hf_config.get("model_type") != MODEL_TYPE or not name.startswith("model.layers."):
+        return False
+    index = name.split(".")[2]
+    return index.isdigit() and int(index) >= n_layers
 
 
 def _get(hf_config: dict, key: str) -> Any:
