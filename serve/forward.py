@@ -45,7 +45,16 @@ class StepParams(NamedTuple):
 
 def split_for_serving(model: nnx.Module) -> tuple[StepGraph, StepParams]:
     """The static structure and the weights of `model` (a `model.transformer.Transformer`) for `model_step`, its
-    blocks stacked (the scanned loop; `unstacked` gives the unrolled loop's weights)."""
+    blocks stacked (the scanned loop; `unstacked` gives the unrolled loop's weights). Refuses what the paged step
+    cannot run yet: MLA attention and MoE models with dense first layers."""
+    cfg = model.cfg
+    if cfg.mla.enabled:
+        raise ValueError(f"serving a model with MLA attention (model.mla.kv_lora_rank={cfg.mla.kv_lora_rank}) is not "
+                         f"supported yet: the paged KV cache holds per-head keys and values, not MLA's latent "
+                         f"(serve.naive.generate decodes it without a cache)")
+    if cfg.moe.enabled and cfg.moe.first_dense_layers:
+        raise ValueError(f"serving an MoE model with dense first layers (model.moe.first_dense_layers="
+                         f"{cfg.moe.first_dense_layers}) is not supported yet: the step runs one stack of like blocks")
     graphdef, state = nnx.split(model)
     shell = nnx.merge(graphdef, state)  # a copy whose blocks can be taken out without touching `model`
     block_graphdef, stacked = nnx.split(shell.blocks)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model.config import MoEConfig
+from model.config import MLAConfig, MoEConfig
 from model.presets import get_preset
 from model.transformer import create_model
 from serve.engine import Engine, Request, RequestError, SamplingParams, ServeConfig
@@ -175,6 +175,18 @@ def test_an_moe_model_is_served_dropless_and_matches_the_naive_decoder():
     pairs = list(zip(prompts()[:3], MAX_NEW[:3], strict=True))
     served = engine.generate([Request(tuple(p), n) for p, n in pairs])
     assert [c.token_ids for c in served] == [generate(moe_model, [p], n)[0] for p, n in pairs]
+
+
+@pytest.mark.parametrize("change", [{"mla": MLAConfig(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                                                       v_head_dim=8)},
+                                    {"moe": MoEConfig(n_experts=4, top_k=2, first_dense_layers=1)}])
+def test_models_the_paged_step_cannot_run_are_refused_by_name(change):
+    """MLA and dense-first-layer MoE models are refused when the engine is built, naming the field, not deep in a
+    step; the naive decoder (no cache) still decodes them."""
+    target = create_model(dataclasses.replace(CFG, **change))
+    with pytest.raises(ValueError, match="kv_lora_rank=16|first_dense_layers=1"):
+        Engine(target, SERVE)
+    assert len(generate(target, [prompts()[0]], 3)[0]) == 3
 
 
 def test_step_cost_follows_live_tokens_not_the_context():
