@@ -158,7 +158,9 @@ class ModelConfig:
     `qk_norm` RMS-normalises each query and key head (a learned head_dim scale each) before RoPE (Qwen3).
     `mla` with a `kv_lora_rank` makes every block's attention DeepSeek's multi-head latent attention over
     `n_heads` heads (each with its own key and value); `n_kv_heads` and `head_dim` are then unused, and `qkv_bias`
-    and `qk_norm` are refused."""
+    and `qk_norm` are refused. `mtp_depth` adds DeepSeek-V3's multi-token prediction modules (model/mtp.py): the
+    k-th predicts the token k + 1 after each position, and training adds `mtp_loss_weight` x their mean loss.
+    Inference and serving never run them."""
 
     vocab_size: int = 259
     d_model: int = 256
@@ -184,12 +186,19 @@ class ModelConfig:
     init_std: float = 0.02
     moe: MoEConfig = MoEConfig()
     mla: MLAConfig = MLAConfig()
+    mtp_depth: int = 0
+    mtp_loss_weight: float = 0.3
 
     def __post_init__(self) -> None:
         check_ints("model.", self, ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
                                     "d_ff", "max_seq_len"))
         check_int("model.pipeline_microbatches", self.pipeline_microbatches, 0, " (0: one per stage)")
         check_int("model.loss_chunks", self.loss_chunks, 0, " (0: whole logits)")
+        check_int("model.mtp_depth", self.mtp_depth, 0, " (0: no multi-token prediction)")
+        check_number("model.mtp_loss_weight", self.mtp_loss_weight, strict=False)
+        if self.mtp_depth >= self.max_seq_len:
+            raise ValueError(f"model.mtp_depth ({self.mtp_depth}) must be less than model.max_seq_len "
+                             f"({self.max_seq_len})")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads ({self.n_kv_heads})")

@@ -24,6 +24,7 @@ from model.layers import MLP, RMSNorm, apply_rope, normal, param, rope_tables
 from model.loss import cross_entropy, linear_cross_entropy
 from model.mla import MLA
 from model.moe import MoE
+from model.mtp import MTPModule, mtp_targets
 
 Attend = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # (q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh) -> out_BxTxHxDh
 LayerAux = tuple[jax.Array, jax.Array]  # (router losses summed over layers [], each layer's expert load [L', E])
@@ -143,6 +144,11 @@ class Transformer(nnx.Module):
         if not cfg.tie_embeddings:
             self.lm_head = param(rngs, normal(cfg.init_std), (cfg.d_model, cfg.vocab_size),
                                  (axes.EMBED, axes.VOCAB), pd)
+        if cfg.mtp_depth and layer_stack is not None:
+            raise ValueError(f"model.mtp_depth ({cfg.mtp_depth}) with a pipelined layer stack (mesh.stage > 1) is not "
+                             f"supported yet; use model.mtp_depth=0 or mesh.stage=1")
+        if cfg.mtp_depth:
+            self.mtp = nnx.List([MTPModule(cfg, Block(cfg, rngs), rngs) for _ in range(cfg.mtp_depth)])
 
     def embed_tokens(self, tokens_BxT: jax.Array) -> jax.Array:
         """Token ids [B, T] -> embeddings [B, T, d_model] in the compute dtype."""
@@ -159,7 +165,10 @@ class Transformer(nnx.Module):
 
     def logits(self, x_BxTxD: jax.Array) -> jax.Array:
         """The final norm and LM head: hidden states [B, T, d_model] -> float32 logits [B, T, vocab]."""
-        x_BxTxD = self.final_norm(x_BxTxD)
+        return self._project(self.final_norm(x_BxTxD))
+
+    def _project(self, x_BxTxD: jax.Array) -> jax.Array:
+        """The LM head over normalised hidden states: float32 logits [B, T, vocab]."""
         if self.cfg.logits_grad_dtype == "compute":
             logits_BxTxV = _head_with_compute_dtype_grad(x_BxTxD, self.head())
         else:
@@ -226,14 +235,50 @@ class Transformer(nnx.Module):
     def losses_and_load(self, tokens_BxT: jax.Array, targets_BxT: jax.Array
                         ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """`losses`, and each layer's expert load [L, E] (see `hidden_and_router_stats`)."""
-        cfg = self.cfg
         x_BxTxD, router_loss, load_LxE = self.hidden_and_router_stats(tokens_BxT)
+        return self.loss_of_hidden(x_BxTxD, targets_BxT), router_loss, load_LxE
+
+    def loss_of_hidden(self, x_BxTxD: jax.Array, targets_BxT: jax.Array) -> jax.Array:
+        """Mean cross-entropy of the last block's output `x` against `targets` (fused with the head under
+        `loss_chunks`)."""
+        cfg = self.cfg
         if not cfg.loss_chunks:
-            return cross_entropy(self.logits(x_BxTxD), targets_BxT), router_loss, load_LxE
+            return cross_entropy(self.logits(x_BxTxD), targets_BxT)
         grad_dtype = cfg.compute_dtype if cfg.logits_grad_dtype == "compute" else jnp.float32
-        x_BxTxD = self.final_norm(x_BxTxD)
-        loss = linear_cross_entropy(x_BxTxD, self.head(), targets_BxT, cfg.loss_chunks, grad_dtype)
-        return loss, router_loss, load_LxE
+        return linear_cross_entropy(self.final_norm(x_BxTxD), self.head(), targets_BxT, cfg.loss_chunks, grad_dtype)
+
+    def mtp_logits(self, x_BxTxD: jax.Array, tokens_BxT: jax.Array) -> tuple[list[jax.Array], jax.Array]:
+        """The multi-token prediction modules over the main model's last block output `x` (model/mtp.py): each
+        depth k's float32 logits [B, T - k, vocab] for the tokens k + 1 after positions 0..T-k-1, and their blocks'
+        MoE router loss, averaged over depths."""
+        cfg = self.cfg
+        positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
+        logits, router_loss, h_BxTxD = [], jnp.zeros((), jnp.float32), x_BxTxD
+        for k, module in enumerate(self.mtp, start=1):
+            n = tokens_BxT.shape[1] - k
+            cos, sin = rope_tables(positions_BxT[:, :n], cfg.rope_dim, cfg.rope_theta)
+            embedded, _ = mtp_targets(tokens_BxT, tokens_BxT, k)
+            h_BxTxD, depth_router_loss = module(h_BxTxD[:, :n], self.embed_tokens(embedded), cos, sin, self.attend)
+            logits.append(self._project(module.norm(h_BxTxD)))
+            router_loss = router_loss + depth_router_loss
+        return logits, router_loss / cfg.mtp_depth
+
+    def mtp_loss(self, x_BxTxD: jax.Array, tokens_BxT: jax.Array, targets_BxT: jax.Array,
+                 weights_BxT: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """(the multi-token prediction modules' cross-entropy, the mean over depths of each depth's mean over its
+        positions (weighted by `weights` of the targets, if given), their MoE router loss)."""
+        logits, router_loss = self.mtp_logits(x_BxTxD, tokens_BxT)
+        losses = []
+        for k, logits_BxTxV in enumerate(logits, start=1):
+            _, targets_k = mtp_targets(tokens_BxT, targets_BxT, k)
+            nll_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1) - jnp.take_along_axis(
+                logits_BxTxV, targets_k[..., None], axis=-1)[..., 0]
+            if weights_BxT is None:
+                losses.append(jnp.mean(nll_BxT))
+            else:
+                w_BxT = weights_BxT[:, k:].astype(jnp.float32)
+                losses.append(jnp.sum(nll_BxT * w_BxT) / jnp.maximum(jnp.sum(w_BxT), 1.0))
+        return jnp.mean(jnp.stack(losses)), router_loss
 
 
 def dense_layers(cfg: ModelConfig) -> int:

@@ -149,9 +149,9 @@ def param_count(cfg: ModelConfig) -> dict[str, int]:
     """Parameter counts.
 
     total = embedding + non_embedding; embedding = v*h (input table) + v*h more when the LM head is untied;
-    non_embedding = L_d * dense block + L_m * MoE block (L * block for dense models) + h (final norm), see
-    `layer_params`; active = total minus the parameters a token does not use (= total for dense models; see
-    `_inactive_params`).
+    non_embedding = L_d * dense block + L_m * MoE block (L * block for dense models) + h (final norm) + the MTP
+    modules (`mtp_params`), see `layer_params`; active = total minus the parameters a token does not use at
+    inference (= total for dense models without MTP; see `_inactive_params`); mtp (only with MTP modules).
 
     Exact for the Llama family (Llama 2/3, Mistral without sliding windows, Qwen2 with q/k/v biases), Mixtral,
     Qwen3-MoE and DeepSeek-V3 (transformers' counts, without MTP: 671,026,404,352 total, 37,552,282,624 active).
@@ -162,10 +162,19 @@ def param_count(cfg: ModelConfig) -> dict[str, int]:
     dense = cfg.n_layers - sparse
     blocks = sparse * sum(layer_params(cfg).values()) + dense * sum(layer_params(cfg, dense=True).values())
     embedding = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
-    non_embedding = blocks + cfg.d_model
+    mtp = mtp_params(cfg)
+    non_embedding = blocks + cfg.d_model + mtp
     total = embedding + non_embedding
-    return {"total": total, "embedding": embedding, "non_embedding": non_embedding,
-            "active": total - _inactive_params(cfg)}
+    counts = {"total": total, "embedding": embedding, "non_embedding": non_embedding,
+              "active": total - _inactive_params(cfg) - mtp}
+    return {**counts, "mtp": mtp} if cfg.mtp_depth else counts
+
+
+def mtp_params(cfg: ModelConfig) -> int:
+    """Parameters of the multi-token prediction modules (model/mtp.py), which training alone uses: D x (a block
+    + the 2h x h projection + three RMSNorm scales 3h); they share the embedding and LM head. Part of `total`, not
+    of `active` (a token's forward at inference). FLOPs per token leave them out."""
+    return cfg.mtp_depth * (sum(layer_params(cfg).values()) + 2 * cfg.d_model * cfg.d_model + 3 * cfg.d_model)
 
 
 # --- FLOPs ---------------------------------------------------------------------------------------------------

@@ -62,10 +62,12 @@ class MetricsLog:
 
 def moe_record(metrics: dict[str, Any]) -> dict[str, Any]:
     """An MoE train step's fields for its record: the router loss, the worst layer's max/mean expert load, and
-    every layer's expert load (a list per layer, rounded to 5 digits); empty for a dense model's metrics."""
+    every layer's expert load (a list per layer, rounded to 5 digits); and a model with MTP modules' `mtp_loss`;
+    empty for a plain dense model's metrics."""
+    record = {"mtp_loss": float(metrics["mtp_loss"])} if "mtp_loss" in metrics else {}
     if "router_loss" not in metrics:
-        return {}
-    record = {"router_loss": float(metrics["router_loss"])}
+        return record
+    record["router_loss"] = float(metrics["router_loss"])
     if "expert_load" in metrics:
         record["load_max_over_mean"] = float(metrics["load_max_over_mean"])
         record["expert_load"] = [[round(float(f), 5) for f in layer] for layer in metrics["expert_load"]]

@@ -34,13 +34,26 @@ def objective_fn(params: dict, graphdef: nnx.GraphDef, tokens_BxT1: jax.Array) -
     """What training minimises: `loss_fn` plus, for an MoE model, its router loss; with the terms reported
     ({"loss"} or {"loss", "router_loss", "expert_load"}, the last each layer's expert load [L, E])."""
     model = nnx.merge(graphdef, params)
-    loss, router_loss, load_LxE = model.losses_and_load(tokens_BxT1[:, :-1], tokens_BxT1[:, 1:])
-    return loss + router_loss, _terms(model.cfg.moe.enabled, loss, router_loss, load_LxE)
+    tokens_BxT, targets_BxT = tokens_BxT1[:, :-1], tokens_BxT1[:, 1:]
+    x_BxTxD, router_loss, load_LxE = model.hidden_and_router_stats(tokens_BxT)
+    loss = model.loss_of_hidden(x_BxTxD, targets_BxT)
+    terms = _terms(model.cfg.moe.enabled, loss, router_loss, load_LxE)
+    return _with_mtp(model, x_BxTxD, tokens_BxT, targets_BxT, None, loss + router_loss, terms)
 
 
 def _terms(moe: bool, loss: jax.Array, router_loss: jax.Array, load_LxE: jax.Array) -> dict:
     """The reported terms of a micro-batch's objective (an MoE model's router loss and expert load too)."""
     return {"loss": loss, "router_loss": router_loss, "expert_load": load_LxE} if moe else {"loss": loss}
+
+
+def _with_mtp(model: nnx.Module, x_BxTxD: jax.Array, tokens_BxT: jax.Array, targets_BxT: jax.Array,
+              weights_BxT: jax.Array | None, objective: jax.Array, terms: dict) -> tuple[jax.Array, dict]:
+    """The objective and terms with the multi-token prediction loss (x `mtp_loss_weight`) and its modules' router
+    loss added, and `mtp_loss` reported, when the model has MTP modules."""
+    if not model.cfg.mtp_depth:
+        return objective, terms
+    mtp_loss, mtp_router_loss = model.mtp_loss(x_BxTxD, tokens_BxT, targets_BxT, weights_BxT)
+    return objective + model.cfg.mtp_loss_weight * mtp_loss + mtp_router_loss, {**terms, "mtp_loss": mtp_loss}
 
 
 def token_nll(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
@@ -54,11 +67,16 @@ def weighted_loss_terms(params: dict, graphdef: nnx.GraphDef, tokens_BxT1: jax.A
                         ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """(sum of weight x loss over the targets tokens[:, 1:], sum of their weights, the MoE router loss, each
     layer's expert load [L, E])."""
-    model = nnx.merge(graphdef, params)
+    return _weighted_parts(nnx.merge(graphdef, params), tokens_BxT1, weights_BxT1)[1:]
+
+
+def _weighted_parts(model: nnx.Module, tokens_BxT1: jax.Array, weights_BxT1: jax.Array
+                    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(the last block's output, then `weighted_loss_terms`)."""
     x_BxTxD, router_loss, load_LxE = model.hidden_and_router_stats(tokens_BxT1[:, :-1])
     w_BxT = weights_BxT1[:, 1:].astype(jnp.float32)
     nll_BxT = token_nll(model.logits(x_BxTxD), tokens_BxT1[:, 1:])
-    return jnp.sum(nll_BxT * w_BxT), jnp.sum(w_BxT), router_loss, load_LxE
+    return x_BxTxD, jnp.sum(nll_BxT * w_BxT), jnp.sum(w_BxT), router_loss, load_LxE
 
 
 def weighted_eval(params: dict, graphdef: nnx.GraphDef, tokens_BxT1: jax.Array,
@@ -74,10 +92,13 @@ def _batch_objective(params: dict, graphdef: nnx.GraphDef, batch: Batch, scale: 
     of the whole batch)."""
     if not isinstance(batch, tuple):
         return objective_fn(params, graphdef, batch)
-    loss_sum, _, router_loss, load_LxE = weighted_loss_terms(params, graphdef, *batch)
+    tokens_BxT1, weights_BxT1 = batch
+    model = nnx.merge(graphdef, params)
+    x_BxTxD, loss_sum, _, router_loss, load_LxE = _weighted_parts(model, tokens_BxT1, weights_BxT1)
     loss = loss_sum * scale
-    model_cfg = nnx.merge(graphdef, params).cfg
-    return loss + router_loss, _terms(model_cfg.moe.enabled, loss, router_loss, load_LxE)
+    terms = _terms(model.cfg.moe.enabled, loss, router_loss, load_LxE)
+    return _with_mtp(model, x_BxTxD, tokens_BxT1[:, :-1], tokens_BxT1[:, 1:], weights_BxT1[:, 1:],
+                     loss + router_loss, terms)
 
 
 def with_expert_bias(new_params: dict, params: dict, load_LxE: jax.Array, rate: float) -> dict:
@@ -87,6 +108,8 @@ def with_expert_bias(new_params: dict, params: dict, load_LxE: jax.Array, rate: 
     def one(path: tuple, new: jax.Array, old: jax.Array) -> jax.Array:
         if str(getattr(path[-1], "key", path[-1])) != "expert_bias":
             return new
+        if any(str(getattr(p, "key", p)) == "mtp" for p in path):  # MTP blocks' loads are not measured: kept
+            return old
         return update_expert_bias(old, load_LxE, rate) if rate else old
 
     return jax.tree_util.tree_map_with_path(one, new_params, params)
