@@ -22,7 +22,8 @@ Dv the value dims.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +36,16 @@ from model.layers import RMSNorm, apply_rope, normal, param
 
 if TYPE_CHECKING:
     from model.transformer import Attend
+
+
+class LatentAttend(NamedTuple):
+    """An `attend` hook for MLA's absorbed form (the serving engine's, whose cache holds the latent):
+    `fn(q_c, q_p, c, k_pe) -> ctx` gets the queries folded into the latent (q_c [B, T, H, Dc] = q_n W_UK^T, in
+    float32) and their rotated rotary dims q_p [B, T, H, Dp], this call's tokens' latent c [B, T, Dc] and rotary
+    key k_pe [B, T, Dp], and returns each head's softmax-weighted sum of the visible tokens' latents
+    [B, T, H, Dc], scores scaled by `scale` = 1/sqrt(Dn + Dp) (`MLA.scale`)."""
+
+    fn: Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 class MLA(nnx.Module):
@@ -58,6 +69,7 @@ class MLA(nnx.Module):
                         (axes.HEADS, axes.HEAD_DIM, axes.EMBED), pd)
         self.q_lora = bool(mla.q_lora_rank)
         self.kv_lora_rank, self.nope, self.v_dim = mla.kv_lora_rank, mla.qk_nope_head_dim, mla.v_head_dim
+        self.rope_dim = mla.qk_rope_head_dim
         self.impl = cfg.attention_impl
         self.dtype = cfg.compute_dtype
 
@@ -81,11 +93,23 @@ class MLA(nnx.Module):
         k_pe_BxTx1xDp = apply_rope(kv_BxTxDcp[:, :, None, self.kv_lora_rank:], cos, sin)
         return c_BxTxDc, k_pe_BxTx1xDp[:, :, 0]
 
-    def __call__(self, x_BxTxD: jax.Array, cos: jax.Array, sin: jax.Array, attend: Attend | None = None
-                 ) -> jax.Array:
-        """Causal self-attention over this call's tokens (`attend(q, k, v)` replaces it, as in `Attention`)."""
+    @property
+    def scale(self) -> float:
+        """The softmax scale 1/sqrt(Dn + Dp): a query/key head's width before absorption."""
+        return 1 / math.sqrt(self.nope + self.rope_dim)
+
+    def __call__(self, x_BxTxD: jax.Array, cos: jax.Array, sin: jax.Array,
+                 attend: Attend | LatentAttend | None = None) -> jax.Array:
+        """Causal self-attention over this call's tokens (`attend(q, k, v)` replaces it, as in `Attention`; a
+        `LatentAttend` runs the absorbed form through it instead)."""
         q_nope_BxTxHxDn, q_pe_BxTxHxDp = self.queries(x_BxTxD, cos, sin)
         c_BxTxDc, k_pe_BxTxDp = self.latent(x_BxTxD, cos, sin)
+        if isinstance(attend, LatentAttend):
+            wkv_b_DcxHxDnv = self.wkv_b[...].astype(self.dtype)
+            q_c_BxTxHxDc = fold_query(q_nope_BxTxHxDn, wkv_b_DcxHxDnv[..., :self.nope])
+            ctx_BxTxHxDc = attend.fn(q_c_BxTxHxDc, q_pe_BxTxHxDp, c_BxTxDc, k_pe_BxTxDp)
+            out_BxTxHxDv = unfold_context(ctx_BxTxHxDc, wkv_b_DcxHxDnv[..., self.nope:]).astype(self.dtype)
+            return jnp.einsum("bthe,hed->btd", out_BxTxHxDv, self.wo[...].astype(self.dtype))
         kv_BxTxHxDnv = jnp.einsum("btc,che->bthe", c_BxTxDc, self.wkv_b[...].astype(self.dtype))
         kv_BxTxHxDnv = axes.constrain(kv_BxTxHxDnv, (axes.BATCH, axes.LENGTH, axes.HEADS, None))
         k_nope_BxTxHxDn, v_BxTxHxDv = kv_BxTxHxDnv[..., :self.nope], kv_BxTxHxDnv[..., self.nope:]
@@ -115,6 +139,18 @@ def _attend_with_value_dim(q_BxTxHxDk: jax.Array, k_BxTxHxDk: jax.Array, v_BxTxH
     return out[..., :Dv]
 
 
+def fold_query(q_nope_BxTxHxDn: jax.Array, w_uk_DcxHxDn: jax.Array) -> jax.Array:
+    """The plain query dims through W_UK: q_c [B, T, H, Dc] in float32, whose dot with a token's latent c is the
+    plain score q_n . (c W_UK)."""
+    return jnp.einsum("bthn,chn->bthc", q_nope_BxTxHxDn, w_uk_DcxHxDn.astype(q_nope_BxTxHxDn.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def unfold_context(ctx_BxTxHxDc: jax.Array, w_uv_DcxHxDv: jax.Array) -> jax.Array:
+    """Softmax-weighted sums of latents through W_UV: each head's attention output [B, T, H, Dv] in float32."""
+    return jnp.einsum("bthc,chv->bthv", ctx_BxTxHxDc.astype(jnp.float32), w_uv_DcxHxDv.astype(jnp.float32))
+
+
 def absorbed_attention(q_nope_BxTxHxDn: jax.Array, q_pe_BxTxHxDp: jax.Array, c_BxSxDc: jax.Array,
                        k_pe_BxSxDp: jax.Array, wkv_b_DcxHxDnv: jax.Array, *, causal: bool = True) -> jax.Array:
     """MLA from the latent: W_UK (`wkv_b`'s first Dn of each head) folded into the query, W_UV (the rest) into the
@@ -123,10 +159,8 @@ def absorbed_attention(q_nope_BxTxHxDn: jax.Array, q_pe_BxTxHxDp: jax.Array, c_B
     Dn, Dp = q_nope_BxTxHxDn.shape[-1], q_pe_BxTxHxDp.shape[-1]
     T, S = q_nope_BxTxHxDn.shape[1], c_BxSxDc.shape[1]
     f32 = jnp.float32
-    w_uk_DcxHxDn, w_uv_DcxHxDv = wkv_b_DcxHxDnv[..., :Dn], wkv_b_DcxHxDnv[..., Dn:]
-    q_lat_BxTxHxDc = jnp.einsum("bthn,chn->bthc", q_nope_BxTxHxDn, w_uk_DcxHxDn.astype(q_nope_BxTxHxDn.dtype),
-                                preferred_element_type=f32)
-    scores_BxHxTxS = (jnp.einsum("bthc,bsc->bhts", q_lat_BxTxHxDc, c_BxSxDc.astype(f32))
+    q_c_BxTxHxDc = fold_query(q_nope_BxTxHxDn, wkv_b_DcxHxDnv[..., :Dn])
+    scores_BxHxTxS = (jnp.einsum("bthc,bsc->bhts", q_c_BxTxHxDc, c_BxSxDc.astype(f32))
                       + jnp.einsum("bthp,bsp->bhts", q_pe_BxTxHxDp, k_pe_BxSxDp, preferred_element_type=f32))
     scores_BxHxTxS = scores_BxHxTxS / jnp.sqrt(f32(Dn + Dp))
     if causal:
@@ -134,5 +168,4 @@ def absorbed_attention(q_nope_BxTxHxDn: jax.Array, q_pe_BxTxHxDp: jax.Array, c_B
         scores_BxHxTxS = jnp.where(mask_TxS, scores_BxHxTxS, -jnp.inf)
     probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1)
     ctx_BxTxHxDc = jnp.einsum("bhts,bsc->bthc", probs_BxHxTxS, c_BxSxDc.astype(f32))
-    out_BxTxHxDv = jnp.einsum("bthc,chv->bthv", ctx_BxTxHxDc, w_uv_DcxHxDv.astype(f32))
-    return out_BxTxHxDv.astype(q_nope_BxTxHxDn.dtype)
+    return unfold_context(ctx_BxTxHxDc, wkv_b_DcxHxDnv[..., Dn:]).astype(q_nope_BxTxHxDn.dtype)

@@ -8,6 +8,11 @@ every head. One array for all layers lets the serving step scan its layers (comp
 with the cache in the loop carry: each layer writes and reads its own pages by id offset -- no per-layer slice is
 copied out -- and the jitted step updates the pools in place (the cache is donated).
 
+A model with multi-head latent attention (model/mla.py) caches, per token and layer, its latent and its rotary key
+instead: `k` holds the latents [1, n_layers * num_pages, page_size, kv_lora_rank] and `v` the rotary keys
+[1, ..., qk_rope_head_dim] (one "kv head" shared by all query heads; two pools, so each is a power-of-two width on
+GPU, as FlashMLA splits DeepSeek-V3's 512 + 64), which serve/forward.py attends over in MLA's absorbed form.
+
 Page 0 of each layer is the null page: padded tokens of a bucketed batch write there, and unused block-table
 entries point there. Which page belongs to whom is decided on the host (`serve/block_allocator.py`); this file
 only holds the arrays and says how many pages a budget buys.
@@ -27,7 +32,8 @@ from model.config import ModelConfig
 
 
 class KVCache(NamedTuple):
-    """K and V page pools, each [kv_heads, n_layers * num_pages, page_size, head_dim]; with a draft head
+    """K and V page pools, each [kv_heads, n_layers * num_pages, page_size, head_dim] (MLA: latents and rotary
+    keys, see the module docstring); with a draft head
     (serve/draft_head_runner.py), also the target's last hidden state of every token, [1, num_pages, page_size,
     d_model] (the same slots)."""
 
@@ -38,7 +44,8 @@ class KVCache(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class CacheShape:
-    """The shape of a paged cache for one model."""
+    """The shape of a paged cache for one model: the `k` pool's head dim `head_dim`, the `v` pool's `v_head_dim`
+    (None: the same; MLA: the latent's and the rotary key's widths)."""
 
     n_layers: int
     n_kv_heads: int
@@ -46,21 +53,36 @@ class CacheShape:
     page_size: int
     num_pages: int
     dtype: str = "float32"
+    v_head_dim: int | None = None
 
     def __post_init__(self) -> None:
         check_ints("cache ", self, ("n_layers", "n_kv_heads", "head_dim", "page_size"))
+        if self.v_head_dim is not None:
+            check_ints("cache ", self, ("v_head_dim",))
         if not isinstance(self.num_pages, int) or self.num_pages < 2:
             raise ValueError(f"the KV cache needs at least 2 pages (page 0 is reserved), got {self.num_pages!r}")
 
     @classmethod
     def for_model(cls, cfg: ModelConfig, page_size: int, num_pages: int, dtype: str | None = None) -> CacheShape:
-        return cls(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, page_size, num_pages,
-                   dtype or str(cfg.compute_dtype))
+        dtype = dtype or str(cfg.compute_dtype)
+        if cfg.mla.enabled:
+            return cls(cfg.n_layers, 1, cfg.mla.kv_lora_rank, page_size, num_pages, dtype,
+                       v_head_dim=cfg.mla.qk_rope_head_dim)
+        return cls(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, page_size, num_pages, dtype)
+
+    @property
+    def k_dims(self) -> tuple[int, int, int, int]:
+        return self.n_kv_heads, self.n_layers * self.num_pages, self.page_size, self.head_dim
+
+    @property
+    def v_dims(self) -> tuple[int, int, int, int]:
+        return self.k_dims[:3] + (self.head_dim if self.v_head_dim is None else self.v_head_dim,)
 
     @property
     def bytes_per_page(self) -> int:
-        """K and V of every layer for page_size tokens."""
-        return 2 * self.n_layers * self.n_kv_heads * self.page_size * self.head_dim * jnp.dtype(self.dtype).itemsize
+        """K and V (MLA: latent and rotary key) of every layer for page_size tokens."""
+        per_slot = self.n_kv_heads * (self.k_dims[3] + self.v_dims[3])
+        return self.n_layers * self.page_size * per_slot * jnp.dtype(self.dtype).itemsize
 
     @property
     def total_bytes(self) -> int:
@@ -91,8 +113,7 @@ def pages_for_budget(cfg: ModelConfig, page_size: int, *, memory_bytes: int | No
 
 def init_cache(shape: CacheShape) -> KVCache:
     """A zeroed cache."""
-    dims = (shape.n_kv_heads, shape.n_layers * shape.num_pages, shape.page_size, shape.head_dim)
-    return KVCache(k=jnp.zeros(dims, shape.dtype), v=jnp.zeros(dims, shape.dtype))
+    return KVCache(k=jnp.zeros(shape.k_dims, shape.dtype), v=jnp.zeros(shape.v_dims, shape.dtype))
 
 
 def layer_pages(page_ids: jax.Array, layer: jax.Array | int, num_pages: int) -> jax.Array:

@@ -177,16 +177,37 @@ def test_an_moe_model_is_served_dropless_and_matches_the_naive_decoder():
     assert [c.token_ids for c in served] == [generate(moe_model, [p], n)[0] for p, n in pairs]
 
 
-@pytest.mark.parametrize("change", [{"mla": MLAConfig(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
-                                                       v_head_dim=8)},
-                                    {"moe": MoEConfig(n_experts=4, top_k=2, first_dense_layers=1)}])
-def test_models_the_paged_step_cannot_run_are_refused_by_name(change):
-    """MLA and dense-first-layer MoE models are refused when the engine is built, naming the field, not deep in a
-    step; the naive decoder (no cache) still decodes them."""
-    target = create_model(dataclasses.replace(CFG, **change))
-    with pytest.raises(ValueError, match="kv_lora_rank=16|first_dense_layers=1"):
-        Engine(target, SERVE)
-    assert len(generate(target, [prompts()[0]], 3)[0]) == 3
+MLA = MLAConfig(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
+DEEPSEEK_MOE = MoEConfig(n_experts=4, top_k=2, first_dense_layers=1, router="sigmoid", n_shared_experts=1,
+                         routed_scaling_factor=2.5)
+
+
+@pytest.mark.parametrize("change", [{"mla": MLA}, {"mla": dataclasses.replace(MLA, q_lora_rank=12)},
+                                    {"moe": DEEPSEEK_MOE}, {"mla": MLA, "moe": DEEPSEEK_MOE}],
+                         ids=["mla", "mla-q-lora", "dense-first-layers", "deepseek-v3-shaped"])
+def test_deepseek_v3_pieces_are_served_and_match_the_naive_decoder(change):
+    """MLA through the latent paged cache (absorbed decode and prefill) and MoE models with dense first layers
+    (two layer stacks in the step): the engine's greedy tokens equal the naive decoder's, which recomputes whole
+    sequences with the unabsorbed model. Three requests at once, prompts spanning several pages."""
+    target = create_model(dataclasses.replace(CFG, **change), seed=3)
+    engine = Engine(target, SERVE)
+    pairs = list(zip(prompts()[:3], MAX_NEW[:3], strict=True))
+    served = engine.generate([Request(tuple(p), n) for p, n in pairs])
+    assert [c.token_ids for c in served] == [generate(target, [p], n)[0] for p, n in pairs]
+    assert engine.allocator.num_free == engine.allocator.num_usable
+
+
+@pytest.mark.parametrize("layer_loop", ["scan", "unrolled"])
+def test_mla_with_the_pallas_latent_kernel_preemption_and_staggered_arrivals(layer_loop):
+    """The latent decode kernel (Pallas, interpret mode here), both layer loops, a cache small enough that
+    running requests are preempted and recomputed: still the naive decoder's tokens."""
+    target = create_model(dataclasses.replace(CFG, mla=MLA), seed=3)
+    engine = Engine(target, ServeConfig(page_size=4, num_pages=13, max_running=4, token_budget=32,
+                                        decode_impl="pallas", layer_loop=layer_loop))
+    assert serve_staggered(engine) == [tuple(generate(target, [p], n)[0])
+                                       for p, n in zip(prompts(), MAX_NEW, strict=True)]
+    assert sum(c.num_preemptions for c in engine.completions.values()) > 0
+    assert engine.allocator.num_free == engine.allocator.num_usable
 
 
 def test_step_cost_follows_live_tokens_not_the_context():

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from model.config import MLAConfig
 from model.presets import get_preset
 from scaling.accounting import kv_cache_bytes
 from serve.kv_cache import CacheShape, init_cache, pages_for_budget, slots, write_pages
@@ -46,3 +47,20 @@ def test_slots_and_writes_land_where_the_block_table_says():
     for t, (page, offset) in enumerate(zip(pages, offsets, strict=True)):
         expected[:, page, offset] = np.asarray(new[0, t])
     np.testing.assert_array_equal(out, expected)
+
+
+def test_an_mla_model_caches_its_latent_and_rotary_key_per_token():
+    """DeepSeek-V3 (transformers' default config is its published one) in bfloat16: 61 x (512 + 64) x 2 bytes a
+    token, as the issue states and scaling.accounting counts; a small MLA cache allocates what it says."""
+    import transformers  # noqa: PLC0415 (the hf extra)
+
+    from model.hf import config_from_hf  # noqa: PLC0415
+
+    v3 = config_from_hf(transformers.DeepseekV3Config().to_dict())
+    shape = CacheShape.for_model(v3, page_size=64, num_pages=2, dtype="bfloat16")
+    assert shape.bytes_per_page == 64 * 61 * (512 + 64) * 2 == kv_cache_bytes(v3, 64, "bfloat16")
+    small = CFG.replace(mla=MLAConfig(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8))
+    shape = CacheShape.for_model(small, page_size=8, num_pages=5)
+    cache = init_cache(shape)
+    assert cache.k.shape == (1, small.n_layers * 5, 8, 16) and cache.v.shape == (1, small.n_layers * 5, 8, 4)
+    assert sum(x.nbytes for x in jax.tree.leaves(cache)) == shape.total_bytes == kv_cache_bytes(small, 8 * 5, "float32")
