@@ -199,7 +199,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, *, causal_halved: bool = Fal
     matmuls (2 * s * a * d_qk and 2 * s * a * d_v per query token; GQA: 4 * L * s * a * d). Backward costs twice
     the forward (gradients with respect to both the inputs and the weights of every matmul), so training =
     6 * matmul_params + 6 * L * s * a * (d_qk + d_v) (Kaplan et al. 2020; PaLM, Chowdhery et al. 2022, App. B).
-    Elementwise work (softmax, norms, SwiGLU, RoPE) is not counted.
+    Elementwise work (softmax, norms, SwiGLU, RoPE) is not counted. Training a model with MTP modules adds
+    3 x `mtp_flops_per_token`.
 
     Causal masking: PaLM and Levanter count the full s x s score matrix (`causal_halved=False`, our default and
     what bench_train's MFU uses); MaxText halves the attention term, since only the lower triangle is needed
@@ -213,7 +214,23 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, *, causal_halved: bool = Fal
     if causal_halved:
         attention /= 2
     forward = 2 * matmul_params(cfg) + attention
-    return 3 * forward if training else forward
+    return 3 * (forward + mtp_flops_per_token(cfg, seq_len, causal_halved=causal_halved)) if training else forward
+
+
+def mtp_flops_per_token(cfg: ModelConfig, seq_len: int, *, causal_halved: bool = False) -> float:
+    """Forward FLOPs of the multi-token prediction modules (model/mtp.py) per main-model token, which training
+    adds (`flops_per_token(training=True)` counts them, inference does not run them): depth k runs over the first
+    s - k positions, each through its projection 2h x h, one block of the main model's kind (`matmul_params`'
+    attention and MLP terms, attention over s - k keys) and the shared LM head h x v."""
+    qk, v = head_dims(cfg)
+    per_position = 2 * (_attention_weights(cfg) + _mlp_weights(cfg, dense=not cfg.moe.enabled, active=True)
+                        + 2 * cfg.d_model * cfg.d_model + cfg.d_model * cfg.vocab_size)
+    total = 0.0
+    for k in range(1, cfg.mtp_depth + 1):
+        n = seq_len - k
+        attention = 2 * n * cfg.n_heads * (qk + v) / (2 if causal_halved else 1)
+        total += n / seq_len * (per_position + attention)
+    return total
 
 
 # --- memory --------------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from scaling.accounting import (
     param_count,
     train_memory,
 )
-from train.step import loss_fn
+from train.step import loss_fn, objective_fn
 
 # --- parameters ----------------------------------------------------------------------------------------------
 
@@ -371,3 +371,18 @@ def test_estimate_cli_bad_layout_exits_2(capsys):
         main(["--preset", "tiny", "--layout", "data=2,tensr=2"])
     assert exit_info.value.code == 2
     assert "'tensr=2'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_training_flops_with_mtp_modules_match_xla(depth, unrolled_scan):
+    """Training's objective with D multi-token prediction modules (train/step.py `objective_fn`): XLA's count of
+    its gradient within [1.00, 1.05] x flops_per_token, which adds the modules; without them it would be short by
+    about D / (L + 1) blocks plus D heads."""
+    cfg = get_preset("tiny").replace(attention_impl="reference", mtp_depth=depth)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: create_model(cfg)))
+    batch, seq_len = 2, 64
+    tokens = jax.ShapeDtypeStruct((batch, seq_len + 1), jnp.int32)
+    measured = xla_flops(jax.grad(lambda p, x: objective_fn(p, graphdef, x)[0]), nnx.to_pure_dict(state), tokens)
+    analytic = flops_per_token(cfg, seq_len) * batch * seq_len
+    assert 1.0 <= measured / analytic <= 1.05, measured / analytic
+    assert measured / (flops_per_token(cfg.replace(mtp_depth=0), seq_len) * batch * seq_len) > 1.1
