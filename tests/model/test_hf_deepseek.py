@@ -190,3 +190,23 @@ def test_save_hf_refuses_deepseek_moe_shapes_without_mla(tmp_path, moe, match):
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=48, moe=moe)
     with pytest.raises(ValueError, match=match):
         save_hf(Transformer(cfg, rngs=nnx.Rngs(0)), tmp_path / "out")
+
+
+def test_a_deepseek_v3_checkpoint_is_served_as_transformers_generates(tmp_path):
+    """End to end: a DeepseekV3ForCausalLM checkpoint loaded and served by the engine (latent paged cache, absorbed
+    MLA, dense first layer, sigmoid group-limited routing), prompts of several pages decoded in one batch, gives
+    transformers' own greedy `generate` tokens."""
+    torch = pytest.importorskip("torch")
+    from serve.engine import Engine, Request, ServeConfig  # noqa: PLC0415
+
+    hf_model = _hf_model(seed=2)
+    hf_model.save_pretrained(tmp_path)
+    model = load_hf(tmp_path, dtype="float32")
+    prompts = [TOKENS[0].tolist(), TOKENS[1, :7].tolist(), TOKENS[1, 3:].tolist()]
+    engine = Engine(model, ServeConfig(page_size=4, max_running=4, token_budget=16, decode_impl="reference"))
+    served = engine.generate([Request(tuple(p), 12) for p in prompts])
+    with torch.no_grad():
+        expected = [hf_model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                      max_new_tokens=12, min_new_tokens=12, do_sample=False, eos_token_id=None,
+                                      pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+    assert [c.token_ids for c in served] == expected
