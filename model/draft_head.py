@@ -9,6 +9,13 @@ and the target's own final norm and LM head applied to g_i give the distribution
 the Linear and the Block; the embedding, final norm and LM head are the target's, passed in at every call (frozen,
 never saved with the head). The block is dense even for an MoE target (EAGLE's head is a plain Llama layer).
 
+Style "mtp" is the same head shaped as DeepSeek-V3's depth-1 multi-token prediction module (model/mtp.py): the head
+is an `MTPModule` (input norms on both halves, the embedding first, no bias, the target's kind of block, MoE
+included, and its own output norm before the target's LM head), and `mtp_draft_head` builds it from a target trained
+with `model.mtp_depth >= 1` by taking that module's weights. MTP's pair i is the same [h_i, e(x_{i+1})] predicting
+x_{i+2}, so drafting and serving treat both styles alike; drafting past the first token feeds the module its own
+output h^1 back as the next hidden state, as EAGLE feeds g.
+
 Drafting (`draft_tokens`) feeds the head its own predicted features back: from the target's f_0..f_t and the tokens
 x_0..x_{t+1}, g_t gives the first drafted token d_1; then pair t+1 is [g_t, e(d_1)], whose output gives d_2, and so
 on for Nd tokens. It recomputes the head over the whole sequence at each of the Nd steps (no cache): simple, exact,
@@ -32,39 +39,54 @@ import numpy as np
 from flax import nnx
 
 from model import axes
-from model.checks import check_bool, check_int
+from model.checks import check_bool, check_int, check_one_of
 from model.config import ModelConfig, MoEConfig
 from model.layers import normal, param, rope_tables
+from model.mtp import MTPModule
 from model.transformer import Attend, Block, Transformer
 
 WEIGHTS_FILE = "draft_head.npz"
 META_FILE = "draft_head.json"
+STYLES = ("eagle", "mtp")
 
 
 @dataclasses.dataclass(frozen=True)
 class DraftHeadConfig:
     """The head of a target whose model config is `target` (its layer's shape, and the width and vocabulary of
-    the features and tokens it reads); `fc_bias`: a bias on the 2D -> D projection (EAGLE-1 has one)."""
+    the features and tokens it reads); `fc_bias`: a bias on the 2D -> D projection (EAGLE-1 has one); `style`:
+    "eagle" (Linear -> one dense Block -> the target's final norm) or "mtp" (DeepSeek-V3's MTP module: input norms,
+    [embedding; feature], no bias, the target's kind of block, its own output norm; `fc_bias` must be False)."""
 
     target: ModelConfig
     fc_bias: bool = True
+    style: str = "eagle"
 
     def __post_init__(self) -> None:
         if not isinstance(self.target, ModelConfig):
             raise ValueError(f"draft_head.target must be a ModelConfig, got {self.target!r}")
         check_bool("draft_head.fc_bias", self.fc_bias)
+        check_one_of("draft_head.style", self.style, STYLES)
+        if self.style == "mtp" and self.fc_bias:
+            raise ValueError("draft_head.fc_bias must be False with draft_head.style 'mtp' (DeepSeek-V3's MTP "
+                             "projection has no bias)")
 
     @property
     def block_config(self) -> ModelConfig:
-        """The config its one layer is built from: the target's, one dense layer."""
+        """The config its one layer is built from: the target's, one dense layer ("eagle"), or one layer of the
+        target's kind, an MoE layer for an MoE target ("mtp", as model/transformer.py builds its MTP blocks)."""
+        if self.style == "mtp":
+            moe = dataclasses.replace(self.target.moe, first_dense_layers=0)
+            return self.target.replace(n_layers=1, moe=moe, scan_layers=False, remat="none", loss_chunks=0,
+                                       mtp_depth=0)
         return self.target.replace(n_layers=1, moe=MoEConfig(), scan_layers=False, remat="none", loss_chunks=0)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"target": self.target.to_dict(), "fc_bias": self.fc_bias}
+        return {"target": self.target.to_dict(), "fc_bias": self.fc_bias, "style": self.style}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DraftHeadConfig:
-        return cls(target=ModelConfig.from_dict(values["target"]), fc_bias=values.get("fc_bias", True))
+        return cls(target=ModelConfig.from_dict(values["target"]), fc_bias=values.get("fc_bias", True),
+                   style=values.get("style", "eagle"))
 
 
 def check_compatible(cfg: DraftHeadConfig, target: ModelConfig) -> None:
@@ -77,11 +99,15 @@ def check_compatible(cfg: DraftHeadConfig, target: ModelConfig) -> None:
 
 
 class DraftHead(nnx.Module):
-    """[f_i, e(x_{i+1})] -> Linear -> one Block -> g_i, the predicted f_{i+1} (the module docstring)."""
+    """[f_i, e(x_{i+1})] -> Linear -> one Block -> g_i, the predicted f_{i+1} (the module docstring); style "mtp":
+    an `MTPModule` over (f_i, e(x_{i+1}))."""
 
     def __init__(self, cfg: DraftHeadConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         block_cfg = cfg.block_config
+        if cfg.style == "mtp":
+            self.mtp = MTPModule(block_cfg, Block(block_cfg, rngs), rngs)
+            return
         d, pd = block_cfg.d_model, block_cfg.weight_dtype
         self.fc = param(rngs, normal(block_cfg.init_std), (2 * d, d), (None, axes.EMBED), pd)
         if cfg.fc_bias:
@@ -93,18 +119,39 @@ class DraftHead(nnx.Module):
         """Pairs (the target's features, the next tokens' embeddings) at `positions` -> g [B, T, D] (compute
         dtype); `attend` replaces the causal self-attention over this call's pairs (see `Block`)."""
         block_cfg = self.cfg.block_config
+        cos, sin = rope_tables(positions_BxT, block_cfg.rope_dim, block_cfg.rope_theta)
+        if self.cfg.style == "mtp":
+            return self.mtp(features_BxTxD, embeds_BxTxD, cos, sin, attend)[0]
         dt = block_cfg.compute_dtype
         pair_BxTx2D = jnp.concatenate([features_BxTxD.astype(dt), embeds_BxTxD.astype(dt)], axis=-1)
         x_BxTxD = jnp.einsum("btc,cd->btd", pair_BxTx2D, self.fc[...].astype(dt))
         if self.cfg.fc_bias:
             x_BxTxD = x_BxTxD + self.fc_bias[...].astype(dt)
-        cos, sin = rope_tables(positions_BxT, block_cfg.head_dim, block_cfg.rope_theta)
         return self.block(x_BxTxD, cos, sin, attend)[0]
+
+    def logits(self, target: Transformer, g_BxTxD: jax.Array) -> jax.Array:
+        """The float32 logits [B, T, V] of the head's outputs g: the target's final norm and LM head ("eagle"), or
+        the module's own output norm and the target's LM head ("mtp", as `Transformer.mtp_logits` computes them)."""
+        if self.cfg.style == "mtp":
+            return target._project(self.mtp.norm(g_BxTxD))
+        return target.logits(g_BxTxD)
 
 
 def create_draft_head(target: ModelConfig, seed: int = 0, fc_bias: bool = True) -> DraftHead:
     """A freshly initialised head for a target of config `target`."""
     return DraftHead(DraftHeadConfig(target, fc_bias), rngs=nnx.Rngs(params=seed))
+
+
+def mtp_draft_head(target: Transformer) -> DraftHead:
+    """A draft head of style "mtp" that is `target`'s depth-1 multi-token prediction module (the same arrays, not
+    copies; deeper modules are unused). Raises ValueError when `target` has none (model.mtp_depth 0)."""
+    if not getattr(target.cfg, "mtp_depth", 0):
+        raise ValueError("speculative method 'mtp' needs a model trained with multi-token prediction "
+                         "(model.mtp_depth >= 1), but this model has model.mtp_depth 0")
+    head = nnx.eval_shape(lambda: DraftHead(DraftHeadConfig(target.cfg, fc_bias=False, style="mtp"),
+                                            rngs=nnx.Rngs(params=0)))
+    nnx.update(head.mtp, nnx.state(target.mtp[0]))
+    return head
 
 
 def draft_forward(head: DraftHead, target: Transformer, features_BxTxD: jax.Array, next_tokens_BxT: jax.Array,
@@ -115,7 +162,7 @@ def draft_forward(head: DraftHead, target: Transformer, features_BxTxD: jax.Arra
     if positions_BxT is None:
         positions_BxT = jnp.broadcast_to(jnp.arange(next_tokens_BxT.shape[1]), next_tokens_BxT.shape)
     g_BxTxD = head(features_BxTxD, target.embed_tokens(next_tokens_BxT), positions_BxT)
-    return g_BxTxD, target.logits(g_BxTxD)
+    return g_BxTxD, head.logits(target, g_BxTxD)
 
 
 def draft_tokens(head: DraftHead, target: Transformer, features_TxD: jax.Array, tokens_T1: jax.Array, k: int, *,
@@ -155,7 +202,7 @@ def draft_tokens(head: DraftHead, target: Transformer, features_TxD: jax.Array, 
         i = n - 1 + j  # the pair whose output drafts this step's token
         g_TkxD = head(feats_TkxD[None], target.embed_tokens(next_Tk[None]), positions_1xTk)[0]
         g_D = jax.lax.dynamic_index_in_dim(g_TkxD, i, keepdims=False)
-        logits_V = target.logits(g_D[None, None])[0, 0]
+        logits_V = head.logits(target, g_D[None, None])[0, 0]
         sampling = temperature > 0
         scaled_V = logits_V / jnp.where(sampling, temperature, 1.0)
         token = jnp.where(sampling, jax.random.categorical(step_key, scaled_V), jnp.argmax(logits_V))
