@@ -7,6 +7,8 @@ the same, and the acceptance (rate, mean accepted length, per drafted position).
         --gguf "$(python -c 'from model.gguf import smollm2_path; print(smollm2_path())')"
     # a draft model: `tiny` drafting for `small`, both trained on the demo corpus, continuing corpus text:
     python -m scripts.bench_speculative --run runs/demo --speculative draft:runs/tiny --task continue
+    # the model's own multi-token prediction module (a run trained with --set model.mtp_depth=1):
+    python -m scripts.bench_speculative --run runs/demo-mtp --speculative mtp --task continue
 
 Tasks: `rewrite` asks a chat model to repeat a slice of a source file with a comment added (the answer copies the
 prompt: prompt lookup's case); `continue` gives a slice of a source file as plain text to continue (a base model's
@@ -126,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging("WARNING")
     if not args.speculative:
-        fail("give --speculative ngram or draft:SOURCE (the configuration to compare with plain decoding)")
+        fail("give --speculative ngram, mtp, draft:SOURCE or head:DIR (the configuration to compare with plain "
+             "decoding)")
     cache_dir = use_compilation_cache(args)
     import jax
 

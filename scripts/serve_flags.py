@@ -1,6 +1,6 @@
 """The serving engine's settings on a command line: every `ServeConfig` field as `--set serve.FIELD=value`, a few
 shorthands (`--page-size`, `--max-running`, `--token-budget`, `--kv-pages`, `--decode-impl`), and speculative
-decoding (`--speculative ngram|draft:SOURCE|head:DIR`, `--num-speculative-tokens K`: a SpeculativeConfig and the
+decoding (`--speculative ngram|mtp|draft:SOURCE|head:DIR`, `--num-speculative-tokens K`: a SpeculativeConfig and the
 draft model or head).
 
 There is one set of defaults, `ServeConfig`'s own: a flag not given leaves its field alone. Values are parsed by the
@@ -67,10 +67,12 @@ def add_serve_args(p: argparse.ArgumentParser, *, other_sections: str = "") -> N
                         "up to 2 GiB)")
     p.add_argument("--decode-impl", choices=decode_impls(),
                    help=f"= --set serve.decode_impl (default {serve_default('decode_impl')})")
-    p.add_argument("--speculative", metavar="ngram|draft:SOURCE|head:DIR",
-                   help="speculative decoding: 'ngram' (prompt lookup), 'draft:SOURCE', a smaller model with the "
-                        "same vocabulary drafting (SOURCE: a meshlm run directory, hf:DIR or gguf:FILE), or "
-                        "'head:DIR', a draft head trained on this model by scripts/train_draft_head.py")
+    p.add_argument("--speculative", metavar="ngram|mtp|draft:SOURCE|head:DIR",
+                   help="speculative decoding: 'ngram' (prompt lookup), 'mtp' (the model's own multi-token "
+                        "prediction module drafting: a model trained with --set model.mtp_depth=1 or more), "
+                        "'draft:SOURCE', a smaller model with the same vocabulary drafting (SOURCE: a meshlm run "
+                        "directory, hf:DIR or gguf:FILE), or 'head:DIR', a draft head trained on this model by "
+                        "scripts/train_draft_head.py")
     p.add_argument("--num-speculative-tokens", type=int, metavar="K",
                    help="tokens drafted per decode step with --speculative (default "
                         f"{speculative_default_tokens()})")
@@ -94,16 +96,21 @@ def speculative_config(args: argparse.Namespace):
             raise ValueError("--num-speculative-tokens needs --speculative")
         return None
     method, _, source = spec.partition(":")
-    if (method == "ngram") != (source == "") or method not in ("ngram", "draft", "head"):
-        raise ValueError(f"--speculative {spec!r}: expected 'ngram', 'draft:SOURCE' (a run directory, hf:DIR or "
-                         "gguf:FILE) or 'head:DIR' (a draft head from scripts/train_draft_head.py)")
+    if (method in ("ngram", "mtp")) != (source == "") or method not in ("ngram", "mtp", "draft", "head"):
+        raise ValueError(f"--speculative {spec!r}: expected 'ngram', 'mtp' (the model's own multi-token prediction "
+                         "module), 'draft:SOURCE' (a run directory, hf:DIR or gguf:FILE) or 'head:DIR' (a draft "
+                         "head from scripts/train_draft_head.py)")
     return SpeculativeConfig(method=method, **({} if k is None else {"num_tokens": k}))
 
 
 def load_draft_model(args: argparse.Namespace, target_cfg=None):
     """The draft model of --speculative draft:SOURCE, or the draft head of head:DIR (checked against the target's
-    `target_cfg` when given); None otherwise. Raises FileNotFoundError or ValueError naming the source."""
+    `target_cfg` when given); None otherwise (with `mtp`, after checking that `target_cfg` has an MTP module).
+    Raises FileNotFoundError or ValueError naming the source."""
     spec = getattr(args, "speculative", None) or ""
+    if spec == "mtp" and target_cfg is not None and not target_cfg.mtp_depth:
+        raise ValueError("--speculative mtp needs a model trained with multi-token prediction (model.mtp_depth >= 1), "
+                         "but this model has model.mtp_depth 0")
     if spec.startswith("head:"):
         from model.draft_head import load_draft_head
 

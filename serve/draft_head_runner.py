@@ -12,6 +12,9 @@ g_{N-2} predicts f_{N-1} and, through the target's final norm and LM head, the f
 the head its own output: pair N-2+j is [g_{N-3+j}, e(d_j)], giving d_{j+1} (EAGLE's feature autoregression). Those
 pairs were made from predicted features, so they do not count: the next catch-up recomputes them from the target's
 real ones.
+
+Method "mtp" runs the same way with the target's own depth-1 multi-token prediction module as the head
+(`model.draft_head.mtp_draft_head`: a head of style "mtp", whose own output norm precedes the target's LM head).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ def _head_forward(head_graph: nnx.GraphDef, head_params: nnx.State, target_graph
                   pool: KVCache, inputs: StepInputs, features_TxD: jax.Array, decode_impl: str
                   ) -> tuple[jax.Array, jax.Array, KVCache]:
     """The head over a ragged batch of pairs (`inputs.tokens_T` the next tokens, `features_TxD` the features):
-    (g [T, D], the target's logits of each sampling slot's g [Rs, V], the head's pool)."""
+    (g [T, D], the head's logits of each sampling slot's g [Rs, V] (`DraftHead.logits`), the head's pool)."""
     head = nnx.merge(head_graph, head_params)
     target = nnx.merge(target_graph.model, target_rest)
     pools = [pool.k, pool.v]
@@ -55,7 +58,7 @@ def _head_forward(head_graph: nnx.GraphDef, head_params: nnx.State, target_graph
 
     g_1xTxD = head(features_TxD[None], target.embed_tokens(inputs.tokens_T[None]),
                    jnp.maximum(inputs.positions_T, 0)[None], attend)
-    logits_RsxV = target.logits(g_1xTxD[:, inputs.last_Rs])[0]
+    logits_RsxV = head.logits(target, g_1xTxD[:, inputs.last_Rs])[0]
     return g_1xTxD[0], logits_RsxV, KVCache(pools[0], pools[1])
 
 
@@ -98,9 +101,13 @@ class HeadRunner:
 
     def __init__(self, head: DraftHead, engine: Engine, num_tokens: int):
         check_compatible(head.cfg, engine.model_cfg)
+        cfg = head.cfg.block_config
+        if cfg.mla.enabled:
+            raise ValueError(f"a draft head (style {head.cfg.style!r}) with an MLA block (model.mla.kv_lora_rank="
+                             f"{cfg.mla.kv_lora_rank}) is not supported yet: its paged pool holds per-head keys and "
+                             f"values")
         self.engine, self.k = engine, num_tokens
         self.head_graph, self.head_params = nnx.split(head)
-        cfg = head.cfg.block_config
         ps, num_pages = engine.cfg.page_size, engine.cache_shape.num_pages
         dtype = str(engine.model_cfg.compute_dtype)
         self.pool = init_cache(CacheShape(1, cfg.n_kv_heads, cfg.head_dim, ps, num_pages, dtype))

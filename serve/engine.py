@@ -158,7 +158,8 @@ class Engine:
     """Continuous batching over a paged KV cache for one model (any `model.transformer.Transformer`), with
     speculative decoding when `cfg.speculative` says so (serve/speculative.py verifies; `draft_model` is the
     proposer of method "draft", a model with the same vocabulary, or of method "head", a trained
-    `model.draft_head.DraftHead` of this model)."""
+    `model.draft_head.DraftHead` of this model; method "mtp" drafts with the model's own depth-1 multi-token
+    prediction module and takes none)."""
 
     def __init__(self, model: nnx.Module, cfg: ServeConfig = ServeConfig(), draft_model: nnx.Module | None = None):
         model = for_inference(model)
@@ -211,7 +212,14 @@ class Engine:
         self._last_mode: bool | None = None  # the last step's mode, if the policy could measure it
         self._ngram = NgramConfig(spec.ngram_max_n, spec.ngram_min_n, spec.num_tokens) if spec else None
         self._drafter = None
-        if spec and spec.method in ("draft", "head"):
+        if spec and spec.method == "mtp":
+            if draft_model is not None:
+                raise ValueError("speculative method 'mtp' drafts with the model's own multi-token prediction module; "
+                                 "it takes no draft_model")
+            from model.draft_head import mtp_draft_head  # noqa: PLC0415
+            from serve.draft_head_runner import HeadRunner  # noqa: PLC0415
+            self._drafter = HeadRunner(mtp_draft_head(model), self, spec.num_tokens)
+        elif spec and spec.method in ("draft", "head"):
             if draft_model is None:
                 raise ValueError(f"speculative method {spec.method!r} needs a draft_model (a model, or a DraftHead)")
             if spec.method == "draft":

@@ -7,17 +7,18 @@ import dataclasses
 
 from model.checks import check_bool, check_ints, check_one_of
 
-PROPOSERS = ("ngram", "draft", "head")
+PROPOSERS = ("ngram", "draft", "head", "mtp")
 
 
 @dataclasses.dataclass(frozen=True)
 class SpeculativeConfig:
     """`method` "ngram" drafts by prompt lookup (serve/ngram.py: the last `ngram_max_n` down to `ngram_min_n` tokens
     matched earlier in the sequence), "draft" with a smaller model given to the engine, "head" with a draft head
-    trained on the target's hidden states (serve/draft_head_runner.py); `num_tokens` (k) drafted
-    tokens per decode, verified in one target forward. With `adaptive`, each decode-batch size measures its tokens/s
-    with and without speculation and keeps the faster (probing the other now and then), so a batch where verifying
-    k extra positions costs more than the accepted tokens bring decodes plainly."""
+    trained on the target's hidden states (serve/draft_head_runner.py), "mtp" with the target's own depth-1
+    multi-token prediction module run as such a head (a model trained with model.mtp_depth >= 1); `num_tokens` (k)
+    drafted tokens per decode, verified in one target forward. With `adaptive`, each decode-batch size measures its
+    tokens/s with and without speculation and keeps the faster (probing the other now and then), so a batch where
+    verifying k extra positions costs more than the accepted tokens bring decodes plainly."""
 
     method: str = "ngram"
     num_tokens: int = 4

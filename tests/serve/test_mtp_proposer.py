@@ -1,0 +1,99 @@
+"""Speculative decoding with the target's own multi-token prediction module as the proposer (method "mtp": the
+engine runs `model.draft_head.mtp_draft_head(model)` as a draft head). Against independent references: greedy
+outputs equal the naive decoder's token for token with staggered arrivals and under forced preemption (for a dense
+and an MoE target), and the engine's drafts are those of the cache-free `draft_tokens` recomputed from the target's
+full forward; a model without MTP, or a draft model given beside it, is refused by name."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from model.config import MoEConfig
+from model.draft_head import draft_tokens, mtp_draft_head
+from model.transformer import create_model, for_inference
+from serve.engine import Engine, Request
+from serve.naive import generate
+from serve.speculation_config import SpeculativeConfig
+from tests.serve.test_engine import CFG, MAX_NEW, SERVE, prompts, serve_staggered
+
+K = 3
+MTP = SpeculativeConfig(method="mtp", num_tokens=K, adaptive=False)
+MTP_CFG = CFG.replace(mtp_depth=1)
+MOE_CFG = MTP_CFG.replace(moe=MoEConfig(n_experts=4, top_k=2, dispatch="dropless"))
+PREEMPTING = dict(page_size=4, num_pages=13, max_running=6, token_budget=24, max_prefill_chunk=16)
+
+
+@functools.cache
+def model(moe: bool = False):
+    return create_model(MOE_CFG if moe else MTP_CFG, seed=3)
+
+
+@functools.cache
+def naive_outputs(moe: bool = False):
+    return [tuple(generate(model(moe), [p], n)[0]) for p, n in zip(prompts(), MAX_NEW, strict=True)]
+
+
+def engine(moe: bool = False, **serve):
+    return Engine(model(moe), dataclasses.replace(SERVE, speculative=MTP, **serve))
+
+
+def test_greedy_mtp_speculation_matches_the_naive_decoder():
+    e = engine()
+    assert serve_staggered(e) == naive_outputs()
+    assert e.allocator.num_free == e.allocator.num_usable
+    assert e.speculation.rows > 0 and e.speculation.drafted > 0
+
+
+@pytest.mark.slow
+def test_greedy_mtp_speculation_under_forced_preemption():
+    e = engine(**PREEMPTING)
+    assert serve_staggered(e) == naive_outputs()
+    assert sum(c.num_preemptions for c in e.completions.values()) > 0
+    assert e.allocator.num_free == e.allocator.num_usable
+
+
+@pytest.mark.slow
+def test_greedy_mtp_speculation_of_an_moe_model():
+    """The MTP module of an MoE model has an MoE block; the head runs it (dropless, as the served model)."""
+    e = engine(moe=True)
+    assert serve_staggered(e) == naive_outputs(moe=True)
+    assert e.speculation.drafted > 0
+
+
+def test_the_mtp_proposer_drafts_what_the_cache_free_head_drafts():
+    """The engine's MTP head (its paged pool, catching up on the target's stored hidden states) drafts the tokens
+    of `draft_tokens` with `mtp_draft_head(model)`, which recomputes the module over the whole sequence from the
+    target's own full forward; and the outputs stay the naive decoder's."""
+    e = engine()
+    calls = []
+    original = e._drafter.draft
+
+    def recording(decodes, inputs):
+        drafts, q = original(decodes, inputs)
+        calls.append(([list(c.seq.all_ids) for c in decodes], np.asarray(drafts)))
+        return drafts, q
+
+    e._drafter.draft = recording
+    ps = prompts()[:2]
+    done = e.generate([Request(tuple(p), 10) for p in ps])
+    assert [c.token_ids for c in done] == generate(model(), ps, 10)
+    assert len(calls) >= 3
+    target = for_inference(model())
+    head = mtp_draft_head(target)
+    for ids_of_rows, drafts in calls:
+        for b, ids in enumerate(ids_of_rows):
+            features = target.hidden(jnp.asarray([ids[:-1]]))[0]  # h_0 .. h_{N-2}
+            reference, _ = draft_tokens(head, target, features, jnp.asarray(ids), K)
+            assert drafts[b].tolist() == np.asarray(reference).tolist(), (b, len(ids))
+
+
+def test_a_model_without_mtp_or_with_a_draft_model_is_refused_by_name():
+    with pytest.raises(ValueError, match="mtp_depth"):
+        Engine(create_model(CFG, seed=3), dataclasses.replace(SERVE, speculative=MTP))
+    with pytest.raises(ValueError, match="'mtp'.*no draft_model"):
+        Engine(model(), dataclasses.replace(SERVE, speculative=MTP), draft_model=model())
