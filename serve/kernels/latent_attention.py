@@ -47,7 +47,16 @@ from jax.experimental import pallas as pl
 
 from model.checks import check_int, is_number, is_power_of_two
 from model.kernels.triton import compiler_params, triton_deprecation_ignored
-from serve.kernels.paged_attention import _MIN_DOT, _next_power_of_two, default_pages_per_chunk, merge_splits
+from serve.kernels.paged_attention import (
+    MIN_DOT,
+    PRECISION,
+    default_pages_per_chunk,
+    merge_splits,
+    next_power_of_two,
+    online_softmax_init,
+    online_softmax_step,
+    store_partials,
+)
 
 _MAX_HEADS_PER_BLOCK = 64  # the default Hb's cap: a [64, 512] float32 accumulator per program
 _TOKENS_PER_CHUNK = 32  # the default chunk's cap: a [32, 512] latent tile per loop iteration
@@ -110,46 +119,35 @@ def _kernel(lengths_ref, tables_ref, q_c_ref, q_p_ref, c_ref, pe_ref, acc_ref, m
     q_p_HbxDp = q_p_ref[...].astype(pe_ref.dtype)
     Hb, Dc = q_c_HbxDc.shape
     Dp = q_p_HbxDp.shape[1]
-    precision = jax.lax.Precision.HIGHEST  # float32: IEEE, not TF32, in the Triton dot; no effect on bf16
     qk_dims = (((1,), (1,)), ((), ()))
 
     def chunk(i, carry):
-        m_Hb, l_Hb, acc_HbxDc = carry
         pages_Pc = tables_ref[pl.ds(i * pages_per_chunk, pages_per_chunk)]
         live_Sk = i * Sk + jnp.arange(Sk) < live
         c_SkxDc = c_ref[pages_Pc].reshape(Sk, Dc)
         c_SkxDc = jnp.where(live_Sk[:, None], c_SkxDc, jnp.zeros((), c_SkxDc.dtype))  # key and value alike
         pe_SkxDp = pe_ref[pages_Pc].reshape(Sk, Dp)
-        s_HbxSk = (jax.lax.dot_general(q_c_HbxDc, c_SkxDc, qk_dims, precision=precision,
+        s_HbxSk = (jax.lax.dot_general(q_c_HbxDc, c_SkxDc, qk_dims, precision=PRECISION,
                                        preferred_element_type=jnp.float32)
-                   + jax.lax.dot_general(q_p_HbxDp, pe_SkxDp, qk_dims, precision=precision,
+                   + jax.lax.dot_general(q_p_HbxDp, pe_SkxDp, qk_dims, precision=PRECISION,
                                          preferred_element_type=jnp.float32)) * scale
         s_HbxSk = jnp.where(live_Sk[None, :], s_HbxSk, -jnp.inf)  # stale pe (NaN, Inf) selected away here
-        m_new = jnp.maximum(m_Hb, jnp.max(s_HbxSk, axis=1))  # finite: every chunk run has a live token
-        p_HbxSk = jnp.exp(s_HbxSk - m_new[:, None])  # masked: exp(-inf) = 0
-        alpha_Hb = jnp.exp(m_Hb - m_new)  # first chunk: exp(-inf) = 0
-        pv_HbxDc = jax.lax.dot_general(p_HbxSk.astype(c_SkxDc.dtype), c_SkxDc, (((1,), (0,)), ((), ())),
-                                       precision=precision, preferred_element_type=jnp.float32)
-        return m_new, alpha_Hb * l_Hb + jnp.sum(p_HbxSk, axis=1), alpha_Hb[:, None] * acc_HbxDc + pv_HbxDc
+        return online_softmax_step(carry, s_HbxSk, c_SkxDc)
 
-    init = (jnp.full((Hb,), -jnp.inf, jnp.float32), jnp.zeros((Hb,), jnp.float32),
-            jnp.zeros((Hb, Dc), jnp.float32))
-    m_Hb, l_Hb, acc_HbxDc = jax.lax.fori_loop(0, (live + Sk - 1) // Sk, chunk, init)
-    acc_ref[...] = acc_HbxDc
-    max_ref[...] = m_Hb
-    sum_ref[...] = l_Hb
+    carry = jax.lax.fori_loop(0, (live + Sk - 1) // Sk, chunk, online_softmax_init(Hb, Dc))
+    store_partials(carry, acc_ref, max_ref, sum_ref)
 
 
 def default_heads_per_block(heads: int) -> int:
     """Hb: the heads padded to a power of two >= 16, at most 64 (so H = 128 takes two blocks)."""
-    return min(_MAX_HEADS_PER_BLOCK, max(_MIN_DOT, _next_power_of_two(heads)))
+    return min(_MAX_HEADS_PER_BLOCK, max(MIN_DOT, next_power_of_two(heads)))
 
 
 def default_latent_pages_per_chunk(page_size: int, pages_per_split: int) -> int:
     """paged_attention.py's `default_pages_per_chunk`, capped at about 32 tokens (a whole page when pages are
     larger) but never under 16: a chunk's latent tile is Dc wide."""
     pages = default_pages_per_chunk(page_size, pages_per_split)
-    cap = max(1, _TOKENS_PER_CHUNK // page_size, _next_power_of_two(math.ceil(_MIN_DOT / page_size)))
+    cap = max(1, _TOKENS_PER_CHUNK // page_size, next_power_of_two(math.ceil(MIN_DOT / page_size)))
     return min(pages, cap)
 
 
@@ -173,15 +171,15 @@ def _check(q_c_BxHxDc: jax.Array, q_p_BxHxDp: jax.Array, c_pages_1xNpxPsxDc: jax
     if interpret:
         return
     for name, dim in (("kv_lora_rank (Dc)", Dc), ("rope dim (Dp)", Dp)):
-        if not is_power_of_two(dim) or dim < _MIN_DOT:
-            raise ValueError(f"the compiled kernel needs {name} a power of two >= {_MIN_DOT}, got {dim}")
+        if not is_power_of_two(dim) or dim < MIN_DOT:
+            raise ValueError(f"the compiled kernel needs {name} a power of two >= {MIN_DOT}, got {dim}")
     if not is_power_of_two(Ps):
         raise ValueError(f"the compiled kernel needs page_size a power of two, got {Ps}")
-    if pages_per_chunk is not None and (not is_power_of_two(pages_per_chunk) or pages_per_chunk * Ps < _MIN_DOT):
+    if pages_per_chunk is not None and (not is_power_of_two(pages_per_chunk) or pages_per_chunk * Ps < MIN_DOT):
         raise ValueError(f"the compiled kernel needs pages_per_chunk a power of two with pages_per_chunk * "
-                         f"page_size >= {_MIN_DOT}, got {pages_per_chunk} (page_size {Ps})")
-    if heads_per_block is not None and (not is_power_of_two(heads_per_block) or heads_per_block < _MIN_DOT):
-        raise ValueError(f"the compiled kernel needs heads_per_block a power of two >= {_MIN_DOT}, got "
+                         f"page_size >= {MIN_DOT}, got {pages_per_chunk} (page_size {Ps})")
+    if heads_per_block is not None and (not is_power_of_two(heads_per_block) or heads_per_block < MIN_DOT):
+        raise ValueError(f"the compiled kernel needs heads_per_block a power of two >= {MIN_DOT}, got "
                          f"{heads_per_block}")
 
 

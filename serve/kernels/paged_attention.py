@@ -41,9 +41,10 @@ from jax.experimental import pallas as pl
 from model.checks import check_int, is_power_of_two
 from model.kernels.triton import compiler_params, triton_deprecation_ignored
 
-_MIN_DOT = 16  # Triton's `dot` needs M, N, K >= 16
+MIN_DOT = 16  # Triton's `dot` needs M, N, K >= 16
 _TOKENS_PER_CHUNK = 128  # default chunk: about this many tokens per loop iteration
 _NUM_WARPS, _NUM_STAGES = 4, 2
+PRECISION = jax.lax.Precision.HIGHEST  # float32: IEEE, not TF32, in the Triton dot; no effect on bf16
 
 
 def paged_prefill_attention(q_BxTxHxDh: jax.Array, k_pages_KxNpxPsxDh: jax.Array, v_pages_KxNpxPsxDh: jax.Array,
@@ -99,34 +100,51 @@ def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, acc_ref, max_ref, sum_
     live = jnp.clip(lengths_ref[0] - pl.program_id(2) * split_tokens, 0, split_tokens)  # this split's tokens
     q_GpxDh = q_ref[...].astype(k_ref.dtype)
     Gp, Dh = q_GpxDh.shape
-    precision = jax.lax.Precision.HIGHEST  # float32: IEEE, not TF32, in the Triton dot; no effect on bf16
 
     def chunk(c, carry):
-        m_Gp, l_Gp, acc_GpxDh = carry
         pages_Pc = tables_ref[pl.ds(c * pages_per_chunk, pages_per_chunk)]
         k_SkxDh = k_ref[pages_Pc].reshape(Sk, Dh)
         v_SkxDh = v_ref[pages_Pc].reshape(Sk, Dh)
         live_Sk = c * Sk + jnp.arange(Sk) < live
-        s_GpxSk = jax.lax.dot_general(q_GpxDh, k_SkxDh, (((1,), (1,)), ((), ())), precision=precision,
+        s_GpxSk = jax.lax.dot_general(q_GpxDh, k_SkxDh, (((1,), (1,)), ((), ())), precision=PRECISION,
                                     preferred_element_type=jnp.float32) * scale
         s_GpxSk = jnp.where(live_Sk[None, :], s_GpxSk, -jnp.inf)
-        m_new = jnp.maximum(m_Gp, jnp.max(s_GpxSk, axis=1))  # finite: every chunk run has a live token
-        p_GpxSk = jnp.exp(s_GpxSk - m_new[:, None])  # masked: exp(-inf) = 0
-        alpha_Gp = jnp.exp(m_Gp - m_new)  # first chunk: exp(-inf) = 0
         v_SkxDh = jnp.where(live_Sk[:, None], v_SkxDh, jnp.zeros((), v_SkxDh.dtype))
-        pv_GpxDh = jax.lax.dot_general(p_GpxSk.astype(v_SkxDh.dtype), v_SkxDh, (((1,), (0,)), ((), ())),
-                                     precision=precision, preferred_element_type=jnp.float32)
-        return m_new, alpha_Gp * l_Gp + jnp.sum(p_GpxSk, axis=1), alpha_Gp[:, None] * acc_GpxDh + pv_GpxDh
+        return online_softmax_step(carry, s_GpxSk, v_SkxDh)
 
-    init = (jnp.full((Gp,), -jnp.inf, jnp.float32), jnp.zeros((Gp,), jnp.float32),
-            jnp.zeros((Gp, Dh), jnp.float32))
-    m_Gp, l_Gp, acc_GpxDh = jax.lax.fori_loop(0, (live + Sk - 1) // Sk, chunk, init)
-    acc_ref[...] = acc_GpxDh
-    max_ref[...] = m_Gp
-    sum_ref[...] = l_Gp
+    carry = jax.lax.fori_loop(0, (live + Sk - 1) // Sk, chunk, online_softmax_init(Gp, Dh))
+    store_partials(carry, acc_ref, max_ref, sum_ref)
 
 
-def _next_power_of_two(n: int) -> int:
+def online_softmax_init(rows: int, dim: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The online softmax's starting (running max -inf, sum 0, accumulator [rows, dim] 0), in float32."""
+    return (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32),
+            jnp.zeros((rows, dim), jnp.float32))
+
+
+def online_softmax_step(carry: tuple[jax.Array, jax.Array, jax.Array], s_RxSk: jax.Array, v_SkxD: jax.Array
+                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One chunk of a decode kernel's online softmax: scores [R, Sk] (masked ones -inf, at least one live per
+    chunk) against values [Sk, D] (masked rows already zero). The running max, sum and accumulator stay float32;
+    the weighted sum is a [R, Sk] x [Sk, D] matmul in the values' dtype."""
+    m_R, l_R, acc_RxD = carry
+    m_new = jnp.maximum(m_R, jnp.max(s_RxSk, axis=1))  # finite: every chunk run has a live token
+    p_RxSk = jnp.exp(s_RxSk - m_new[:, None])  # masked: exp(-inf) = 0
+    alpha_R = jnp.exp(m_R - m_new)  # first chunk: exp(-inf) = 0
+    pv_RxD = jax.lax.dot_general(p_RxSk.astype(v_SkxD.dtype), v_SkxD, (((1,), (0,)), ((), ())),
+                                 precision=PRECISION, preferred_element_type=jnp.float32)
+    return m_new, alpha_R * l_R + jnp.sum(p_RxSk, axis=1), alpha_R[:, None] * acc_RxD + pv_RxD
+
+
+def store_partials(carry: tuple[jax.Array, jax.Array, jax.Array], acc_ref, max_ref, sum_ref) -> None:
+    """Write a program's (accumulator, max, sum) for `merge_splits`."""
+    m_R, l_R, acc_RxD = carry
+    acc_ref[...] = acc_RxD
+    max_ref[...] = m_R
+    sum_ref[...] = l_R
+
+
+def next_power_of_two(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
@@ -135,8 +153,8 @@ def default_pages_per_chunk(page_size: int, pages_per_split: int) -> int:
     up to a power of two)."""
     pages = max(1, _TOKENS_PER_CHUNK // page_size)
     pages = 1 << (pages.bit_length() - 1)  # round down to a power of two
-    pages = min(pages, _next_power_of_two(pages_per_split))
-    return max(pages, _next_power_of_two(math.ceil(_MIN_DOT / page_size)))
+    pages = min(pages, next_power_of_two(pages_per_split))
+    return max(pages, next_power_of_two(math.ceil(MIN_DOT / page_size)))
 
 
 def _check(q_BxHxDh: jax.Array, k_pages_KxNpxPsxDh: jax.Array, v_pages_KxNpxPsxDh: jax.Array, lengths_B: jax.Array,
@@ -155,13 +173,13 @@ def _check(q_BxHxDh: jax.Array, k_pages_KxNpxPsxDh: jax.Array, v_pages_KxNpxPsxD
     check_int("num_splits", num_splits)
     if interpret:
         return
-    if not is_power_of_two(Dh) or Dh < _MIN_DOT:
-        raise ValueError(f"the compiled kernel needs head_dim a power of two >= {_MIN_DOT}, got {Dh}")
+    if not is_power_of_two(Dh) or Dh < MIN_DOT:
+        raise ValueError(f"the compiled kernel needs head_dim a power of two >= {MIN_DOT}, got {Dh}")
     if not is_power_of_two(Ps):
         raise ValueError(f"the compiled kernel needs page_size a power of two, got {Ps}")
-    if pages_per_chunk is not None and (not is_power_of_two(pages_per_chunk) or pages_per_chunk * Ps < _MIN_DOT):
+    if pages_per_chunk is not None and (not is_power_of_two(pages_per_chunk) or pages_per_chunk * Ps < MIN_DOT):
         raise ValueError(f"the compiled kernel needs pages_per_chunk a power of two with pages_per_chunk * "
-                         f"page_size >= {_MIN_DOT}, got {pages_per_chunk} (page_size {Ps})")
+                         f"page_size >= {MIN_DOT}, got {pages_per_chunk} (page_size {Ps})")
 
 
 def paged_attention(q_BxHxDh: jax.Array, k_pages_KxNpxPsxDh: jax.Array, v_pages_KxNpxPsxDh: jax.Array,
@@ -185,7 +203,7 @@ def _paged_attention(q_BxHxDh: jax.Array, k_pages_KxNpxPsxDh: jax.Array, v_pages
     B, H, Dh = q_BxHxDh.shape
     K, Np, Ps, _ = k_pages_KxNpxPsxDh.shape
     W, Ns = block_tables_BxW.shape[1], num_splits
-    G, Gp = H // K, max(_MIN_DOT, _next_power_of_two(H // K))
+    G, Gp = H // K, max(MIN_DOT, next_power_of_two(H // K))
     Pc = pages_per_chunk or default_pages_per_chunk(Ps, math.ceil(W / Ns))
     Ws = math.ceil(math.ceil(W / Ns) / Pc) * Pc  # a whole number of chunks, so no chunk crosses a split
     tables_BxWp = jnp.pad(block_tables_BxW.astype(jnp.int32), ((0, 0), (0, Ns * Ws - W)))  # null page
