@@ -55,6 +55,8 @@ from serve.kernels.paged_attention import (
     next_power_of_two,
     online_softmax_init,
     online_softmax_step,
+    partials_out,
+    split_tables,
     store_partials,
 )
 
@@ -212,9 +214,7 @@ def _latent_attention(q_c_BxHxDc: jax.Array, q_p_BxHxDp: jax.Array, c_pages_1xNp
     Hb = heads_per_block or default_heads_per_block(H)
     Nh = math.ceil(H / Hb)
     Pc = pages_per_chunk or default_latent_pages_per_chunk(Ps, math.ceil(W / Ns))
-    Ws = math.ceil(math.ceil(W / Ns) / Pc) * Pc  # a whole number of chunks, so no chunk crosses a split
-    tables_BxWp = jnp.pad(block_tables_BxW.astype(jnp.int32), ((0, 0), (0, Ns * Ws - W)))  # null page
-    lengths_B = jnp.clip(lengths_B.astype(jnp.int32), 0, W * Ps)
+    Ws, tables_BxWp, lengths_B = split_tables(block_tables_BxW, lengths_B, Ps, Pc, Ns)
     q_c_BxHpxDc = jnp.pad(q_c_BxHxDc, ((0, 0), (0, Nh * Hb - H), (0, 0)))
     q_p_BxHpxDp = jnp.pad(q_p_BxHxDp, ((0, 0), (0, Nh * Hb - H), (0, 0)))
     kernel = functools.partial(_kernel, page_size=Ps, pages_per_chunk=Pc, scale=scale)
@@ -227,12 +227,7 @@ def _latent_attention(q_c_BxHxDc: jax.Array, q_p_BxHxDp: jax.Array, c_pages_1xNp
                   pl.BlockSpec((None, Hb, Dp), lambda b, g, s: (b, g, 0)),
                   pl.BlockSpec((None, Np, Ps, Dc), lambda b, g, s: (0, 0, 0, 0)),
                   pl.BlockSpec((None, Np, Ps, Dp), lambda b, g, s: (0, 0, 0, 0))],
-        out_specs=[pl.BlockSpec((None, None, None, Hb, Dc), lambda b, g, s: (b, g, s, 0, 0)),
-                   pl.BlockSpec((None, None, None, Hb), lambda b, g, s: (b, g, s, 0)),
-                   pl.BlockSpec((None, None, None, Hb), lambda b, g, s: (b, g, s, 0))],
-        out_shape=[jax.ShapeDtypeStruct((B, Nh, Ns, Hb, Dc), jnp.float32),
-                   jax.ShapeDtypeStruct((B, Nh, Ns, Hb), jnp.float32),
-                   jax.ShapeDtypeStruct((B, Nh, Ns, Hb), jnp.float32)],
+        **partials_out(B, Nh, Ns, Hb, Dc),
         compiler_params=compiler_params(_NUM_WARPS, _NUM_STAGES),
         interpret=interpret,
         name="latent_attention",

@@ -205,9 +205,7 @@ def _paged_attention(q_BxHxDh: jax.Array, k_pages_KxNpxPsxDh: jax.Array, v_pages
     W, Ns = block_tables_BxW.shape[1], num_splits
     G, Gp = H // K, max(MIN_DOT, next_power_of_two(H // K))
     Pc = pages_per_chunk or default_pages_per_chunk(Ps, math.ceil(W / Ns))
-    Ws = math.ceil(math.ceil(W / Ns) / Pc) * Pc  # a whole number of chunks, so no chunk crosses a split
-    tables_BxWp = jnp.pad(block_tables_BxW.astype(jnp.int32), ((0, 0), (0, Ns * Ws - W)))  # null page
-    lengths_B = jnp.clip(lengths_B.astype(jnp.int32), 0, W * Ps)
+    Ws, tables_BxWp, lengths_B = split_tables(block_tables_BxW, lengths_B, Ps, Pc, Ns)
     q_BxKxGpxDh = jnp.pad(q_BxHxDh.reshape(B, K, G, Dh), ((0, 0), (0, 0), (0, Gp - G), (0, 0)))
     kernel = functools.partial(_kernel, page_size=Ps, pages_per_chunk=Pc,
                                scale=Dh ** -0.5 if scale is None else scale)
@@ -219,17 +217,34 @@ def _paged_attention(q_BxHxDh: jax.Array, k_pages_KxNpxPsxDh: jax.Array, v_pages
                   pl.BlockSpec((None, None, Gp, Dh), lambda b, h, s: (b, h, 0, 0)),
                   pl.BlockSpec((None, Np, Ps, Dh), lambda b, h, s: (h, 0, 0, 0)),
                   pl.BlockSpec((None, Np, Ps, Dh), lambda b, h, s: (h, 0, 0, 0))],
-        out_specs=[pl.BlockSpec((None, None, None, Gp, Dh), lambda b, h, s: (b, h, s, 0, 0)),
-                   pl.BlockSpec((None, None, None, Gp), lambda b, h, s: (b, h, s, 0)),
-                   pl.BlockSpec((None, None, None, Gp), lambda b, h, s: (b, h, s, 0))],
-        out_shape=[jax.ShapeDtypeStruct((B, K, Ns, Gp, Dh), jnp.float32),
-                   jax.ShapeDtypeStruct((B, K, Ns, Gp), jnp.float32),
-                   jax.ShapeDtypeStruct((B, K, Ns, Gp), jnp.float32)],
+        **partials_out(B, K, Ns, Gp, Dh),
         compiler_params=compiler_params(_NUM_WARPS, _NUM_STAGES),
         interpret=interpret,
         name="paged_attention",
     )(lengths_B, tables_BxWp, q_BxKxGpxDh, k_pages_KxNpxPsxDh, v_pages_KxNpxPsxDh)
     return merge_splits(acc, m, l)[:, :, :G].reshape(B, H, Dh).astype(q_BxHxDh.dtype)
+
+
+def split_tables(block_tables_BxW: jax.Array, lengths_B: jax.Array, page_size: int, pages_per_chunk: int,
+                 num_splits: int) -> tuple[int, jax.Array, jax.Array]:
+    """(Ws the pages of a split, a whole number of chunks so that no chunk crosses a split; the block tables padded
+    with the null page to Ns * Ws; the lengths as int32 clipped to the table's tokens)."""
+    W = block_tables_BxW.shape[1]
+    Ws = math.ceil(math.ceil(W / num_splits) / pages_per_chunk) * pages_per_chunk
+    tables_BxWp = jnp.pad(block_tables_BxW.astype(jnp.int32), ((0, 0), (0, num_splits * Ws - W)))
+    return Ws, tables_BxWp, jnp.clip(lengths_B.astype(jnp.int32), 0, W * page_size)
+
+
+def partials_out(B: int, groups: int, Ns: int, rows: int, dim: int) -> dict:
+    """`pallas_call`'s out_specs and out_shape for a grid (B, groups, Ns) whose programs each write `store_partials`
+    of `rows` query rows: (accumulator [rows, dim], max [rows], sum [rows]) in float32, for `merge_splits`."""
+    index = (lambda b, g, s: (b, g, s, 0, 0), lambda b, g, s: (b, g, s, 0))
+    return {"out_specs": [pl.BlockSpec((None, None, None, rows, dim), index[0]),
+                          pl.BlockSpec((None, None, None, rows), index[1]),
+                          pl.BlockSpec((None, None, None, rows), index[1])],
+            "out_shape": [jax.ShapeDtypeStruct((B, groups, Ns, rows, dim), jnp.float32),
+                          jax.ShapeDtypeStruct((B, groups, Ns, rows), jnp.float32),
+                          jax.ShapeDtypeStruct((B, groups, Ns, rows), jnp.float32)]}
 
 
 def merge_splits(acc_BxKxNsxGpxDh: jax.Array, max_BxKxNsxGp: jax.Array, sum_BxKxNsxGp: jax.Array) -> jax.Array:
