@@ -38,12 +38,17 @@ if TYPE_CHECKING:
     from model.transformer import Attend
 
 
+def softmax_scale(cfg: ModelConfig) -> float:
+    """MLA's softmax scale 1/sqrt(Dn + Dp): a query/key head's width before absorption."""
+    return 1 / math.sqrt(cfg.mla.qk_nope_head_dim + cfg.mla.qk_rope_head_dim)
+
+
 class LatentAttend(NamedTuple):
     """An `attend` hook for MLA's absorbed form (the serving engine's, whose cache holds the latent):
     `fn(q_c, q_p, c, k_pe) -> ctx` gets the queries folded into the latent (q_c [B, T, H, Dc] = q_n W_UK^T, in
     float32) and their rotated rotary dims q_p [B, T, H, Dp], this call's tokens' latent c [B, T, Dc] and rotary
     key k_pe [B, T, Dp], and returns each head's softmax-weighted sum of the visible tokens' latents
-    [B, T, H, Dc], scores scaled by `scale` = 1/sqrt(Dn + Dp) (`MLA.scale`)."""
+    [B, T, H, Dc], scores scaled by `softmax_scale`."""
 
     fn: Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -69,7 +74,6 @@ class MLA(nnx.Module):
                         (axes.HEADS, axes.HEAD_DIM, axes.EMBED), pd)
         self.q_lora = bool(mla.q_lora_rank)
         self.kv_lora_rank, self.nope, self.v_dim = mla.kv_lora_rank, mla.qk_nope_head_dim, mla.v_head_dim
-        self.rope_dim = mla.qk_rope_head_dim
         self.impl = cfg.attention_impl
         self.dtype = cfg.compute_dtype
 
@@ -92,11 +96,6 @@ class MLA(nnx.Module):
         c_BxTxDc = self.kv_norm(kv_BxTxDcp[..., :self.kv_lora_rank])
         k_pe_BxTx1xDp = apply_rope(kv_BxTxDcp[:, :, None, self.kv_lora_rank:], cos, sin)
         return c_BxTxDc, k_pe_BxTx1xDp[:, :, 0]
-
-    @property
-    def scale(self) -> float:
-        """The softmax scale 1/sqrt(Dn + Dp): a query/key head's width before absorption."""
-        return 1 / math.sqrt(self.nope + self.rope_dim)
 
     def __call__(self, x_BxTxD: jax.Array, cos: jax.Array, sin: jax.Array,
                  attend: Attend | LatentAttend | None = None) -> jax.Array:

@@ -19,7 +19,6 @@ layers and updated in place. The layers run one of two ways, decided by the stru
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
@@ -27,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model.layers import rope_tables
-from model.mla import LatentAttend
+from model.mla import LatentAttend, softmax_scale
 from model.transformer import dense_layers
 from serve.kv_cache import KVCache, layer_pages, write_pages
 from serve.ragged_attention import ragged_latent_attention, ragged_paged_attention
@@ -92,7 +91,7 @@ def model_step(graph: StepGraph, params: StepParams, cache: KVCache, inputs: Ste
     x_1xTxD = model.embed_tokens(inputs.tokens_T[None])
     cos, sin = rope_tables(jnp.maximum(inputs.positions_T[None], 0), cfg.rope_dim, cfg.rope_theta)
     decode_width = inputs.drafts_BxNd.shape[1] + 1
-    scale = 1 / math.sqrt(cfg.mla.qk_nope_head_dim + cfg.mla.qk_rope_head_dim) if cfg.mla.enabled else None
+    scale = softmax_scale(cfg) if cfg.mla.enabled else None
 
     def layer(block: nnx.GraphDef, x_1xTxD: jax.Array, k_pool: jax.Array, v_pool: jax.Array,
               layer_state: nnx.State, index: jax.Array | int) -> tuple[jax.Array, jax.Array, jax.Array]:
