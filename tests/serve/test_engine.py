@@ -182,8 +182,11 @@ DEEPSEEK_MOE = MoEConfig(n_experts=4, top_k=2, first_dense_layers=1, router="sig
                          routed_scaling_factor=2.5)
 
 
-@pytest.mark.parametrize("change", [{"mla": MLA}, {"mla": dataclasses.replace(MLA, q_lora_rank=12)},
-                                    {"moe": DEEPSEEK_MOE}, {"mla": MLA, "moe": DEEPSEEK_MOE}],
+@pytest.mark.parametrize("change", [{"mla": MLA},
+                                    pytest.param({"mla": dataclasses.replace(MLA, q_lora_rank=12)},
+                                                 marks=pytest.mark.slow),
+                                    pytest.param({"moe": DEEPSEEK_MOE}, marks=pytest.mark.slow),
+                                    {"mla": MLA, "moe": DEEPSEEK_MOE}],
                          ids=["mla", "mla-q-lora", "dense-first-layers", "deepseek-v3-shaped"])
 def test_deepseek_v3_pieces_are_served_and_match_the_naive_decoder(change):
     """MLA through the latent paged cache (absorbed decode and prefill) and MoE models with dense first layers
@@ -197,7 +200,7 @@ def test_deepseek_v3_pieces_are_served_and_match_the_naive_decoder(change):
     assert engine.allocator.num_free == engine.allocator.num_usable
 
 
-@pytest.mark.parametrize("layer_loop", ["scan", "unrolled"])
+@pytest.mark.parametrize("layer_loop", ["scan", pytest.param("unrolled", marks=pytest.mark.slow)])
 def test_mla_with_the_pallas_latent_kernel_preemption_and_staggered_arrivals(layer_loop):
     """The latent decode kernel (Pallas, interpret mode here), both layer loops, a cache small enough that
     running requests are preempted and recomputed: still the naive decoder's tokens."""
