@@ -28,6 +28,7 @@ from serve.kernels.latent_attention import (
 )
 from serve.kernels.latent_attention import latent_attention_reference as _reference
 from serve.kernels.latent_attention import latent_prefill_attention as _prefill
+from tests.serve.paged_case import random_pages
 
 # jitted: one compile, not one per op
 latent_attention_reference = jax.jit(_reference, static_argnames="scale")
@@ -39,22 +40,10 @@ SCALE = 0.2
 def make_case(page_size, heads, lengths, *, latent=32, rope=16, dtype=jnp.float32, poison=np.nan, seed=0):
     """Random q_c, q_p and pools where only each sequence's live slots hold data; everything else is `poison`."""
     rng = np.random.default_rng(seed)
-    pages_of = [-(-n // page_size) for n in lengths]
-    B, M = len(lengths), max(1, *pages_of) + 1  # one spare table entry
-    n_pages = 1 + sum(pages_of) + 3  # the null page, the sequences' pages, 3 free ones
-    q_c = rng.normal(size=(B, heads, latent)).astype(np.float32)
-    q_p = rng.normal(size=(B, heads, rope)).astype(np.float32)
-    c = np.full((1, n_pages, page_size, latent), poison, np.float32)
-    pe = np.full((1, n_pages, page_size, rope), poison, np.float32)
-    tables = np.zeros((B, M), np.int32)
-    free = rng.permutation(np.arange(1, n_pages))  # shuffled: a sequence's pages are not contiguous
-    for b, n in enumerate(lengths):
-        pages, free = free[:pages_of[b]], free[pages_of[b]:]
-        tables[b, :len(pages)] = pages
-        for i, page in enumerate(pages):
-            filled = min(page_size, n - i * page_size)
-            c[0, page, :filled] = rng.normal(size=(filled, latent))
-            pe[0, page, :filled] = rng.normal(size=(filled, rope))
+    q_c = rng.normal(size=(len(lengths), heads, latent)).astype(np.float32)
+    q_p = rng.normal(size=(len(lengths), heads, rope)).astype(np.float32)
+    tables, pools = random_pages(rng, page_size, lengths, {"c": (1, latent), "pe": (1, rope)}, poison)
+    c, pe = pools["c"], pools["pe"]
     q_c, q_p, c, pe = (np.asarray(jnp.asarray(x, dtype).astype(jnp.float32)) for x in (q_c, q_p, c, pe))
     args = (*(jnp.asarray(x, dtype) for x in (q_c, q_p, c, pe)), jnp.asarray(lengths, jnp.int32),
             jnp.asarray(tables))

@@ -15,26 +15,16 @@ import numpy as np
 import pytest
 
 from serve.kernels.paged_attention import default_pages_per_chunk, paged_attention, paged_attention_reference
+from tests.serve.paged_case import random_pages
 
 
 def make_case(page_size, group, lengths, *, kv_heads=2, head_dim=16, dtype=jnp.float32, poison=np.nan, seed=0):
     """Random q and a pool where only each sequence's live slots hold data; everything else is `poison`."""
     rng = np.random.default_rng(seed)
-    pages_of = [-(-n // page_size) for n in lengths]
-    B, M = len(lengths), max(1, *pages_of) + 1  # one spare table entry
-    n_pages = 1 + sum(pages_of) + 3  # the null page, the sequences' pages, 3 free ones
-    q = rng.normal(size=(B, kv_heads * group, head_dim)).astype(np.float32)
-    k = np.full((kv_heads, n_pages, page_size, head_dim), poison, np.float32)
-    v = np.full_like(k, poison)
-    tables = np.zeros((B, M), np.int32)
-    free = rng.permutation(np.arange(1, n_pages))  # shuffled: a sequence's pages are not contiguous
-    for b, n in enumerate(lengths):
-        pages, free = free[:pages_of[b]], free[pages_of[b]:]
-        tables[b, :len(pages)] = pages
-        for i, page in enumerate(pages):
-            filled = min(page_size, n - i * page_size)
-            k[:, page, :filled] = rng.normal(size=(kv_heads, filled, head_dim))
-            v[:, page, :filled] = rng.normal(size=(kv_heads, filled, head_dim))
+    q = rng.normal(size=(len(lengths), kv_heads * group, head_dim)).astype(np.float32)
+    tables, pools = random_pages(rng, page_size, lengths, {"k": (kv_heads, head_dim), "v": (kv_heads, head_dim)},
+                                 poison)
+    k, v = pools["k"], pools["v"]
     q, k, v = (np.asarray(jnp.asarray(x, dtype).astype(jnp.float32)) for x in (q, k, v))  # what the kernel sees
     args = (jnp.asarray(q, dtype), jnp.asarray(k, dtype), jnp.asarray(v, dtype), jnp.asarray(lengths, jnp.int32),
             jnp.asarray(tables))
