@@ -22,12 +22,16 @@ experts' slots of its data shard's sequences, and GSPMD turns the change of layo
 all-to-alls.
 
 Dropless dispatch. The B*T*top_k assignments are sorted by expert and each expert's contiguous rows go through
-its weights with grouped matmuls (`jax.lax.ragged_dot`); nothing is dropped, and shapes are still fixed.
+its weights with grouped matmuls (`jax.lax.ragged_dot`); nothing is dropped, and shapes are still fixed. Which
+function runs the routed experts is handed in (`MoE(..., routed_experts=...)`, a `RoutedExperts`): by default
+`dropless_experts` over all experts on this device; on a mesh with an `expert` axis, parallel/expert_dropless.py's
+expert-parallel one (the model never looks at a mesh).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +42,8 @@ from model.config import ModelConfig, MoEConfig
 from model.layers import MLP, normal, param
 from model.router import ExpertBias, Routing, expert_load, load_balance_loss, route, router_loss, router_z_loss
 
-__all__ = ["MoE", "Routing", "capacity_slots", "load_balance_loss", "route", "router_z_loss"]  # routing: router.py
+__all__ = ["MoE", "RoutedExperts", "Routing", "capacity_slots", "dropless_experts", "load_balance_loss", "route",
+           "router_z_loss"]  # routing: router.py
 
 
 def capacity_slots(experts_BxTxJ: jax.Array, n_experts: int, capacity: int) -> jax.Array:
@@ -53,10 +58,48 @@ def capacity_slots(experts_BxTxJ: jax.Array, n_experts: int, capacity: int) -> j
     return slots_BxJTxExC.reshape(B, J, T, n_experts, capacity).transpose(0, 2, 1, 3, 4)
 
 
+def dropless_experts(x_BxTxD: jax.Array, routing: Routing, w_gate_ExDxF: jax.Array, w_up_ExDxF: jax.Array,
+                     w_down_ExFxD: jax.Array, first_expert: jax.Array | int | None = None) -> jax.Array:
+    """The routed experts' output [B, T, D], each token's chosen experts' SwiGLU outputs weighted by the routing
+    weights and summed, by grouped matmuls over the assignments sorted by expert (in x's dtype).
+
+    The weights hold E experts. `first_expert` None: they are all the router's experts. An int or a traced
+    scalar: they are experts first_expert .. first_expert + E - 1 of more (one device's share under expert
+    parallelism), and assignments to the others add nothing: their rows sort after the local experts' and fall
+    outside every group; they are zeroed before and after the matmuls, so whatever `ragged_dot` leaves in rows
+    past the groups' sum (zeros on CPU; unspecified in general) reaches neither the output nor a gradient."""
+    (B, T, D), J, E = x_BxTxD.shape, routing.experts_BxTxJ.shape[-1], w_gate_ExDxF.shape[0]
+    experts_R = routing.experts_BxTxJ.reshape(B * T * J)  # R = B*T*J routed rows, token-major
+    if first_expert is not None:
+        experts_R = experts_R - first_expert
+        experts_R = jnp.where((experts_R >= 0) & (experts_R < E), experts_R, E)  # others' rows: group E, last
+    order_R = jnp.argsort(experts_R, stable=True)
+    sizes_E = jnp.bincount(experts_R, length=E + 1)[:E].astype(jnp.int32)
+    x_RxD = x_BxTxD.reshape(B * T, D)[order_R // J]
+    if first_expert is not None:
+        kept_Rx1 = (jnp.arange(B * T * J) < jnp.sum(sizes_E))[:, None]
+        x_RxD = jnp.where(kept_Rx1, x_RxD, 0)
+    gate_RxF = jax.lax.ragged_dot(x_RxD, w_gate_ExDxF, sizes_E)
+    up_RxF = jax.lax.ragged_dot(x_RxD, w_up_ExDxF, sizes_E)
+    out_RxD = jax.lax.ragged_dot(jax.nn.silu(gate_RxF) * up_RxF, w_down_ExFxD, sizes_E)
+    if first_expert is not None:
+        out_RxD = jnp.where(kept_Rx1, out_RxD, 0)
+    out_RxD = out_RxD[jnp.argsort(order_R)]  # back to token-major order
+    weights_BxTxJ = routing.weights_BxTxJ.astype(x_BxTxD.dtype)
+    return jnp.einsum("btjd,btj->btd", out_RxD.reshape(B, T, J, D), weights_BxTxJ)
+
+
+RoutedExperts = Callable[[jax.Array, Routing, jax.Array, jax.Array, jax.Array], jax.Array]
+# (x_BxTxD, routing, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD) -> y_BxTxD, all but routing in the compute dtype:
+# dropless dispatch's routed experts, each token's chosen experts' outputs weighted and summed (`dropless_experts`)
+
+
 class MoE(nnx.Module):
     """Top-k routed SwiGLU experts (plus shared ones); returns (output [B, T, D], weighted router loss)."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, routed_experts: RoutedExperts | None = None):
+        """`routed_experts`: what runs the routed experts under dropless dispatch (None: `dropless_experts` on
+        this device); static, so a hashable value (a function or a frozen dataclass)."""
         e, d, f, pd = cfg.moe.n_experts, cfg.d_model, cfg.moe.expert_d_ff(cfg.d_ff), cfg.weight_dtype
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
         self.router = param(rngs, normal(cfg.init_std), (d, e), (axes.EMBED, None), pd)
@@ -69,6 +112,7 @@ class MoE(nnx.Module):
             self.shared = MLP(cfg.replace(d_ff=cfg.moe.n_shared_experts * f), rngs)
         self.moe: MoEConfig = cfg.moe
         self.dtype = cfg.compute_dtype
+        self.routed_experts = routed_experts
 
     def __call__(self, x_BxTxD: jax.Array) -> tuple[jax.Array, jax.Array]:
         y_BxTxD, loss, _ = self.with_load(x_BxTxD)
@@ -109,14 +153,5 @@ class MoE(nnx.Module):
 
     def _dropless(self, x_BxTxD: jax.Array, routing: Routing) -> jax.Array:
         dt = self.dtype
-        (B, T, D), J, E = x_BxTxD.shape, self.moe.top_k, self.moe.n_experts
-        experts_R = routing.experts_BxTxJ.reshape(B * T * J)  # R = B*T*J routed rows, token-major
-        order_R = jnp.argsort(experts_R, stable=True)
-        sizes_E = jnp.bincount(experts_R, length=E).astype(jnp.int32)
-        x_RxD = x_BxTxD.reshape(B * T, D).astype(dt)[order_R // J]
-        gate_RxF = jax.lax.ragged_dot(x_RxD, self.w_gate[...].astype(dt), sizes_E)
-        up_RxF = jax.lax.ragged_dot(x_RxD, self.w_up[...].astype(dt), sizes_E)
-        out_RxD = jax.lax.ragged_dot(jax.nn.silu(gate_RxF) * up_RxF, self.w_down[...].astype(dt), sizes_E)
-        out_RxD = out_RxD[jnp.argsort(order_R)]  # back to token-major order
-        weights_BxTxJ = routing.weights_BxTxJ.astype(dt)
-        return jnp.einsum("btjd,btj->btd", out_RxD.reshape(B, T, J, D), weights_BxTxJ)
+        return (self.routed_experts or dropless_experts)(x_BxTxD.astype(dt), routing, self.w_gate[...].astype(dt),
+                                                          self.w_up[...].astype(dt), self.w_down[...].astype(dt))

@@ -1,9 +1,11 @@
 """The decoder-only transformer: embedding, a stack of pre-norm blocks, final norm, LM head.
 
 The model runs on one device as it stands. How it is spread is decided outside it and handed in at construction
-(`create_model(cfg, attend=..., layer_stack=...)`, as `parallel/sharding.py` does from the mesh): `attend`, the
-causal self-attention every block uses, and `layer_stack`, what runs the stacked layers (in turn by default; a
-pipeline over the mesh's stages). The model never reads a mesh or sharding rules to choose either.
+(`create_model(cfg, attend=..., layer_stack=..., routed_experts=...)`, as `parallel/sharding.py` does from the
+mesh): `attend`, the causal self-attention every block uses, `layer_stack`, what runs the stacked layers (in turn
+by default; a pipeline over the mesh's stages), and `routed_experts`, what runs every MoE block's routed experts
+under dropless dispatch (on this device by default; expert-parallel over the mesh's `expert` axis). The model
+never reads a mesh or sharding rules to choose any of them.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from model.config import ModelConfig
 from model.layers import MLP, RMSNorm, apply_rope, normal, param, rope_tables
 from model.loss import cross_entropy, linear_cross_entropy
 from model.mla import MLA
-from model.moe import MoE
+from model.moe import MoE, RoutedExperts
 from model.mtp import MTPModule, mtp_targets
 
 Attend = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # (q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh) -> out_BxTxHxDh
@@ -98,11 +100,13 @@ class Block(nnx.Module):
     """x + attn(norm(x)), then + mlp(norm(x)); the attention is multi-head latent attention when `cfg.mla` is
     enabled, and the MLP a Mixture of Experts when `cfg.moe` has experts (unless `dense_mlp`)."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dense_mlp: bool = False):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dense_mlp: bool = False,
+                 routed_experts: RoutedExperts | None = None):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.weight_dtype, rngs)
         self.attn = MLA(cfg, rngs) if cfg.mla.enabled else Attention(cfg, rngs)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.weight_dtype, rngs)
-        self.mlp = MoE(cfg, rngs) if cfg.moe.enabled and not dense_mlp else MLP(cfg, rngs)
+        moe = cfg.moe.enabled and not dense_mlp
+        self.mlp = MoE(cfg, rngs, routed_experts) if moe else MLP(cfg, rngs)
 
     def __call__(self, x_BxTxD: jax.Array, cos: jax.Array, sin: jax.Array, attend: Attend | None = None
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
@@ -123,13 +127,16 @@ class Transformer(nnx.Module):
     the dense MLP) and `blocks` (the rest); a pipelined layer stack takes only one, and is refused then."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, attend: Attend | None = None,
-                 layer_stack: LayerStack | None = None):
+                 layer_stack: LayerStack | None = None, routed_experts: RoutedExperts | None = None):
         """`attend`: every block's causal self-attention (None: `cfg.attention_impl` on one device);
-        `layer_stack`: what runs the stacked layers (None: `layers_in_turn`). Both are static (they live in the
-        graphdef, not the state), so they should be hashable values: functions or frozen dataclasses."""
+        `layer_stack`: what runs the stacked layers (None: `layers_in_turn`); `routed_experts`: what runs every
+        MoE block's routed experts under dropless dispatch, the MTP modules' included (None: all on this device,
+        model/moe.py's `dropless_experts`). All are static (they live in the graphdef, not the state), so they
+        should be hashable values: functions or frozen dataclasses."""
         self.cfg = cfg
         self.attend = attend
         self.layer_stack = layer_stack
+        self.routed_experts = routed_experts
         pd = cfg.weight_dtype
         self.embed = param(rngs, normal(cfg.init_std), (cfg.vocab_size, cfg.d_model), (axes.VOCAB, axes.EMBED), pd)
         n_dense = dense_layers(cfg)
@@ -139,7 +146,7 @@ class Transformer(nnx.Module):
                              f"model.moe.first_dense_layers=0 or mesh.stage=1")
         if n_dense:
             self.dense_blocks = _stacked_blocks(cfg, rngs, n_dense, dense_mlp=True)
-        self.blocks = _stacked_blocks(cfg, rngs, cfg.n_layers - n_dense)
+        self.blocks = _stacked_blocks(cfg, rngs, cfg.n_layers - n_dense, routed_experts=routed_experts)
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd, rngs)
         if not cfg.tie_embeddings:
             self.lm_head = param(rngs, normal(cfg.init_std), (cfg.d_model, cfg.vocab_size),
@@ -148,7 +155,8 @@ class Transformer(nnx.Module):
             raise ValueError(f"model.mtp_depth ({cfg.mtp_depth}) with a pipelined layer stack (mesh.stage > 1) is not "
                              f"supported yet; use model.mtp_depth=0 or mesh.stage=1")
         if cfg.mtp_depth:
-            self.mtp = nnx.List([MTPModule(cfg, Block(cfg, rngs), rngs) for _ in range(cfg.mtp_depth)])
+            self.mtp = nnx.List([MTPModule(cfg, Block(cfg, rngs, routed_experts=routed_experts), rngs)
+                                 for _ in range(cfg.mtp_depth)])
 
     def embed_tokens(self, tokens_BxT: jax.Array) -> jax.Array:
         """Token ids [B, T] -> embeddings [B, T, d_model] in the compute dtype."""
@@ -286,13 +294,14 @@ def dense_layers(cfg: ModelConfig) -> int:
     return cfg.moe.first_dense_layers if cfg.moe.enabled else 0
 
 
-def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs, n: int, dense_mlp: bool = False) -> Block:
+def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs, n: int, dense_mlp: bool = False,
+                    routed_experts: RoutedExperts | None = None) -> Block:
     """`n` blocks stacked on a leading `layers` axis (one vmapped `Block`)."""
 
     @nnx.split_rngs(splits=n)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: axes.LAYERS})
     def make_blocks(rngs: nnx.Rngs) -> Block:
-        return Block(cfg, rngs, dense_mlp)
+        return Block(cfg, rngs, dense_mlp, routed_experts)
 
     return make_blocks(rngs)
 
@@ -346,11 +355,13 @@ def for_inference(model: Transformer) -> Transformer:
         return model
     dropless = cfg.replace(moe=dataclasses.replace(cfg.moe, dispatch="dropless"))
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(dropless, rngs=nnx.Rngs(params=0),
-                                                               attend=model.attend, layer_stack=model.layer_stack)))
+                                                               attend=model.attend, layer_stack=model.layer_stack,
+                                                               routed_experts=model.routed_experts)))
     return nnx.merge(graphdef, nnx.state(model))
 
 
 def create_model(cfg: ModelConfig, seed: int = 0, *, attend: Attend | None = None,
-                 layer_stack: LayerStack | None = None) -> Transformer:
-    """A freshly initialised model (`attend`, `layer_stack`: see `Transformer`)."""
-    return Transformer(cfg, rngs=nnx.Rngs(params=seed), attend=attend, layer_stack=layer_stack)
+                 layer_stack: LayerStack | None = None, routed_experts: RoutedExperts | None = None) -> Transformer:
+    """A freshly initialised model (`attend`, `layer_stack`, `routed_experts`: see `Transformer`)."""
+    return Transformer(cfg, rngs=nnx.Rngs(params=seed), attend=attend, layer_stack=layer_stack,
+                       routed_experts=routed_experts)

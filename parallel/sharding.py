@@ -28,15 +28,18 @@ from model.config import ModelConfig
 from model.kernels.triton import triton_deprecation_ignored
 from model.transformer import Transformer, create_model
 from parallel.attention import attention_on_mesh
+from parallel.expert_dropless import experts_on_mesh
 from parallel.pipeline import pipeline_on_mesh
 from parallel.rules import Rules, activation_rules, logical_to_spec
 
 
 def model_on_mesh(model_cfg: ModelConfig, mesh: Mesh, rules: Rules, seed: int = 0) -> Transformer:
-    """`create_model(model_cfg, seed)` with the attention and the layer stack that `mesh` and `rules` call for
-    (a per-shard or sequence-parallel kernel, a pipeline over stages; the model's own where nothing is needed)."""
+    """`create_model(model_cfg, seed)` with the attention, the layer stack and the routed experts that `mesh` and
+    `rules` call for (a per-shard or sequence-parallel kernel, a pipeline over stages, expert-parallel dropless
+    dispatch; the model's own where nothing is needed)."""
     return create_model(model_cfg, seed, attend=attention_on_mesh(model_cfg.attention_impl, mesh, rules),
-                        layer_stack=pipeline_on_mesh(model_cfg, mesh, rules))
+                        layer_stack=pipeline_on_mesh(model_cfg, mesh, rules),
+                        routed_experts=experts_on_mesh(model_cfg, mesh, rules))
 
 
 def fit_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:

@@ -363,11 +363,12 @@ def expert_all_to_all_bytes(cfg: ModelConfig, expert: int, tokens: float, seq_le
     devices, for its `tokens` local tokens (in sequences of `seq_len`): the dispatch sends each token's routed
     copies of its d_model activation to their experts' devices and the combine brings the experts' outputs
     back, (e-1)/e of them to other devices: 2 * (e-1)/e * tokens * r * h * compute_bytes, e = `expert`, with
-    r the routed rows per token: top_k under dropless dispatch (each token's top_k copies; meshlm's mesh runs
-    dropless dispatch without expert parallelism today, so this is what an expert-parallel dropless dispatch
-    such as DeepEP's sends), E*C/s under capacity dispatch (every expert's C = `MoEConfig.capacity(s)` slots
-    per sequence, padding included: about capacity_factor * top_k). 0 for a dense model or e = 1. DeepSeek-V3
-    in bfloat16 at e = 64: 2 * 63/64 * 8 * 7168 * 2 = 225,792 bytes per token and MoE layer."""
+    r the routed rows per token: top_k under dropless dispatch (each token's top_k copies: what an all-to-all
+    dropless dispatch such as DeepEP's sends; meshlm's, parallel/expert_dropless.py, all-gathers the tokens and
+    reduce-scatters the outputs instead, 2 * (e-1) * tokens * h * compute_bytes, e / top_k times more), E*C/s
+    under capacity dispatch (every expert's C = `MoEConfig.capacity(s)` slots per sequence, padding included:
+    about capacity_factor * top_k). 0 for a dense model or e = 1. DeepSeek-V3 in bfloat16 at e = 64:
+    2 * 63/64 * 8 * 7168 * 2 = 225,792 bytes per token and MoE layer."""
     check_int("expert", expert)
     check_int("seq_len", seq_len)
     if not cfg.moe.enabled or expert == 1:

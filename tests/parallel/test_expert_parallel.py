@@ -29,6 +29,6 @@ def test_moe_model_on_an_expert_mesh_matches_one_device(mesh_text):
 def test_expert_mesh_errors_name_the_numbers():
     with pytest.raises(ValueError, match=r"model.moe.n_experts \(8\) must be divisible by mesh.expert \(3\)"):
         parse_mesh("expert=3").validate_for(MOE, micro_batch=6)
-    dropless = MOE.replace(moe=MoEConfig(n_experts=8, dispatch="dropless"))
-    with pytest.raises(ValueError, match="'dropless' with mesh.expert=2"):
-        parse_mesh("expert=2").validate_for(dropless, micro_batch=2)
+    dropless = MOE.replace(moe=MoEConfig(n_experts=8, dispatch="dropless"))  # expert parallel: tests/parallel/
+    with pytest.raises(ValueError, match="'dropless' with mesh.expert=2 and mesh.stage=2"):  # test_expert_dropless
+        parse_mesh("expert=2,stage=2").validate_for(dropless, micro_batch=4)
