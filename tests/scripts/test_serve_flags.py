@@ -78,6 +78,22 @@ def test_speculative_decoding_has_its_own_flags():
             parsed(*argv)
 
 
+
+def test_speculative_mtp_needs_no_source_and_a_model_with_mtp():
+    from model.presets import get_preset
+    from scripts.serve_flags import load_draft_model
+    from serve.speculation_config import SpeculativeConfig
+
+    assert parsed("--speculative", "mtp").speculative == SpeculativeConfig(method="mtp")
+    with pytest.raises(ValueError, match="expected 'ngram', 'mtp'"):
+        parsed("--speculative", "mtp:runs/tiny")
+    p = argparse.ArgumentParser()
+    add_serve_args(p)
+    args = p.parse_args(["--speculative", "mtp"])
+    assert load_draft_model(args, get_preset("tiny").replace(mtp_depth=1)) is None  # the engine builds the head
+    with pytest.raises(ValueError, match="mtp_depth 0"):
+        load_draft_model(args, get_preset("tiny"))
+
 def test_shorthands_are_the_same_settings_and_a_later_set_wins():
     impl = DECODE_IMPLS[-1]
     assert parsed("--page-size", "8", "--max-running", "3", "--token-budget", "64", "--kv-pages", "50",
