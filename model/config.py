@@ -17,6 +17,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOGITS_GRAD_DTYPES = ("float32", "compute")
 MOE_DISPATCH = ("capacity", "dropless")
 MOE_ROUTERS = ("softmax", "sigmoid")
+ROPE_SCALINGS = ("none", "yarn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +114,8 @@ class MLAConfig:
     head to `qk_nope_head_dim` key and `v_head_dim` value dims), plus one `qk_rope_head_dim` rotary key shared
     by all heads. Queries are `q_lora_rank`-ranked (down, RMSNorm, up) or, with `q_lora_rank=0`, one full-rank
     projection (DeepSeek-V2-Lite); each query head is `qk_nope_head_dim` plain dims and `qk_rope_head_dim` rotary
-    ones. The softmax scale is 1/sqrt(qk_nope_head_dim + qk_rope_head_dim).
+    ones. The softmax scale is 1/sqrt(qk_nope_head_dim + qk_rope_head_dim), times `model.rope_scaling`'s
+    `softmax_factor` under YaRN (DeepSeek's mscale).
     """
 
     kv_lora_rank: int = 0
@@ -140,6 +142,64 @@ class MLAConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """How RoPE's frequencies are stretched past the pretraining length; `kind="none"` keeps plain RoPE.
+
+    `"yarn"` (YaRN, arXiv 2309.00071; DeepSeek-V3, Qwen's long-context configs): each rotary frequency is blended
+    between itself (extrapolation) and itself / `factor` (interpolation) by a linear ramp over the dims whose
+    wavelength fits `beta_fast` .. `beta_slow` rotations in `original_max_position_embeddings` positions (ramp
+    ends rounded outward when `truncate`); fast dims keep their frequency, slow ones are interpolated. cos and sin
+    are multiplied by `attention_factor`, and DeepSeek's attention (MLA) also multiplies its softmax scale by
+    `softmax_factor` (both as transformers' `_compute_yarn_parameters` and DeepseekV3Attention). `mscale` and
+    `mscale_all_dim` 0 mean unset (transformers' None). The fields are checked whatever the kind, so `--set`
+    overrides may come in any order.
+    """
+
+    kind: str = "none"
+    factor: float = 1.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 0.0
+    mscale_all_dim: float = 0.0
+    truncate: bool = True
+
+    def __post_init__(self) -> None:
+        check_one_of("model.rope_scaling.kind", self.kind, ROPE_SCALINGS)
+        check_numbers("model.rope_scaling.", self, ("factor", "beta_fast", "beta_slow"))
+        check_numbers("model.rope_scaling.", self, ("mscale", "mscale_all_dim"), strict=False)
+        check_int("model.rope_scaling.original_max_position_embeddings", self.original_max_position_embeddings)
+        check_bool("model.rope_scaling.truncate", self.truncate)
+
+    @property
+    def enabled(self) -> bool:
+        return self.kind != "none"
+
+    @property
+    def attention_factor(self) -> float:
+        """What cos and sin are multiplied by: YaRN's mscale(factor, mscale) / mscale(factor, mscale_all_dim)
+        when both are set, else mscale(factor); 1 without scaling."""
+        if self.kind != "yarn":
+            return 1.0
+        if self.mscale and self.mscale_all_dim:
+            return yarn_mscale(self.factor, self.mscale) / yarn_mscale(self.factor, self.mscale_all_dim)
+        return yarn_mscale(self.factor)
+
+    @property
+    def softmax_factor(self) -> float:
+        """What DeepSeek's attention (MLA) multiplies its softmax scale by: mscale(factor, mscale_all_dim)^2 under
+        YaRN with `mscale_all_dim` set, else 1. Other attention takes only `attention_factor`."""
+        if self.kind != "yarn" or not self.mscale_all_dim:
+            return 1.0
+        return yarn_mscale(self.factor, self.mscale_all_dim) ** 2
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction 0.1 mscale ln(factor) + 1 (1 when factor <= 1)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Llama-style decoder: pre-norm blocks of RMSNorm, GQA attention with RoPE, and a SwiGLU MLP.
 
@@ -160,7 +220,7 @@ class ModelConfig:
     `n_heads` heads (each with its own key and value); `n_kv_heads` and `head_dim` are then unused, and `qkv_bias`
     and `qk_norm` are refused. `mtp_depth` adds DeepSeek-V3's multi-token prediction modules (model/mtp.py): the
     k-th predicts the token k + 1 after each position, and training adds `mtp_loss_weight` x their mean loss.
-    Inference and serving never run them."""
+    Inference and serving never run them. `rope_scaling` stretches RoPE past the pretraining length (YaRN)."""
 
     vocab_size: int = 259
     d_model: int = 256
@@ -171,6 +231,7 @@ class ModelConfig:
     d_ff: int = 704
     max_seq_len: int = 256
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = RopeScaling()
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     dtype: str = "auto"
@@ -214,6 +275,8 @@ class ModelConfig:
             raise ValueError(f"model.moe must be a MoEConfig, got {self.moe!r}")
         if not isinstance(self.mla, MLAConfig):
             raise ValueError(f"model.mla must be an MLAConfig, got {self.mla!r}")
+        if not isinstance(self.rope_scaling, RopeScaling):
+            raise ValueError(f"model.rope_scaling must be a RopeScaling, got {self.rope_scaling!r}")
         if self.moe.first_dense_layers >= self.n_layers:
             raise ValueError(f"model.moe.first_dense_layers ({self.moe.first_dense_layers}) must be less than "
                              f"model.n_layers ({self.n_layers})")
@@ -254,7 +317,7 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model config keys {unknown}; known keys are {sorted(names)}")
         values = dict(values)
-        for name, kind in (("moe", MoEConfig), ("mla", MLAConfig)):
+        for name, kind in (("moe", MoEConfig), ("mla", MLAConfig), ("rope_scaling", RopeScaling)):
             if isinstance(values.get(name), dict):
                 sub_names = {f.name for f in dataclasses.fields(kind)}
                 unknown = sorted(set(values[name]) - sub_names)

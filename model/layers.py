@@ -10,7 +10,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model import axes
-from model.config import ModelConfig
+from model.config import ModelConfig, RopeScaling
+
+UNSCALED = RopeScaling()  # plain RoPE: `rope_tables`' default
 
 
 def param(rngs: nnx.Rngs, init: Callable, shape: tuple[int, ...], names: axes.AxisNames,
@@ -38,11 +40,38 @@ class RMSNorm(nnx.Module):
         return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def rope_tables(positions_BxT: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """cos and sin of shape [B, T, head_dim/2] for integer positions (float32)."""
-    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    angles = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
-    return jnp.cos(angles), jnp.sin(angles)
+def rope_tables(positions_BxT: jax.Array, head_dim: int, theta: float, scaling: RopeScaling = UNSCALED
+                ) -> tuple[jax.Array, jax.Array]:
+    """cos and sin of shape [B, T, head_dim/2] for integer positions (float32), both times `scaling`'s
+    attention factor."""
+    angles = positions_BxT.astype(jnp.float32)[..., None] * rope_inv_freq(head_dim, theta, scaling)
+    factor = scaling.attention_factor
+    if factor == 1.0:
+        return jnp.cos(angles), jnp.sin(angles)
+    return jnp.cos(angles) * factor, jnp.sin(angles) * factor
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling = UNSCALED) -> jax.Array:
+    """Each rotary pair's angular frequency [head_dim/2] (float32): theta^(-2i/head_dim), under YaRN blended
+    with itself / factor by the ramp between the dims that turn `beta_fast` and `beta_slow` times in the
+    original context (transformers' `_compute_yarn_parameters`)."""
+    powers = theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    if scaling.kind != "yarn":
+        return 1.0 / powers
+
+    def correction_dim(rotations: float) -> float:  # the dim whose wavelength fits `rotations` in the context
+        return head_dim * math.log(scaling.original_max_position_embeddings / (rotations * 2 * math.pi)) / (
+            2 * math.log(theta))
+
+    low, high = correction_dim(scaling.beta_fast), correction_dim(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: no zero-width ramp
+    ramp = jnp.clip((jnp.arange(head_dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp  # 1: keep the frequency (fast dims), 0: divide it by factor (slow dims)
+    return 1.0 / (scaling.factor * powers) * (1 - extrapolation) + 1.0 / powers * extrapolation
 
 
 def apply_rope(x_BxTxNxDh: jax.Array, cos_BxTxDr: jax.Array, sin_BxTxDr: jax.Array) -> jax.Array:

@@ -3,7 +3,8 @@
 Per token, x [D] -> the latent c = RMSNorm(x W_DKV) [Dc] and one rotary key k_p = RoPE(x W_KR) [Dp] shared by
 all heads. Each head h expands the latent to its plain key k_n = c W_UK[h] [Dn] and value v = c W_UV[h] [Dv].
 Queries: q = RMSNorm(x W_DQ) W_UQ (`q_lora_rank > 0`) or x W_Q, per head [Dn plain | Dp rotary]. Head h scores
-(q_n . k_n + RoPE(q_p) . k_p) / sqrt(Dn + Dp); its output softmax . v goes through W_O.
+(q_n . k_n + RoPE(q_p) . k_p) / sqrt(Dn + Dp), times YaRN's mscale^2 under scaled RoPE (`softmax_scale`); its
+output softmax . v goes through W_O.
 
 The training and prefill path (`MLA`) expands k and v per head and runs the model's ordinary attention (the
 house implementations take one head dim for q, k and v, so v is zero-padded to Dn + Dp, or q and k to Dv, and
@@ -39,8 +40,9 @@ if TYPE_CHECKING:
 
 
 def softmax_scale(cfg: ModelConfig) -> float:
-    """MLA's softmax scale 1/sqrt(Dn + Dp): a query/key head's width before absorption."""
-    return 1 / math.sqrt(cfg.mla.qk_nope_head_dim + cfg.mla.qk_rope_head_dim)
+    """MLA's softmax scale 1/sqrt(Dn + Dp) (a query/key head's width before absorption), times YaRN's
+    mscale^2 (`cfg.rope_scaling.softmax_factor`, DeepSeek-V3's long-context correction)."""
+    return cfg.rope_scaling.softmax_factor / math.sqrt(cfg.mla.qk_nope_head_dim + cfg.mla.qk_rope_head_dim)
 
 
 class LatentAttend(NamedTuple):
@@ -76,6 +78,7 @@ class MLA(nnx.Module):
         self.kv_lora_rank, self.nope, self.v_dim = mla.kv_lora_rank, mla.qk_nope_head_dim, mla.v_head_dim
         self.impl = cfg.attention_impl
         self.dtype = cfg.compute_dtype
+        self.softmax_factor = cfg.rope_scaling.softmax_factor
 
     def queries(self, x_BxTxD: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(plain query dims [B, T, H, Dn], rotated rotary dims [B, T, H, Dp]) in the compute dtype."""
@@ -115,23 +118,25 @@ class MLA(nnx.Module):
         k_pe_BxTxHxDp = jnp.broadcast_to(k_pe_BxTxDp[:, :, None], q_pe_BxTxHxDp.shape)
         q_BxTxHxDk = jnp.concatenate([q_nope_BxTxHxDn, q_pe_BxTxHxDp], axis=-1)
         k_BxTxHxDk = jnp.concatenate([k_nope_BxTxHxDn, k_pe_BxTxHxDp], axis=-1)
-        out_BxTxHxDv = _attend_with_value_dim(q_BxTxHxDk, k_BxTxHxDk, v_BxTxHxDv, attend, self.impl)
+        out_BxTxHxDv = _attend_with_value_dim(q_BxTxHxDk, k_BxTxHxDk, v_BxTxHxDv, attend, self.impl,
+                                              self.softmax_factor)
         return jnp.einsum("bthe,hed->btd", out_BxTxHxDv, self.wo[...].astype(self.dtype))
 
 
 def _attend_with_value_dim(q_BxTxHxDk: jax.Array, k_BxTxHxDk: jax.Array, v_BxTxHxDv: jax.Array,
-                           attend: Attend | None, impl: str) -> jax.Array:
+                           attend: Attend | None, impl: str, softmax_factor: float = 1.0) -> jax.Array:
     """Causal attention with v's head dim Dv possibly unlike q's and k's Dk, through an implementation that takes
-    one head dim: the smaller side zero-padded (q scaled so the softmax scale stays 1/sqrt(Dk)), the output cut to
-    Dv."""
+    one head dim: the smaller side zero-padded (q scaled so the softmax scale stays `softmax_factor`/sqrt(Dk)),
+    the output cut to Dv."""
     Dk, Dv = q_BxTxHxDk.shape[-1], v_BxTxHxDv.shape[-1]
     width = max(Dk, Dv)
 
     def pad(x: jax.Array) -> jax.Array:
         return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
 
-    if Dv > Dk:
-        q_BxTxHxDk = q_BxTxHxDk * jnp.asarray(math.sqrt(Dv / Dk), q_BxTxHxDk.dtype)
+    q_scale = softmax_factor * math.sqrt(width / Dk)  # the implementation scales by 1/sqrt(width)
+    if q_scale != 1.0:
+        q_BxTxHxDk = q_BxTxHxDk * jnp.asarray(q_scale, q_BxTxHxDk.dtype)
     names = (axes.BATCH, axes.LENGTH, axes.HEADS, None)
     q, k, v = (axes.constrain(pad(a), names) for a in (q_BxTxHxDk, k_BxTxHxDk, v_BxTxHxDv))
     out = attention(q, k, v, impl=impl, causal=True) if attend is None else attend(q, k, v)
@@ -151,10 +156,12 @@ def unfold_context(ctx_BxTxHxDc: jax.Array, w_uv_DcxHxDv: jax.Array) -> jax.Arra
 
 
 def absorbed_attention(q_nope_BxTxHxDn: jax.Array, q_pe_BxTxHxDp: jax.Array, c_BxSxDc: jax.Array,
-                       k_pe_BxSxDp: jax.Array, wkv_b_DcxHxDnv: jax.Array, *, causal: bool = True) -> jax.Array:
+                       k_pe_BxSxDp: jax.Array, wkv_b_DcxHxDnv: jax.Array, *, causal: bool = True,
+                       softmax_factor: float = 1.0) -> jax.Array:
     """MLA from the latent: W_UK (`wkv_b`'s first Dn of each head) folded into the query, W_UV (the rest) into the
     output. Takes `MLA.queries` and `MLA.latent` (rotary parts already rotated) and returns [B, T, H, Dv] before
-    W_O, in q's dtype; scores and softmax in float32; causal masking aligns the last query with the last key."""
+    W_O, in q's dtype; scores (scaled by `softmax_factor`/sqrt(Dn + Dp)) and softmax in float32; causal masking
+    aligns the last query with the last key."""
     Dn, Dp = q_nope_BxTxHxDn.shape[-1], q_pe_BxTxHxDp.shape[-1]
     T, S = q_nope_BxTxHxDn.shape[1], c_BxSxDc.shape[1]
     f32 = jnp.float32
@@ -162,6 +169,8 @@ def absorbed_attention(q_nope_BxTxHxDn: jax.Array, q_pe_BxTxHxDp: jax.Array, c_B
     scores_BxHxTxS = (jnp.einsum("bthc,bsc->bhts", q_c_BxTxHxDc, c_BxSxDc.astype(f32))
                       + jnp.einsum("bthp,bsp->bhts", q_pe_BxTxHxDp, k_pe_BxSxDp, preferred_element_type=f32))
     scores_BxHxTxS = scores_BxHxTxS / jnp.sqrt(f32(Dn + Dp))
+    if softmax_factor != 1.0:
+        scores_BxHxTxS = scores_BxHxTxS * f32(softmax_factor)
     if causal:
         mask_TxS = jnp.arange(T)[:, None] + (S - T) >= jnp.arange(S)[None, :]
         scores_BxHxTxS = jnp.where(mask_TxS, scores_BxHxTxS, -jnp.inf)

@@ -219,7 +219,7 @@ class Transformer(nnx.Module):
         """`layer(x, layer_state) -> (x, (router loss, expert load))` for one block at these positions,
         rematerialised per `remat`: the step `_run_layers` applies over the stacked layers."""
         cfg = self.cfg
-        cos, sin = rope_tables(positions_BxT, cfg.rope_dim, cfg.rope_theta)
+        cos, sin = rope_tables(positions_BxT, cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling)
 
         def layer(x_BxTxD: jax.Array, layer_state: nnx.State) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
             return nnx.merge(graphdef, layer_state)(x_BxTxD, cos, sin, self.attend)
@@ -264,7 +264,7 @@ class Transformer(nnx.Module):
         logits, router_loss, h_BxTxD = [], jnp.zeros((), jnp.float32), x_BxTxD
         for k, module in enumerate(self.mtp, start=1):
             n = tokens_BxT.shape[1] - k
-            cos, sin = rope_tables(positions_BxT[:, :n], cfg.rope_dim, cfg.rope_theta)
+            cos, sin = rope_tables(positions_BxT[:, :n], cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling)
             embedded, _ = mtp_targets(tokens_BxT, tokens_BxT, k)
             h_BxTxD, depth_router_loss = module(h_BxTxD[:, :n], self.embed_tokens(embedded), cos, sin, self.attend)
             logits.append(self._project(module.norm(h_BxTxD)))
