@@ -89,7 +89,8 @@ def model_step(graph: StepGraph, params: StepParams, cache: KVCache, inputs: Ste
     cfg = model.cfg
     num_pages = cache.k.shape[1] // cfg.n_layers
     x_1xTxD = model.embed_tokens(inputs.tokens_T[None])
-    cos, sin = rope_tables(jnp.maximum(inputs.positions_T[None], 0), cfg.rope_dim, cfg.rope_theta)
+    cos, sin = rope_tables(jnp.maximum(inputs.positions_T[None], 0), cfg.rope_dim, cfg.rope_theta,
+                           cfg.rope_scaling)
     decode_width = inputs.drafts_BxNd.shape[1] + 1
     scale = softmax_scale(cfg) if cfg.mla.enabled else None
 
