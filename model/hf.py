@@ -29,6 +29,7 @@ from flax import nnx
 
 from model import hf_deepseek
 from model.config import ModelConfig, MoEConfig
+from model.hf_rope import rope_from_hf, rope_to_hf
 from model.hf_tensors import _from_hf, _hf_names, _hf_shape, _stacked, _Tensor, _to_hf
 from model.router import ExpertBias
 from model.transformer import Transformer
@@ -48,28 +49,6 @@ def _require(hf_config: dict, key: str) -> Any:
     if hf_config.get(key) is None:
         raise ValueError(f"HF config has no {key!r}; it is required for model_type {hf_config.get('model_type')!r}")
     return hf_config[key]
-
-
-def _rope_theta(hf_config: dict) -> float:
-    """rope_theta from either the transformers 5 `rope_parameters` dict or the legacy top-level key; only
-    unscaled ("default") RoPE is supported."""
-    for key in ("rope_scaling", "rope_parameters"):
-        rope = hf_config.get(key)
-        if rope is None:
-            continue
-        if not isinstance(rope, dict):
-            raise ValueError(f"HF config {key} must be a dict or null, got {rope!r}")
-        kind = rope.get("rope_type", rope.get("type", "default"))
-        if kind != "default":
-            raise ValueError(f"HF config {key} has rope_type {kind!r}; only unscaled 'default' RoPE is supported")
-        if rope.get("partial_rotary_factor", 1.0) != 1.0:
-            raise ValueError(f"HF config {key} has partial_rotary_factor {rope['partial_rotary_factor']!r}; "
-                             "only full rotary embeddings (1.0) are supported")
-    if hf_config.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError(f"HF config partial_rotary_factor {hf_config['partial_rotary_factor']!r} is not supported")
-    params = hf_config.get("rope_parameters") or {}
-    theta = params.get("rope_theta", hf_config.get("rope_theta"))
-    return float(theta) if theta is not None else 10000.0
 
 
 def _moe_from_hf(hf_config: dict, model_type: str) -> MoEConfig:
@@ -98,10 +77,10 @@ def _moe_from_hf(hf_config: dict, model_type: str) -> MoEConfig:
 
 def config_from_hf(hf_config: dict) -> ModelConfig:
     """A `ModelConfig` for a Llama / Mistral / Qwen2 / Mixtral / Qwen3-MoE `config.json` dict; raises ValueError,
-    naming the field, for anything this model cannot reproduce exactly (sliding windows, scaled RoPE, o_proj/MLP
-    biases, other activations, dense layers among MoE ones, a router that weighs experts otherwise). MoE configs
-    get dropless dispatch (see the module docstring); Mixtral's router_jitter_noise, which transformers applies
-    only in training, is not reproduced."""
+    naming the field, for anything this model cannot reproduce exactly (sliding windows, RoPE scaled other than
+    by YaRN (model/hf_rope.py), o_proj/MLP biases, other activations, dense layers among MoE ones, a router that
+    weighs experts otherwise). MoE configs get dropless dispatch (see the module docstring); Mixtral's
+    router_jitter_noise, which transformers applies only in training, is not reproduced."""
     model_type = hf_config.get("model_type")
     if model_type not in MODEL_TYPES:
         raise ValueError(f"unsupported HF model_type {model_type!r}; supported: {list(MODEL_TYPES)}")
@@ -121,12 +100,14 @@ def config_from_hf(hf_config: dict) -> ModelConfig:
     if hf_config.get("mlp_bias"):
         raise ValueError(f"{model_type} mlp_bias=true is not supported")
     d_model = _require(hf_config, "hidden_size")
+    rope_theta, rope_scaling = rope_from_hf(hf_config)
     common = dict(
         vocab_size=_require(hf_config, "vocab_size"),
         d_model=d_model,
         n_layers=_require(hf_config, "num_hidden_layers"),
         max_seq_len=_require(hf_config, "max_position_embeddings"),
-        rope_theta=_rope_theta(hf_config),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
         norm_eps=float(_require(hf_config, "rms_norm_eps")),
         tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
         init_std=float(hf_config.get("initializer_range", 0.02)),
@@ -203,9 +184,7 @@ def hf_config_from(cfg: ModelConfig) -> dict:
         "rms_norm_eps": cfg.norm_eps,
         "initializer_range": cfg.init_std,
         "tie_word_embeddings": cfg.tie_embeddings,
-        # Both spellings: transformers 5 reads rope_parameters, 4.x reads rope_theta.
-        "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        **rope_to_hf(cfg),  # both spellings: transformers 5 reads rope_parameters, 4.x rope_theta / rope_scaling
         "dtype": cfg.param_dtype,
         "torch_dtype": cfg.param_dtype,
     }

@@ -8,9 +8,11 @@ checkpoints); meshlm rotates halves (x_i, x_i+Dp/2). The two agree once the rota
 kv_a_proj_with_mqa are taken evens first, then odds (`rope_rows`): transformers' interleaved RoPE does the same
 de-interleave before rotating, so scores are unchanged. Export writes interleaved rows and rope_interleave=true.
 
-Not loaded: YaRN-scaled RoPE (DeepSeek-V3's published config has it; refused by model/hf.py's RoPE check), fp8
-checkpoints (quantization_config: dequantize first), attention biases. The multi-token-prediction layers
-(num_nextn_predict_layers: checkpoint layers past num_hidden_layers) are skipped on import.
+YaRN-scaled RoPE (DeepSeek-V3's published config: factor 40 over 4096 positions) loads through model/hf_rope.py
+into `ModelConfig.rope_scaling`: the tables' frequencies and attention factor, and MLA's softmax scale times
+mscale(factor, mscale_all_dim)^2 as DeepseekV3Attention's. Not loaded: fp8 checkpoints (quantization_config:
+dequantize first), attention biases. The multi-token-prediction layers (num_nextn_predict_layers: checkpoint
+layers past num_hidden_layers) are skipped on import.
 """
 
 from __future__ import annotations

@@ -103,7 +103,7 @@ def test_param_count_equals_transformers(changes):
 
 
 # deepseek-ai/DeepSeek-V3's config.json (the fields that matter here) without its YaRN rope_scaling (factor 40),
-# which meshlm refuses and which changes no parameter count. transformers counts no multi-token-prediction layer.
+# which changes no parameter count (DEEPSEEK_V3_YARN below). transformers counts no multi-token-prediction layer.
 DEEPSEEK_V3 = {"model_type": "deepseek_v3", "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432,
                "moe_intermediate_size": 2048, "num_hidden_layers": 61, "num_attention_heads": 128,
                "num_key_value_heads": 128, "n_shared_experts": 1, "n_routed_experts": 256,
@@ -159,7 +159,7 @@ BASE = {k: v for k, v in DEEPSEEK_V3.items()} | {"num_hidden_layers": 4}
 
 
 @pytest.mark.parametrize("changes,match", [
-    ({"rope_scaling": {"type": "yarn", "factor": 40}}, "rope_scaling has rope_type 'yarn'"),
+    ({"rope_scaling": {"type": "dynamic", "factor": 40}}, "rope_scaling has rope_type 'dynamic'"),
     ({"quantization_config": {"quant_method": "fp8"}}, "quantization_config \\(quant_method 'fp8'\\)"),
     ({"scoring_func": "softmax"}, "scoring_func='softmax'"),
     ({"topk_method": "greedy"}, "topk_method='greedy'"),
@@ -208,5 +208,80 @@ def test_a_deepseek_v3_checkpoint_is_served_as_transformers_generates(tmp_path):
     with torch.no_grad():
         expected = [hf_model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
                                       max_new_tokens=12, min_new_tokens=12, do_sample=False, eos_token_id=None,
+                                      pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+    assert [c.token_ids for c in served] == expected
+
+
+# YaRN as DeepSeek-V3's config.json has it, over a context (16) shorter than TOKENS (20) so that the ramp, the
+# tables' attention factor (mscale != mscale_all_dim) and MLA's mscale(factor, mscale_all_dim)^2 all act.
+YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32, "beta_slow": 1,
+        "mscale": 1.0, "mscale_all_dim": 0.8}
+DEEPSEEK_V3_YARN = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                    "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
+
+
+def test_deepseek_v3_published_config_with_yarn_loads():
+    from model.config import RopeScaling  # noqa: PLC0415
+
+    cfg = config_from_hf(DEEPSEEK_V3 | {"rope_scaling": DEEPSEEK_V3_YARN})
+    assert cfg.rope_scaling == RopeScaling("yarn", 40.0, 4096, 32.0, 1.0, 1.0, 1.0)
+    assert cfg.replace(rope_scaling=RopeScaling()) == config_from_hf(DEEPSEEK_V3)
+    assert hf_config_from(cfg)["rope_scaling"] == {"rope_type": "yarn"} | {
+        k: v for k, v in DEEPSEEK_V3_YARN.items() if k != "type"}
+
+
+@pytest.mark.parametrize("yarn", [YARN, YARN | {"mscale_all_dim": 1.0}], ids=["mscale-0.8", "mscale-1"])
+def test_load_hf_deepseek_with_yarn_matches_transformers_and_round_trips(tmp_path, yarn):
+    """Logits equal transformers' with YaRN, and save_hf -> transformers keeps them (and load_hf reads back the
+    same config)."""
+    from model.config import RopeScaling  # noqa: PLC0415
+
+    transformers = pytest.importorskip("transformers")
+    hf_model = _hf_model(seed=3, rope_scaling=dict(yarn))
+    hf_model.save_pretrained(tmp_path / "hf")
+    model = load_hf(tmp_path / "hf", dtype="float32")
+    assert model.cfg.rope_scaling == RopeScaling("yarn", 4.0, 16, 32.0, 1.0, 1.0, yarn["mscale_all_dim"])
+    expected = torch_logits(hf_model, TOKENS)
+    assert_logits_close(np.asarray(model(jnp.asarray(TOKENS))), expected)
+    save_hf(model, tmp_path / "ours")
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", attn_implementation="eager",
+                                                                 experts_implementation="eager").eval()
+    assert exported.config.rope_parameters["rope_type"] == "yarn"
+    assert_logits_close(torch_logits(exported, TOKENS), expected)
+    assert load_hf(tmp_path / "ours", dtype="float32").cfg == model.cfg
+
+
+def test_deepseek_yarn_logits_need_mla_mscale_squared(tmp_path, monkeypatch):
+    """With DeepSeek-V3's mscale == mscale_all_dim the tables' attention factor is 1 and YaRN's magnitude
+    correction is all in MLA's softmax scale: without mscale(factor, mscale_all_dim)^2 (RopeScaling.softmax_factor
+    patched to 1) the logits are far from transformers'."""
+    from model.config import RopeScaling  # noqa: PLC0415
+
+    hf_model = _hf_model(seed=4, rope_scaling=YARN | {"mscale_all_dim": 1.0})
+    hf_model.save_pretrained(tmp_path)
+    expected = torch_logits(hf_model, TOKENS)
+    model = load_hf(tmp_path, dtype="float32")
+    assert model.cfg.rope_scaling.attention_factor == 1.0 and model.cfg.rope_scaling.softmax_factor > 1.2
+    assert_logits_close(np.asarray(model(jnp.asarray(TOKENS))), expected)
+    monkeypatch.setattr(RopeScaling, "softmax_factor", property(lambda self: 1.0))
+    without = np.asarray(load_hf(tmp_path, dtype="float32")(jnp.asarray(TOKENS)))
+    assert np.abs(without - expected).max() > 1e-2 * np.abs(expected).max()
+
+
+def test_a_deepseek_v3_checkpoint_with_yarn_is_served_as_transformers_generates(tmp_path):
+    """The serving step (absorbed MLA over the latent cache) takes the scaled tables and the softmax scale's
+    mscale^2: greedy tokens past the original context equal transformers' `generate`."""
+    torch = pytest.importorskip("torch")
+    from serve.engine import Engine, Request, ServeConfig  # noqa: PLC0415
+
+    hf_model = _hf_model(seed=5, rope_scaling=dict(YARN))
+    hf_model.save_pretrained(tmp_path)
+    model = load_hf(tmp_path, dtype="float32")
+    prompts = [TOKENS[0].tolist(), TOKENS[1, :13].tolist()]
+    engine = Engine(model, ServeConfig(page_size=4, max_running=2, token_budget=16, decode_impl="reference"))
+    served = engine.generate([Request(tuple(p), 8) for p in prompts])
+    with torch.no_grad():
+        expected = [hf_model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                      max_new_tokens=8, min_new_tokens=8, do_sample=False, eos_token_id=None,
                                       pad_token_id=0)[0, len(p):].tolist() for p in prompts]
     assert [c.token_ids for c in served] == expected

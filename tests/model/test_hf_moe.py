@@ -194,7 +194,7 @@ def test_moe_config_from_hf_fields():
     (MIXTRAL, {"num_local_experts": 0}, "mixtral config has no experts"),
     (MIXTRAL, {"num_experts_per_tok": 9}, "top_k must be between 1 and model.moe.n_experts"),
     (MIXTRAL, {"hidden_act": "gelu"}, "hidden_act 'gelu'"),
-    (MIXTRAL, {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "rope_type 'yarn'"),
+    (MIXTRAL, {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4}}, "rope_type 'dynamic'"),
     (QWEN3_MOE, {"num_experts_per_tok": 1}, "qwen3_moe num_experts_per_tok=1 with norm_topk_prob=true"),
     (QWEN3_MOE, {"mlp_only_layers": [0]}, r"qwen3_moe mlp_only_layers=\[0\]"),
     (QWEN3_MOE, {"decoder_sparse_step": 2}, "qwen3_moe decoder_sparse_step=2"),
