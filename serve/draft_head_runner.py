@@ -29,9 +29,8 @@ from flax import nnx
 from model.draft_head import DraftHead, check_compatible
 from serve.compiled import shared_compiled
 from serve.draft_model import catch_up_batch, decode_inputs, positions_of, sample_draft
-from serve.forward import StepGraph
-from serve.kv_cache import CacheShape, KVCache, init_cache, write_pages
-from serve.ragged_attention import ragged_paged_attention
+from serve.forward import StepGraph, paged_attend
+from serve.kv_cache import CacheShape, KVCache, init_cache
 from serve.scheduler import ScheduledChunk
 from serve.step_batch import StepInputs
 
@@ -47,15 +46,7 @@ def _head_forward(head_graph: nnx.GraphDef, head_params: nnx.State, target_graph
     head = nnx.merge(head_graph, head_params)
     target = nnx.merge(target_graph.model, target_rest)
     pools = [pool.k, pool.v]
-    pages_1xT, offsets_1xT = inputs.pages_T[None], inputs.offsets_T[None]
-
-    def attend(q_1xTxHxDh: jax.Array, k_1xTxKxDh: jax.Array, v_1xTxKxDh: jax.Array) -> jax.Array:
-        pools[0] = write_pages(pools[0], k_1xTxKxDh, pages_1xT, offsets_1xT)
-        pools[1] = write_pages(pools[1], v_1xTxKxDh, pages_1xT, offsets_1xT)
-        return ragged_paged_attention(q_1xTxHxDh[0], pools[0], pools[1], inputs.positions_T, inputs.decode_tables_BxW,
-                                      inputs.decode_lengths_B, inputs.tile_tables_NtxW, inputs.tile_lengths_Nt,
-                                      decode_impl=decode_impl, decode_width=inputs.drafts_BxNd.shape[1] + 1)[None]
-
+    attend = paged_attend(head.cfg.block_config, pools, inputs, 0, pool.k.shape[1], decode_impl)
     g_1xTxD = head(features_TxD[None], target.embed_tokens(inputs.tokens_T[None]),
                    jnp.maximum(inputs.positions_T, 0)[None], attend)
     logits_RsxV = head.logits(target, g_1xTxD[:, inputs.last_Rs])[0]
@@ -102,15 +93,11 @@ class HeadRunner:
     def __init__(self, head: DraftHead, engine: Engine, num_tokens: int):
         check_compatible(head.cfg, engine.model_cfg)
         cfg = head.cfg.block_config
-        if cfg.mla.enabled:
-            raise ValueError(f"a draft head (style {head.cfg.style!r}) with an MLA block (model.mla.kv_lora_rank="
-                             f"{cfg.mla.kv_lora_rank}) is not supported yet: its paged pool holds per-head keys and "
-                             f"values")
         self.engine, self.k = engine, num_tokens
         self.head_graph, self.head_params = nnx.split(head)
         ps, num_pages = engine.cfg.page_size, engine.cache_shape.num_pages
         dtype = str(engine.model_cfg.compute_dtype)
-        self.pool = init_cache(CacheShape(1, cfg.n_kv_heads, cfg.head_dim, ps, num_pages, dtype))
+        self.pool = init_cache(CacheShape.for_model(cfg, ps, num_pages, dtype))
         engine.cache = engine.cache._replace(features=jnp.zeros((1, num_pages, ps, engine.model_cfg.d_model), dtype))
         self.layout = engine.layout
         self._catch_up = shared_compiled(_catch_up, self.head_graph, engine.graph, engine.decode_impl)

@@ -25,9 +25,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from model.config import ModelConfig
 from model.layers import rope_tables
 from model.mla import LatentAttend, softmax_scale
-from model.transformer import dense_layers
+from model.transformer import Attend, dense_layers
 from serve.kv_cache import KVCache, layer_pages, write_pages
 from serve.ragged_attention import ragged_latent_attention, ragged_paged_attention
 from serve.step_batch import StepInputs
@@ -77,6 +78,34 @@ def unstacked(params: StepParams) -> StepParams:
     return params._replace(stacks=tuple(layers(stacked) for stacked in params.stacks))
 
 
+def paged_attend(cfg: ModelConfig, pools: list[jax.Array], inputs: StepInputs, layer: jax.Array | int,
+                 num_pages: int, decode_impl: str) -> Attend | LatentAttend:
+    """The attention hook of layer `layer` of a model (`cfg`) whose cache pools are `pools` ([k, v], replaced in
+    the list as the hook writes them): it writes this step's tokens' K/V (MLA: latent and rotary key) at their
+    slots and attends over each row's pages; `model_step` passes one per layer, a draft head one for its layer."""
+    pages_1xT = layer_pages(inputs.pages_T, layer, num_pages)[None]
+    offsets_1xT = inputs.offsets_T[None]
+    tables = (inputs.positions_T, layer_pages(inputs.decode_tables_BxW, layer, num_pages), inputs.decode_lengths_B,
+              layer_pages(inputs.tile_tables_NtxW, layer, num_pages), inputs.tile_lengths_Nt)
+    decode_width = inputs.drafts_BxNd.shape[1] + 1
+
+    def attend(q_1xTxHxDh: jax.Array, k_1xTxKxDh: jax.Array, v_1xTxKxDh: jax.Array) -> jax.Array:
+        pools[0] = write_pages(pools[0], k_1xTxKxDh, pages_1xT, offsets_1xT)
+        pools[1] = write_pages(pools[1], v_1xTxKxDh, pages_1xT, offsets_1xT)
+        return ragged_paged_attention(q_1xTxHxDh[0], *pools, *tables, decode_impl=decode_impl,
+                                      decode_width=decode_width)[None]
+
+    def attend_latent(q_c_1xTxHxDc: jax.Array, q_p_1xTxHxDp: jax.Array, c_1xTxDc: jax.Array,
+                      k_pe_1xTxDp: jax.Array) -> jax.Array:
+        pools[0] = write_pages(pools[0], c_1xTxDc[:, :, None], pages_1xT, offsets_1xT)
+        pools[1] = write_pages(pools[1], k_pe_1xTxDp[:, :, None], pages_1xT, offsets_1xT)
+        return ragged_latent_attention(q_c_1xTxHxDc[0].astype(pools[0].dtype), q_p_1xTxHxDp[0], *pools, *tables,
+                                       scale=softmax_scale(cfg), decode_impl=decode_impl,
+                                       decode_width=decode_width)[None]
+
+    return LatentAttend(attend_latent) if cfg.mla.enabled else attend
+
+
 def model_step(graph: StepGraph, params: StepParams, cache: KVCache, inputs: StepInputs, *,
                decode_impl: str = "reference") -> tuple[jax.Array, KVCache]:
     """Run `inputs` through the model, writing their K/V (MLA: latents and rotary keys) into `cache` (and their
@@ -91,31 +120,11 @@ def model_step(graph: StepGraph, params: StepParams, cache: KVCache, inputs: Ste
     x_1xTxD = model.embed_tokens(inputs.tokens_T[None])
     cos, sin = rope_tables(jnp.maximum(inputs.positions_T[None], 0), cfg.rope_dim, cfg.rope_theta,
                            cfg.rope_scaling)
-    decode_width = inputs.drafts_BxNd.shape[1] + 1
-    scale = softmax_scale(cfg) if cfg.mla.enabled else None
 
     def layer(block: nnx.GraphDef, x_1xTxD: jax.Array, k_pool: jax.Array, v_pool: jax.Array,
               layer_state: nnx.State, index: jax.Array | int) -> tuple[jax.Array, jax.Array, jax.Array]:
         pools = [k_pool, v_pool]
-        pages_1xT = layer_pages(inputs.pages_T, index, num_pages)[None]
-        offsets_1xT = inputs.offsets_T[None]
-        tables = (inputs.positions_T, layer_pages(inputs.decode_tables_BxW, index, num_pages), inputs.decode_lengths_B,
-                  layer_pages(inputs.tile_tables_NtxW, index, num_pages), inputs.tile_lengths_Nt)
-
-        def attend(q_1xTxHxDh: jax.Array, k_1xTxKxDh: jax.Array, v_1xTxKxDh: jax.Array) -> jax.Array:
-            pools[0] = write_pages(pools[0], k_1xTxKxDh, pages_1xT, offsets_1xT)
-            pools[1] = write_pages(pools[1], v_1xTxKxDh, pages_1xT, offsets_1xT)
-            return ragged_paged_attention(q_1xTxHxDh[0], *pools, *tables, decode_impl=decode_impl,
-                                          decode_width=decode_width)[None]
-
-        def attend_latent(q_c_1xTxHxDc: jax.Array, q_p_1xTxHxDp: jax.Array, c_1xTxDc: jax.Array,
-                          k_pe_1xTxDp: jax.Array) -> jax.Array:
-            pools[0] = write_pages(pools[0], c_1xTxDc[:, :, None], pages_1xT, offsets_1xT)
-            pools[1] = write_pages(pools[1], k_pe_1xTxDp[:, :, None], pages_1xT, offsets_1xT)
-            return ragged_latent_attention(q_c_1xTxHxDc[0].astype(pools[0].dtype), q_p_1xTxHxDp[0], *pools, *tables,
-                                           scale=scale, decode_impl=decode_impl, decode_width=decode_width)[None]
-
-        hook = LatentAttend(attend_latent) if cfg.mla.enabled else attend
+        hook = paged_attend(cfg, pools, inputs, index, num_pages, decode_impl)
         x_1xTxD, _ = nnx.merge(block, layer_state)(x_1xTxD, cos, sin, hook)
         return x_1xTxD, pools[0], pools[1]
 

@@ -97,3 +97,32 @@ def test_a_model_without_mtp_or_with_a_draft_model_is_refused_by_name():
         Engine(create_model(CFG, seed=3), dataclasses.replace(SERVE, speculative=MTP))
     with pytest.raises(ValueError, match="'mtp'.*no draft_model"):
         Engine(model(), dataclasses.replace(SERVE, speculative=MTP), draft_model=model())
+
+
+def test_a_deepseek_v3_shaped_target_drafts_with_its_mtp_module_through_a_latent_pool():
+    """MLA target, MLA MTP block: the head's one-layer pool is a latent cache as the target's is; its drafts are
+    the cache-free head's and the outputs the naive decoder's."""
+    from tests.serve.test_engine import MLA  # noqa: PLC0415
+
+    target = create_model(MTP_CFG.replace(mla=MLA), seed=3)
+    e = Engine(target, dataclasses.replace(SERVE, speculative=MTP))
+    assert e._drafter.pool.k.shape[-1] == MLA.kv_lora_rank and e._drafter.pool.v.shape[-1] == MLA.qk_rope_head_dim
+    calls = []
+    original = e._drafter.draft
+
+    def recording(decodes, inputs):
+        drafts, q = original(decodes, inputs)
+        calls.append(([list(c.seq.all_ids) for c in decodes], np.asarray(drafts)))
+        return drafts, q
+
+    e._drafter.draft = recording
+    ps = prompts()[:2]
+    done = e.generate([Request(tuple(p), 10) for p in ps])
+    assert [c.token_ids for c in done] == generate(target, ps, 10)
+    head = mtp_draft_head(for_inference(target))
+    assert len(calls) >= 3
+    for ids_of_rows, drafts in calls:
+        for b, ids in enumerate(ids_of_rows):
+            features = target.hidden(jnp.asarray([ids[:-1]]))[0]
+            reference, _ = draft_tokens(head, target, features, jnp.asarray(ids), K)
+            assert drafts[b].tolist() == np.asarray(reference).tolist(), (b, len(ids))
