@@ -119,7 +119,7 @@ class DraftHead(nnx.Module):
         """Pairs (the target's features, the next tokens' embeddings) at `positions` -> g [B, T, D] (compute
         dtype); `attend` replaces the causal self-attention over this call's pairs (see `Block`)."""
         block_cfg = self.cfg.block_config
-        cos, sin = rope_tables(positions_BxT, block_cfg.rope_dim, block_cfg.rope_theta)
+        cos, sin = rope_tables(positions_BxT, block_cfg.rope_dim, block_cfg.rope_theta, block_cfg.rope_scaling)
         if self.cfg.style == "mtp":
             return self.mtp(features_BxTxD, embeds_BxTxD, cos, sin, attend)[0]
         dt = block_cfg.compute_dtype
