@@ -9,17 +9,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from model.config import MoEConfig
-from model.draft_head import draft_tokens, mtp_draft_head
+from model.draft_head import mtp_draft_head
 from model.transformer import create_model, for_inference
-from serve.engine import Engine, Request
+from serve.engine import Engine
 from serve.naive import generate
 from serve.speculation_config import SpeculativeConfig
 from tests.serve.test_engine import CFG, MAX_NEW, SERVE, prompts, serve_staggered
+from tests.serve.test_speculative_engine import assert_drafts_of_the_cache_free_head
 
 K = 3
 MTP = SpeculativeConfig(method="mtp", num_tokens=K, adaptive=False)
@@ -69,27 +68,7 @@ def test_the_mtp_proposer_drafts_what_the_cache_free_head_drafts():
     """The engine's MTP head (its paged pool, catching up on the target's stored hidden states) drafts the tokens
     of `draft_tokens` with `mtp_draft_head(model)`, which recomputes the module over the whole sequence from the
     target's own full forward; and the outputs stay the naive decoder's."""
-    e = engine()
-    calls = []
-    original = e._drafter.draft
-
-    def recording(decodes, inputs):
-        drafts, q = original(decodes, inputs)
-        calls.append(([list(c.seq.all_ids) for c in decodes], np.asarray(drafts)))
-        return drafts, q
-
-    e._drafter.draft = recording
-    ps = prompts()[:2]
-    done = e.generate([Request(tuple(p), 10) for p in ps])
-    assert [c.token_ids for c in done] == generate(model(), ps, 10)
-    assert len(calls) >= 3
-    target = for_inference(model())
-    head = mtp_draft_head(target)
-    for ids_of_rows, drafts in calls:
-        for b, ids in enumerate(ids_of_rows):
-            features = target.hidden(jnp.asarray([ids[:-1]]))[0]  # h_0 .. h_{N-2}
-            reference, _ = draft_tokens(head, target, features, jnp.asarray(ids), K)
-            assert drafts[b].tolist() == np.asarray(reference).tolist(), (b, len(ids))
+    assert_drafts_of_the_cache_free_head(engine(), model(), mtp_draft_head(for_inference(model())), K)
 
 
 def test_a_model_without_mtp_or_with_a_draft_model_is_refused_by_name():
@@ -107,22 +86,4 @@ def test_a_deepseek_v3_shaped_target_drafts_with_its_mtp_module_through_a_latent
     target = create_model(MTP_CFG.replace(mla=MLA), seed=3)
     e = Engine(target, dataclasses.replace(SERVE, speculative=MTP))
     assert e._drafter.pool.k.shape[-1] == MLA.kv_lora_rank and e._drafter.pool.v.shape[-1] == MLA.qk_rope_head_dim
-    calls = []
-    original = e._drafter.draft
-
-    def recording(decodes, inputs):
-        drafts, q = original(decodes, inputs)
-        calls.append(([list(c.seq.all_ids) for c in decodes], np.asarray(drafts)))
-        return drafts, q
-
-    e._drafter.draft = recording
-    ps = prompts()[:2]
-    done = e.generate([Request(tuple(p), 10) for p in ps])
-    assert [c.token_ids for c in done] == generate(target, ps, 10)
-    head = mtp_draft_head(for_inference(target))
-    assert len(calls) >= 3
-    for ids_of_rows, drafts in calls:
-        for b, ids in enumerate(ids_of_rows):
-            features = target.hidden(jnp.asarray([ids[:-1]]))[0]
-            reference, _ = draft_tokens(head, target, features, jnp.asarray(ids), K)
-            assert drafts[b].tolist() == np.asarray(reference).tolist(), (b, len(ids))
+    assert_drafts_of_the_cache_free_head(e, target, mtp_draft_head(for_inference(target)), K)

@@ -195,7 +195,13 @@ def test_the_head_proposer_drafts_what_the_cache_free_head_drafts():
     tokens of model/draft_head.py `draft_tokens`, which recomputes the head over the whole sequence from the
     target's own full forward; and the outputs stay the naive decoder's."""
     head = create_draft_head(CFG, seed=1)
-    e = engine(HEAD, head)
+    assert_drafts_of_the_cache_free_head(engine(HEAD, head), model(), head, K)
+
+
+def assert_drafts_of_the_cache_free_head(e, target, head, k):
+    """Serve two requests on engine `e` (target `target`, proposer `head`), recording every draft: each equals
+    `draft_tokens` of the head recomputed from the target's full forward over the sequence so far, and the
+    outputs are the naive decoder's."""
     calls = []
     original = e._drafter.draft
 
@@ -207,10 +213,10 @@ def test_the_head_proposer_drafts_what_the_cache_free_head_drafts():
     e._drafter.draft = recording
     ps = prompts()[:2]
     done = e.generate([Request(tuple(p), 10) for p in ps])
-    assert [c.token_ids for c in done] == generate(model(), ps, 10)
+    assert [c.token_ids for c in done] == generate(target, ps, 10)
     assert len(calls) >= 3
     for ids_of_rows, drafts in calls:
         for b, ids in enumerate(ids_of_rows):
-            features = model().hidden(jnp.asarray([ids[:-1]]))[0]  # f_0 .. f_{N-2}
-            reference, _ = draft_tokens(head, model(), features, jnp.asarray(ids), K)
+            features = target.hidden(jnp.asarray([ids[:-1]]))[0]  # f_0 .. f_{N-2}
+            reference, _ = draft_tokens(head, target, features, jnp.asarray(ids), k)
             assert drafts[b].tolist() == np.asarray(reference).tolist(), (b, len(ids))
