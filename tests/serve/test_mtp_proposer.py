@@ -64,6 +64,7 @@ def test_greedy_mtp_speculation_of_an_moe_model():
     assert e.speculation.drafted > 0
 
 
+@pytest.mark.slow
 def test_the_mtp_proposer_drafts_what_the_cache_free_head_drafts():
     """The engine's MTP head (its paged pool, catching up on the target's stored hidden states) drafts the tokens
     of `draft_tokens` with `mtp_draft_head(model)`, which recomputes the module over the whole sequence from the
@@ -78,6 +79,7 @@ def test_a_model_without_mtp_or_with_a_draft_model_is_refused_by_name():
         Engine(model(), dataclasses.replace(SERVE, speculative=MTP), draft_model=model())
 
 
+@pytest.mark.slow
 def test_a_deepseek_v3_shaped_target_drafts_with_its_mtp_module_through_a_latent_pool():
     """MLA target, MLA MTP block: the head's one-layer pool is a latent cache as the target's is; its drafts are
     the cache-free head's and the outputs the naive decoder's."""
