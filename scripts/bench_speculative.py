@@ -13,10 +13,11 @@ the same, and the acceptance (rate, mean accepted length, per drafted position).
 Tasks: `rewrite` asks a chat model to repeat a slice of a source file with a comment added (the answer copies the
 prompt: prompt lookup's case); `continue` gives a slice of a source file as plain text to continue (a base model's
 case). Batch 1 serves `--requests` prompts one at a time; batch B > 1 serves B prompts at once. Each configuration
-runs the workload untimed until two passes in a row compile nothing new (at most 12 passes: speculation's measured
-policy chooses differently from pass to pass, and so meets new step shapes), then `--repeats` timed passes of the two
-configurations interleaved, the median pass reported (the speculative engine keeps its policy's measurements from
-pass to pass, as a server would).
+first compiles every step shape up to the workload's longest context (`Engine.warmup`, a proposer's catch-up and
+drafting included), then runs the workload untimed until two passes in a row compile nothing new (at most 12
+passes: speculation's measured policy chooses differently from pass to pass, and so may meet new step shapes), then
+`--repeats` timed passes of the two configurations interleaved, the median pass reported (the speculative engine
+keeps its policy's measurements from pass to pass, as a server would).
 """
 
 from __future__ import annotations
@@ -84,8 +85,10 @@ def run_once(engine, requests: list, one_at_a_time: bool) -> list:
 
 
 def warm(engine, requests: list, one_at_a_time: bool) -> None:
-    """Serve the workload untimed until two passes in a row compile nothing new (the policy's choices differ from
-    pass to pass, and so do their shapes: a draft catching up after plain steps meets new prefill buckets)."""
+    """Compile every step shape the workload's contexts can meet (`Engine.warmup`: the target's plain and verifying
+    steps, a draft model's or head's catch-up and drafting), then serve the workload untimed until two passes in a
+    row compile nothing new (the policy's choices differ from pass to pass, and so may their shapes)."""
+    engine.warmup(max(len(r.prompt_ids) + r.max_new_tokens for r in requests))
     quiet = 0
     for _ in range(WARM_PASSES):
         before = engine.compiles()

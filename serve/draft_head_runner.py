@@ -7,11 +7,12 @@ its K/V lives in a one-layer paged pool over the target's page ids, like a draft
 allocation, preemption and prefix sharing need nothing of their own. `RequestState.num_draft_computed` counts the
 pairs whose head K/V was made from the target's real features; before drafting, the head catches up on the pairs
 [num_draft_computed, N - 1) of a sequence of N tokens (the features of the tokens the target computed since: the
-prompt the first time, then those the last verification accepted) as one ragged step, whose last pair's output
-g_{N-2} predicts f_{N-1} and, through the target's final norm and LM head, the first draft d_1. Then k - 1 steps feed
-the head its own output: pair N-2+j is [g_{N-3+j}, e(d_j)], giving d_{j+1} (EAGLE's feature autoregression). Those
-pairs were made from predicted features, so they do not count: the next catch-up recomputes them from the target's
-real ones.
+prompt the first time, then those the last verification accepted; serve/draft_model.py `catch_up_batch`: the older
+pairs as prefill steps, each row's last k + 1 at most as one decode row, in shapes `HeadRunner.warmup` compiles up
+front), whose last pair's output g_{N-2} predicts f_{N-1} and, through the target's final norm and LM head, the
+first draft d_1. Then k - 1 steps feed the head its own output: pair N-2+j is [g_{N-3+j}, e(d_j)], giving d_{j+1}
+(EAGLE's feature autoregression). Those pairs were made from predicted features, so they do not count: the next
+catch-up recomputes them from the target's real ones.
 
 Method "mtp" runs the same way with the target's own depth-1 multi-token prediction module as the head
 (`model.draft_head.mtp_draft_head`: a head of style "mtp", whose own output norm precedes the target's LM head).
@@ -24,15 +25,16 @@ from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from model.draft_head import DraftHead, check_compatible
 from serve.compiled import shared_compiled
-from serve.draft_model import catch_up_batch, decode_inputs, positions_of, sample_draft
+from serve.draft_model import CatchUp, catch_up_batch, decode_inputs, padding_catch_up, positions_of, sample_draft
 from serve.forward import StepGraph, paged_attend
 from serve.kv_cache import CacheShape, KVCache, init_cache
 from serve.scheduler import ScheduledChunk
-from serve.step_batch import StepInputs
+from serve.step_batch import StepInputs, padding_step
 
 if TYPE_CHECKING:
     from serve.engine import Engine
@@ -51,6 +53,15 @@ def _head_forward(head_graph: nnx.GraphDef, head_params: nnx.State, target_graph
                    jnp.maximum(inputs.positions_T, 0)[None], attend)
     logits_RsxV = head.logits(target, g_1xTxD[:, inputs.last_Rs])[0]
     return g_1xTxD[0], logits_RsxV, KVCache(pools[0], pools[1])
+
+
+def _fill(head_graph: nnx.GraphDef, target_graph: StepGraph, decode_impl: str, head_params: nnx.State,
+          pool: KVCache, target_rest: nnx.State, features: jax.Array, inputs: StepInputs) -> KVCache:
+    """Write the head K/V of a catch-up's older pairs (`inputs`, prefill tiles; features read from the target's
+    pool at the pairs' own slots); no logits are needed."""
+    features_TxD = features[0, inputs.pages_T, inputs.offsets_T]
+    return _head_forward(head_graph, head_params, target_graph, target_rest, pool, inputs, features_TxD,
+                         decode_impl)[2]
 
 
 def _catch_up(head_graph: nnx.GraphDef, target_graph: StepGraph, decode_impl: str, head_params: nnx.State,
@@ -99,7 +110,8 @@ class HeadRunner:
         dtype = str(engine.model_cfg.compute_dtype)
         self.pool = init_cache(CacheShape.for_model(cfg, ps, num_pages, dtype))
         engine.cache = engine.cache._replace(features=jnp.zeros((1, num_pages, ps, engine.model_cfg.d_model), dtype))
-        self.layout = engine.layout
+        self.layout, self.max_tiles = engine.layout, engine.max_tiles
+        self._fill = shared_compiled(_fill, self.head_graph, engine.graph, engine.decode_impl)
         self._catch_up = shared_compiled(_catch_up, self.head_graph, engine.graph, engine.decode_impl)
         self._draft_k = shared_compiled(_draft_k, self.head_graph, engine.graph, engine.decode_impl, ps, num_tokens)
 
@@ -112,16 +124,35 @@ class HeadRunner:
         for chunk in decodes:
             chunk.seq.num_draft_computed = chunk.seq.num_tokens - 1
         # after a verification the head lacks the pairs of the accepted tokens and the bonus: at most k + 1
-        catch_up, row_slots, sampling_B = catch_up_batch(decodes, starts, self.layout, Bd, self.k + 1, shift=1)
-        rest = self.engine.params.rest
-        logits_BxV, g_BxD, self.pool = self._catch_up(self.head_params, self.pool, rest, self.engine.cache.features,
-                                                      catch_up, row_slots)
-        drafts, q, self.pool = self._draft_k(self.head_params, self.pool, rest, logits_BxV, g_BxD,
-                                             positions_of([c.seq.num_tokens - 2 for c in decodes], Bd),
-                                             inputs.decode_tables_BxW, sampling_B)
+        catch_up = catch_up_batch(decodes, starts, self.layout, Bd, self.k + 1, self.max_tiles, shift=1)
+        return self._run(catch_up, positions_of([c.seq.num_tokens - 2 for c in decodes], Bd),
+                         inputs.decode_tables_BxW)
+
+    def _run(self, catch_up: CatchUp, positions_B: np.ndarray, tables_BxW: np.ndarray) -> tuple[jax.Array, jax.Array]:
+        """The catch-up's fills and step, then the drafting from each row's last pair (at `positions_B`)."""
+        rest, features = self.engine.params.rest, self.engine.cache.features
+        for fill in catch_up.fills:
+            self.pool = self._fill(self.head_params, self.pool, rest, features, fill)
+        logits_BxV, g_BxD, self.pool = self._catch_up(self.head_params, self.pool, rest, features, catch_up.step,
+                                                      catch_up.row_slots)
+        drafts, q, self.pool = self._draft_k(self.head_params, self.pool, rest, logits_BxV, g_BxD, positions_B,
+                                             tables_BxW, catch_up.sampling)
         return drafts, q
+
+    def warmup(self, widths: Sequence[int]) -> None:
+        """Compile the catch-up and drafting for every decode-row bucket at each width in `widths`, and the
+        catch-up's prefill for every tile bucket up to the engine's `max_tiles` (the shapes the target's warm-up
+        covers), on all-padding inputs, which write only the null page of the head's pool."""
+        layout, rest, features = self.layout, self.engine.params.rest, self.engine.cache.features
+        for w in widths:
+            for nt in layout.tile_buckets(self.max_tiles):
+                self.pool = self._fill(self.head_params, self.pool, rest, features,
+                                       padding_step(layout.max_decode_rows, nt, w, layout.tile)[0])
+            for bd in layout.decode_buckets():
+                self._run(padding_catch_up(bd, w, layout.tile, self.k + 1), positions_of([], bd),
+                          np.zeros((bd, w), np.int32))
 
     @property
     def compile_count(self) -> int:
-        """Shapes compiled for this head structure (catch-up and drafting)."""
-        return self._catch_up.count + self._draft_k.count
+        """Shapes compiled for this head structure (catch-up prefills and steps, and drafting)."""
+        return self._fill.count + self._catch_up.count + self._draft_k.count

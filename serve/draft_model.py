@@ -6,9 +6,13 @@ pools, so allocation, preemption, prefix sharing and the roll-back of rejected t
 draft catches up lazily: `RequestState.num_draft_computed` tokens of a sequence have draft K/V (reset to 0 when it
 is admitted or preempted, since shared or recycled pages may hold another sequence's draft K/V); before drafting,
 the draft runs its missing tokens -- the whole prompt the first time, then the one or two tokens the last
-verification added -- as one ragged step (compiled per bucket of serve/step_batch.py), samples the first draft token
-from that, and then decodes k - 1 more tokens in a `jax.lax.scan` (compiled per decode rows and table width); the
-outputs (drafts [Bd, k] and their draft distributions q [Bd, k, V]) stay on the device for the target's step.
+verification added -- samples the first draft token from the last one's logits, and then decodes k - 1 more tokens in
+a `jax.lax.scan` (compiled per decode rows and table width); the outputs (drafts [Bd, k] and their draft
+distributions q [Bd, k, V]) stay on the device for the target's step. A catch-up (`catch_up_batch`) runs each row's
+last two tokens at most as a decode row of a step with the target's Bd rows, and any older ones first, as prefill
+steps of at most `Engine.max_tiles` tiles each (the most a target step has), so its shapes are the target's buckets:
+(Bd, W) for the step and drafting, (Nt, W) for the prefills, which `DraftRunner.warmup` compiles up front (called
+from `Engine.warmup`).
 Drafted positions the target rejects are beyond the sequence's length afterwards; the count `min(num_draft_computed,
 num_computed)` leaves them out.
 """
@@ -16,7 +20,7 @@ num_computed)` leaves them out.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +33,7 @@ from serve.forward import StepGraph, StepParams, model_step, split_for_serving
 from serve.kv_cache import CacheShape, KVCache, init_cache
 from serve.sampling import filtered_logits, row_key
 from serve.scheduler import ScheduledChunk
-from serve.step_batch import Row, StepInputs, StepLayout, build_step
+from serve.step_batch import Row, StepInputs, StepLayout, build_step, padding_step, tiles_for
 
 if TYPE_CHECKING:
     from serve.engine import Engine
@@ -71,35 +75,61 @@ def decode_inputs(token_B: jax.Array, pos_B: jax.Array, tables_BxW: jax.Array, p
                       jnp.arange(B, dtype=jnp.int32), jnp.full(B, -1, jnp.int32), jnp.zeros((B, 0), jnp.int32))
 
 
+class CatchUp(NamedTuple):
+    """A proposer's catch-up on the host: the prefill steps of its rows' older tokens (`fills`, run first, in order,
+    for their K/V only), then the step of each row's last tokens (`step`: one decode row each), each row's sampling
+    slot of its last token in that step [Bd] and its sampling parameters [Bd]."""
+
+    fills: list[StepInputs]
+    step: StepInputs
+    row_slots: np.ndarray
+    sampling: tuple[np.ndarray, ...]
+
+
 def catch_up_batch(decodes: Sequence[ScheduledChunk], starts: Sequence[int], layout: StepLayout, Bd: int,
-                   width: int, shift: int = 0) -> tuple[StepInputs, np.ndarray, tuple[np.ndarray, ...]]:
-    """A proposer's catch-up step on the host: each decoding sequence's positions from `starts[i]` on, holding its
-    tokens from `starts[i] + shift` to its last one (a draft head's pair i holds token i + 1), as one ragged step
-    with the sampling parameters of its request. A row of at most `width` tokens (what one verification adds) is a
-    decode row `width` tokens wide, so steady decoding compiles one catch-up shape per (Bd, W) whatever each row
-    accepted; a longer one (a prompt, after admission) fills prefill tiles. Returns the step's inputs, each decode
-    row's sampling slot of its last token [Bd] and its sampling parameters [Bd] (padded to the target step's Bd
-    rows), as host arrays (a compiled call takes them with one transfer each)."""
-    rows, short, longer = [], [], []
+                   width: int, max_tiles: int, shift: int = 0) -> CatchUp:
+    """A proposer's catch-up on the host: each decoding sequence's positions from `starts[i]` on, holding its
+    tokens from `starts[i] + shift` to its last one (a draft head's pair i holds token i + 1), with the sampling
+    parameters of its request. Each row's last `width` tokens at most (what one verification adds) are a decode row
+    `width` tokens wide of a step with the target step's Bd rows, so the catch-up compiles one shape per (Bd, W)
+    whatever each row accepted; the tokens before them (a prompt, after admission or after plain steps) fill
+    prefill tiles of steps of at most `max_tiles` tiles (`fill_steps`), which compile per (Nt, W) like the target's
+    prefills. Host arrays: a compiled call takes them with one transfer each."""
+    rows, older = [], []
     for chunk, start in zip(decodes, starts, strict=True):
         seq, s = chunk.seq, chunk.seq.sampling
         ids = seq.all_ids[start + shift:seq.num_tokens]
-        is_short = len(ids) <= width
-        row = Row(ids[:1] if is_short else ids, start, seq.block_table, seed=s.seed, counter=len(seq.output_ids),
-                  temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
-                  drafts=ids[1:] if is_short else ())
-        (short if is_short else longer).append(len(rows))
-        rows.append(row)
-    layout = StepLayout(layout.page_size, max(layout.max_decode_rows, Bd), layout.tile, layout.min_pages,
-                        layout.max_pages)
-    catch_up, sampling, slots = build_step([rows[i] for i in short], [rows[i] for i in longer], layout, width - 1)
-    slots = [slot + len(rows[i].drafts) for i, slot in zip([*short, *longer], slots, strict=True)]
+        cut = max(0, len(ids) - width)
+        if cut:
+            older.append(Row(ids[:cut], start, seq.block_table))
+        rows.append(Row(ids[cut:cut + 1], start + cut, seq.block_table, seed=s.seed, counter=len(seq.output_ids),
+                        temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
+                        drafts=ids[cut + 1:]))
+    step, sampling, slots = build_step(rows, [], layout, width - 1, decode_rows=Bd)
     row_slots = np.zeros(Bd, np.int32)
-    row_slots[[*short, *longer]] = slots
+    row_slots[:len(rows)] = [slot + len(row.drafts) for row, slot in zip(rows, slots, strict=True)]
     sampling_B = [np.zeros(Bd, a.dtype) for a in sampling[:-1]]
     for a, full in zip(sampling_B, sampling[:-1], strict=True):
         a[:len(rows)] = full[row_slots[:len(rows)]]
-    return catch_up, row_slots, tuple(sampling_B)
+    return CatchUp(fill_steps(older, layout, max_tiles), step, row_slots, tuple(sampling_B))
+
+
+def fill_steps(rows: Sequence[Row], layout: StepLayout, max_tiles: int) -> list[StepInputs]:
+    """Prefill steps of `rows`' tokens, at most `max_tiles` tiles each (a longer row continues in the next step,
+    after its earlier tokens' K/V is written), so a catch-up's prefill compiles only the target's tile buckets."""
+    steps, batch, room = [], [], max_tiles
+    for row in rows:
+        ids, start = list(row.token_ids), row.start
+        while ids:
+            n = min(len(ids), room * layout.tile)
+            batch.append(Row(ids[:n], start, row.block_table))
+            ids, start, room = ids[n:], start + n, room - tiles_for([n], layout.tile)
+            if room == 0:
+                steps.append(build_step([], batch, layout)[0])
+                batch, room = [], max_tiles
+    if batch:
+        steps.append(build_step([], batch, layout)[0])
+    return steps
 
 
 def positions_of(values: Sequence[int], Bd: int) -> np.ndarray:
@@ -107,6 +137,18 @@ def positions_of(values: Sequence[int], Bd: int) -> np.ndarray:
     out = np.full(Bd, -1, np.int32)
     out[:len(values)] = values
     return out
+
+
+def padding_catch_up(bd: int, w: int, tile: int, width: int) -> CatchUp:
+    """An all-padding catch-up of Bd rows `width` tokens wide and W pages (a warm-up's: it writes only the null
+    page)."""
+    step, sampling = padding_step(bd, 0, w, tile, width - 1)
+    return CatchUp([], step, np.zeros(bd, np.int32), tuple(a[:bd] for a in sampling[:-1]))
+
+
+def _fill(graph: StepGraph, decode_impl: str, params: StepParams, cache: KVCache, inputs: StepInputs) -> KVCache:
+    """Write the draft K/V of a catch-up's older tokens (`inputs`, prefill tiles); no logits are needed."""
+    return model_step(graph, params, cache, inputs, decode_impl=decode_impl)[1]
 
 
 def _catch_up(graph: StepGraph, decode_impl: str, params: StepParams, cache: KVCache, catch_up: StepInputs,
@@ -150,7 +192,8 @@ class DraftRunner:
         self.graph, self.params = split_for_serving(model)
         ps = engine.cfg.page_size
         self.cache = init_cache(CacheShape.for_model(model.cfg, ps, engine.cache_shape.num_pages))
-        self.layout = engine.layout
+        self.layout, self.max_tiles = engine.layout, engine.max_tiles
+        self._fill = shared_compiled(_fill, self.graph, engine.decode_impl)
         self._catch_up = shared_compiled(_catch_up, self.graph, engine.decode_impl)
         self._draft_k = shared_compiled(_draft_k, self.graph, engine.decode_impl, ps, num_tokens)
 
@@ -162,14 +205,32 @@ class DraftRunner:
         for chunk in decodes:
             chunk.seq.num_draft_computed = chunk.seq.num_tokens - 1 + self.k
         # after a verification the draft lacks one token, or two when every draft was accepted
-        catch_up, row_slots, sampling_B = catch_up_batch(decodes, starts, self.layout, Bd, 2)
-        logits_BxV, self.cache = self._catch_up(self.params, self.cache, catch_up, row_slots)
-        drafts, q, self.cache = self._draft_k(self.params, self.cache, logits_BxV,
-                                              positions_of([c.seq.num_tokens - 1 for c in decodes], Bd),
-                                              inputs.decode_tables_BxW, sampling_B)
+        catch_up = catch_up_batch(decodes, starts, self.layout, Bd, 2, self.max_tiles)
+        return self._run(catch_up, positions_of([c.seq.num_tokens - 1 for c in decodes], Bd),
+                         inputs.decode_tables_BxW)
+
+    def _run(self, catch_up: CatchUp, positions_B: np.ndarray, tables_BxW: np.ndarray) -> tuple[jax.Array, jax.Array]:
+        """The catch-up's fills and step, then the drafting from each row's last position (`positions_B`)."""
+        for fill in catch_up.fills:
+            self.cache = self._fill(self.params, self.cache, fill)
+        logits_BxV, self.cache = self._catch_up(self.params, self.cache, catch_up.step, catch_up.row_slots)
+        drafts, q, self.cache = self._draft_k(self.params, self.cache, logits_BxV, positions_B, tables_BxW,
+                                              catch_up.sampling)
         return drafts, q
+
+    def warmup(self, widths: Sequence[int]) -> None:
+        """Compile the catch-up and drafting for every decode-row bucket at each width in `widths`, and the
+        catch-up's prefill for every tile bucket up to the engine's `max_tiles` (the shapes the target's warm-up
+        covers), on all-padding inputs, which write only the null page."""
+        layout = self.layout
+        for w in widths:
+            for nt in layout.tile_buckets(self.max_tiles):
+                self.cache = self._fill(self.params, self.cache,
+                                        padding_step(layout.max_decode_rows, nt, w, layout.tile)[0])
+            for bd in layout.decode_buckets():
+                self._run(padding_catch_up(bd, w, layout.tile, 2), positions_of([], bd), np.zeros((bd, w), np.int32))
 
     @property
     def compile_count(self) -> int:
-        """Shapes compiled for this draft model structure (catch-up and drafting)."""
-        return self._catch_up.count + self._draft_k.count
+        """Shapes compiled for this draft model structure (catch-up prefills and steps, and drafting)."""
+        return self._fill.count + self._catch_up.count + self._draft_k.count

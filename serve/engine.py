@@ -57,7 +57,16 @@ from serve.serve_config import DEFAULT_KV_BYTES, ServeConfig
 from serve.speculation_policy import SpeculationPolicy
 from serve.speculation_stats import SpeculationStats
 from serve.speculative import verify_rows
-from serve.step_batch import Row, SamplingInputs, StepInputs, StepLayout, bucket, build_step, tiles_for
+from serve.step_batch import (
+    Row,
+    SamplingInputs,
+    StepInputs,
+    StepLayout,
+    bucket,
+    build_step,
+    padding_step,
+    tiles_for,
+)
 
 TokenCallback = Callable[[str, int], None]
 
@@ -492,34 +501,48 @@ class Engine:
                                                                   top_lps[slot, :seq.logprobs], strict=True))
                 seq.output_logprobs.append((float(token_lp[slot]), top))
 
+    @property
+    def max_tiles(self) -> int:
+        """The most prefill tiles a step can have: chunks share the token budget, and each pads its last tile."""
+        return tiles_for([self.cfg.token_budget], self.cfg.prefill_tile) + self.cfg.max_running - 1
+
     def step_shapes(self) -> list[tuple[int, int, int]]:
         """Every (decode rows, prefill tiles, block-table pages) bucket this engine's steps can take."""
-        # prefill chunks share the token budget; each pads its last tile
-        max_tiles = tiles_for([self.cfg.token_budget], self.cfg.prefill_tile) + self.cfg.max_running - 1
-        return self.layout.all_shapes(max_tiles)
+        return self.layout.all_shapes(self.max_tiles)
 
     def warmup(self, max_context: int | None = None) -> int:
         """Compile the step for every bucket whose block tables cover up to `max_context` tokens (default: the
         smallest width, `min_context_bucket`), with all-padding inputs, so no request waits for those compiles;
-        wider steps compile when first needed. Returns the number of shapes compiled so far."""
+        wider steps compile when first needed. With speculative decoding, also the verifying step of every
+        decode-row bucket at those widths, and a draft model's or head's catch-up and drafting (its `warmup`).
+        Returns the number of shapes compiled so far (`compiles()`: the draft's too)."""
         if self._in_flight is not None:
             raise RuntimeError("warm up before serving: a step is in flight")
         pages = math.ceil((max_context or 1) / self.cfg.page_size)
         widest = min(max(bucket(pages), self.layout.min_pages), self.layout.max_pages)
         for bd, nt, w in self.step_shapes():
             if w <= widest:
-                _, _, self.cache, self._prev_tokens = self._steps(self.params, self.cache, self._prev_tokens,
-                                                               *self._padding(bd, nt, w), None)
-        return self.compile_count
+                self._warm_step(bd, nt, w)
+        spec = self.cfg.speculative
+        if spec is not None:
+            widths = self.layout.widths(widest)
+            for w in widths:
+                for bd in self.layout.decode_buckets():  # a step that verifies has no prefill chunks
+                    self._warm_step(bd, 0, w, spec.num_tokens)
+            if self._drafter is not None:
+                self._drafter.warmup(widths)
+        return self.compiles()
 
-    def _padding(self, bd: int, nt: int, w: int) -> tuple[StepInputs, SamplingInputs]:
-        """All-padding inputs of one bucket (every token writes the null page, every row has length 0)."""
-        T, Rs = bd + nt * self.cfg.prefill_tile, bd + nt
-        z = lambda *shape: jnp.zeros(shape, jnp.int32)  # noqa: E731
-        inputs = StepInputs(z(T), jnp.full((T,), -1, jnp.int32), z(T), z(T), z(bd, w), z(bd), z(nt, w), z(nt),
-                            z(Rs), jnp.full((T,), -1, jnp.int32), z(bd, 0))
-        return inputs, SamplingInputs(jnp.zeros(Rs, jnp.uint32), z(Rs), jnp.zeros(Rs, jnp.float32), z(Rs),
-                                      jnp.ones(Rs, jnp.float32), jnp.zeros(Rs, jnp.float32), jnp.zeros(Rs, bool))
+    def _warm_step(self, bd: int, nt: int, w: int, num_drafts: int = 0) -> None:
+        """Run the step of one bucket on all-padding inputs (it writes only the null page); with `num_drafts`, a
+        verifying step, with a drafter's all-zero drafts and draft probabilities if it has one."""
+        inputs, sampling = padding_step(bd, nt, w, self.cfg.prefill_tile, num_drafts)
+        draft = None
+        if num_drafts and self._drafter is not None:
+            draft = (jnp.zeros((bd, num_drafts), jnp.int32),
+                     jnp.zeros((bd, num_drafts, self.model_cfg.vocab_size), jnp.float32))
+        _, _, self.cache, self._prev_tokens = self._steps(self.params, self.cache, self._prev_tokens, inputs,
+                                                          sampling, draft)
 
     def last_step_cost(self) -> dict:
         """XLA's cost analysis (flops, bytes accessed, ...) of the last step this engine ran."""

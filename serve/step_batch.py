@@ -96,14 +96,26 @@ class StepLayout:
         """The (Bd, Nt, W) bucket of built inputs."""
         return inputs.decode_tables_BxW.shape[0], inputs.tile_tables_NtxW.shape[0], inputs.decode_tables_BxW.shape[1]
 
+    def widths(self, widest: int | None = None) -> list[int]:
+        """Every block-table width bucket W, up to `widest` pages (default: all of them)."""
+        return [w for w in sorted({min(max(1 << i, self.min_pages), self.max_pages)
+                                   for i in range(bucket(self.max_pages).bit_length())})
+                if widest is None or w <= widest]
+
+    def decode_buckets(self) -> list[int]:
+        """Every decode-row bucket Bd of a step without prefill tiles."""
+        return [1 << i for i in range(self.max_decode_rows.bit_length())]
+
+    @staticmethod
+    def tile_buckets(max_tiles: int) -> list[int]:
+        """Every prefill-tile bucket Nt of a step with at most `max_tiles` tiles."""
+        return [1 << i for i in range(bucket(max_tiles).bit_length())]
+
     def all_shapes(self, max_tiles: int) -> list[tuple[int, int, int]]:
         """Every (Bd, Nt, W) bucket a step can take with at most `max_tiles` prefill tiles."""
-        widths = sorted({min(max(1 << i, self.min_pages), self.max_pages)
-                         for i in range(bucket(self.max_pages).bit_length())})
-        decodes = [1 << i for i in range(self.max_decode_rows.bit_length())]
-        tiles = [1 << i for i in range(bucket(max_tiles).bit_length())]
-        return [(b, 0, w) for w in widths for b in decodes] + [(self.max_decode_rows, n, w) for w in widths
-                                                                  for n in tiles]
+        widths = self.widths()
+        return ([(b, 0, w) for w in widths for b in self.decode_buckets()]
+                + [(self.max_decode_rows, n, w) for w in widths for n in self.tile_buckets(max_tiles)])
 
 
 def bucket(n: int, smallest: int = 1) -> int:
@@ -116,10 +128,25 @@ def tiles_for(lengths: Sequence[int], tile: int) -> int:
     return sum(-(-n // tile) for n in lengths)
 
 
-def build_step(decodes: Sequence[Row], prefills: Sequence[Row], layout: StepLayout, num_drafts: int = 0
-               ) -> tuple[StepInputs, SamplingInputs, list[int]]:
+def padding_step(bd: int, nt: int, w: int, tile: int, num_drafts: int = 0) -> tuple[StepInputs, SamplingInputs]:
+    """All-padding inputs of one (Bd, Nt, W) bucket with `num_drafts` drafted tokens per decode row: every token
+    sits at position -1 and writes the null page, every row has length 0 (a warm-up compiles a shape with these
+    and changes no sequence's K/V)."""
+    Td = num_drafts + 1
+    T, Rs = bd * Td + nt * tile, bd * Td + nt
+    z = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
+    inputs = StepInputs(z(T), np.full(T, -1, np.int32), z(T), z(T), z(bd, w), z(bd), z(nt, w), z(nt), z(Rs),
+                        np.full(T, -1, np.int32), np.full((bd, num_drafts), -1, np.int32))
+    return inputs, SamplingInputs(np.zeros(Rs, np.uint32), z(Rs), np.zeros(Rs, np.float32), z(Rs),
+                                  np.ones(Rs, np.float32), np.zeros(Rs, np.float32), np.zeros(Rs, bool))
+
+
+def build_step(decodes: Sequence[Row], prefills: Sequence[Row], layout: StepLayout, num_drafts: int = 0,
+               decode_rows: int = 0) -> tuple[StepInputs, SamplingInputs, list[int]]:
     """The step's inputs for `decodes` (one token each, and up to `num_drafts` drafted tokens after it) and
-    `prefills` (chunks), and the first sampling slot of each row (decodes then prefills, in order)."""
+    `prefills` (chunks), and the first sampling slot of each row (decodes then prefills, in order). With
+    `decode_rows`, a step without prefill tiles has at least that many decode rows (a proposer's catch-up takes
+    the target step's Bd, so it compiles per the target's buckets)."""
     Tt, Ps, Nd = layout.tile, layout.page_size, num_drafts
     Td = Nd + 1
     if any(len(r.drafts) > Nd for r in decodes):
@@ -127,7 +154,8 @@ def build_step(decodes: Sequence[Row], prefills: Sequence[Row], layout: StepLayo
     if len(decodes) > layout.max_decode_rows:
         raise ValueError(f"{len(decodes)} decode rows, more than the layout's {layout.max_decode_rows}")
     widest = max([len(r.block_table) for r in (*decodes, *prefills)] or [1])
-    Bd, Nt, W = layout.shape(len(decodes), tiles_for([len(r.token_ids) for r in prefills], Tt), widest)
+    Bd, Nt, W = layout.shape(max(len(decodes), decode_rows), tiles_for([len(r.token_ids) for r in prefills], Tt),
+                             widest)
     if widest > W:
         raise ValueError(f"a row holds {widest} pages, more than the widest block table ({layout.max_pages})")
     T, Rs = Bd * Td + Nt * Tt, Bd * Td + Nt
