@@ -3,11 +3,21 @@ speed at the end of the report (suite times from different days compare only nex
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The tests' programs are tiny and compiled once each, so LLVM's optimisation costs more than it saves: at its
+# lowest level the fast suite takes half the time (docs/BENCHMARKS.md, "Test suite"); benchmarks compile as usual.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
+                      "--xla_llvm_disable_expensive_passes=true")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# Tests compile the same engine steps and models again and again (each xdist worker, each test's fresh objects):
+# XLA's persistent cache compiles each program once per run (and once per machine while the folder stays).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+jax.config.update("jax_compilation_cache_dir",
+                  os.environ.get("MESHLM_TEST_JAX_CACHE", os.path.join(ROOT, ".pytest-jax-cache")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 from scaling.hardware import measured_matmul_flops  # noqa: E402
 

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from scipy import stats
 
 from model.draft_head import create_draft_head, draft_tokens
@@ -215,8 +216,17 @@ def assert_drafts_of_the_cache_free_head(e, target, head, k):
     done = e.generate([Request(tuple(p), 10) for p in ps])
     assert [c.token_ids for c in done] == generate(target, ps, 10)
     assert len(calls) >= 3
+    padded = max(len(ids) for ids_of_rows, _ in calls for ids in ids_of_rows)
     for ids_of_rows, drafts in calls:
         for b, ids in enumerate(ids_of_rows):
-            features = target.hidden(jnp.asarray([ids[:-1]]))[0]  # f_0 .. f_{N-2}
-            reference, _ = draft_tokens(head, target, features, jnp.asarray(ids), k)
+            ids_T1 = jnp.asarray(ids + [0] * (padded - len(ids)), jnp.int32)
+            reference = _cache_free_drafts(head, target, ids_T1, len(ids) - 1, k)
             assert drafts[b].tolist() == np.asarray(reference).tolist(), (b, len(ids))
+
+
+@functools.partial(nnx.jit, static_argnums=4)
+def _cache_free_drafts(head, target, ids_T1, n, k):
+    """`draft_tokens` of the head over the target's full forward on tokens x_0..x_n (features f_0..f_{n-1}); the
+    tokens past n are padding, which a causal model's features before n do not see, so one compile serves every n."""
+    features_TxD = target.hidden(ids_T1[None, :-1])[0]
+    return draft_tokens(head, target, features_TxD, ids_T1, k, length=n)[0]
