@@ -76,6 +76,7 @@ def test_drafting_equals_the_training_form_run_step_by_step(target, temperature)
     np.testing.assert_allclose(padded_q, q_NdxV, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_training_on_a_repetitive_text_learns_the_targets_greedy_tokens(target):
     text = np.frombuffer(b"the quick brown fox jumps over the lazy dog. " * 100, np.uint8).astype(np.int32)
     records = []

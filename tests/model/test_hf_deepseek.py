@@ -192,6 +192,7 @@ def test_save_hf_refuses_deepseek_moe_shapes_without_mla(tmp_path, moe, match):
         save_hf(Transformer(cfg, rngs=nnx.Rngs(0)), tmp_path / "out")
 
 
+@pytest.mark.slow
 def test_a_deepseek_v3_checkpoint_is_served_as_transformers_generates(tmp_path):
     """End to end: a DeepseekV3ForCausalLM checkpoint loaded and served by the engine (latent paged cache, absorbed
     MLA, dense first layer, sigmoid group-limited routing), prompts of several pages decoded in one batch, gives
@@ -268,6 +269,7 @@ def test_deepseek_yarn_logits_need_mla_mscale_squared(tmp_path, monkeypatch):
     assert np.abs(without - expected).max() > 1e-2 * np.abs(expected).max()
 
 
+@pytest.mark.slow
 def test_a_deepseek_v3_checkpoint_with_yarn_is_served_as_transformers_generates(tmp_path):
     """The serving step (absorbed MLA over the latent cache) takes the scaled tables and the softmax scale's
     mscale^2: greedy tokens past the original context equal transformers' `generate`."""

@@ -84,6 +84,7 @@ def _model_loss_and_grads(cfg, tokens):
     return jax.jit(jax.value_and_grad(lambda p: loss_fn(p, graphdef, tokens)))(nnx.to_pure_dict(params))
 
 
+@pytest.mark.slow
 def test_model_with_loss_chunks_matches_unfused_loss():
     tokens = jax.random.randint(jax.random.key(5), (2, 17), 0, TINY.vocab_size)
     for cfg, tol in ((TINY, 1e-5), (TINY.replace(dtype="bfloat16", logits_grad_dtype="compute"), 3e-2)):

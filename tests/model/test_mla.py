@@ -54,6 +54,7 @@ def test_absorbed_attention_equals_expanded(q_lora_rank, v_head_dim):
     np.testing.assert_allclose(tail_BxTxHxDv, out_BxTxHxDv[:, -3:], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_mla_model_params_and_gradients():
     cfg = BASE.replace(mla=MLAConfig(kv_lora_rank=16, q_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=6,
                                      v_head_dim=8), n_kv_heads=2, head_dim=14)  # unused by MLA

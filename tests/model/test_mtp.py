@@ -48,6 +48,7 @@ def by_hand(model, toks: jax.Array) -> list[jax.Array]:
     return out
 
 
+@pytest.mark.slow
 def test_each_depth_is_deepseek_v3s_formula():
     model = create_model(CFG, seed=1)
     toks = tokens()
@@ -84,6 +85,7 @@ def test_the_objective_adds_the_weighted_mtp_loss():
     np.testing.assert_allclose(terms["loss"], model.loss(batch[:, :-1], batch[:, 1:]), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_training_moves_the_modules_and_lowers_their_loss():
     """On a repeating sequence the MTP loss falls; with weight 0 the modules get no gradient (Adam leaves them)."""
     train = TrainConfig(steps=40, warmup_steps=1, lr=1e-2, weight_decay=0.0, batch_size=4, seq_len=T)

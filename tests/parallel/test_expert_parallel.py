@@ -12,6 +12,7 @@ from tests.parallel.mesh_grads import on_mesh, one_device
 MOE = get_preset("tiny").replace(dtype="float32", moe=MoEConfig(n_experts=8, top_k=2, capacity_factor=1.0))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_text", ["fsdp=2,expert=2,tensor=2"])
 def test_moe_model_on_an_expert_mesh_matches_one_device(mesh_text):
     """Loss, router loss and every gradient (experts' and router's included); capacity 1.0 drops tokens, so

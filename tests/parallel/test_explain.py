@@ -333,7 +333,8 @@ def test_tensor_parallel_all_reduces_activations_in_the_layer_loop():
     assert "tensor" in text and "memory: total" in text
 
 
-@pytest.mark.parametrize("impl, kind", [("ring", "collective-permute"), ("ulysses", "all-to-all")])
+@pytest.mark.parametrize("impl, kind", [pytest.param("ring", "collective-permute", marks=pytest.mark.slow),
+                                        ("ulysses", "all-to-all")])
 def test_sequence_parallel_attention_sends_what_the_accounting_counts(impl, kind):
     """On data=2,sequence=4 the layer loop's sequence collectives carry exactly comm_bytes' "sequence" entry: the
     ring's 3 hops of K and V forward, 3 again backward and 4 of their gradients; Ulysses' all-to-alls of q, k, v

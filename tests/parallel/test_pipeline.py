@@ -112,6 +112,7 @@ def test_model_on_a_pipeline_mesh_matches_one_device():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), grads, grads_ref)
 
 
+@pytest.mark.slow
 def test_moe_model_on_a_pipeline_with_fsdp_and_tensor_matches_one_device_per_micro_batch():
     """stage=2 with fsdp=2 and tensor=2 on an MoE model: the router loss is averaged over the pipeline's
     micro-batches (like gradient accumulation's), so the reference is one device's objective and gradients

@@ -88,7 +88,7 @@ def test_ulysses_needs_heads_divisible_by_the_sequence_axis():
         parse_mesh("data=2,sequence=4").validate_for(cfg, micro_batch=2, seq_len=16)
 
 
-@pytest.mark.parametrize("impl", ["ring", "ulysses"])
+@pytest.mark.parametrize("impl", [pytest.param("ring", marks=pytest.mark.slow), "ulysses"])
 def test_model_on_a_sequence_mesh_matches_one_device(impl):
     """The loss and every gradient of a 2-layer model with its sequence split 4 ways (and the batch 2 ways)."""
     cfg = get_preset("tiny").replace(dtype="float32")

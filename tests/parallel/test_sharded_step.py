@@ -92,7 +92,8 @@ def sharded_run(mesh_text):
             "losses": losses, "final": to_numpy(state["params"]), "hlo": compiled.as_text(), "bytes": layout}
 
 
-@pytest.mark.parametrize("mesh_text", AGAINST_ONE_DEVICE)
+@pytest.mark.parametrize("mesh_text", [pytest.param(m, marks=pytest.mark.slow) if m != "data=2,tensor=4" else m
+                                       for m in AGAINST_ONE_DEVICE])
 def test_sharded_step_matches_single_device(mesh_text):
     ref, run = single_device_run(MESHES[mesh_text]), sharded_run(mesh_text)
     # Params created straight into their shardings equal the eager single-device initialisation (to 1 ulp: the

@@ -81,6 +81,7 @@ def test_hand_written_gradient_matches_autodiff():
             np.testing.assert_allclose(grad, ref_grad, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_chinchilla_fit_matches_besiroglu(chinchilla, chinchilla_fit):
     law = chinchilla_fit.law
     for name in ("E", "alpha", "beta"):
@@ -101,6 +102,7 @@ def test_chinchilla_compute_optimal(chinchilla_fit):
     assert 10 <= law.tokens_per_param(5.76e23) <= 40  # Chinchilla: 70B params, 1.4T tokens, 20 tokens/param
 
 
+@pytest.mark.slow
 def test_bootstrap_intervals(chinchilla, chinchilla_fit):
     boot = laws.bootstrap_loss_law(*chinchilla, n_boot=64, seed=0, level=0.8, fit=chinchilla_fit)
     assert boot.samples.shape == (64, 5)
@@ -112,6 +114,7 @@ def test_bootstrap_intervals(chinchilla, chinchilla_fit):
         laws.bootstrap_loss_law(*chinchilla, level=80, fit=chinchilla_fit)
 
 
+@pytest.mark.slow
 def test_synthetic_recovery_exact():
     n, d = synthetic_grid()
     law = laws.fit_loss_law(n, d, TRUE.loss(n, d)).law
@@ -119,6 +122,7 @@ def test_synthetic_recovery_exact():
         assert getattr(law, name) == pytest.approx(getattr(TRUE, name), rel=1e-4), name
 
 
+@pytest.mark.slow
 def test_synthetic_recovery_noisy():
     n, d = synthetic_grid()
     clean = TRUE.loss(n, d)
@@ -156,6 +160,7 @@ def test_isoflop_recovers_closed_form_exponent():
         assert 6 * n_opt * d_opt == pytest.approx(1e21)
 
 
+@pytest.mark.slow
 def test_kaplan_recovery():
     true = laws.KaplanLaw(N_c=8.8e13, D_c=5.4e13, alpha_N=0.076, alpha_D=0.095)  # Kaplan et al. 2020, eq. 1.5
     n, d = synthetic_grid()

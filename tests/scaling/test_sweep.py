@@ -120,6 +120,7 @@ def test_a_real_sweep_trains_collects_and_reports(tmp_path):
     assert status["state"] == "done" and status["wall_s"] > 0
 
 
+@pytest.mark.slow
 def test_report_fits_the_law_and_draws_the_plot(tmp_path):
     from scaling.laws import LossLaw
     from scaling.report import write_report
@@ -135,6 +136,7 @@ def test_report_fits_the_law_and_draws_the_plot(tmp_path):
     assert (tmp_path / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_isoflop_report_recovers_the_exponent(tmp_path):
     import re
 

@@ -37,6 +37,7 @@ def generate(hf_dir, out, *flags):
     return json.loads(summary[0].removeprefix("summary: ")), json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_a_second_run_reads_the_first_runs_compiled_steps(hf_dir, tmp_path):
     cache = tmp_path / "cache"
     first, first_result = generate(hf_dir, tmp_path / "1.jsonl", "--compilation-cache", str(cache))

@@ -13,6 +13,7 @@ from scripts.train_draft_head import main
 from train.loop import load_params
 
 
+@pytest.mark.slow
 def test_trains_and_saves_a_head_for_a_run(trained_tiny_run, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MESHLM_CACHE_DIR", str(tmp_path / "cache"))
     corpus = tmp_path / "corpus.txt"

@@ -63,6 +63,7 @@ def test_greedy_matches_the_naive_decoder():
     assert all(c.finish_reason == "length" for c in engine.completions.values())
 
 
+@pytest.mark.slow
 def test_both_layer_loops_match_the_naive_decoder():
     """The scanned layer loop (the default) and the unrolled one give the naive decoder's tokens."""
     for layer_loop in ("scan", "unrolled"):
@@ -164,6 +165,7 @@ def test_sample_rows_follows_each_rows_parameters():
     assert all(set(draws[:, b]) <= set(top3[b]) for b in range(4)) and len(set(draws[:, 0])) > 1
 
 
+@pytest.mark.slow
 def test_an_moe_model_is_served_dropless_and_matches_the_naive_decoder():
     """A capacity-dispatch MoE model is served with dropless dispatch (a token's output must not depend on its
     batch-mates); the engine's greedy outputs equal the naive decoder's, which recomputes whole sequences."""
@@ -186,7 +188,7 @@ DEEPSEEK_MOE = MoEConfig(n_experts=4, top_k=2, first_dense_layers=1, router="sig
                                     pytest.param({"mla": dataclasses.replace(MLA, q_lora_rank=12)},
                                                  marks=pytest.mark.slow),
                                     pytest.param({"moe": DEEPSEEK_MOE}, marks=pytest.mark.slow),
-                                    {"mla": MLA, "moe": DEEPSEEK_MOE}],
+                                    pytest.param({"mla": MLA, "moe": DEEPSEEK_MOE}, marks=pytest.mark.slow)],
                          ids=["mla", "mla-q-lora", "dense-first-layers", "deepseek-v3-shaped"])
 def test_deepseek_v3_pieces_are_served_and_match_the_naive_decoder(change):
     """MLA through the latent paged cache (absorbed decode and prefill) and MoE models with dense first layers
@@ -200,7 +202,8 @@ def test_deepseek_v3_pieces_are_served_and_match_the_naive_decoder(change):
     assert engine.allocator.num_free == engine.allocator.num_usable
 
 
-@pytest.mark.parametrize("layer_loop", ["scan", pytest.param("unrolled", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("layer_loop", ["scan", "unrolled"])
 def test_mla_with_the_pallas_latent_kernel_preemption_and_staggered_arrivals(layer_loop):
     """The latent decode kernel (Pallas, interpret mode here), both layer loops, a cache small enough that
     running requests are preempted and recomputed: still the naive decoder's tokens."""

@@ -41,6 +41,7 @@ def engine(moe: bool = False, **serve):
     return Engine(model(moe), dataclasses.replace(SERVE, speculative=MTP, **serve))
 
 
+@pytest.mark.slow
 def test_greedy_mtp_speculation_matches_the_naive_decoder():
     e = engine()
     assert serve_staggered(e) == naive_outputs()

@@ -72,6 +72,7 @@ def test_emitted_tokens_follow_the_target_distribution(deterministic_drafts):
         assert _chi_square_p(at, p[j]) > SIGNIFICANCE, f"position {j}"
 
 
+@pytest.mark.slow
 def test_error_shrinks_against_the_target_not_against_random_distributions():
     """vLLM's check: the empirical distribution of the first emitted token approaches p as draws grow, while its
     distance to random reference distributions does not shrink."""

@@ -40,8 +40,8 @@ def engine(spec, draft=None, **serve):
     return Engine(model(), dataclasses.replace(SERVE, speculative=spec, **serve), draft_model=draft)
 
 
-@pytest.mark.parametrize("proposer", ["ngram", "self", pytest.param("other", marks=pytest.mark.slow),
-                                      pytest.param("head", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("proposer", ["ngram", *(pytest.param(p, marks=pytest.mark.slow)
+                                                   for p in ("self", "other", "head"))])
 def test_greedy_speculation_matches_the_naive_decoder(proposer):
     spec, draft = {"ngram": (NGRAM, None), "self": (DRAFT, model()), "other": (DRAFT, other_draft()),
                    "head": (HEAD, create_draft_head(CFG, seed=1))}[proposer]

@@ -34,6 +34,7 @@ def proposer(name: str) -> tuple[SpeculativeConfig, object]:
     return SpeculativeConfig(method="head", num_tokens=K, adaptive=False), create_draft_head(CFG, seed=1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["draft", "head"])
 def test_after_warmup_speculative_serving_compiles_nothing_and_matches_the_naive_decoder(name):
     spec, draft = proposer(name)

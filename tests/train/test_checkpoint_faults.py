@@ -111,6 +111,7 @@ def copy(straight, tmp_path):
 DAMAGES = {6: "truncated array data", 5: "empty metadata", 4: "missing state", 3: "NaN moment"}
 
 
+@pytest.mark.slow
 def test_damaged_checkpoints_are_set_aside_and_the_run_resumes_from_the_newest_intact_one(straight, copy, caplog):
     damaged = {}
     for step, damage in DAMAGES.items():

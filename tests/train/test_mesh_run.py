@@ -11,6 +11,7 @@ import shutil
 
 import jax
 import numpy as np
+import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -55,6 +56,7 @@ def test_global_batch_equals_the_host_batch_on_every_layout():
         np.testing.assert_array_equal(np.asarray(batch), expected)
 
 
+@pytest.mark.slow
 def test_mesh_run_matches_one_device(tmp_path):
     one = train(run_cfg("data=1", steps=3), tmp_path / "one", devices=jax.devices()[:1])
     mesh = train(run_cfg("data=2,fsdp=2,tensor=2", steps=3), tmp_path / "mesh")
@@ -64,6 +66,7 @@ def test_mesh_run_matches_one_device(tmp_path):
     np.testing.assert_allclose(mesh["val_loss"], one["val_loss"], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_checkpoint_saved_on_data8_resumes_on_a_pipeline(tmp_path):
     """A data-parallel checkpoint restored onto fsdp=2,stage=2,tensor=2 (layers split over the 2 pipeline stages)
     continues with the losses of the run that never stopped."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import pytest
 import torch
 from flax import nnx
 
@@ -15,6 +16,7 @@ from tests.model.test_hf_deepseek import TOKENS, _hf_model
 from tests.train.test_pretrained import loaded_params, run_config
 
 
+@pytest.mark.slow
 def test_init_from_a_deepseek_checkpoint_gives_transformers_logits(tmp_path):
     hf_model = _hf_model()
     hf_model.save_pretrained(tmp_path)

@@ -97,6 +97,7 @@ def smollm2():
     return load_tokenizer(path), reference
 
 
+@pytest.mark.slow
 def test_gguf_ids_match_transformers(smollm2):
     ours, ref = smollm2
     assert ours.vocab_size == len(ref) == 49152
@@ -117,6 +118,7 @@ def test_gguf_special_tokens_and_stops(smollm2):
     assert ours.encode("hi")[0] != ours.bos_id  # the file says add_bos_token false: no BOS on text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 def test_gguf_chat_prompts_match_transformers(smollm2, add_generation_prompt):
     ours, ref = smollm2
