@@ -59,6 +59,7 @@ def test_each_depth_is_deepseek_v3s_formula():
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_depth_k_at_position_i_sees_no_token_after_i_plus_k():
     model = create_model(CFG, seed=2)
     toks = tokens(1, batch=1)

@@ -365,6 +365,7 @@ def test_expert_parallel_dispatch_sends_what_the_accounting_counts():
     assert sum(c.sent_bytes_per_step for c in in_layers) == predicted
 
 
+@pytest.mark.slow
 def test_pipeline_sends_what_the_accounting_counts():
     """On data=2,stage=4 (4 layers, one per stage; 2 pipeline micro-batches per gradient-accumulation step) the
     collectives over `stage` are comm_bytes' "stage" entry exactly: in each of the 2 + 3 loop iterations an

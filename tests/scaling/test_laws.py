@@ -96,6 +96,7 @@ def test_chinchilla_fit_matches_besiroglu(chinchilla, chinchilla_fit):
     assert chinchilla_fit.objective <= float(at_published)
 
 
+@pytest.mark.slow
 def test_chinchilla_compute_optimal(chinchilla_fit):
     law = chinchilla_fit.law
     assert law.exponents[0] == pytest.approx(0.513, rel=0.03)

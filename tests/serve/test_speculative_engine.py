@@ -121,6 +121,7 @@ def _top_k_probs(logits: np.ndarray, k: int) -> np.ndarray:
     return p / p.sum()
 
 
+@pytest.mark.slow
 def test_sampled_speculation_keeps_the_target_distribution():
     """400 seeded requests of one prompt, top-k 4 at temperature 1, drafted by a model that disagrees with the
     target: the 2nd and 3rd output tokens (verified, not prefill-sampled) follow the target's own distribution."""
@@ -191,6 +192,7 @@ def test_the_engine_measures_each_mode_in_steady_state_only():
     assert switches and not {i for i, _ in recorded} & set(switches)
 
 
+@pytest.mark.slow
 def test_the_head_proposer_drafts_what_the_cache_free_head_drafts():
     """The engine's draft head (its paged pool, catching up lazily on the target's stored hidden states) drafts the
     tokens of model/draft_head.py `draft_tokens`, which recomputes the head over the whole sequence from the

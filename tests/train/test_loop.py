@@ -29,6 +29,7 @@ def finished_run(tmp_path_factory):
     return cfg, out, train(cfg, out)
 
 
+@pytest.mark.slow
 def test_loss_goes_down_on_the_standard_library_corpus(finished_run):
     _, out, last = finished_run
     records = read_metrics(out / "metrics.jsonl")
@@ -41,6 +42,7 @@ def test_loss_goes_down_on_the_standard_library_corpus(finished_run):
     assert [r["step"] for r in records if "val_loss" in r] == [60]
 
 
+@pytest.mark.slow
 def test_restored_model_reproduces_the_final_evaluation(finished_run):
     cfg, out, last = finished_run
     loaded_cfg, model = load_params(out)
@@ -75,6 +77,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     assert math.isfinite(float(np.abs(np.asarray(leaves[0])).max()))
 
 
+@pytest.mark.slow
 def test_resuming_with_a_different_config_is_refused(finished_run):
     _, out, _ = finished_run
     with pytest.raises(ValueError, match=r"train.lr: 0.003 -> 0.001"):

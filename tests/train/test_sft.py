@@ -107,6 +107,7 @@ def test_weighted_loss_is_the_weighted_mean_of_numpy_token_losses():
     np.testing.assert_allclose(float(loss_sum), (nll * weights[:, 1:]).sum(), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_weighted_step_over_micro_batches_is_the_weighted_mean_of_the_whole_batch():
     """Two micro-batches with very different numbers of assistant tokens: the accumulated step's loss and update
     equal one step over the whole batch (a mean of per-micro-batch means would not)."""

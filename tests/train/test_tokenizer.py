@@ -109,6 +109,7 @@ def test_gguf_ids_match_transformers(smollm2):
         assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=True)
 
 
+@pytest.mark.slow
 def test_gguf_special_tokens_and_stops(smollm2):
     ours, ref = smollm2
     assert ours.bos_id == ref.bos_token_id == 1
@@ -129,6 +130,7 @@ def test_gguf_chat_prompts_match_transformers(smollm2, add_generation_prompt):
         assert ours.encode_chat(messages, add_generation_prompt) == list(getattr(ids, "input_ids", ids))
 
 
+@pytest.mark.slow
 def test_tokenizer_json_saved_by_transformers_round_trips(smollm2, tmp_path):
     from train.tokenizer import load_tokenizer
 
