@@ -50,12 +50,16 @@ from model.kernels.triton import compiler_params, triton_deprecation_ignored
 from serve.kernels.paged_attention import (
     MIN_DOT,
     PRECISION,
+    check_compiled_pages,
+    check_tables,
     default_pages_per_chunk,
+    masked_softmax,
     merge_splits,
     next_power_of_two,
     online_softmax_init,
     online_softmax_step,
     partials_out,
+    split_live_tokens,
     split_tables,
     store_partials,
 )
@@ -87,12 +91,7 @@ def latent_prefill_attention(q_c_BxTxHxDc: jax.Array, q_p_BxTxHxDp: jax.Array, c
               + jnp.einsum("bthp,bsp->bhts", q_p_BxTxHxDp, pe_BxSxDp, preferred_element_type=jnp.float32,
                            precision=hi)) * scale
     visible = (valid_BxS[:, None, :] & (key_pos_S[None, None, :] <= positions_BxT[:, :, None]))[:, None]
-    scores = jnp.where(visible, scores, -jnp.inf)
-    top = jnp.max(scores, axis=-1, keepdims=True)
-    top = jnp.where(jnp.isfinite(top), top, 0.0)  # a query that sees nothing: every score is -inf
-    probs = jnp.where(visible, jnp.exp(scores - top), 0.0)
-    total = jnp.sum(probs, axis=-1, keepdims=True)
-    probs = probs / jnp.where(total > 0, total, 1.0)
+    probs = masked_softmax(scores, visible)
     # [B, H, T, Dc] then moved: asked for in [B, T, H, Dc] order directly, XLA:CPU computes C^T P, a dot its
     # matmul library does not take (as in paged_attention.py's `paged_prefill_attention`)
     out = jnp.moveaxis(jnp.einsum("bhts,bsc->bhtc", probs, c_BxSxDc.astype(jnp.float32), precision=hi), 2, 1)
@@ -115,8 +114,7 @@ def _kernel(lengths_ref, tables_ref, q_c_ref, q_p_ref, c_ref, pe_ref, acc_ref, m
     """One (sequence, head block, split): the online softmax over the split's live chunks of Pc pages (Sk
     tokens), each latent chunk read once for both matmuls."""
     Sk = pages_per_chunk * page_size
-    split_tokens = tables_ref.shape[0] * page_size
-    live = jnp.clip(lengths_ref[0] - pl.program_id(2) * split_tokens, 0, split_tokens)  # this split's tokens
+    live = split_live_tokens(lengths_ref, tables_ref, page_size)
     q_c_HbxDc = q_c_ref[...].astype(c_ref.dtype)
     q_p_HbxDp = q_p_ref[...].astype(pe_ref.dtype)
     Hb, Dc = q_c_HbxDc.shape
@@ -162,9 +160,7 @@ def _check(q_c_BxHxDc: jax.Array, q_p_BxHxDp: jax.Array, c_pages_1xNpxPsxDc: jax
         raise ValueError(f"need q_c [B, H, Dc], q_p [B, H, Dp], c_pages [1, Np, Ps, Dc] and pe_pages [1, Np, Ps, Dp]; "
                          f"got q_c {q_c}, q_p {q_p}, c_pages {c}, pe_pages {pe}")
     (B, Dc), Dp, Ps = (q_c[0], q_c[2]), q_p[2], c[2]
-    if lengths_B.shape != (B,) or block_tables_BxW.ndim != 2 or block_tables_BxW.shape[0] != B:
-        raise ValueError(f"need lengths [B] and block_tables [B, W] with B = {B}; got lengths {lengths_B.shape}, "
-                         f"block_tables {block_tables_BxW.shape}")
+    check_tables(lengths_B, block_tables_BxW, B)
     if not is_number(scale):
         raise ValueError(f"scale must be a number, got {scale!r}")
     check_int("pages_per_chunk", 1 if pages_per_chunk is None else pages_per_chunk)
@@ -175,11 +171,7 @@ def _check(q_c_BxHxDc: jax.Array, q_p_BxHxDp: jax.Array, c_pages_1xNpxPsxDc: jax
     for name, dim in (("kv_lora_rank (Dc)", Dc), ("rope dim (Dp)", Dp)):
         if not is_power_of_two(dim) or dim < MIN_DOT:
             raise ValueError(f"the compiled kernel needs {name} a power of two >= {MIN_DOT}, got {dim}")
-    if not is_power_of_two(Ps):
-        raise ValueError(f"the compiled kernel needs page_size a power of two, got {Ps}")
-    if pages_per_chunk is not None and (not is_power_of_two(pages_per_chunk) or pages_per_chunk * Ps < MIN_DOT):
-        raise ValueError(f"the compiled kernel needs pages_per_chunk a power of two with pages_per_chunk * "
-                         f"page_size >= {MIN_DOT}, got {pages_per_chunk} (page_size {Ps})")
+    check_compiled_pages(Ps, pages_per_chunk)
     if heads_per_block is not None and (not is_power_of_two(heads_per_block) or heads_per_block < MIN_DOT):
         raise ValueError(f"the compiled kernel needs heads_per_block a power of two >= {MIN_DOT}, got "
                          f"{heads_per_block}")

@@ -70,16 +70,29 @@ def paged_prefill_attention(q_BxTxHxDh: jax.Array, k_pages_KxNpxPsxDh: jax.Array
     scores = jnp.einsum("btkgd,bksd->bkgts", q_BxTxHxDh.reshape(B, T, K, G, Dh), k_BxKxSxDh,
                         preferred_element_type=jnp.float32, precision=hi) * scale
     visible = (valid_BxS[:, None, :] & (key_pos_S[None, None, :] <= positions_BxT[:, :, None]))[:, None, None]
+    probs = masked_softmax(scores, visible)
+    # [B, K, G, T, Dh] then moved: asked for in [B, T, K, G, Dh] order directly, XLA:CPU computes V^T P, a dot its
+    # matmul library does not take (4x slower attention in a 16-row decode step, docs/BENCHMARKS.md)
+    out = jnp.moveaxis(jnp.einsum("bkgts,bksd->bkgtd", probs, v_BxKxSxDh, precision=hi), 3, 1)
+    return out.reshape(B, T, H, Dh).astype(q_BxTxHxDh.dtype)
+
+
+def masked_softmax(scores: jax.Array, visible: jax.Array) -> jax.Array:
+    """The float32 softmax over the last axis of `scores` where `visible` (broadcast against it); hidden entries
+    are selected away (NaN there cannot leak), and a row that sees nothing gives zeros."""
     scores = jnp.where(visible, scores, -jnp.inf)
     top = jnp.max(scores, axis=-1, keepdims=True)
     top = jnp.where(jnp.isfinite(top), top, 0.0)  # a query that sees nothing: every score is -inf
     probs = jnp.where(visible, jnp.exp(scores - top), 0.0)
     total = jnp.sum(probs, axis=-1, keepdims=True)
-    probs = probs / jnp.where(total > 0, total, 1.0)
-    # [B, K, G, T, Dh] then moved: asked for in [B, T, K, G, Dh] order directly, XLA:CPU computes V^T P, a dot its
-    # matmul library does not take (4x slower attention in a 16-row decode step, docs/BENCHMARKS.md)
-    out = jnp.moveaxis(jnp.einsum("bkgts,bksd->bkgtd", probs, v_BxKxSxDh, precision=hi), 3, 1)
-    return out.reshape(B, T, H, Dh).astype(q_BxTxHxDh.dtype)
+    return probs / jnp.where(total > 0, total, 1.0)
+
+
+def split_live_tokens(lengths_ref, tables_ref, page_size: int) -> jax.Array:
+    """Inside a decode kernel's (sequence, ..., split) program: how many of the sequence's tokens fall in this
+    split's pages."""
+    split_tokens = tables_ref.shape[0] * page_size
+    return jnp.clip(lengths_ref[0] - pl.program_id(2) * split_tokens, 0, split_tokens)
 
 
 def paged_attention_reference(q_BxHxDh: jax.Array, k_pages_KxNpxPsxDh: jax.Array, v_pages_KxNpxPsxDh: jax.Array,
@@ -96,8 +109,7 @@ def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, acc_ref, max_ref, sum_
             pages_per_chunk: int, scale: float):
     """One (sequence, kv head, split): the online softmax over the split's live chunks of Pc pages (Sk tokens)."""
     Sk = pages_per_chunk * page_size
-    split_tokens = tables_ref.shape[0] * page_size
-    live = jnp.clip(lengths_ref[0] - pl.program_id(2) * split_tokens, 0, split_tokens)  # this split's tokens
+    live = split_live_tokens(lengths_ref, tables_ref, page_size)
     q_GpxDh = q_ref[...].astype(k_ref.dtype)
     Gp, Dh = q_GpxDh.shape
 
@@ -157,6 +169,24 @@ def default_pages_per_chunk(page_size: int, pages_per_split: int) -> int:
     return max(pages, next_power_of_two(math.ceil(MIN_DOT / page_size)))
 
 
+def check_tables(lengths_B: jax.Array, block_tables_BxW: jax.Array, batch: int) -> None:
+    """Raise unless lengths is [B] and block_tables [B, W] for B = `batch` (shared by the paged kernels)."""
+    if lengths_B.shape != (batch,) or block_tables_BxW.ndim != 2 or block_tables_BxW.shape[0] != batch:
+        raise ValueError(f"need lengths [B] and block_tables [B, W] with B = {batch}; got lengths {lengths_B.shape}, "
+                         f"block_tables {block_tables_BxW.shape}")
+
+
+def check_compiled_pages(page_size: int, pages_per_chunk: int | None) -> None:
+    """Raise unless the compiled kernel can tile these pages: page_size a power of two, and a chunk of pages
+    (when given) a power of two at least MIN_DOT tokens long."""
+    if not is_power_of_two(page_size):
+        raise ValueError(f"the compiled kernel needs page_size a power of two, got {page_size}")
+    if pages_per_chunk is not None and (not is_power_of_two(pages_per_chunk)
+                                        or pages_per_chunk * page_size < MIN_DOT):
+        raise ValueError(f"the compiled kernel needs pages_per_chunk a power of two with pages_per_chunk * "
+                         f"page_size >= {MIN_DOT}, got {pages_per_chunk} (page_size {page_size})")
+
+
 def _check(q_BxHxDh: jax.Array, k_pages_KxNpxPsxDh: jax.Array, v_pages_KxNpxPsxDh: jax.Array, lengths_B: jax.Array,
            block_tables_BxW: jax.Array, pages_per_chunk: int | None, num_splits: int, interpret: bool) -> None:
     if q_BxHxDh.ndim != 3 or k_pages_KxNpxPsxDh.ndim != 4 or v_pages_KxNpxPsxDh.shape != k_pages_KxNpxPsxDh.shape:
@@ -166,20 +196,14 @@ def _check(q_BxHxDh: jax.Array, k_pages_KxNpxPsxDh: jax.Array, v_pages_KxNpxPsxD
     if H % K or Dk != Dh:
         raise ValueError(f"need H % K == 0 and equal head dims; got q {q_BxHxDh.shape}, k_pages "
                          f"{k_pages_KxNpxPsxDh.shape}")
-    if lengths_B.shape != (B,) or block_tables_BxW.ndim != 2 or block_tables_BxW.shape[0] != B:
-        raise ValueError(f"need lengths [B] and block_tables [B, W] with B = {B}; got lengths {lengths_B.shape}, "
-                         f"block_tables {block_tables_BxW.shape}")
+    check_tables(lengths_B, block_tables_BxW, B)
     check_int("pages_per_chunk", 1 if pages_per_chunk is None else pages_per_chunk)
     check_int("num_splits", num_splits)
     if interpret:
         return
     if not is_power_of_two(Dh) or Dh < MIN_DOT:
         raise ValueError(f"the compiled kernel needs head_dim a power of two >= {MIN_DOT}, got {Dh}")
-    if not is_power_of_two(Ps):
-        raise ValueError(f"the compiled kernel needs page_size a power of two, got {Ps}")
-    if pages_per_chunk is not None and (not is_power_of_two(pages_per_chunk) or pages_per_chunk * Ps < MIN_DOT):
-        raise ValueError(f"the compiled kernel needs pages_per_chunk a power of two with pages_per_chunk * "
-                         f"page_size >= {MIN_DOT}, got {pages_per_chunk} (page_size {Ps})")
+    check_compiled_pages(Ps, pages_per_chunk)
 
 
 def paged_attention(q_BxHxDh: jax.Array, k_pages_KxNpxPsxDh: jax.Array, v_pages_KxNpxPsxDh: jax.Array,
