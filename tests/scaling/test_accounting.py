@@ -46,7 +46,9 @@ def test_param_count_equals_model_for_every_preset(name):
 
 
 @pytest.mark.parametrize("changes", [{"qkv_bias": True, "tie_embeddings": False}, {"n_kv_heads": 1},
-                                     {"n_heads": 8, "n_kv_heads": 2, "head_dim": 8, "d_ff": 100}])
+                                     {"n_heads": 8, "n_kv_heads": 2, "head_dim": 8, "d_ff": 100}, {"qk_norm": True},
+                                     {"moe": MoEConfig(n_experts=8, top_k=2, router="sigmoid", n_shared_experts=2,
+                                                       n_group=4, topk_group=2)}])
 def test_param_count_equals_model_for_variants(changes):
     cfg = get_preset("tiny").replace(**changes)
     assert param_count(cfg)["total"] == model_param_count(cfg)
@@ -61,14 +63,6 @@ def test_moe_param_count_equals_model_and_active_params_by_hand():
     assert counts["total"] - counts["active"] == experts * 6 // 8  # 6 of 8 experts idle per token
     dense = get_preset("tiny")
     assert matmul_params(cfg) - matmul_params(dense) == 2 * (3 * 64 * 192 + 64 * 8)  # a 2nd expert + router
-
-
-@pytest.mark.parametrize("changes", [{"qk_norm": True},
-                                     {"moe": MoEConfig(n_experts=8, top_k=2, router="sigmoid", n_shared_experts=2,
-                                                       n_group=4, topk_group=2)}])
-def test_param_count_equals_model_for_qk_norm_and_shared_experts(changes):
-    cfg = get_preset("tiny").replace(**changes)
-    assert param_count(cfg)["total"] == model_param_count(cfg)
 
 
 def test_param_count_tiny_by_hand():
