@@ -55,6 +55,17 @@ def serve_staggered(engine, seed=0):
     return [tuple(engine.completions[r.request_id].token_ids) for r in reqs]
 
 
+# 12 usable pages of 4 tokens: fewer than the requests need together, so running ones get preempted.
+PREEMPTING = dict(page_size=4, num_pages=13, max_running=6, token_budget=24, max_prefill_chunk=16)
+
+
+def assert_preempted_and_served(engine, expected):
+    """`serve_staggered` on an engine short of pages: `expected` tokens, some request preempted, every page back."""
+    assert serve_staggered(engine) == list(expected)
+    assert sum(c.num_preemptions for c in engine.completions.values()) > 0
+    assert engine.allocator.num_free == engine.allocator.num_usable
+
+
 def test_greedy_matches_the_naive_decoder():
     """With the Pallas decode kernel; the tests below run the reference decode against the same decoder."""
     engine = Engine(model(), ServeConfig(page_size=8, max_running=4, token_budget=32, decode_impl="pallas"))
@@ -73,12 +84,8 @@ def test_both_layer_loops_match_the_naive_decoder():
 
 @pytest.mark.parametrize("overlap", [True, False])
 def test_forced_preemption_still_matches_and_frees_every_page(overlap):
-    # 12 usable pages of 4 tokens: fewer than the requests need together, so running ones get preempted.
-    engine = Engine(model(), ServeConfig(page_size=4, num_pages=13, max_running=6, token_budget=24,
-                                         max_prefill_chunk=16, decode_impl="reference", overlap=overlap))
-    assert serve_staggered(engine) == list(naive_outputs())
-    assert sum(c.num_preemptions for c in engine.completions.values()) > 0
-    assert engine.allocator.num_free == engine.allocator.num_usable
+    assert_preempted_and_served(Engine(model(), dataclasses.replace(SERVE, overlap=overlap, **PREEMPTING)),
+                                naive_outputs())
 
 
 @pytest.mark.parametrize("overlap", [True, False])
@@ -210,10 +217,8 @@ def test_mla_with_the_pallas_latent_kernel_preemption_and_staggered_arrivals(lay
     target = create_model(dataclasses.replace(CFG, mla=MLA), seed=3)
     engine = Engine(target, ServeConfig(page_size=4, num_pages=13, max_running=4, token_budget=32,
                                         decode_impl="pallas", layer_loop=layer_loop))
-    assert serve_staggered(engine) == [tuple(generate(target, [p], n)[0])
-                                       for p, n in zip(prompts(), MAX_NEW, strict=True)]
-    assert sum(c.num_preemptions for c in engine.completions.values()) > 0
-    assert engine.allocator.num_free == engine.allocator.num_usable
+    assert_preempted_and_served(engine, [tuple(generate(target, [p], n)[0])
+                                         for p, n in zip(prompts(), MAX_NEW, strict=True)])
 
 
 def test_step_cost_follows_live_tokens_not_the_context():

@@ -17,14 +17,21 @@ from model.transformer import create_model, for_inference
 from serve.engine import Engine
 from serve.naive import generate
 from serve.speculation_config import SpeculativeConfig
-from tests.serve.test_engine import CFG, MAX_NEW, SERVE, prompts, serve_staggered
+from tests.serve.test_engine import (
+    CFG,
+    MAX_NEW,
+    PREEMPTING,
+    SERVE,
+    assert_preempted_and_served,
+    prompts,
+    serve_staggered,
+)
 from tests.serve.test_speculative_engine import assert_drafts_of_the_cache_free_head
 
 K = 3
 MTP = SpeculativeConfig(method="mtp", num_tokens=K, adaptive=False)
 MTP_CFG = CFG.replace(mtp_depth=1)
 MOE_CFG = MTP_CFG.replace(moe=MoEConfig(n_experts=4, top_k=2, dispatch="dropless"))
-PREEMPTING = dict(page_size=4, num_pages=13, max_running=6, token_budget=24, max_prefill_chunk=16)
 
 
 @functools.cache
@@ -51,10 +58,7 @@ def test_greedy_mtp_speculation_matches_the_naive_decoder():
 
 @pytest.mark.slow
 def test_greedy_mtp_speculation_under_forced_preemption():
-    e = engine(**PREEMPTING)
-    assert serve_staggered(e) == naive_outputs()
-    assert sum(c.num_preemptions for c in e.completions.values()) > 0
-    assert e.allocator.num_free == e.allocator.num_usable
+    assert_preempted_and_served(engine(**PREEMPTING), naive_outputs())
 
 
 @pytest.mark.slow

@@ -22,7 +22,16 @@ from serve.engine import Engine, Request, SamplingParams
 from serve.naive import generate
 from serve.speculation_config import SpeculativeConfig
 from serve.speculation_policy import SpeculationPolicy
-from tests.serve.test_engine import CFG, SERVE, model, naive_outputs, prompts, serve_staggered
+from tests.serve.test_engine import (
+    CFG,
+    PREEMPTING,
+    SERVE,
+    assert_preempted_and_served,
+    model,
+    naive_outputs,
+    prompts,
+    serve_staggered,
+)
 
 K = 3
 NGRAM = SpeculativeConfig(method="ngram", num_tokens=K, adaptive=False)
@@ -58,10 +67,7 @@ def test_greedy_speculation_matches_the_naive_decoder(proposer):
 @pytest.mark.parametrize("proposer", ["ngram", "self"])
 def test_speculation_under_forced_preemption(proposer):
     spec, draft = {"ngram": (NGRAM, None), "self": (DRAFT, model())}[proposer]
-    e = engine(spec, draft, page_size=4, num_pages=13, max_running=6, token_budget=24, max_prefill_chunk=16)
-    assert serve_staggered(e) == list(naive_outputs())
-    assert sum(c.num_preemptions for c in e.completions.values()) > 0
-    assert e.allocator.num_free == e.allocator.num_usable
+    assert_preempted_and_served(engine(spec, draft, **PREEMPTING), naive_outputs())
 
 
 @pytest.mark.slow
