@@ -185,7 +185,7 @@ def serve_with_stop_strings(engine, requests: list, stops: list[tuple[str, ...]]
                             on_finish: Callable) -> list:
     """`Engine.generate` for requests all arriving now, except that a request whose text reaches one of its stop
     strings is aborted after the step that showed it (its result is cut at the stop string afterwards)."""
-    from serve.request import rejected
+    from serve.request import rejected, report_finished
     from serve.request_checks import RequestError
     from serve.stop_strings import TextStream
 
@@ -220,10 +220,7 @@ def serve_with_stop_strings(engine, requests: list, stops: list[tuple[str, ...]]
         engine.step()
         while to_abort:
             engine.abort(to_abort.pop())
-        for i, rid in enumerate(ids):
-            if rid is not None and i not in reported and results[i].finished:
-                reported.add(i)
-                on_finish(results[i])
+        report_finished(ids, results, reported, on_finish)
     return results
 
 

@@ -49,7 +49,7 @@ from serve.forward import (
 from serve.kv_cache import CacheShape, KVCache, init_cache, pages_for_budget
 from serve.ngram import NgramConfig, propose_ngram
 from serve.ragged_attention import resolve_decode_impl
-from serve.request import PENDING, Completion, Request, RequestState, SamplingParams, rejected
+from serve.request import PENDING, Completion, Request, RequestState, SamplingParams, rejected, report_finished
 from serve.request_checks import RequestError
 from serve.sampling import sample_rows, token_logprobs
 from serve.scheduler import Schedule, ScheduledChunk, Scheduler, SchedulerConfig
@@ -591,10 +591,7 @@ class Engine:
             elif pending and arrivals_s is not None:
                 time.sleep(max(0.0, min(0.01, arrivals_s[pending[0]] - (time.perf_counter() - start))))
             if on_finish:
-                for i, rid in enumerate(ids):
-                    if rid is not None and i not in reported and results[i].finished:
-                        reported.add(i)
-                        on_finish(results[i])
+                report_finished(ids, results, reported, on_finish)
         return results
 
     def stream(self, request: Request) -> Iterator[int]:

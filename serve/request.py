@@ -10,6 +10,7 @@ see -- stops before it.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -149,3 +150,14 @@ def rejected(error: RequestError, request: object = None) -> Completion:
     prompt = getattr(request, "prompt_ids", None)
     return Completion(error.request_id, list(prompt) if isinstance(prompt, (list, tuple)) else [],
                       finish_reason="error", error=str(error))
+
+
+def report_finished(ids: Sequence[str | None], results: Sequence[Completion | None], reported: set[int],
+                    on_finish: Callable[[Completion], None]) -> None:
+    """Call `on_finish` once for each submitted request (its id not None) whose result has finished; `reported`
+    holds the indices already reported, and gains the new ones."""
+    for i, rid in enumerate(ids):
+        result = results[i]
+        if rid is not None and i not in reported and result is not None and result.finished:
+            reported.add(i)
+            on_finish(result)
