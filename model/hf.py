@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +29,7 @@ from flax import nnx
 from model import hf_deepseek
 from model.config import ModelConfig, MoEConfig
 from model.hf_rope import rope_from_hf, rope_to_hf
-from model.hf_tensors import _from_hf, _hf_names, _hf_shape, _stacked, _Tensor, _to_hf
+from model.hf_tensors import _from_hf, _hf_names, _hf_shape, _stacked, _Tensor, _to_hf, require
 from model.router import ExpertBias
 from model.transformer import Transformer
 
@@ -45,12 +44,6 @@ _WEIGHTS = nnx.Any(nnx.Param, ExpertBias)  # what a checkpoint holds
 
 # --- config.json <-> ModelConfig -----------------------------------------------------------------------------
 
-def _require(hf_config: dict, key: str) -> Any:
-    if hf_config.get(key) is None:
-        raise ValueError(f"HF config has no {key!r}; it is required for model_type {hf_config.get('model_type')!r}")
-    return hf_config[key]
-
-
 def _moe_from_hf(hf_config: dict, model_type: str) -> MoEConfig:
     """The MoE of a Mixtral / Qwen3-MoE config: dropless dispatch (transformers drops no token), the router's
     balance loss weighted as transformers weighs it, no z-loss (transformers has none)."""
@@ -63,7 +56,7 @@ def _moe_from_hf(hf_config: dict, model_type: str) -> MoEConfig:
     if not n_experts:
         raise ValueError(f"{model_type} config has no experts (num_local_experts / num_experts "
                          f"{n_experts!r}); a Mixture-of-Experts config needs at least 1")
-    top_k = _require(hf_config, "num_experts_per_tok")
+    top_k = require(hf_config, "num_experts_per_tok")
     renormalised = bool(hf_config.get("norm_topk_prob", False)) if model_type == "qwen3_moe" else True
     if renormalised and top_k == 1:  # meshlm's router renormalises (norm_topk_prob) only when top_k > 1
         field = "num_experts_per_tok=1" + (" with norm_topk_prob=true" if model_type == "qwen3_moe" else "")
@@ -99,22 +92,22 @@ def config_from_hf(hf_config: dict) -> ModelConfig:
         raise ValueError(f"{model_type} attention_bias=true is not supported (it adds an o_proj bias)")
     if hf_config.get("mlp_bias"):
         raise ValueError(f"{model_type} mlp_bias=true is not supported")
-    d_model = _require(hf_config, "hidden_size")
+    d_model = require(hf_config, "hidden_size")
     rope_theta, rope_scaling = rope_from_hf(hf_config)
     common = dict(
-        vocab_size=_require(hf_config, "vocab_size"),
+        vocab_size=require(hf_config, "vocab_size"),
         d_model=d_model,
-        n_layers=_require(hf_config, "num_hidden_layers"),
-        max_seq_len=_require(hf_config, "max_position_embeddings"),
+        n_layers=require(hf_config, "num_hidden_layers"),
+        max_seq_len=require(hf_config, "max_position_embeddings"),
         rope_theta=rope_theta,
         rope_scaling=rope_scaling,
-        norm_eps=float(_require(hf_config, "rms_norm_eps")),
+        norm_eps=float(require(hf_config, "rms_norm_eps")),
         tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
         init_std=float(hf_config.get("initializer_range", 0.02)),
     )
     if model_type == hf_deepseek.MODEL_TYPE:
         return hf_deepseek.config_from_hf(hf_config, common)
-    n_heads = _require(hf_config, "num_attention_heads")
+    n_heads = require(hf_config, "num_attention_heads")
     moe = _moe_from_hf(hf_config, model_type) if model_type in MOE_TYPES else MoEConfig()
     d_ff_key = "moe_intermediate_size" if model_type == "qwen3_moe" else "intermediate_size"
     return ModelConfig(
@@ -122,7 +115,7 @@ def config_from_hf(hf_config: dict) -> ModelConfig:
         n_heads=n_heads,
         n_kv_heads=hf_config.get("num_key_value_heads") or n_heads,
         head_dim=hf_config.get("head_dim") or d_model // n_heads,
-        d_ff=_require(hf_config, d_ff_key),
+        d_ff=require(hf_config, d_ff_key),
         qkv_bias=model_type == "qwen2",
         qk_norm=model_type == "qwen3_moe",
         dtype="auto",

@@ -17,10 +17,8 @@ layers past num_hidden_layers) are skipped on import.
 
 from __future__ import annotations
 
-from typing import Any
-
 from model.config import MLAConfig, ModelConfig, MoEConfig
-from model.hf_tensors import _Tensor
+from model.hf_tensors import _Tensor, require
 from model.transformer import dense_layers
 
 MODEL_TYPE = "deepseek_v3"
@@ -83,12 +81,6 @@ def is_mtp_layer(name: str, hf_config: dict, n_layers: int) -> bool:
     return index.isdigit() and int(index) >= n_layers
 
 
-def _get(hf_config: dict, key: str) -> Any:
-    if hf_config.get(key) is None:
-        raise ValueError(f"HF config has no {key!r}; it is required for model_type {MODEL_TYPE!r}")
-    return hf_config[key]
-
-
 def _refuse_unsupported(hf_config: dict) -> None:
     if hf_config.get("quantization_config"):
         method = hf_config["quantization_config"].get("quant_method")
@@ -105,32 +97,33 @@ def config_from_hf(hf_config: dict, common: dict) -> ModelConfig:
     """The `ModelConfig` of a DeepSeek-V3 config.json; `common` holds the fields model/hf.py reads for every
     family (vocab_size, d_model, n_layers, max_seq_len, rope_theta, norm_eps, tie_embeddings, init_std)."""
     _refuse_unsupported(hf_config)
-    n_heads, n_layers = _get(hf_config, "num_attention_heads"), common["n_layers"]
+    n_heads, n_layers = require(hf_config, "num_attention_heads"), common["n_layers"]
     if hf_config.get("num_key_value_heads") not in (None, n_heads):
         raise ValueError(f"{MODEL_TYPE} num_key_value_heads={hf_config['num_key_value_heads']!r} is not supported: "
                          f"multi-head latent attention has one key and value per head ({n_heads})")
-    mla = MLAConfig(kv_lora_rank=_get(hf_config, "kv_lora_rank"), q_lora_rank=hf_config.get("q_lora_rank") or 0,
-                    qk_nope_head_dim=_get(hf_config, "qk_nope_head_dim"),
-                    qk_rope_head_dim=_get(hf_config, "qk_rope_head_dim"), v_head_dim=_get(hf_config, "v_head_dim"))
-    first_dense = _get(hf_config, "first_k_dense_replace")
+    mla = MLAConfig(kv_lora_rank=require(hf_config, "kv_lora_rank"), q_lora_rank=hf_config.get("q_lora_rank") or 0,
+                    qk_nope_head_dim=require(hf_config, "qk_nope_head_dim"),
+                    qk_rope_head_dim=require(hf_config, "qk_rope_head_dim"),
+                    v_head_dim=require(hf_config, "v_head_dim"))
+    first_dense = require(hf_config, "first_k_dense_replace")
     moe = MoEConfig()
     if first_dense < n_layers:
-        top_k, norm_topk_prob = _get(hf_config, "num_experts_per_tok"), bool(hf_config.get("norm_topk_prob", True))
+        top_k, norm_topk_prob = require(hf_config, "num_experts_per_tok"), bool(hf_config.get("norm_topk_prob", True))
         if top_k == 1 and norm_topk_prob:
             raise ValueError(f"{MODEL_TYPE} num_experts_per_tok=1 with norm_topk_prob=true is not supported: "
                              f"transformers then weighs the one chosen expert 1, meshlm's router by its affinity")
-        n_experts, n_group = _get(hf_config, "n_routed_experts"), _get(hf_config, "n_group")
+        n_experts, n_group = require(hf_config, "n_routed_experts"), require(hf_config, "n_group")
         if n_group > 1 and n_experts // n_group < 2:
             raise ValueError(f"{MODEL_TYPE} n_group={n_group} with n_routed_experts={n_experts} is not supported: "
                              f"transformers scores a group by its two best experts")
         moe = MoEConfig(n_experts=n_experts, top_k=top_k, dispatch="dropless", aux_loss_weight=0.0,
                         z_loss_weight=0.0, router="sigmoid", n_shared_experts=hf_config.get("n_shared_experts") or 0,
-                        n_group=n_group, topk_group=_get(hf_config, "topk_group"),
-                        routed_scaling_factor=float(_get(hf_config, "routed_scaling_factor")),
-                        norm_topk_prob=norm_topk_prob or top_k == 1, d_ff=_get(hf_config, "moe_intermediate_size"),
+                        n_group=n_group, topk_group=require(hf_config, "topk_group"),
+                        routed_scaling_factor=float(require(hf_config, "routed_scaling_factor")),
+                        norm_topk_prob=norm_topk_prob or top_k == 1, d_ff=require(hf_config, "moe_intermediate_size"),
                         first_dense_layers=first_dense)
     return ModelConfig(**common, n_heads=n_heads, n_kv_heads=n_heads, head_dim=mla.qk_rope_head_dim,
-                       d_ff=_get(hf_config, "intermediate_size"), mla=mla, moe=moe, dtype="auto",
+                       d_ff=require(hf_config, "intermediate_size"), mla=mla, moe=moe, dtype="auto",
                        param_dtype="float32")
 
 

@@ -1,13 +1,21 @@
 """The layout of Hugging Face tensors against meshlm's parameters (model/hf.py, model/hf_deepseek.py, model/gguf.py
-and train/pretrained.py share it): one row per parameter, the HF names it stacks, and the reshapes between them."""
+and train/pretrained.py share it): one row per parameter, the HF names it stacks, and the reshapes between them;
+and `require`, a config.json field that the layout cannot do without."""
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+
+
+def require(hf_config: dict, key: str) -> Any:
+    """`hf_config[key]`, refused with a ValueError naming the key and the model_type when missing or null."""
+    if hf_config.get(key) is None:
+        raise ValueError(f"HF config has no {key!r}; it is required for model_type {hf_config.get('model_type')!r}")
+    return hf_config[key]
 
 
 class _Tensor(NamedTuple):
