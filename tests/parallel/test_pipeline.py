@@ -13,7 +13,7 @@ from model.config import MoEConfig
 from model.presets import get_preset
 from parallel.mesh import parse_mesh
 from parallel.pipeline import bubble_fraction, gpipe
-from tests.parallel.mesh_grads import on_mesh, one_device
+from tests.parallel.mesh_grads import assert_mesh_matches_one_device
 
 L, B, T, D = 4, 8, 3, 5
 
@@ -106,10 +106,7 @@ def test_model_on_a_pipeline_mesh_matches_one_device():
     """4 layers on 4 stages (one each), rows over data=2, 2 micro-batches: the loss and every gradient."""
     cfg = get_preset("tiny").replace(dtype="float32", n_layers=4, pipeline_microbatches=2)
     tokens = jax.random.randint(jax.random.key(7), (4, 17), 0, cfg.vocab_size)
-    objective_ref, _, grads_ref = one_device(cfg, tokens)
-    objective, _, grads = on_mesh(cfg, tokens, parse_mesh("data=2,stage=4"))
-    np.testing.assert_allclose(objective, objective_ref, rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), grads, grads_ref)
+    assert_mesh_matches_one_device(cfg, tokens, "data=2,stage=4")
 
 
 @pytest.mark.slow
@@ -119,11 +116,7 @@ def test_moe_model_on_a_pipeline_with_fsdp_and_tensor_matches_one_device_per_mic
     averaged over the same micro-batches (rows j, j + m, ...)."""
     cfg = get_preset("tiny").replace(dtype="float32", moe=MoEConfig(n_experts=4, top_k=2, capacity_factor=1.0))
     tokens = jax.random.randint(jax.random.key(8), (8, 17), 0, cfg.vocab_size)
-    objective_ref, terms_ref, grads_ref = one_device(cfg, tokens, micro_batches=2)
-    objective, terms, grads = on_mesh(cfg, tokens, parse_mesh("fsdp=2,stage=2,tensor=2"))
-    np.testing.assert_allclose(objective, objective_ref, rtol=1e-5)
-    np.testing.assert_allclose(terms["router_loss"], terms_ref["router_loss"], rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), grads, grads_ref)
+    assert_mesh_matches_one_device(cfg, tokens, "fsdp=2,stage=2,tensor=2", terms=("router_loss",), micro_batches=2)
 
 
 def test_pipeline_mesh_errors_name_the_numbers():
