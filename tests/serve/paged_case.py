@@ -1,8 +1,12 @@
-"""Random paged-cache contents for the decode-kernel tests: block tables of shuffled pages, pools whose live slots
-hold N(0, 1) data and whose every other slot (the null page, free pages, the tails of last pages) holds `poison`."""
+"""Shared by the decode-kernel tests: random paged-cache contents (block tables of shuffled pages, pools whose live
+slots hold N(0, 1) data and whose every other slot, the null page, free pages and the tails of last pages, holds
+`poison`), and the checks both kernels take: closeness at a tolerance, stale pages unreachable, CUDA lowering."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import jax
 import numpy as np
 
 
@@ -24,3 +28,25 @@ def random_pages(rng: np.random.Generator, page_size: int, lengths: list[int], p
             for name, (heads, dim) in pools.items():
                 out[name][:, page, :filled] = rng.normal(size=(heads, filled, dim))
     return tables, out
+
+
+def close(a, b, tol):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
+
+
+def assert_stale_pages_unreachable(kernel: Callable, make_case: Callable) -> np.ndarray:
+    """`kernel(*args)` on the same live data (page size 8, 4 heads a group, lengths 21, 0, 8, 1) with NaN, +Inf and
+    -Inf in every stale slot is bitwise its output with zeros there; returns that output."""
+    lengths = [21, 0, 8, 1]
+    clean = np.asarray(kernel(*make_case(8, 4, lengths, poison=0.0)[0]))
+    for value in (np.nan, np.inf, -np.inf):
+        out = kernel(*make_case(8, 4, lengths, poison=value)[0])
+        np.testing.assert_array_equal(np.asarray(out), clean, err_msg=f"poison {value}")
+    return clean
+
+
+def assert_lowers_to_triton(kernel: Callable, args, name: str):
+    """`kernel` jitted for `args`' shapes lowers for CUDA (Pallas -> Triton IR) on any machine, the text naming
+    `name`."""
+    shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
+    assert name in jax.jit(kernel).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()

@@ -28,7 +28,7 @@ from serve.kernels.latent_attention import (
 )
 from serve.kernels.latent_attention import latent_attention_reference as _reference
 from serve.kernels.latent_attention import latent_prefill_attention as _prefill
-from tests.serve.paged_case import random_pages
+from tests.serve.paged_case import assert_lowers_to_triton, assert_stale_pages_unreachable, close, random_pages
 
 # jitted: one compile, not one per op
 latent_attention_reference = jax.jit(_reference, static_argnames="scale")
@@ -65,10 +65,6 @@ def numpy_latent_attention(q_c, q_p, c, pe, lengths, tables, scale=SCALE):
             weights = np.exp(scores - scores.max())
             out[b, h] = weights @ latents / weights.sum()
     return out
-
-
-def close(a, b, tol):
-    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
 
 
 # (page size, query heads, lengths)
@@ -126,17 +122,10 @@ def test_chunks_splits_and_head_blocks_do_not_change_the_result(pages_per_chunk,
 def test_stale_pages_are_unreachable():
     """The same live data with NaN, +Inf or -Inf everywhere else (null page, free pages, page tails) and with
     zeros: bitwise the same result from the kernel, the same from the reference, finite, length-0 rows zero."""
-    lengths = [21, 0, 8, 1]
-    clean_args = make_case(8, 4, lengths, poison=0.0)[0]
-    clean = latent_attention(*clean_args, scale=SCALE, num_splits=2, interpret=True)
-    clean_ref = latent_attention_reference(*clean_args, scale=SCALE)
-    for value in (np.nan, np.inf, -np.inf):
-        args = make_case(8, 4, lengths, poison=value)[0]
-        out = latent_attention(*args, scale=SCALE, num_splits=2, interpret=True)
-        np.testing.assert_array_equal(np.asarray(out), np.asarray(clean))
-        np.testing.assert_array_equal(np.asarray(latent_attention_reference(*args, scale=SCALE)),
-                                      np.asarray(clean_ref))
-    assert np.isfinite(np.asarray(clean)).all() and not np.asarray(clean)[1].any()
+    clean = assert_stale_pages_unreachable(
+        lambda *a: latent_attention(*a, scale=SCALE, num_splits=2, interpret=True), make_case)
+    assert_stale_pages_unreachable(lambda *a: latent_attention_reference(*a, scale=SCALE), make_case)
+    assert np.isfinite(clean).all() and not clean[1].any()
 
 
 def test_all_padding_rows_give_zeros_under_jit():
@@ -274,11 +263,7 @@ def test_compiled_kernel_deepseek_shapes_on_gpu(dtype, tol):
 
 @pytest.mark.gpu
 def test_compiled_kernel_ignores_stale_pages_on_gpu():
-    lengths = [21, 0, 8, 1]
-    clean = latent_attention(*make_case(8, 4, lengths, poison=0.0)[0], scale=SCALE, num_splits=2)
-    for value in (np.nan, np.inf, -np.inf):
-        out = latent_attention(*make_case(8, 4, lengths, poison=value)[0], scale=SCALE, num_splits=2)
-        np.testing.assert_array_equal(np.asarray(out), np.asarray(clean))
+    assert_stale_pages_unreachable(lambda *a: latent_attention(*a, scale=SCALE, num_splits=2), make_case)
 
 
 @pytest.mark.parametrize("page_size, heads, lengths, latent, rope",
@@ -288,6 +273,5 @@ def test_kernel_lowers_to_triton_without_a_gpu(page_size, heads, lengths, latent
     """The compiled path lowered for CUDA (Pallas -> Triton IR) on this machine, so Triton lowering errors show
     up in CI and not only on a lent GPU; DeepSeek-V3's shapes (128 heads, Dc 512, Dp 64) included."""
     args, _ = make_case(page_size, heads, lengths, latent=latent, rope=rope, dtype=jnp.bfloat16)
-    shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
-    fn = jax.jit(lambda *a: latent_attention(*a, scale=SCALE, num_splits=num_splits))
-    assert "latent_attention" in fn.trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+    assert_lowers_to_triton(lambda *a: latent_attention(*a, scale=SCALE, num_splits=num_splits), args,
+                            "latent_attention")

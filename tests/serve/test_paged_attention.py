@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from serve.kernels.paged_attention import default_pages_per_chunk, paged_attention, paged_attention_reference
-from tests.serve.paged_case import random_pages
+from tests.serve.paged_case import assert_lowers_to_triton, assert_stale_pages_unreachable, close, random_pages
 
 
 def make_case(page_size, group, lengths, *, kv_heads=2, head_dim=16, dtype=jnp.float32, poison=np.nan, seed=0):
@@ -47,10 +47,6 @@ def numpy_attention(q, k, v, lengths, tables, scale=None):
             weights = np.exp(scores - scores.max())
             out[b, h] = weights @ values[h // (H // K)] / weights.sum()
     return out
-
-
-def close(a, b, tol):
-    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
 
 
 # (page size, GQA group, lengths)
@@ -91,12 +87,8 @@ def test_chunks_and_splits_do_not_change_the_result(pages_per_chunk, num_splits)
 def test_stale_pages_are_unreachable():
     """The same live data with NaN, +Inf or -Inf everywhere else (null page, free pages, page tails) and with
     zeros: bitwise the same result, finite, and length-0 rows exactly zero."""
-    lengths = [21, 0, 8, 1]
-    clean = paged_attention(*make_case(8, 4, lengths, poison=0.0)[0], num_splits=2, interpret=True)
-    for value in (np.nan, np.inf, -np.inf):
-        out = paged_attention(*make_case(8, 4, lengths, poison=value)[0], num_splits=2, interpret=True)
-        np.testing.assert_array_equal(np.asarray(out), np.asarray(clean))
-    assert np.isfinite(np.asarray(clean)).all() and not np.asarray(clean)[1].any()
+    clean = assert_stale_pages_unreachable(lambda *a: paged_attention(*a, num_splits=2, interpret=True), make_case)
+    assert np.isfinite(clean).all() and not clean[1].any()
 
 
 def test_all_padding_rows_give_zeros_and_scale_is_used():
@@ -152,11 +144,7 @@ def test_compiled_kernel_matches_reference_on_gpu(page_size, group, lengths, dty
 
 @pytest.mark.gpu
 def test_compiled_kernel_ignores_stale_pages_on_gpu():
-    lengths = [21, 0, 8, 1]
-    clean = paged_attention(*make_case(8, 4, lengths, poison=0.0)[0], num_splits=2)
-    for value in (np.nan, np.inf, -np.inf):
-        out = paged_attention(*make_case(8, 4, lengths, poison=value)[0], num_splits=2)
-        np.testing.assert_array_equal(np.asarray(out), np.asarray(clean))
+    assert_stale_pages_unreachable(lambda *a: paged_attention(*a, num_splits=2), make_case)
 
 
 @pytest.mark.parametrize("page_size, group, lengths", CASES)
@@ -165,6 +153,4 @@ def test_kernel_lowers_to_triton_without_a_gpu(page_size, group, lengths, num_sp
     """The compiled path lowered for CUDA (Pallas -> Triton IR) on this machine, so Triton lowering errors show
     up in CI and not only on a lent GPU."""
     args, _ = make_case(page_size, group, lengths, head_dim=32, dtype=jnp.bfloat16)
-    shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
-    fn = jax.jit(lambda *a: paged_attention(*a, num_splits=num_splits))
-    assert "paged_attention" in fn.trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+    assert_lowers_to_triton(lambda *a: paged_attention(*a, num_splits=num_splits), args, "paged_attention")
