@@ -30,7 +30,7 @@ from flax import nnx
 
 from model.draft_head import DraftHead, check_compatible
 from serve.compiled import shared_compiled
-from serve.draft_model import CatchUp, catch_up_batch, decode_inputs, padding_catch_up, positions_of, sample_draft
+from serve.draft_model import CatchUp, catch_up_batch, draft_tokens, padding_catch_up, positions_of
 from serve.forward import StepGraph, paged_attend
 from serve.kv_cache import CacheShape, KVCache, init_cache
 from serve.scheduler import ScheduledChunk
@@ -81,19 +81,14 @@ def _draft_k(head_graph: nnx.GraphDef, target_graph: StepGraph, decode_impl: str
              ) -> tuple[jax.Array, jax.Array, KVCache]:
     """k drafts per row from its last real pair (at `positions_B[b]`; -1: a pad row): the first from `logits_BxV`,
     then pairs [g, e(d_j)] one position further each. Returns drafts [B, k], q [B, k, V], the pool."""
-    first, q_first = sample_draft(logits_BxV, *sampling_B, 0)
-
-    def body(carry: tuple[jax.Array, jax.Array, KVCache], j: jax.Array) -> tuple[tuple, tuple]:
-        token_B, g_BxD, pool = carry
-        inputs = decode_inputs(token_B, jnp.where(positions_B >= 0, positions_B + j, -1), tables_BxW, page_size)
+    def step(state: tuple[jax.Array, KVCache], inputs: StepInputs) -> tuple[jax.Array, tuple[jax.Array, KVCache]]:
+        g_BxD, pool = state
         g_out_BxD, logits, pool = _head_forward(head_graph, head_params, target_graph, target_rest, pool, inputs,
                                                 g_BxD, decode_impl)
-        token_B, q_BxV = sample_draft(logits, *sampling_B, j)
-        return (token_B, g_out_BxD, pool), (token_B, q_BxV)
+        return logits, (g_out_BxD, pool)
 
-    (_, _, pool), (tokens_KxB, q_KxBxV) = jax.lax.scan(body, (first, g_BxD, pool), jnp.arange(1, k))
-    drafts_BxK = jnp.concatenate([first[:, None], tokens_KxB.T], axis=1)
-    q_BxKxV = jnp.concatenate([q_first[:, None], jnp.moveaxis(q_KxBxV, 0, 1)], axis=1)
+    drafts_BxK, q_BxKxV, (_, pool) = draft_tokens(step, (g_BxD, pool), logits_BxV, positions_B, tables_BxW,
+                                                  page_size, k, sampling_B)
     return drafts_BxK, q_BxKxV, pool
 
 

@@ -19,8 +19,8 @@ num_computed)` leaves them out.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +37,8 @@ from serve.step_batch import Row, StepInputs, StepLayout, build_step, padding_st
 
 if TYPE_CHECKING:
     from serve.engine import Engine
+
+DraftState = TypeVar("DraftState")  # what a drafter's step carries: a KV cache, or a head's (g, pool)
 
 
 def sample_draft(logits_BxV: jax.Array, seeds_B: jax.Array, counters_B: jax.Array, temperature_B: jax.Array,
@@ -164,19 +166,31 @@ def _draft_k(graph: StepGraph, decode_impl: str, page_size: int, k: int, params:
              ) -> tuple[jax.Array, jax.Array, KVCache]:
     """Draft k tokens per row from its last known token's logits (at `positions_B[b]`; -1: a pad row): the first
     sampled from `logits_BxV`, the rest decoded one position at a time. Returns drafts [B, k], q [B, k, V], cache."""
+    def step(cache: KVCache, inputs: StepInputs) -> tuple[jax.Array, KVCache]:
+        return model_step(graph, params, cache, inputs, decode_impl=decode_impl)
+
+    return draft_tokens(step, cache, logits_BxV, positions_B, tables_BxW, page_size, k, sampling_B)
+
+
+def draft_tokens(step: Callable[[DraftState, StepInputs], tuple[jax.Array, DraftState]], state: DraftState,
+                 logits_BxV: jax.Array, positions_B: jax.Array, tables_BxW: jax.Array, page_size: int, k: int,
+                 sampling_B: tuple[jax.Array, ...]) -> tuple[jax.Array, jax.Array, DraftState]:
+    """k drafts per row (at `positions_B[b]`; -1: a pad row): the first sampled from `logits_BxV`, each next one
+    from `step(state, inputs)` -> (logits [B, V], state) run on the draft before it, one position further. Shared
+    by the draft model and the draft head. Returns drafts [B, k], q [B, k, V] and the last state."""
     first, q_first = sample_draft(logits_BxV, *sampling_B, 0)
 
-    def body(carry: tuple[jax.Array, KVCache], j: jax.Array) -> tuple[tuple[jax.Array, KVCache], tuple]:
-        token_B, cache = carry
+    def body(carry: tuple[jax.Array, DraftState], j: jax.Array) -> tuple[tuple[jax.Array, DraftState], tuple]:
+        token_B, state = carry
         inputs = decode_inputs(token_B, jnp.where(positions_B >= 0, positions_B + j, -1), tables_BxW, page_size)
-        logits, cache = model_step(graph, params, cache, inputs, decode_impl=decode_impl)
+        logits, state = step(state, inputs)
         token_B, q_BxV = sample_draft(logits, *sampling_B, j)
-        return (token_B, cache), (token_B, q_BxV)
+        return (token_B, state), (token_B, q_BxV)
 
-    (_, cache), (tokens_KxB, q_KxBxV) = jax.lax.scan(body, (first, cache), jnp.arange(1, k))
+    (_, state), (tokens_KxB, q_KxBxV) = jax.lax.scan(body, (first, state), jnp.arange(1, k))
     drafts_BxK = jnp.concatenate([first[:, None], tokens_KxB.T], axis=1)
     q_BxKxV = jnp.concatenate([q_first[:, None], jnp.moveaxis(q_KxBxV, 0, 1)], axis=1)
-    return drafts_BxK, q_BxKxV, cache
+    return drafts_BxK, q_BxKxV, state
 
 
 class DraftRunner:
