@@ -4,6 +4,8 @@ prefix cache's hit rate, preemptions, tokens in and out, and requests by finish 
 
 from __future__ import annotations
 
+import functools
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5,
@@ -16,37 +18,29 @@ class ServerMetrics:
 
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
-        self.ttft = Histogram("meshlm_time_to_first_token_seconds", "Arrival to first output token", registry=r,
-                              buckets=LATENCY_BUCKETS)
-        self.itl = Histogram("meshlm_inter_token_latency_seconds", "Time between a request's output tokens",
-                             registry=r, buckets=LATENCY_BUCKETS)
-        self.e2e = Histogram("meshlm_e2e_request_latency_seconds", "Arrival to last output token", registry=r,
-                             buckets=LATENCY_BUCKETS)
-        self.running = Gauge("meshlm_num_requests_running", "Requests being computed", registry=r)
-        self.waiting = Gauge("meshlm_num_requests_waiting", "Requests waiting for admission", registry=r)
-        self.kv_pages_used = Gauge("meshlm_kv_cache_pages_used", "KV cache pages held by requests", registry=r)
-        self.kv_pages_total = Gauge("meshlm_kv_cache_pages_total", "KV cache pages that can be allocated", registry=r)
-        self.prefix_queries = Counter("meshlm_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix "
-                                      "cache", registry=r)
-        self.prefix_hits = Counter("meshlm_prefix_cache_hit_tokens", "Prompt tokens the prefix cache supplied",
-                                   registry=r)
-        self.prefix_hit_rate = Gauge("meshlm_prefix_cache_hit_rate", "Prefix-cache hit tokens / queried tokens",
-                                     registry=r)
-        self.preemptions = Counter("meshlm_num_preemptions", "Preemptions of requests", registry=r)
-        self.prompt_tokens = Counter("meshlm_prompt_tokens", "Prompt tokens of finished requests", registry=r)
-        self.generation_tokens = Counter("meshlm_generation_tokens", "Output tokens of finished requests",
-                                         registry=r)
-        self.requests = Counter("meshlm_request_success", "Finished requests by finish reason", ["finished_reason"],
-                                registry=r)
+        counter, gauge = functools.partial(Counter, registry=r), functools.partial(Gauge, registry=r)
+        latency = functools.partial(Histogram, registry=r, buckets=LATENCY_BUCKETS)
+        self.ttft = latency("meshlm_time_to_first_token_seconds", "Arrival to first output token")
+        self.itl = latency("meshlm_inter_token_latency_seconds", "Time between a request's output tokens")
+        self.e2e = latency("meshlm_e2e_request_latency_seconds", "Arrival to last output token")
+        self.running = gauge("meshlm_num_requests_running", "Requests being computed")
+        self.waiting = gauge("meshlm_num_requests_waiting", "Requests waiting for admission")
+        self.kv_pages_used = gauge("meshlm_kv_cache_pages_used", "KV cache pages held by requests")
+        self.kv_pages_total = gauge("meshlm_kv_cache_pages_total", "KV cache pages that can be allocated")
+        self.prefix_queries = counter("meshlm_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix "
+                                      "cache")
+        self.prefix_hits = counter("meshlm_prefix_cache_hit_tokens", "Prompt tokens the prefix cache supplied")
+        self.prefix_hit_rate = gauge("meshlm_prefix_cache_hit_rate", "Prefix-cache hit tokens / queried tokens")
+        self.preemptions = counter("meshlm_num_preemptions", "Preemptions of requests")
+        self.prompt_tokens = counter("meshlm_prompt_tokens", "Prompt tokens of finished requests")
+        self.generation_tokens = counter("meshlm_generation_tokens", "Output tokens of finished requests")
+        self.requests = counter("meshlm_request_success", "Finished requests by finish reason", ["finished_reason"])
         # speculative decoding, the engine's totals so far (vLLM's spec_decode_* figures)
-        self.spec_drafts = Gauge("meshlm_spec_decode_num_drafts", "Decode rows that verified drafted tokens",
-                                 registry=r)
-        self.spec_draft_tokens = Gauge("meshlm_spec_decode_num_draft_tokens", "Tokens drafted", registry=r)
-        self.spec_accepted_tokens = Gauge("meshlm_spec_decode_num_accepted_tokens", "Drafted tokens accepted",
-                                          registry=r)
-        self.spec_accepted_per_pos = Gauge("meshlm_spec_decode_num_accepted_tokens_per_pos",
-                                           "Rows that accepted their drafted token at this position", ["position"],
-                                           registry=r)
+        self.spec_drafts = gauge("meshlm_spec_decode_num_drafts", "Decode rows that verified drafted tokens")
+        self.spec_draft_tokens = gauge("meshlm_spec_decode_num_draft_tokens", "Tokens drafted")
+        self.spec_accepted_tokens = gauge("meshlm_spec_decode_num_accepted_tokens", "Drafted tokens accepted")
+        self.spec_accepted_per_pos = gauge("meshlm_spec_decode_num_accepted_tokens_per_pos",
+                                           "Rows that accepted their drafted token at this position", ["position"])
 
     def observe_finished(self, *, prompt_tokens: int, output_tokens: int, cached_tokens: int, preemptions: int,
                          arrival_s: float, token_times_s: list[float], finish_reason: str) -> None:
