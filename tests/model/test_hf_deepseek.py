@@ -55,6 +55,23 @@ def _hf_model(seed: int = 0, **changes):
     return model
 
 
+def assert_served_as_transformers_generates(hf_model, directory, prompts, new_tokens, max_running):
+    """`hf_model` saved to `directory`, loaded with load_hf and served by the engine (latent paged cache, absorbed
+    MLA, reference decode) in one batch: `new_tokens` greedy tokens a prompt, those of transformers' `generate`."""
+    torch = pytest.importorskip("torch")
+    from serve.engine import Engine, Request, ServeConfig  # noqa: PLC0415
+
+    hf_model.save_pretrained(directory)
+    model = load_hf(directory, dtype="float32")
+    engine = Engine(model, ServeConfig(page_size=4, max_running=max_running, token_budget=16, decode_impl="reference"))
+    served = engine.generate([Request(tuple(p), new_tokens) for p in prompts])
+    with torch.no_grad():
+        expected = [hf_model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                      max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                      eos_token_id=None, pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+    assert [c.token_ids for c in served] == expected
+
+
 @pytest.mark.parametrize("changes", VARIANTS.values(), ids=VARIANTS.keys())
 def test_load_hf_deepseek_matches_transformers(tmp_path, changes):
     hf_model = _hf_model(**changes)
@@ -197,20 +214,8 @@ def test_a_deepseek_v3_checkpoint_is_served_as_transformers_generates(tmp_path):
     """End to end: a DeepseekV3ForCausalLM checkpoint loaded and served by the engine (latent paged cache, absorbed
     MLA, dense first layer, sigmoid group-limited routing), prompts of several pages decoded in one batch, gives
     transformers' own greedy `generate` tokens."""
-    torch = pytest.importorskip("torch")
-    from serve.engine import Engine, Request, ServeConfig  # noqa: PLC0415
-
-    hf_model = _hf_model(seed=2)
-    hf_model.save_pretrained(tmp_path)
-    model = load_hf(tmp_path, dtype="float32")
     prompts = [TOKENS[0].tolist(), TOKENS[1, :7].tolist(), TOKENS[1, 3:].tolist()]
-    engine = Engine(model, ServeConfig(page_size=4, max_running=4, token_budget=16, decode_impl="reference"))
-    served = engine.generate([Request(tuple(p), 12) for p in prompts])
-    with torch.no_grad():
-        expected = [hf_model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                                      max_new_tokens=12, min_new_tokens=12, do_sample=False, eos_token_id=None,
-                                      pad_token_id=0)[0, len(p):].tolist() for p in prompts]
-    assert [c.token_ids for c in served] == expected
+    assert_served_as_transformers_generates(_hf_model(seed=2), tmp_path, prompts, new_tokens=12, max_running=4)
 
 
 # YaRN as DeepSeek-V3's config.json has it, over a context (16) shorter than TOKENS (20) so that the ramp, the
@@ -273,17 +278,6 @@ def test_deepseek_yarn_logits_need_mla_mscale_squared(tmp_path, monkeypatch):
 def test_a_deepseek_v3_checkpoint_with_yarn_is_served_as_transformers_generates(tmp_path):
     """The serving step (absorbed MLA over the latent cache) takes the scaled tables and the softmax scale's
     mscale^2: greedy tokens past the original context equal transformers' `generate`."""
-    torch = pytest.importorskip("torch")
-    from serve.engine import Engine, Request, ServeConfig  # noqa: PLC0415
-
-    hf_model = _hf_model(seed=5, rope_scaling=dict(YARN))
-    hf_model.save_pretrained(tmp_path)
-    model = load_hf(tmp_path, dtype="float32")
     prompts = [TOKENS[0].tolist(), TOKENS[1, :13].tolist()]
-    engine = Engine(model, ServeConfig(page_size=4, max_running=2, token_budget=16, decode_impl="reference"))
-    served = engine.generate([Request(tuple(p), 8) for p in prompts])
-    with torch.no_grad():
-        expected = [hf_model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                                      max_new_tokens=8, min_new_tokens=8, do_sample=False, eos_token_id=None,
-                                      pad_token_id=0)[0, len(p):].tolist() for p in prompts]
-    assert [c.token_ids for c in served] == expected
+    assert_served_as_transformers_generates(_hf_model(seed=5, rope_scaling=dict(YARN)), tmp_path, prompts,
+                                            new_tokens=8, max_running=2)

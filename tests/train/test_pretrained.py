@@ -16,6 +16,7 @@ import optax
 import pytest
 import torch
 import transformers
+from flax import nnx
 
 from parallel.mesh import MeshConfig
 from train.config import RunConfig, TrainConfig
@@ -24,14 +25,16 @@ from train.run_data import initial_state
 from train.sharded import plan_mesh
 from train.step import loss_fn
 
+# The tiny source models' shape (Llama's and Mixtral's) and the tokens both sides are given
+TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False)
+TOKENS = np.random.default_rng(0).integers(0, 300, (2, 17)).astype(np.int32)
+
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                      rms_norm_eps=1e-5, tie_word_embeddings=False)
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).eval()
     directory = tmp_path_factory.mktemp("tiny-llama")
     model.save_pretrained(directory)
     return directory, model
@@ -49,19 +52,26 @@ def loaded_params(cfg: RunConfig, mesh: MeshConfig, devices):
     return plan, initial_state(plan, optimizer, cfg)["params"]
 
 
+def hf_output(hf_model, **kwargs):
+    """transformers' output on TOKENS."""
+    with torch.no_grad():
+        return hf_model(torch.from_numpy(TOKENS.astype(np.int64)), **kwargs)
+
+
+def assert_logits_match(plan, params, hf_out):
+    """The loaded params' logits on TOKENS are transformers' (2e-4 absolute)."""
+    logits = np.asarray(nnx.merge(plan.graphdef, params)(jax.numpy.asarray(TOKENS)))
+    np.testing.assert_allclose(logits, hf_out.logits.numpy(), atol=2e-4)
+
+
 def test_init_from_hf_gives_transformers_logits_and_loss(hf_dir):
     directory, hf_model = hf_dir
     cfg = run_config(directory)
     plan, params = loaded_params(cfg, MeshConfig(data=1), jax.devices()[:1])
-    tokens = np.random.default_rng(0).integers(0, 300, (2, 17)).astype(np.int32)
-    with torch.no_grad():
-        out = hf_model(torch.from_numpy(tokens.astype(np.int64)), labels=torch.from_numpy(tokens.astype(np.int64)))
-    ours = float(loss_fn(params, plan.graphdef, jax.numpy.asarray(tokens)))
+    out = hf_output(hf_model, labels=torch.from_numpy(TOKENS.astype(np.int64)))
+    ours = float(loss_fn(params, plan.graphdef, jax.numpy.asarray(TOKENS)))
     np.testing.assert_allclose(ours, float(out.loss), rtol=1e-4)
-    from flax import nnx
-
-    logits = np.asarray(nnx.merge(plan.graphdef, params)(jax.numpy.asarray(tokens)))
-    np.testing.assert_allclose(logits, out.logits.numpy(), atol=2e-4)
+    assert_logits_match(plan, params, out)
 
 
 def test_init_on_eight_devices_equals_one_device_and_is_sharded(hf_dir):
@@ -99,19 +109,10 @@ def test_train_cli_takes_the_config_from_init_and_refuses_a_contradiction(hf_dir
 
 def test_init_from_a_mixtral_checkpoint_gives_transformers_logits(tmp_path):
     torch.manual_seed(0)
-    config = transformers.MixtralConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                        num_local_experts=4, num_experts_per_tok=2, rms_norm_eps=1e-5,
-                                        tie_word_embeddings=False)
+    config = transformers.MixtralConfig(**TINY, num_local_experts=4, num_experts_per_tok=2)
     hf_model = transformers.MixtralForCausalLM(config).eval()
     hf_model.save_pretrained(tmp_path)
     cfg = run_config(tmp_path)
     plan, params = loaded_params(cfg, MeshConfig(data=1), jax.devices()[:1])
-    tokens = np.random.default_rng(0).integers(0, 300, (2, 17)).astype(np.int32)
-    with torch.no_grad():
-        out = hf_model(torch.from_numpy(tokens.astype(np.int64)))
-    from flax import nnx
-
-    logits = np.asarray(nnx.merge(plan.graphdef, params)(jax.numpy.asarray(tokens)))
-    np.testing.assert_allclose(logits, out.logits.numpy(), atol=2e-4)
+    assert_logits_match(plan, params, hf_output(hf_model))
 
