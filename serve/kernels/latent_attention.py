@@ -62,6 +62,7 @@ from serve.kernels.paged_attention import (
     split_live_tokens,
     split_tables,
     store_partials,
+    table_specs,
 )
 
 _MAX_HEADS_PER_BLOCK = 64  # the default Hb's cap: a [64, 512] float32 accumulator per program
@@ -213,8 +214,7 @@ def _latent_attention(q_c_BxHxDc: jax.Array, q_p_BxHxDp: jax.Array, c_pages_1xNp
     acc, m, l = pl.pallas_call(
         kernel,
         grid=(B, Nh, Ns),
-        in_specs=[pl.BlockSpec((1,), lambda b, g, s: (b,)),
-                  pl.BlockSpec((None, Ws), lambda b, g, s: (b, s)),
+        in_specs=[*table_specs(Ws),
                   pl.BlockSpec((None, Hb, Dc), lambda b, g, s: (b, g, 0)),
                   pl.BlockSpec((None, Hb, Dp), lambda b, g, s: (b, g, 0)),
                   pl.BlockSpec((None, Np, Ps, Dc), lambda b, g, s: (0, 0, 0, 0)),

@@ -236,8 +236,7 @@ def _paged_attention(q_BxHxDh: jax.Array, k_pages_KxNpxPsxDh: jax.Array, v_pages
     acc, m, l = pl.pallas_call(
         kernel,
         grid=(B, K, Ns),
-        in_specs=[pl.BlockSpec((1,), lambda b, h, s: (b,)),
-                  pl.BlockSpec((None, Ws), lambda b, h, s: (b, s)),
+        in_specs=[*table_specs(Ws),
                   pl.BlockSpec((None, None, Gp, Dh), lambda b, h, s: (b, h, 0, 0)),
                   pl.BlockSpec((None, Np, Ps, Dh), lambda b, h, s: (h, 0, 0, 0)),
                   pl.BlockSpec((None, Np, Ps, Dh), lambda b, h, s: (h, 0, 0, 0))],
@@ -257,6 +256,12 @@ def split_tables(block_tables_BxW: jax.Array, lengths_B: jax.Array, page_size: i
     Ws = math.ceil(math.ceil(W / num_splits) / pages_per_chunk) * pages_per_chunk
     tables_BxWp = jnp.pad(block_tables_BxW.astype(jnp.int32), ((0, 0), (0, num_splits * Ws - W)))
     return Ws, tables_BxWp, jnp.clip(lengths_B.astype(jnp.int32), 0, W * page_size)
+
+
+def table_specs(Ws: int) -> list:
+    """`pallas_call`'s in_specs of a decode kernel's first two inputs on a grid (B, groups, Ns): the sequence's
+    length and the Ws pages of its split (`split_tables`)."""
+    return [pl.BlockSpec((1,), lambda b, g, s: (b,)), pl.BlockSpec((None, Ws), lambda b, g, s: (b, s))]
 
 
 def partials_out(B: int, groups: int, Ns: int, rows: int, dim: int) -> dict:
