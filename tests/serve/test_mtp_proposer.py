@@ -26,9 +26,8 @@ from tests.serve.test_engine import (
     prompts,
     serve_staggered,
 )
-from tests.serve.test_speculative_engine import assert_drafts_of_the_cache_free_head
+from tests.serve.test_speculative_engine import K, assert_drafts_of_the_cache_free_head
 
-K = 3
 MTP = SpeculativeConfig(method="mtp", num_tokens=K, adaptive=False)
 MTP_CFG = CFG.replace(mtp_depth=1)
 MOE_CFG = MTP_CFG.replace(moe=MoEConfig(n_experts=4, top_k=2, dispatch="dropless"))
