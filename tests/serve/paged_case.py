@@ -7,7 +7,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+# The compiled kernels' dtypes and tolerances (the test modules' docstrings give the reasons)
+DTYPE_TOLERANCES = [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)]
 
 
 def random_pages(rng: np.random.Generator, page_size: int, lengths: list[int], pools: dict[str, tuple[int, int]],
@@ -32,6 +36,13 @@ def random_pages(rng: np.random.Generator, page_size: int, lengths: list[int], p
 
 def close(a, b, tol):
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
+
+
+def assert_finite_and_close(out, dtype, tol, *expected):
+    """`out` is of `dtype`, finite, and within `tol` of each of `expected`."""
+    assert out.dtype == dtype and np.isfinite(np.asarray(out, np.float32)).all()
+    for want in expected:
+        close(out, want, tol)
 
 
 def assert_stale_pages_unreachable(kernel: Callable, make_case: Callable) -> np.ndarray:

@@ -28,7 +28,14 @@ from serve.kernels.latent_attention import (
 )
 from serve.kernels.latent_attention import latent_attention_reference as _reference
 from serve.kernels.latent_attention import latent_prefill_attention as _prefill
-from tests.serve.paged_case import assert_lowers_to_triton, assert_stale_pages_unreachable, close, random_pages
+from tests.serve.paged_case import (
+    DTYPE_TOLERANCES,
+    assert_finite_and_close,
+    assert_lowers_to_triton,
+    assert_stale_pages_unreachable,
+    close,
+    random_pages,
+)
 
 # jitted: one compile, not one per op
 latent_attention_reference = jax.jit(_reference, static_argnames="scale")
@@ -240,19 +247,17 @@ GPU_CASES = [(8, 4, [13, 1, 0]), (16, 16, [31, 16, 7]), (32, 20, [33, 0, 64])]
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("page_size, heads, lengths", GPU_CASES)
-@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("dtype, tol", DTYPE_TOLERANCES)
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_compiled_kernel_matches_reference_on_gpu(page_size, heads, lengths, dtype, tol, num_splits):
     """The same cases compiled for real (Triton lowering) against the reference and numpy."""
     args, raw = make_case(page_size, heads, lengths, latent=64, dtype=dtype)
-    out = latent_attention(*args, scale=SCALE, num_splits=num_splits)
-    assert out.dtype == dtype and np.isfinite(np.asarray(out, np.float32)).all()
-    close(out, latent_attention_reference(*args, scale=SCALE), tol)
-    close(out, numpy_latent_attention(*raw), tol)
+    assert_finite_and_close(latent_attention(*args, scale=SCALE, num_splits=num_splits), dtype, tol,
+                            latent_attention_reference(*args, scale=SCALE), numpy_latent_attention(*raw))
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("dtype, tol", DTYPE_TOLERANCES)
 def test_compiled_kernel_deepseek_shapes_on_gpu(dtype, tol):
     """DeepSeek-V3's decode shapes: 128 heads (two blocks of 64), Dc 512, Dp 64, 64-token pages, one split."""
     args, _ = make_case(64, 128, [200, 1, 0, 64], latent=512, rope=64, dtype=dtype)

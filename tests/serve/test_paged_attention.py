@@ -15,7 +15,14 @@ import numpy as np
 import pytest
 
 from serve.kernels.paged_attention import default_pages_per_chunk, paged_attention, paged_attention_reference
-from tests.serve.paged_case import assert_lowers_to_triton, assert_stale_pages_unreachable, close, random_pages
+from tests.serve.paged_case import (
+    DTYPE_TOLERANCES,
+    assert_finite_and_close,
+    assert_lowers_to_triton,
+    assert_stale_pages_unreachable,
+    close,
+    random_pages,
+)
 
 
 def make_case(page_size, group, lengths, *, kv_heads=2, head_dim=16, dtype=jnp.float32, poison=np.nan, seed=0):
@@ -131,15 +138,13 @@ def test_bad_arguments_are_named_before_lowering():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("page_size, group, lengths", CASES)
-@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("dtype, tol", DTYPE_TOLERANCES)
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_compiled_kernel_matches_reference_on_gpu(page_size, group, lengths, dtype, tol, num_splits):
     """The same cases compiled for real (Triton lowering) against the reference and numpy."""
     args, raw = make_case(page_size, group, lengths, head_dim=32, dtype=dtype)
-    out = paged_attention(*args, num_splits=num_splits)
-    assert out.dtype == dtype and np.isfinite(np.asarray(out, np.float32)).all()
-    close(out, paged_attention_reference(*args), tol)
-    close(out, numpy_attention(*raw), tol)
+    assert_finite_and_close(paged_attention(*args, num_splits=num_splits), dtype, tol,
+                            paged_attention_reference(*args), numpy_attention(*raw))
 
 
 @pytest.mark.gpu
