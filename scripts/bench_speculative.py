@@ -122,7 +122,7 @@ def summary(engine, runs: list[dict]) -> dict:
     if engine.cfg.speculative is not None:
         row["speculation"] = engine.speculation.summary()
         if engine.policy is not None:
-            row["policy_tokens_per_s"] = {str(b): {("speculative" if k else "plain"): round(v, 2)
+            row["policy_tokens_per_s"] = {str(b): {(f"k={k}" if k else "plain"): round(v, 2)
                                                    for k, v in r.items()} for b, r in engine.policy.rates().items()}
     return row
 

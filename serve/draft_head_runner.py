@@ -96,10 +96,10 @@ class HeadRunner:
     """A draft head beside an engine: its weights, its one-layer pool over the engine's page ids, and the feature
     pool it adds to the engine's cache."""
 
-    def __init__(self, head: DraftHead, engine: Engine, num_tokens: int):
+    def __init__(self, head: DraftHead, engine: Engine, ks: Sequence[int]):
         check_compatible(head.cfg, engine.model_cfg)
         cfg = head.cfg.block_config
-        self.engine, self.k = engine, num_tokens
+        self.engine, self.max_k = engine, max(ks)
         self.head_graph, self.head_params = nnx.split(head)
         ps, num_pages = engine.cfg.page_size, engine.cache_shape.num_pages
         dtype = str(engine.model_cfg.compute_dtype)
@@ -108,34 +108,37 @@ class HeadRunner:
         self.layout, self.max_tiles = engine.layout, engine.max_tiles
         self._fill = shared_compiled(_fill, self.head_graph, engine.graph, engine.decode_impl)
         self._catch_up = shared_compiled(_catch_up, self.head_graph, engine.graph, engine.decode_impl)
-        self._draft_k = shared_compiled(_draft_k, self.head_graph, engine.graph, engine.decode_impl, ps, num_tokens)
+        self._draft_k = {k: shared_compiled(_draft_k, self.head_graph, engine.graph, engine.decode_impl, ps, k)
+                         for k in ks if k}
 
     def draft(self, decodes: Sequence[ScheduledChunk], inputs: StepInputs) -> tuple[jax.Array, jax.Array]:
-        """Draft k tokens for each decode row of the target's step `inputs` (rows in `decodes` order, padded to its
-        Bd): (drafts [Bd, k], q [Bd, k, V]) on the device."""
-        Bd = inputs.decode_tables_BxW.shape[0]
+        """Draft k tokens (the target step's drafts per row) for each decode row of the target's step `inputs`
+        (rows in `decodes` order, padded to its Bd): (drafts [Bd, k], q [Bd, k, V]) on the device."""
+        Bd, k = inputs.drafts_BxNd.shape
         # pairs [start, N - 1): the tokens after them, x_{start+1} .. x_{N-1}, at the pairs' positions
         starts = [min(c.seq.num_draft_computed, c.seq.num_tokens - 2) for c in decodes]
         for chunk in decodes:
             chunk.seq.num_draft_computed = chunk.seq.num_tokens - 1
-        # after a verification the head lacks the pairs of the accepted tokens and the bonus: at most k + 1
-        catch_up = catch_up_batch(decodes, starts, self.layout, Bd, self.k + 1, self.max_tiles, shift=1)
+        # after a verification the head lacks the pairs of the accepted tokens and the bonus: at most k + 1 for
+        # the largest k the engine drafts (one catch-up shape whatever k the last step drafted)
+        catch_up = catch_up_batch(decodes, starts, self.layout, Bd, self.max_k + 1, self.max_tiles, shift=1)
         return self._run(catch_up, positions_of([c.seq.num_tokens - 2 for c in decodes], Bd),
-                         inputs.decode_tables_BxW)
+                         inputs.decode_tables_BxW, k)
 
-    def _run(self, catch_up: CatchUp, positions_B: np.ndarray, tables_BxW: np.ndarray) -> tuple[jax.Array, jax.Array]:
-        """The catch-up's fills and step, then the drafting from each row's last pair (at `positions_B`)."""
+    def _run(self, catch_up: CatchUp, positions_B: np.ndarray, tables_BxW: np.ndarray, k: int
+             ) -> tuple[jax.Array, jax.Array]:
+        """The catch-up's fills and step, then k drafts from each row's last pair (at `positions_B`)."""
         rest, features = self.engine.params.rest, self.engine.cache.features
         for fill in catch_up.fills:
             self.pool = self._fill(self.head_params, self.pool, rest, features, fill)
         logits_BxV, g_BxD, self.pool = self._catch_up(self.head_params, self.pool, rest, features, catch_up.step,
                                                       catch_up.row_slots)
-        drafts, q, self.pool = self._draft_k(self.head_params, self.pool, rest, logits_BxV, g_BxD, positions_B,
-                                             tables_BxW, catch_up.sampling)
+        drafts, q, self.pool = self._draft_k[k](self.head_params, self.pool, rest, logits_BxV, g_BxD, positions_B,
+                                                tables_BxW, catch_up.sampling)
         return drafts, q
 
     def warmup(self, widths: Sequence[int]) -> None:
-        """Compile the catch-up and drafting for every decode-row bucket at each width in `widths`, and the
+        """Compile the catch-up and drafting (each k) for every decode-row bucket at each width in `widths`, and the
         catch-up's prefill for every tile bucket up to the engine's `max_tiles` (the shapes the target's warm-up
         covers), on all-padding inputs, which write only the null page of the head's pool."""
         layout, rest, features = self.layout, self.engine.params.rest, self.engine.cache.features
@@ -144,10 +147,11 @@ class HeadRunner:
                 self.pool = self._fill(self.head_params, self.pool, rest, features,
                                        padding_step(layout.max_decode_rows, nt, w, layout.tile)[0])
             for bd in layout.decode_buckets():
-                self._run(padding_catch_up(bd, w, layout.tile, self.k + 1), positions_of([], bd),
-                          np.zeros((bd, w), np.int32))
+                for k in self._draft_k:
+                    self._run(padding_catch_up(bd, w, layout.tile, self.max_k + 1), positions_of([], bd),
+                              np.zeros((bd, w), np.int32), k)
 
     @property
     def compile_count(self) -> int:
         """Shapes compiled for this head structure (catch-up prefills and steps, and drafting)."""
-        return self._fill.count + self._catch_up.count + self._draft_k.count
+        return self._fill.count + self._catch_up.count + sum(d.count for d in self._draft_k.values())

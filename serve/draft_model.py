@@ -196,44 +196,46 @@ def draft_tokens(step: Callable[[DraftState, StepInputs], tuple[jax.Array, Draft
 class DraftRunner:
     """A draft model beside an engine: its weights, its cache over the engine's page ids, its compiled steps."""
 
-    def __init__(self, model: nnx.Module, engine: Engine, num_tokens: int):
+    def __init__(self, model: nnx.Module, engine: Engine, ks: Sequence[int]):
         model = for_inference(model)
         target = engine.model_cfg
         if model.cfg.vocab_size != target.vocab_size:
             raise ValueError(f"the draft model's vocabulary ({model.cfg.vocab_size}) must be the target's "
                              f"({target.vocab_size})")
-        self.cfg, self.k = model.cfg, num_tokens
+        self.cfg = model.cfg
         self.graph, self.params = split_for_serving(model)
         ps = engine.cfg.page_size
         self.cache = init_cache(CacheShape.for_model(model.cfg, ps, engine.cache_shape.num_pages))
         self.layout, self.max_tiles = engine.layout, engine.max_tiles
         self._fill = shared_compiled(_fill, self.graph, engine.decode_impl)
         self._catch_up = shared_compiled(_catch_up, self.graph, engine.decode_impl)
-        self._draft_k = shared_compiled(_draft_k, self.graph, engine.decode_impl, ps, num_tokens)
+        self._draft_k = {k: shared_compiled(_draft_k, self.graph, engine.decode_impl, ps, k) for k in ks if k}
 
     def draft(self, decodes: Sequence[ScheduledChunk], inputs: StepInputs) -> tuple[jax.Array, jax.Array]:
-        """Draft k tokens for each decode row of the target's step `inputs` (rows in `decodes` order, padded to its
-        Bd): (drafts [Bd, k], q [Bd, k, V]) on the device. Advances each sequence's `num_draft_computed`."""
-        Bd = inputs.decode_tables_BxW.shape[0]
+        """Draft k tokens (the target step's drafts per row) for each decode row of the target's step `inputs`
+        (rows in `decodes` order, padded to its Bd): (drafts [Bd, k], q [Bd, k, V]) on the device. Advances each
+        sequence's `num_draft_computed`."""
+        Bd, k = inputs.drafts_BxNd.shape
         starts = [min(c.seq.num_draft_computed, c.seq.num_computed) for c in decodes]
         for chunk in decodes:
-            chunk.seq.num_draft_computed = chunk.seq.num_tokens - 1 + self.k
+            chunk.seq.num_draft_computed = chunk.seq.num_tokens - 1 + k
         # after a verification the draft lacks one token, or two when every draft was accepted
         catch_up = catch_up_batch(decodes, starts, self.layout, Bd, 2, self.max_tiles)
         return self._run(catch_up, positions_of([c.seq.num_tokens - 1 for c in decodes], Bd),
-                         inputs.decode_tables_BxW)
+                         inputs.decode_tables_BxW, k)
 
-    def _run(self, catch_up: CatchUp, positions_B: np.ndarray, tables_BxW: np.ndarray) -> tuple[jax.Array, jax.Array]:
-        """The catch-up's fills and step, then the drafting from each row's last position (`positions_B`)."""
+    def _run(self, catch_up: CatchUp, positions_B: np.ndarray, tables_BxW: np.ndarray, k: int
+             ) -> tuple[jax.Array, jax.Array]:
+        """The catch-up's fills and step, then k drafts from each row's last position (`positions_B`)."""
         for fill in catch_up.fills:
             self.cache = self._fill(self.params, self.cache, fill)
         logits_BxV, self.cache = self._catch_up(self.params, self.cache, catch_up.step, catch_up.row_slots)
-        drafts, q, self.cache = self._draft_k(self.params, self.cache, logits_BxV, positions_B, tables_BxW,
-                                              catch_up.sampling)
+        drafts, q, self.cache = self._draft_k[k](self.params, self.cache, logits_BxV, positions_B, tables_BxW,
+                                                 catch_up.sampling)
         return drafts, q
 
     def warmup(self, widths: Sequence[int]) -> None:
-        """Compile the catch-up and drafting for every decode-row bucket at each width in `widths`, and the
+        """Compile the catch-up and drafting (each k) for every decode-row bucket at each width in `widths`, and the
         catch-up's prefill for every tile bucket up to the engine's `max_tiles` (the shapes the target's warm-up
         covers), on all-padding inputs, which write only the null page."""
         layout = self.layout
@@ -242,9 +244,11 @@ class DraftRunner:
                 self.cache = self._fill(self.params, self.cache,
                                         padding_step(layout.max_decode_rows, nt, w, layout.tile)[0])
             for bd in layout.decode_buckets():
-                self._run(padding_catch_up(bd, w, layout.tile, 2), positions_of([], bd), np.zeros((bd, w), np.int32))
+                for k in self._draft_k:
+                    self._run(padding_catch_up(bd, w, layout.tile, 2), positions_of([], bd),
+                              np.zeros((bd, w), np.int32), k)
 
     @property
     def compile_count(self) -> int:
         """Shapes compiled for this draft model structure (catch-up prefills and steps, and drafting)."""
-        return self._fill.count + self._catch_up.count + self._draft_k.count
+        return self._fill.count + self._catch_up.count + sum(d.count for d in self._draft_k.values())

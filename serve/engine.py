@@ -16,8 +16,8 @@ With speculative decoding (`ServeConfig.speculative`), a step that speculates fi
 (drafting needs every sequence's last token), asks the scheduler for k lookahead slots per decode, has the proposer
 draft (serve/ngram.py on the host; serve/draft_model.py or serve/draft_head_runner.py on the device), and verifies
 each decode row's k + 1 positions in the same ragged step as the prefill chunks (serve/speculative.py); it is read
-back at once, since the next drafts start from its tokens. serve/speculation_policy.py decides per step whether to
-speculate, from the tokens/s each mode has reached at this batch size.
+back at once, since the next drafts start from its tokens. serve/speculation_policy.py chooses each step's k among
+`draft_choices` (k, about k / 2, and 0: plain decoding), from the tokens/s each has reached at this batch size.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from serve.request_checks import RequestError
 from serve.sampling import sample_rows, token_logprobs
 from serve.scheduler import Schedule, ScheduledChunk, Scheduler, SchedulerConfig
 from serve.serve_config import DEFAULT_KV_BYTES, ServeConfig
-from serve.speculation_policy import SpeculationPolicy
+from serve.speculation_policy import SpeculationPolicy, draft_choices
 from serve.speculation_stats import SpeculationStats
 from serve.speculative import verify_rows
 from serve.step_batch import (
@@ -217,8 +217,9 @@ class Engine:
         self.num_steps = 0
         spec = cfg.speculative
         self.speculation = SpeculationStats(accepted_at=[0] * (spec.num_tokens if spec else 0))
-        self.policy = SpeculationPolicy() if spec and spec.adaptive else None
-        self._last_mode: bool | None = None  # the last step's mode, if the policy could measure it
+        self.draft_choices = draft_choices(spec.num_tokens, spec.adaptive) if spec else (0,)
+        self.policy = SpeculationPolicy(self.draft_choices) if spec and spec.adaptive else None
+        self._last_mode: int | None = None  # the last step's k, if the policy could measure it
         self._ngram = NgramConfig(spec.ngram_max_n, spec.ngram_min_n, spec.num_tokens) if spec else None
         self._drafter = None
         if spec and spec.method == "mtp":
@@ -227,16 +228,16 @@ class Engine:
                                  "it takes no draft_model")
             from model.draft_head import mtp_draft_head  # noqa: PLC0415
             from serve.draft_head_runner import HeadRunner  # noqa: PLC0415
-            self._drafter = HeadRunner(mtp_draft_head(model), self, spec.num_tokens)
+            self._drafter = HeadRunner(mtp_draft_head(model), self, self.draft_choices)
         elif spec and spec.method in ("draft", "head"):
             if draft_model is None:
                 raise ValueError(f"speculative method {spec.method!r} needs a draft_model (a model, or a DraftHead)")
             if spec.method == "draft":
                 from serve.draft_model import DraftRunner  # noqa: PLC0415 (only engines with a draft model load it)
-                self._drafter = DraftRunner(draft_model, self, spec.num_tokens)
+                self._drafter = DraftRunner(draft_model, self, self.draft_choices)
             else:
                 from serve.draft_head_runner import HeadRunner  # noqa: PLC0415
-                self._drafter = HeadRunner(draft_model, self, spec.num_tokens)
+                self._drafter = HeadRunner(draft_model, self, self.draft_choices)
         elif draft_model is not None:
             raise ValueError("a draft_model was given but serve.speculative.method is neither 'draft' nor 'head'")
 
@@ -337,7 +338,7 @@ class Engine:
             events = self._read_back(self._in_flight)
             self._in_flight = None
         schedule = self.scheduler.schedule(lookahead)
-        built = self._build(schedule) if schedule.chunks else None
+        built = self._build(schedule, lookahead) if schedule.chunks else None
         if built and self._in_flight and not self._steps.compiled(built[0], self.cache, self._prev_tokens,
                                                                  *built[1:3], built[4]):
             events += self._read_back(self._in_flight)  # the tokens in flight do not wait for a compile
@@ -357,7 +358,7 @@ class Engine:
         # a step measures its mode's steady rate (the tokens it computes, over its time) when neither it nor the
         # step before compiled or prefilled and both ran the same mode: with overlap a step's time holds the device
         # time of the step before, so a switch's first step would be charged for the other mode's step
-        mode = bool(lookahead) if schedule.chunks and not schedule.prefills and self.compiles() == compiles else None
+        mode = lookahead if schedule.chunks and not schedule.prefills and self.compiles() == compiles else None
         if self.policy and mode is not None and mode == self._last_mode:
             self.policy.record(bucket(len(schedule.decodes)), mode, produced, time.perf_counter() - start)
         self._last_mode = mode
@@ -377,8 +378,8 @@ class Engine:
         return self.compile_count + (self._drafter.compile_count if self._drafter else 0)
 
     def _lookahead(self) -> int:
-        """Drafted tokens per decode this step: the configured k, or 0 where the policy finds speculation slower
-        for this many running sequences, or while prompts are being prefilled."""
+        """Drafted tokens per decode this step: the configured k, or the policy's choice for this many running
+        sequences (`SpeculationPolicy.choose`: a smaller k, or 0), or 0 while prompts are being prefilled."""
         spec, scheduler = self.cfg.speculative, self.scheduler
         if spec is None or not scheduler.num_running:
             return 0
@@ -387,9 +388,7 @@ class Engine:
             return 0
         if any(seq.num_computed < seq.num_tokens - 1 for seq in scheduler.running):
             return 0
-        if self.policy and not self.policy.speculate(bucket(self.scheduler.num_running)):
-            return 0
-        return spec.num_tokens
+        return self.policy.choose(bucket(self.scheduler.num_running)) if self.policy else spec.num_tokens
 
     def _row(self, chunk: ScheduledChunk, drafts: list[int] = ()) -> Row:
         seq, s = chunk.seq, chunk.seq.sampling
@@ -402,12 +401,13 @@ class Engine:
                    temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
                    logprobs=seq.logprobs is not None, prev_slot=prev_slot, drafts=drafts)
 
-    def _build(self, schedule: Schedule) -> tuple[StepParams, StepInputs, SamplingInputs, list, tuple | None, dict]:
+    def _build(self, schedule: Schedule, k: int) -> tuple[StepParams, StepInputs, SamplingInputs, list,
+                                                           tuple | None, dict]:
         """The step's weights, inputs, sampling inputs, (request, sampling slot) pairs, the draft model's drafts
-        (None without one) and the tokens drafted for each request (by id)."""
+        (None without one) and the tokens drafted for each request (by id); `k` the step's lookahead."""
         decodes, prefills = list(schedule.decodes), list(schedule.prefills)
         drafts = self._propose(decodes)
-        num_drafts = self.cfg.speculative.num_tokens if any(drafts) else 0
+        num_drafts = k if any(drafts) else 0
         inputs, sampling, slots_of = build_step([self._row(c, d) for c, d in zip(decodes, drafts, strict=True)],
                                                 [self._row(c) for c in prefills], self.layout, num_drafts)
         self.shapes_seen.add(self.layout.shape_of(inputs))
@@ -514,7 +514,8 @@ class Engine:
         """Compile the step for every bucket whose block tables cover up to `max_context` tokens (default: the
         smallest width, `min_context_bucket`), with all-padding inputs, so no request waits for those compiles;
         wider steps compile when first needed. With speculative decoding, also the verifying step of every
-        decode-row bucket at those widths, and a draft model's or head's catch-up and drafting (its `warmup`).
+        decode-row bucket at those widths for each k of `draft_choices`, and a draft model's or head's catch-up and
+        drafting (its `warmup`).
         Returns the number of shapes compiled so far (`compiles()`: the draft's too)."""
         if self._in_flight is not None:
             raise RuntimeError("warm up before serving: a step is in flight")
@@ -523,12 +524,12 @@ class Engine:
         for bd, nt, w in self.step_shapes():
             if w <= widest:
                 self._warm_step(bd, nt, w)
-        spec = self.cfg.speculative
-        if spec is not None:
+        if self.cfg.speculative is not None:
             widths = self.layout.widths(widest)
             for w in widths:
                 for bd in self.layout.decode_buckets():  # a step that verifies has no prefill chunks
-                    self._warm_step(bd, 0, w, spec.num_tokens)
+                    for k in filter(None, self.draft_choices):
+                        self._warm_step(bd, 0, w, k)
             if self._drafter is not None:
                 self._drafter.warmup(widths)
         return self.compiles()

@@ -16,9 +16,10 @@ class SpeculativeConfig:
     matched earlier in the sequence), "draft" with a smaller model given to the engine, "head" with a draft head
     trained on the target's hidden states (serve/draft_head_runner.py), "mtp" with the target's own depth-1
     multi-token prediction module run as such a head (a model trained with model.mtp_depth >= 1); `num_tokens` (k)
-    drafted tokens per decode, verified in one target forward. With `adaptive`, each decode-batch size measures its
-    tokens/s with and without speculation and keeps the faster (probing the other now and then), so a batch where
-    verifying k extra positions costs more than the accepted tokens bring decodes plainly."""
+    drafted tokens per decode at most, verified in one target forward. With `adaptive`, each decode-batch size
+    measures its tokens/s drafting k, about k / 2 (rounded up) and no tokens (plain decoding) and keeps the fastest
+    (probing the others now and then, serve/speculation_policy.py), so a batch where verifying k extra positions
+    costs more than the accepted tokens bring drafts fewer or decodes plainly; without, every decode drafts k."""
 
     method: str = "ngram"
     num_tokens: int = 4

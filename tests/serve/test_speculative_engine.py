@@ -154,46 +154,38 @@ def test_sampled_speculation_keeps_the_target_distribution():
         assert stats.chisquare(observed[keep], wanted[keep]).pvalue > 1e-3, position
 
 
-def test_the_policy_keeps_the_faster_mode_and_probes_the_other():
-    policy = SpeculationPolicy(explore_steps=2, probe_every=10, probe_steps=2)
-    for _ in range(2):
-        assert policy.speculate(4) is True  # unmeasured: try speculation first, for probe_steps steps
-        policy.record(4, True, 2, 1.0)  # 2 tokens/s speculating
-    assert policy.speculate(4) is False  # then plain decoding, to measure it
-    policy.record(4, False, 0, 0.1)  # a switch's first step reads nothing back: one step does not decide
-    assert policy.speculate(4) is False
-    policy.record(4, False, 8, 1.0)  # plain: 8 tokens in 1.1 s all told, faster
-    choices = [policy.speculate(4) for _ in range(20)]
-    assert choices.count(False) >= 14 and choices.count(True) >= 2  # mostly plain, with probes
-    assert policy.speculate(8) is True  # another batch size has its own figures
-
-
-def test_the_engine_measures_each_mode_in_steady_state_only():
-    """With overlap a step's time holds the device time of the step before it, so the policy is given only steps
-    that follow a measurable step of the same mode (the first step after a switch, a prefill or a compile would be
-    charged for another kind of step); and the output stays the naive decoder's while it switches."""
-    e = engine(dataclasses.replace(NGRAM, adaptive=True))
-    e.policy = SpeculationPolicy(explore_steps=2, probe_every=6, probe_steps=2)  # switch often
+@pytest.mark.parametrize("proposer", ["ngram", "other", pytest.param("head", marks=pytest.mark.slow)])
+def test_the_engine_switches_k_and_measures_each_in_steady_state_only(proposer):
+    """The adaptive engine drafts each k of its choices (3, 2 and 0 here) in turn, and the output stays the naive
+    decoder's whatever k each step drafts (a draft model's cache and a head's pool catch up after steps of any k).
+    With overlap a step's time holds the device time of the step before it, so the policy is given only steps
+    that follow a measurable step of the same k (the first step after a switch, a prefill or a compile would be
+    charged for another kind of step)."""
+    spec, draft = {"ngram": (NGRAM, None), "other": (DRAFT, other_draft()),
+                   "head": (HEAD, create_draft_head(CFG, seed=1))}[proposer]
+    e = engine(dataclasses.replace(spec, adaptive=True), draft)
+    assert e.draft_choices == (K, 2, 0)
+    e.policy = SpeculationPolicy(e.draft_choices, explore_steps=2, probe_every=6, probe_steps=2)  # switch often
     modes, recorded = [], []
     record, lookahead = e.policy.record, e._lookahead
 
     def spy_lookahead():
         k = lookahead()
-        modes.append(bool(k))
+        modes.append(k)
         return k
 
-    def spy_record(bucket, speculated, tokens, seconds):
-        recorded.append((len(modes) - 1, speculated))
-        record(bucket, speculated, tokens, seconds)
+    def spy_record(bucket, k, tokens, seconds):
+        recorded.append((len(modes) - 1, k))
+        record(bucket, k, tokens, seconds)
 
     e._lookahead, e.policy.record = spy_lookahead, spy_record
     prompt = prompts()[3]
     expected = generate(model(), [prompt], 40)[0]
     for i in range(3):  # one request at a time, long enough for steps that compile nothing
         assert e.generate([Request(tuple(prompt), 40, request_id=f"s{i}")])[0].token_ids == expected
-    assert {m for _, m in recorded} == {True, False}
-    for i, mode in recorded:
-        assert i > 0 and modes[i] == mode and modes[i - 1] == mode, (i, modes[max(0, i - 2):i + 1])
+    assert {k for _, k in recorded} == set(e.draft_choices)
+    for i, k in recorded:
+        assert i > 0 and modes[i] == k and modes[i - 1] == k, (i, modes[max(0, i - 2):i + 1])
     switches = [i for i in range(1, len(modes)) if modes[i] != modes[i - 1]]
     assert switches and not {i for i, _ in recorded} & set(switches)
 
