@@ -30,11 +30,11 @@ from flax import nnx
 
 from model.draft_head import DraftHead, check_compatible
 from serve.compiled import shared_compiled
-from serve.draft_model import CatchUp, catch_up_batch, draft_tokens, padding_catch_up, positions_of
+from serve.draft_model import CatchUp, catch_up_batch, draft_tokens, positions_of, warm_drafter
 from serve.forward import StepGraph, paged_attend
 from serve.kv_cache import CacheShape, KVCache, init_cache
 from serve.scheduler import ScheduledChunk
-from serve.step_batch import StepInputs, padding_step
+from serve.step_batch import StepInputs
 
 if TYPE_CHECKING:
     from serve.engine import Engine
@@ -130,26 +130,21 @@ class HeadRunner:
         """The catch-up's fills and step, then k drafts from each row's last pair (at `positions_B`)."""
         rest, features = self.engine.params.rest, self.engine.cache.features
         for fill in catch_up.fills:
-            self.pool = self._fill(self.head_params, self.pool, rest, features, fill)
+            self._write(fill)
         logits_BxV, g_BxD, self.pool = self._catch_up(self.head_params, self.pool, rest, features, catch_up.step,
                                                       catch_up.row_slots)
         drafts, q, self.pool = self._draft_k[k](self.head_params, self.pool, rest, logits_BxV, g_BxD, positions_B,
                                                 tables_BxW, catch_up.sampling)
         return drafts, q
 
+    def _write(self, fill: StepInputs) -> None:
+        """Write the head K/V of a catch-up's older pairs (prefill tiles; features from the target's pool)."""
+        self.pool = self._fill(self.head_params, self.pool, self.engine.params.rest, self.engine.cache.features, fill)
+
     def warmup(self, widths: Sequence[int]) -> None:
-        """Compile the catch-up and drafting (each k) for every decode-row bucket at each width in `widths`, and the
-        catch-up's prefill for every tile bucket up to the engine's `max_tiles` (the shapes the target's warm-up
-        covers), on all-padding inputs, which write only the null page of the head's pool."""
-        layout, rest, features = self.layout, self.engine.params.rest, self.engine.cache.features
-        for w in widths:
-            for nt in layout.tile_buckets(self.max_tiles):
-                self.pool = self._fill(self.head_params, self.pool, rest, features,
-                                       padding_step(layout.max_decode_rows, nt, w, layout.tile)[0])
-            for bd in layout.decode_buckets():
-                for k in self._draft_k:
-                    self._run(padding_catch_up(bd, w, layout.tile, self.max_k + 1), positions_of([], bd),
-                              np.zeros((bd, w), np.int32), k)
+        """Compile the catch-up (k_max + 1 pairs a row) and drafting of each k at each width in `widths`
+        (`serve.draft_model.warm_drafter`)."""
+        warm_drafter(self.layout, self.max_tiles, widths, tuple(self._draft_k), self.max_k + 1, self._write, self._run)
 
     @property
     def compile_count(self) -> int:

@@ -148,6 +148,22 @@ def padding_catch_up(bd: int, w: int, tile: int, width: int) -> CatchUp:
     return CatchUp([], step, np.zeros(bd, np.int32), tuple(a[:bd] for a in sampling[:-1]))
 
 
+def warm_drafter(layout: StepLayout, max_tiles: int, widths: Sequence[int], ks: Sequence[int], catch_up_width: int,
+                 fill: Callable[[StepInputs], None], run: Callable[[CatchUp, np.ndarray, np.ndarray, int], object]
+                 ) -> None:
+    """A proposer's warm-up: `fill` (its catch-up's prefill) for every tile bucket up to `max_tiles`, and `run`
+    (its catch-up step, `catch_up_width` tokens a row, then drafting k of `ks`) for every decode-row bucket, at
+    each width in `widths` (the shapes the target's warm-up covers), on all-padding inputs, which write only the
+    null page of the proposer's pool."""
+    for w in widths:
+        for nt in layout.tile_buckets(max_tiles):
+            fill(padding_step(layout.max_decode_rows, nt, w, layout.tile)[0])
+        for bd in layout.decode_buckets():
+            for k in ks:
+                run(padding_catch_up(bd, w, layout.tile, catch_up_width), positions_of([], bd),
+                    np.zeros((bd, w), np.int32), k)
+
+
 def _fill(graph: StepGraph, decode_impl: str, params: StepParams, cache: KVCache, inputs: StepInputs) -> KVCache:
     """Write the draft K/V of a catch-up's older tokens (`inputs`, prefill tiles); no logits are needed."""
     return model_step(graph, params, cache, inputs, decode_impl=decode_impl)[1]
@@ -228,25 +244,20 @@ class DraftRunner:
              ) -> tuple[jax.Array, jax.Array]:
         """The catch-up's fills and step, then k drafts from each row's last position (`positions_B`)."""
         for fill in catch_up.fills:
-            self.cache = self._fill(self.params, self.cache, fill)
+            self._write(fill)
         logits_BxV, self.cache = self._catch_up(self.params, self.cache, catch_up.step, catch_up.row_slots)
         drafts, q, self.cache = self._draft_k[k](self.params, self.cache, logits_BxV, positions_B, tables_BxW,
                                                  catch_up.sampling)
         return drafts, q
 
+    def _write(self, fill: StepInputs) -> None:
+        """Write the draft K/V of a catch-up's older tokens (prefill tiles)."""
+        self.cache = self._fill(self.params, self.cache, fill)
+
     def warmup(self, widths: Sequence[int]) -> None:
-        """Compile the catch-up and drafting (each k) for every decode-row bucket at each width in `widths`, and the
-        catch-up's prefill for every tile bucket up to the engine's `max_tiles` (the shapes the target's warm-up
-        covers), on all-padding inputs, which write only the null page."""
-        layout = self.layout
-        for w in widths:
-            for nt in layout.tile_buckets(self.max_tiles):
-                self.cache = self._fill(self.params, self.cache,
-                                        padding_step(layout.max_decode_rows, nt, w, layout.tile)[0])
-            for bd in layout.decode_buckets():
-                for k in self._draft_k:
-                    self._run(padding_catch_up(bd, w, layout.tile, 2), positions_of([], bd),
-                              np.zeros((bd, w), np.int32), k)
+        """Compile the catch-up (two tokens a row) and drafting of each k at each width in `widths`
+        (`warm_drafter`)."""
+        warm_drafter(self.layout, self.max_tiles, widths, tuple(self._draft_k), 2, self._write, self._run)
 
     @property
     def compile_count(self) -> int:
