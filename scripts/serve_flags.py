@@ -1,7 +1,7 @@
 """The serving engine's settings on a command line: every `ServeConfig` field as `--set serve.FIELD=value`, a few
 shorthands (`--page-size`, `--max-running`, `--token-budget`, `--kv-pages`, `--decode-impl`), and speculative
-decoding (`--speculative ngram|mtp|draft:SOURCE|head:DIR`, `--num-speculative-tokens K`: a SpeculativeConfig and the
-draft model or head).
+decoding (`--speculative ngram|mtp|draft:SOURCE|head:DIR`, `--num-speculative-tokens K`, `--fixed-speculative-tokens`:
+a SpeculativeConfig and the draft model or head).
 
 There is one set of defaults, `ServeConfig`'s own: a flag not given leaves its field alone. Values are parsed by the
 field's declared type (int, float, bool, str, or an optional of those, where `none`/`null` is None); a shorthand is
@@ -24,6 +24,7 @@ SHORTHANDS = {"page_size": "--page-size", "max_running": "--max-running", "token
 
 
 OWN_FLAGS = {"speculative": "--speculative and --num-speculative-tokens"}  # fields that are not one scalar
+SPECULATIVE_FLAGS = ("--speculative", "--num-speculative-tokens", "--fixed-speculative-tokens")
 
 
 def serve_fields() -> dict[str, Any]:
@@ -74,8 +75,11 @@ def add_serve_args(p: argparse.ArgumentParser, *, other_sections: str = "") -> N
                         "directory, hf:DIR or gguf:FILE), or 'head:DIR', a draft head trained on this model by "
                         "scripts/train_draft_head.py")
     p.add_argument("--num-speculative-tokens", type=int, metavar="K",
-                   help="tokens drafted per decode step with --speculative (default "
-                        f"{speculative_default_tokens()})")
+                   help="tokens drafted per decode step with --speculative, at most (default "
+                        f"{speculative_default_tokens()}; the measured policy may draft about half, or none)")
+    p.add_argument("--fixed-speculative-tokens", action="store_true", default=None,
+                   help="draft K tokens at every decode step: the measured policy, which chooses K, about K / 2 or "
+                        "none per batch size by tokens/s, off")
 
 
 def speculative_default_tokens() -> int:
@@ -91,16 +95,18 @@ def speculative_config(args: argparse.Namespace):
 
     spec = getattr(args, "speculative", None)
     k = getattr(args, "num_speculative_tokens", None)
+    fixed = getattr(args, "fixed_speculative_tokens", None)
     if spec is None:
-        if k is not None:
-            raise ValueError("--num-speculative-tokens needs --speculative")
+        for flag, value in (("--num-speculative-tokens", k), ("--fixed-speculative-tokens", fixed)):
+            if value is not None:
+                raise ValueError(f"{flag} needs --speculative")
         return None
     method, _, source = spec.partition(":")
     if (method in ("ngram", "mtp")) != (source == "") or method not in ("ngram", "mtp", "draft", "head"):
         raise ValueError(f"--speculative {spec!r}: expected 'ngram', 'mtp' (the model's own multi-token prediction "
                          "module), 'draft:SOURCE' (a run directory, hf:DIR or gguf:FILE) or 'head:DIR' (a draft "
                          "head from scripts/train_draft_head.py)")
-    return SpeculativeConfig(method=method, **({} if k is None else {"num_tokens": k}))
+    return SpeculativeConfig(method=method, adaptive=not fixed, **({} if k is None else {"num_tokens": k}))
 
 
 def load_draft_model(args: argparse.Namespace, target_cfg=None):
@@ -172,9 +178,11 @@ def serve_argv(args: argparse.Namespace) -> list[str]:
     """This command line's serve settings as arguments for another serving command: its `--set` items, then the
     shorthands it gave."""
     argv = [a for item in args.overrides for a in ("--set", item)]
-    for flag in (*SHORTHANDS.values(), "--speculative", "--num-speculative-tokens"):
+    for flag in (*SHORTHANDS.values(), *SPECULATIVE_FLAGS):
         value = getattr(args, flag[2:].replace("-", "_"), None)
-        if value is not None:
+        if value is True:
+            argv.append(flag)
+        elif value is not None:
             argv += [flag, str(value)]
     return argv
 

@@ -219,7 +219,8 @@ class Engine:
         self.speculation = SpeculationStats(accepted_at=[0] * (spec.num_tokens if spec else 0))
         self.draft_choices = draft_choices(spec.num_tokens, spec.adaptive) if spec else (0,)
         self.policy = SpeculationPolicy(self.draft_choices) if spec and spec.adaptive else None
-        self._last_mode: int | None = None  # the last step's k, if the policy could measure it
+        self._last_mode: tuple[int, int] | None = None  # the last step's (k, decode bucket), if measurable
+        self._run = 0  # measurable steps of that k and bucket in a row, the last one included
         self._ngram = NgramConfig(spec.ngram_max_n, spec.ngram_min_n, spec.num_tokens) if spec else None
         self._drafter = None
         if spec and spec.method == "mtp":
@@ -355,12 +356,14 @@ class Engine:
             events += own
             produced = len(own)
             self._in_flight = None
-        # a step measures its mode's steady rate (the tokens it computes, over its time) when neither it nor the
-        # step before compiled or prefilled and both ran the same mode: with overlap a step's time holds the device
-        # time of the step before, so a switch's first step would be charged for the other mode's step
-        mode = lookahead if schedule.chunks and not schedule.prefills and self.compiles() == compiles else None
-        if self.policy and mode is not None and mode == self._last_mode:
-            self.policy.record(bucket(len(schedule.decodes)), mode, produced, time.perf_counter() - start)
+        # a step is measurable when it neither compiled nor prefilled; the policy takes it as its k's steady cost
+        # only after a run of such steps of one k and bucket (`SpeculationPolicy.settle`): with the overlap a step's
+        # time holds the device time of the step before, and the first steps after a change of shapes run slower
+        measurable = schedule.chunks and not schedule.prefills and self.compiles() == compiles
+        mode = (lookahead, bucket(len(schedule.decodes))) if measurable else None
+        self._run = 0 if mode is None else self._run + 1 if mode == self._last_mode else 1
+        if self.policy and mode is not None:
+            self.policy.record(mode[1], mode[0], produced, time.perf_counter() - start, self._run)
         self._last_mode = mode
         running = self.scheduler.running
         if running and self.allocator.num_used:

@@ -9,6 +9,11 @@ them: for each bucket of decode rows, the output tokens per second of its last `
 every `probe_every` steps of a bucket, spends `probe_steps` steps on one of the others, in turn, to keep its figure
 current.
 
+Only a k's steady cost counts: a step is recorded when the `settle` steps before it ran the same k at the same
+bucket (the engine counts the run). The first steps after a change of step shapes run slower than the steady ones
+(on the 2-core CPU the first ~5 plain steps after speculation took 2-5 times the steady 0.5-0.7 ms of the demo
+model), so a probe that measured them rated the probed k far below its steady rate and kept the incumbent.
+
 A k's rate is its window's tokens over its seconds, each step's seconds capped at `outlier` times the window's
 median step: a step that long was interrupted (a garbage collection, another process), which says nothing of the
 k's cost, and a probed k has only a few steps in its window, so one interruption would otherwise decide the
@@ -55,8 +60,8 @@ class SpeculationPolicy:
     """Chooses per step how many tokens to draft, from the measured rates of each decode-batch bucket (the module
     docstring says how a rate is measured)."""
 
-    def __init__(self, choices: Sequence[int], explore_steps: int = 4, probe_every: int = 64, probe_steps: int = 3,
-                 window: int = 16, outlier: float = 3.0):
+    def __init__(self, choices: Sequence[int], explore_steps: int = 4, probe_every: int = 128, probe_steps: int = 8,
+                 settle: int = 4, window: int = 16, outlier: float = 3.0):
         if len(choices) < 2 or len(set(choices)) != len(choices):
             raise ValueError(f"speculation policy choices must be two or more different k, got {tuple(choices)}")
         for k in choices:
@@ -64,10 +69,17 @@ class SpeculationPolicy:
         for name, value in (("explore_steps", explore_steps), ("probe_every", probe_every),
                             ("probe_steps", probe_steps), ("window", window)):
             check_int(f"speculation policy {name}", value)
+        check_int("speculation policy settle", settle, minimum=0)
+        if probe_steps >= probe_every:
+            raise ValueError(f"speculation policy probe_steps ({probe_steps}) must be fewer than probe_every "
+                             f"({probe_every})")
+        if probe_steps <= settle:
+            raise ValueError(f"speculation policy probe_steps ({probe_steps}) must be more than settle ({settle}), "
+                             "or a probe records nothing")
         check_number("speculation policy outlier", outlier)
         self.choices = tuple(sorted(choices, reverse=True))
         self.explore_steps, self.probe_every, self.probe_steps = explore_steps, probe_every, probe_steps
-        self.window, self.outlier = window, outlier
+        self.settle, self.window, self.outlier = settle, window, outlier
         self._buckets: dict[int, _Bucket] = {}
 
     def _bucket(self, bucket: int) -> _Bucket:
@@ -86,9 +98,10 @@ class SpeculationPolicy:
         others = [k for k in self.choices if k != best]
         return others[b.choices // self.probe_every % len(others)]
 
-    def record(self, bucket: int, k: int, tokens: int, seconds: float) -> None:
-        """A decode-only step of this bucket that drafted k tokens a row emitted `tokens` in `seconds`."""
-        if seconds > 0:
+    def record(self, bucket: int, k: int, tokens: int, seconds: float, run: int) -> None:
+        """A decode-only step of this bucket that drafted k tokens a row emitted `tokens` in `seconds`, the `run`-th
+        measurable step of this k and bucket in a row (counted only past `settle`)."""
+        if seconds > 0 and run > self.settle:
             self._bucket(bucket).add(k, tokens, seconds)
 
     def rates(self) -> dict[int, dict[int, float]]:

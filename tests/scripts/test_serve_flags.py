@@ -70,8 +70,11 @@ def test_speculative_decoding_has_its_own_flags():
         method="ngram", num_tokens=3)
     assert parsed("--speculative", "draft:runs/tiny").speculative == SpeculativeConfig(method="draft")
     assert parsed("--speculative", "head:heads/h").speculative == SpeculativeConfig(method="head")
+    assert parsed("--speculative", "ngram", "--fixed-speculative-tokens").speculative == SpeculativeConfig(
+        method="ngram", adaptive=False)
     for argv, message in ((["--speculative", "eagle"], "expected 'ngram'"), (["--speculative", "draft:"], "draft"),
                           (["--num-speculative-tokens", "3"], "needs --speculative"),
+                          (["--fixed-speculative-tokens"], "--fixed-speculative-tokens needs --speculative"),
                           (["--speculative", "ngram", "--num-speculative-tokens", "0"], "num_tokens"),
                           (["--set", "serve.speculative=ngram"], "--speculative and --num-speculative-tokens")):
         with pytest.raises(ValueError, match=message):
@@ -112,6 +115,8 @@ def test_serve_argv_hands_the_same_settings_on():
     assert argv == ["--set", "serve.page_size=4", "--max-running", "3", "--kv-pages", "50"]
     assert parsed(*argv) == ServeConfig(page_size=4, max_running=3, num_pages=50)
     assert serve_argv(p.parse_args([])) == []
+    spec = ["--speculative", "ngram", "--num-speculative-tokens", "2", "--fixed-speculative-tokens"]
+    assert serve_argv(p.parse_args(spec)) == spec
 
 
 @pytest.mark.parametrize("main", [scripts.generate.main, scripts.bench_serving.main])
