@@ -18,7 +18,9 @@ A k's rate is its window's tokens over its seconds, each step's seconds capped a
 median step: a step that long was interrupted (a garbage collection, another process), which says nothing of the
 k's cost, and a probed k has only a few steps in its window, so one interruption would otherwise decide the
 choice. Steps of one k can differ in cost (an n-gram step with no draft verifies nothing), so the median alone
-would not do.
+would not do. A k > 0 is chosen over plain decoding only when its rate is `margin` (5%) higher: within the
+measurement's noise plain decoding, which cannot be slower than itself, wins (and each switch costs its slower
+first steps).
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ class SpeculationPolicy:
     docstring says how a rate is measured)."""
 
     def __init__(self, choices: Sequence[int], explore_steps: int = 4, probe_every: int = 128, probe_steps: int = 8,
-                 settle: int = 4, window: int = 16, outlier: float = 3.0):
+                 settle: int = 4, window: int = 16, outlier: float = 3.0, margin: float = 0.05):
         if len(choices) < 2 or len(set(choices)) != len(choices):
             raise ValueError(f"speculation policy choices must be two or more different k, got {tuple(choices)}")
         for k in choices:
@@ -77,9 +79,10 @@ class SpeculationPolicy:
             raise ValueError(f"speculation policy probe_steps ({probe_steps}) must be more than settle ({settle}), "
                              "or a probe records nothing")
         check_number("speculation policy outlier", outlier)
+        check_number("speculation policy margin", margin, strict=False)
         self.choices = tuple(sorted(choices, reverse=True))
         self.explore_steps, self.probe_every, self.probe_steps = explore_steps, probe_every, probe_steps
-        self.settle, self.window, self.outlier = settle, window, outlier
+        self.settle, self.window, self.outlier, self.margin = settle, window, outlier, margin
         self._buckets: dict[int, _Bucket] = {}
 
     def _bucket(self, bucket: int) -> _Bucket:
@@ -92,11 +95,15 @@ class SpeculationPolicy:
         for k in self.choices:  # each k's first figure from several steps (a switch's first step is odd)
             if b.recorded.get(k, 0) < self.explore_steps:
                 return k
-        best = max(self.choices, key=lambda k: (b.rate(k, self.outlier), k))
+        best = max(self.choices, key=lambda k: (self._score(b, k), k))
         if b.choices % self.probe_every >= self.probe_steps:
             return best
         others = [k for k in self.choices if k != best]
         return others[b.choices // self.probe_every % len(others)]
+
+    def _score(self, b: _Bucket, k: int) -> float:
+        """k's rate, a speculating k's discounted by `margin`."""
+        return b.rate(k, self.outlier) / (1 + self.margin if k else 1)
 
     def record(self, bucket: int, k: int, tokens: int, seconds: float, run: int) -> None:
         """A decode-only step of this bucket that drafted k tokens a row emitted `tokens` in `seconds`, the `run`-th

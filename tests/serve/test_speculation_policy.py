@@ -87,7 +87,17 @@ def test_the_first_steps_of_a_run_are_not_its_cost():
                                            ({"choices": (4, -1)}, "choice"), ({"window": 0}, "window"),
                                            ({"probe_steps": -1}, "probe_steps"), ({"outlier": 0}, "outlier"),
                                            ({"probe_steps": 4, "settle": 4}, "settle"),
-                                           ({"probe_steps": 8, "probe_every": 8}, "probe_every")])
+                                           ({"probe_steps": 8, "probe_every": 8}, "probe_every"),
+                                           ({"margin": -0.1}, "margin")])
 def test_bad_settings_are_refused_by_name(kwargs, named):
     with pytest.raises(ValueError, match=named):
         SpeculationPolicy(**{"choices": (4, 0), **kwargs})
+
+
+def test_a_tie_within_the_margin_decodes_plainly():
+    """Speculation measured 3% faster than plain decoding is within the measurement's noise: the policy decodes
+    plainly (a batch is never made slower for a gain it cannot show); 10% faster, it speculates."""
+    for gain, expected in ((1.03, 0), (1.10, 4)):
+        policy = SpeculationPolicy((4, 0), explore_steps=4)
+        explore(policy, 1, {4: [(4, 4e-3 / gain)] * 4, 0: [(1, 1e-3)] * 4})
+        assert [policy.choose(1) for _ in range(20)].count(expected) >= 17, gain
