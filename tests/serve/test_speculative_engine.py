@@ -154,7 +154,7 @@ def test_sampled_speculation_keeps_the_target_distribution():
         assert stats.chisquare(observed[keep], wanted[keep]).pvalue > 1e-3, position
 
 
-@pytest.mark.parametrize("proposer", ["ngram", "other", pytest.param("head", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("proposer", ["ngram", *(pytest.param(p, marks=pytest.mark.slow) for p in ("other", "head"))])
 def test_the_engine_switches_k_and_measures_each_in_steady_state_only(proposer):
     """The adaptive engine drafts each k of its choices (3, 2 and 0 here) in turn, and the output stays the naive
     decoder's whatever k each step drafts (a draft model's cache and a head's pool catch up after steps of any k).
