@@ -81,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine(model, dataclasses.replace(cfg, max_running=min(len(prompts), cfg.max_running)))
     done = engine.generate([Request(tuple(p), args.max_new_tokens, stop_ids=tuple(tok.eos_ids), request_id=f"r{i}")
                             for i, p in enumerate(prompts)])
+    errors = [c.error for c in done if c.error]
+    if errors:
+        fail(f"{len(errors)} of {len(done)} requests failed, e.g. {errors[0]} (shorter prompts: --prompt-lines; or "
+             "fewer --max-new-tokens)")
     pairs = [(p, c.token_ids) for p, c in zip(prompts, done, strict=True)]
     print(json.dumps({"task": args.task, "requests": len(pairs), "prompt_lines": args.prompt_lines,
                       "mean_prompt_tokens": round(sum(len(p) for p, _ in pairs) / len(pairs), 1),
