@@ -2,7 +2,7 @@
 
 Each iteration the scheduler (serve/scheduler.py) picks decodes for the running requests and prefill chunks for
 newly admitted or partly prefilled ones under one token budget; the engine runs them all as ONE device call over a
-flat ragged token batch (serve/step_batch.py, serve/forward.py), which samples every row's next token on the device
+flat ragged token batch (serve/step_batch.py, serve/engine_step.py), which samples every row's next token on the device
 with that request's own parameters and random stream. With `overlap` (the default) the host does not wait for a
 step's tokens: it launches step n, then reads back step n-1's tokens while step n runs, so scheduling, input
 building and streaming hide behind the device (vLLM's async scheduling, SGLang's overlap scheduler). A decode whose
@@ -38,25 +38,17 @@ from model.config import ModelConfig
 from model.transformer import for_inference
 from serve import request_checks
 from serve.block_allocator import BlockAllocator
-from serve.compiled import CompiledPerShape, shared_compiled
-from serve.forward import (
-    StepGraph,
-    StepParams,
-    model_step,
-    split_for_serving,
-    unstacked,
-)
-from serve.kv_cache import CacheShape, KVCache, init_cache, pages_for_budget
+from serve.engine_step import compiled_steps
+from serve.forward import StepParams, split_for_serving, unstacked
+from serve.kv_cache import CacheShape, init_cache, pages_for_budget
 from serve.ngram import NgramConfig, propose_ngram
 from serve.ragged_attention import resolve_decode_impl
 from serve.request import PENDING, Completion, Request, RequestState, SamplingParams, rejected, report_finished
 from serve.request_checks import RequestError
-from serve.sampling import sample_rows, token_logprobs
 from serve.scheduler import Schedule, ScheduledChunk, Scheduler, SchedulerConfig
 from serve.serve_config import DEFAULT_KV_BYTES, ServeConfig
 from serve.speculation_policy import SpeculationPolicy, draft_choices
 from serve.speculation_stats import SpeculationStats
-from serve.speculative import verify_rows
 from serve.step_batch import (
     Row,
     SamplingInputs,
@@ -85,53 +77,6 @@ def request_problem(request: Request, model_cfg: ModelConfig) -> str | None:
               "stop": request.stop_ids, "logprobs": request.logprobs}
     return request_checks.request_problem(fields, vocab_size=model_cfg.vocab_size,
                                           max_seq_len=model_cfg.max_seq_len)
-
-
-def _device_step(graph: StepGraph, decode_impl: str, params: StepParams, cache: KVCache,
-                 prev_tokens: jax.Array, inputs: StepInputs, sampling: SamplingInputs,
-                 draft: tuple[jax.Array, jax.Array] | None
-                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array], KVCache, jax.Array]:
-    """The model step and the sampler. Tokens marked `from_prev_T` >= 0 are the previous step's sampled tokens
-    (`prev_tokens`, that step's output padded to a fixed length), which the host has not read yet. Decode rows with
-    drafted tokens (`inputs.drafts_BxNd`, or `draft`'s tokens [Bd, Nd] and their draft probabilities [Bd, Nd, V]
-    from a draft model, still on the device) are verified (serve/speculative.py): their Td = Nd + 1 slots hold the
-    tokens they emit, -1 past the last. Returns the tokens [Rs], their log-probabilities and the top ones
-    (serve/sampling.py `token_logprobs`; zeros when no slot asked), the cache, and the tokens padded for the next
-    step."""
-    from_prev_T = inputs.from_prev_T
-    tokens_T = jnp.where(from_prev_T >= 0, prev_tokens[jnp.maximum(from_prev_T, 0)], inputs.tokens_T)
-    Bd, Nd = inputs.drafts_BxNd.shape
-    Td = Nd + 1
-    drafts_BxNd, draft_probs = inputs.drafts_BxNd, None
-    if draft is not None:
-        drafts_BxNd = jnp.where(drafts_BxNd >= 0, draft[0], -1)
-        draft_probs = draft[1]
-        decode_BxTd = tokens_T[:Bd * Td].reshape(Bd, Td).at[:, 1:].set(jnp.maximum(drafts_BxNd, 0))
-        tokens_T = jnp.concatenate([decode_BxTd.reshape(-1), tokens_T[Bd * Td:]])
-    logits_RsxV, cache = model_step(graph, params, cache, inputs._replace(tokens_T=tokens_T),
-                                   decode_impl=decode_impl)
-    if Nd == 0:
-        tokens_Rs = sample_rows(logits_RsxV, *sampling[:-1])
-    else:
-        rows = [a[:Bd * Td:Td] for a in sampling[:-1]]  # a decode row's Td slots share its parameters
-        seeds, counters, temperature, top_k, top_p, min_p = rows
-        emitted_BxTd = verify_rows(logits_RsxV[:Bd * Td].reshape(Bd, Td, -1), drafts_BxNd, draft_probs, seeds,
-                                   counters, temperature, top_k, top_p, min_p)
-        parts = [emitted_BxTd.reshape(-1)]
-        if logits_RsxV.shape[0] > Bd * Td:
-            parts.append(sample_rows(logits_RsxV[Bd * Td:], *(a[Bd * Td:] for a in sampling[:-1])))
-        tokens_Rs = jnp.concatenate(parts)
-    logprobs = token_logprobs(logits_RsxV, jnp.maximum(tokens_Rs, 0), jnp.any(sampling.logprobs_Rs))
-    Rs = min(tokens_Rs.shape[0], prev_tokens.shape[0])
-    return tokens_Rs, logprobs, cache, jnp.zeros_like(prev_tokens).at[:Rs].set(tokens_Rs[:Rs])
-
-
-def compiled_steps(graph: StepGraph, decode_impl: str) -> CompiledPerShape:
-    """The engine step of this model structure and decode implementation, compiled once per step shape and shared
-    by every engine serving that structure (serve/compiled.py); the cache and the previous tokens are donated.
-    Callers pass every argument, `draft` too (None without a draft model): the shapes of what is passed are the
-    key."""
-    return shared_compiled(_device_step, graph, decode_impl, donate=(1, 2))
 
 
 @dataclasses.dataclass

@@ -19,7 +19,8 @@ from flax import nnx
 
 from model.checks import check_int, check_one_of
 from model.transformer import for_inference
-from serve.engine import Completion, Request, RequestError, compiled_steps, request_problem
+from serve.engine import Completion, Request, RequestError, request_problem
+from serve.engine_step import compiled_steps
 from serve.forward import LAYER_LOOPS, split_for_serving, unstacked
 from serve.kv_cache import CacheShape, init_cache
 from serve.ragged_attention import resolve_decode_impl
