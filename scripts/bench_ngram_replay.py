@@ -19,21 +19,16 @@ import json
 import sys
 from collections.abc import Sequence
 
-from scripts.bench_speculative import prompts_for
+from scripts.bench_speculative import prompts_for, workload_parser
 from scripts.common import add_compilation_cache_args, fail, ints, setup_logging, use_compilation_cache
-from scripts.model_source import add_source_args, load_source
-from scripts.serve_flags import add_serve_args, serve_config, split_overrides
+from scripts.model_source import load_source
+from scripts.serve_flags import serve_config, split_overrides
 from serve.ngram import NgramConfig, propose_ngram
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_source_args(p)
-    add_serve_args(p)
-    p.add_argument("--task", choices=("rewrite", "continue"), default="rewrite")
+    p = workload_parser(__doc__)
     p.add_argument("--requests", type=int, default=8)
-    p.add_argument("--prompt-lines", type=int, default=24, help="source lines in each prompt")
-    p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--num-tokens", type=ints, default=[4, 8], help="k, comma-separated (default 4,8)")
     p.add_argument("--max-n", type=ints, default=[1, 2, 3, 5, 8], help="comma-separated (default 1,2,3,5,8)")
     add_compilation_cache_args(p)
@@ -67,6 +62,9 @@ def ceiling(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], cfg: NgramConf
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging("WARNING")
+    if args.speculative or args.num_speculative_tokens is not None or args.fixed_speculative_tokens:
+        fail("the replay decodes plainly and drafts with prompt lookup itself: set k and max_n with --num-tokens and "
+             "--max-n, not the --speculative flags")
     use_compilation_cache(args)
     try:
         cfg = dataclasses.replace(serve_config(args, split_overrides(args.overrides)["serve"]), speculative=None)

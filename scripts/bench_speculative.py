@@ -41,15 +41,22 @@ WARM_PASSES = 12
 INSTRUCTION = "Repeat this Python code exactly, adding one short comment line above each function:\n\n"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def workload_parser(doc: str) -> argparse.ArgumentParser:
+    """A parser with the model source, the serve settings and the workload's flags (`--task`, `--prompt-lines`,
+    `--max-new-tokens`), shared with scripts/bench_ngram_replay.py."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_args(p)
     add_serve_args(p)
     p.add_argument("--task", choices=("rewrite", "continue"), default="rewrite")
-    p.add_argument("--batch-sizes", type=ints, default=[1, 32], help="comma-separated (default 1,32)")
-    p.add_argument("--requests", type=int, default=4, help="prompts served one at a time at batch 1")
     p.add_argument("--prompt-lines", type=int, default=24, help="source lines in each prompt")
     p.add_argument("--max-new-tokens", type=int, default=128)
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = workload_parser(__doc__)
+    p.add_argument("--batch-sizes", type=ints, default=[1, 32], help="comma-separated (default 1,32)")
+    p.add_argument("--requests", type=int, default=4, help="prompts served one at a time at batch 1")
     p.add_argument("--repeats", type=int, default=5, help="timed passes of each configuration, interleaved; the "
                                                           "median pass is reported (default 5)")
     add_compilation_cache_args(p)
